@@ -1,0 +1,55 @@
+"""Backends and the helpers they share.
+
+Every backend module exposes ``BACKEND``, an :class:`mhc.registry.Backend` record, and imports
+nothing optional at module level. Its ``load()`` returns an object with these four callables,
+which the op layer (``mhc/ops.py``) calls after validation, with T >= 1 and every tensor
+contiguous and on one device:
+
+``pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)``
+    ``residual`` (T, n, H); ``fn`` (2n+n*n, n*H); ``hc_scale`` (3,); ``hc_base`` (2n+n*n,).
+    Returns ``post_mix`` (T, n, 1), ``comb_mix`` (T, n, n) in fn's dtype, ``layer_input`` (T, H)
+    in the residual's dtype.
+``post(x, residual, post_mix, comb_mix)``
+    ``x`` (T, H); ``residual`` (T, n, H); ``post_mix`` (T, n, 1); ``comb_mix`` (T, n, n).
+    Returns (T, n, H) in the residual's dtype.
+``head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps)``
+    ``fn`` (n, n*H); ``hc_scale`` (1,); ``hc_base`` (n,). Returns (T, H).
+``fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)``
+    Returns ``(new_residual (T, n, H), post_mix, comb_mix, layer_input)``.
+
+Backends allocate outputs with :func:`empty` (so tests can poison them) on the input's device,
+and GPU backends launch inside :func:`device_guard`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["empty", "device_guard"]
+
+
+def _plain_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Tests swap this for an allocator that fills outputs with NaN, so that an element a kernel
+# forgets to write shows up in the comparison. One indirection, no cost worth measuring.
+_ALLOCATOR = _plain_empty
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate an output tensor of ``shape``/``dtype`` on ``device`` (never the current device)."""
+    return _ALLOCATOR(shape, dtype, device)
+
+
+def device_guard(device: torch.device):
+    """A context that makes ``device`` current for the launches inside it (a no-op off CUDA).
+
+    Triton and TileLang launch on the *current* device, so without this a tensor on ``cuda:1``
+    would be processed by a launch on ``cuda:0``'s stream.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -1,0 +1,118 @@
+"""Inputs, the fp64 oracle and the tolerance table: shared by the tests, ``python -m mhc check``
+and the benchmarks, so that every correctness claim is made against the same thing.
+
+The oracle is :mod:`mhc.reference` evaluated in fp64 on the very inputs a backend received
+(bf16 values upcast exactly). For ``fused_post_pre`` the oracle rounds the new residual to the
+residual's dtype before ``pre`` reads it, as the op's contract says.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mhc import reference
+from mhc.validation import mix_dtype
+
+__all__ = ["TOLERANCES", "OUTPUTS", "make_inputs", "oracle", "rel_error", "compare", "call"]
+
+#: Relative Frobenius error bounds vs the fp64 oracle, by output kind and residual dtype.
+#: "act": outputs in the residual's dtype (layer_input, new residual, head, post);
+#: "mix": post_mix and comb_mix (fp32). bf16/fp16 "act" bounds are DESIGN.md's 1e-2; fp16 has 3
+#: more mantissa bits. "mix" is DESIGN.md's 1e-3, which leaves TF32 room (~3e-4 seen).
+TOLERANCES = {
+    torch.bfloat16: {"act": 1e-2, "mix": 1e-3},
+    torch.float16: {"act": 2e-3, "mix": 1e-3},
+    torch.float32: {"act": 1e-5, "mix": 1e-5},
+    torch.float64: {"act": 1e-12, "mix": 1e-12},
+}
+
+#: Output names and kinds per op, in return order.
+OUTPUTS = {
+    "pre": (("post_mix", "mix"), ("comb_mix", "mix"), ("layer_input", "act")),
+    "post": (("out", "act"),),
+    "head": (("out", "act"),),
+    "fused_post_pre": (("new_residual", "act"), ("post_mix", "mix"), ("comb_mix", "mix"), ("layer_input", "act")),
+}
+
+
+def make_inputs(op: str, lead: tuple[int, ...], n: int, H: int, dtype=torch.bfloat16, device="cpu",
+                seed: int = 0, scale: float = 1.0) -> tuple[tuple, dict]:
+    """Random, never-zero inputs for ``op``: ``(args, kwargs)`` for ``mhc.<op>(*args, **kwargs)``.
+
+    ``lead`` are the leading dims (their product is T). ``scale`` multiplies the activations
+    (the RMS normalisation makes pre/head invariant to it up to rounding; post is not). The mix
+    inputs of post are a real ``pre`` output of the reference, so they are in range.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mdt = mix_dtype(dtype)
+    m = 2 * n + n * n
+
+    def randn(*shape, s=1.0, dt=mdt):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dt).to(device)
+
+    residual = randn(*lead, n, H, s=scale, dt=dtype)
+    kw = dict(rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20)
+    if op == "head":
+        fn = randn(n, n * H, s=1.0 / math.sqrt(n * H))
+        hc_scale = (torch.rand(1, generator=g, dtype=torch.float64) + 0.5).to(mdt).to(device)
+        return (residual, fn, hc_scale, randn(n, s=0.5)), dict(rms_eps=1e-6, hc_eps=1e-6)
+    # fn rows of unit-ish norm so that mixes are O(1): sigmoids and softmax see a real range.
+    fn = randn(m, n * H, s=2.0 / math.sqrt(n * H))
+    hc_scale = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).to(mdt).to(device)
+    hc_base = randn(m, s=0.5)
+    if op == "pre":
+        return (residual, fn, hc_scale, hc_base), kw
+    x = randn(*lead, H, s=scale, dt=dtype)
+    prev = randn(*lead, n, H, dt=dtype)
+    post_mix, comb_mix, _ = reference.pre(prev.cpu(), fn.cpu(), hc_scale.cpu(), hc_base.cpu())
+    post_mix, comb_mix = post_mix.to(mdt).to(device), comb_mix.to(mdt).to(device)
+    if op == "post":
+        return (x, residual, post_mix, comb_mix), {}
+    return (x, residual, post_mix, comb_mix, fn, hc_scale, hc_base), kw
+
+
+def _f64(t):
+    return t.detach().to("cpu", torch.float64) if isinstance(t, torch.Tensor) else t
+
+
+def oracle(op: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
+    """The reference in fp64 on CPU for ``mhc.<op>(*args, **kwargs)``; always a tuple."""
+    a = [_f64(t) for t in args]
+    if op == "fused_post_pre":
+        res_dtype = args[1].dtype
+        new = reference.post(*a[:4])
+        rounded = new.to(res_dtype).to(torch.float64)  # the contract: pre reads the stored residual
+        return (new, *reference.pre(rounded, *a[4:], **kwargs))
+    out = getattr(reference, op)(*a, **kwargs)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref||_F / ||ref||_F`` in fp64 (``inf`` for NaN/inf or a shape mismatch; the
+    absolute error when ``ref`` is all zero)."""
+    if tuple(out.shape) != tuple(ref.shape):
+        return math.inf
+    o = _f64(out)
+    if not torch.isfinite(o).all():
+        return math.inf
+    if ref.numel() == 0:
+        return 0.0
+    den = torch.linalg.vector_norm(ref).item()
+    num = torch.linalg.vector_norm(o - ref).item()
+    return num / den if den > 0 else num
+
+
+def call(op: str, args: tuple, kwargs: dict, backend: str | None = None) -> tuple[torch.Tensor, ...]:
+    """``mhc.<op>(*args, **kwargs, backend=backend)`` as a tuple."""
+    import mhc
+
+    out = getattr(mhc, op)(*args, **kwargs, backend=backend)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def compare(op: str, outs: tuple, refs: tuple, dtype: torch.dtype) -> list[tuple[str, float, float]]:
+    """``[(output name, rel error, tolerance)]`` for every output of ``op``."""
+    tol = TOLERANCES[dtype]
+    return [(name, rel_error(o, r), tol[kind]) for (name, kind), o, r in zip(OUTPUTS[op], outs, refs)]

@@ -1,0 +1,68 @@
+"""Shared test setup.
+
+- The Triton interpreter is switched on before anything defines a kernel, so that the Triton
+  backend serves CPU tensors here (on a GPU machine it stays off).
+- Hypothesis profiles ``ci`` (derandomized, the CI default), ``dev`` and ``deep``, chosen with
+  ``MHC_HYPOTHESIS_PROFILE``.
+- Every output a backend allocates through ``mhc.backends.empty`` is filled with NaN first, so an
+  element a kernel forgets to write fails the comparison instead of passing as stale memory.
+- ``backend`` fixtures are parametrized over every registered backend; one that cannot serve on
+  this machine is skipped with its reasons (shown by ``-ra``), never reported as passing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+_HAS_GPU = torch.cuda.is_available()
+if not _HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TILELANG_CACHE_DIR", os.path.join(tempfile.gettempdir(), "mhc-tilelang-cache"))
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import mhc  # noqa: E402
+import mhc.backends  # noqa: E402
+from mhc import registry  # noqa: E402
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("ci", max_examples=12, derandomize=True, print_blob=True, **_common)
+settings.register_profile("dev", max_examples=25, **_common)
+settings.register_profile("deep", max_examples=400, **_common)
+settings.load_profile(os.environ.get("MHC_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+DEVICE = torch.device("cuda") if _HAS_GPU else torch.device("cpu")
+
+
+def _nan_empty(shape, dtype, device):
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(mhc.backends, "_ALLOCATOR", _nan_empty)
+
+
+def backend_reasons(name: str, op: str = "pre", dtype=torch.bfloat16, n: int = 4, H: int = 256, T: int = 8):
+    """Why backend ``name`` cannot serve a typical call on this machine's test device."""
+    try:
+        return registry.reasons_for(name, registry.Problem(op, DEVICE, dtype, n, H, T))
+    except registry.BackendError as e:
+        return [str(e)]
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        params = []
+        for name in registry.backend_names():
+            why = backend_reasons(name)
+            marks = [pytest.mark.skip(reason=f"backend {name} cannot serve on {DEVICE}: " + "; ".join(why))] if why else []
+            params.append(pytest.param(name, marks=marks, id=name))
+        metafunc.parametrize("backend", params)

@@ -1,0 +1,110 @@
+"""The contract every backend keeps (DESIGN.md), run against each backend that can serve here.
+
+A backend only has to register itself to be tested: the ``backend`` fixture is parametrized over
+the registry (see conftest.py). Outputs are poisoned with NaN before every run; inputs are fresh
+random draws, never zeros; the oracle is the reference in fp64 (``mhc.checking``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mhc
+from mhc import checking, registry
+from mhc.validation import mix_dtype
+
+from conftest import DEVICE
+
+OPS = registry.OPS
+# Non-powers of two and tiny sizes exercise the masking; 256/384 the vectorised paths.
+H_VALUES = [1, 7, 64, 100, 256, 384]
+N_VALUES = [1, 2, 4, 8]
+
+
+def _check_outputs(op, args, kwargs, outs, backend):
+    refs = checking.oracle(op, args, kwargs)
+    res = args[1] if op in ("post", "fused_post_pre") else args[0]
+    assert len(outs) == len(refs) == len(checking.OUTPUTS[op])
+    for (name, kind), o in zip(checking.OUTPUTS[op], outs):
+        want = res.dtype if kind == "act" else mix_dtype(res.dtype)
+        assert o.dtype == want, f"{backend}.{op}.{name}: dtype {o.dtype}, expected {want}"
+        assert o.device == res.device, f"{backend}.{op}.{name}: on {o.device}, input on {res.device}"
+    for name, err, tol in checking.compare(op, outs, refs, res.dtype):
+        assert err <= tol, f"{backend}.{op}.{name}: rel. error {err:.3e} > {tol:g}"
+
+
+@pytest.mark.parametrize("op", OPS)
+@given(data=st.data())
+def test_matches_fp64_reference(backend, op, data):
+    caps = registry.get(backend).capabilities
+    dtypes = [d for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64) if d in caps.dtypes]
+    n = data.draw(st.sampled_from(N_VALUES), label="n")
+    H = data.draw(st.sampled_from(H_VALUES), label="H")
+    lead = tuple(data.draw(st.lists(st.integers(0, 5), min_size=0, max_size=3), label="lead"))
+    dtype = data.draw(st.sampled_from(dtypes), label="dtype")
+    scale = data.draw(st.sampled_from([1e-2, 1.0, 30.0]), label="scale")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    T = math.prod(lead)
+    args, kwargs = checking.make_inputs(op, lead, n, H, dtype, DEVICE, seed=seed, scale=scale)
+    why = registry.reasons_for(backend, registry.Problem(op, DEVICE, dtype, n, H, T))
+    if why and T > 0:
+        # An explicit choice that cannot serve must raise and say why, never fall back silently.
+        with pytest.raises(registry.BackendError, match=backend):
+            checking.call(op, args, kwargs, backend)
+        return
+    _check_outputs(op, args, kwargs, checking.call(op, args, kwargs, backend), backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("lead", [(0,), (3, 0), (0, 2, 5)])
+def test_empty_batch_returns_empty_outputs(backend, op, lead):
+    args, kwargs = checking.make_inputs(op, lead, 4, 256, torch.bfloat16, DEVICE, seed=1)
+    outs = checking.call(op, args, kwargs, backend)
+    refs = checking.oracle(op, args, kwargs)
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape and o.numel() == 0 and o.device == args[0].device
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_single_token_real_width(backend, op):
+    """T == 1 at DeepSeek-V4's n=4, H=4096: the decode shape."""
+    args, kwargs = checking.make_inputs(op, (1,), 4, 4096, torch.bfloat16, DEVICE, seed=2)
+    _check_outputs(op, args, kwargs, checking.call(op, args, kwargs, backend), backend)
+
+
+@pytest.mark.parametrize("op", ["pre", "post", "head", "fused_post_pre"])
+def test_non_contiguous_inputs(backend, op):
+    """Strided views are accepted (the op layer makes them contiguous) and give the same answer."""
+    args, kwargs = checking.make_inputs(op, (6,), 4, 64, torch.bfloat16, DEVICE, seed=3)
+    # The same values, every other element of a wider buffer whose gaps hold NaN: a kernel that
+    # ignored strides would read the NaNs.
+    strided = [torch.stack([a, torch.full_like(a, float("nan"))], -1)[..., 0] for a in args]
+    assert not any(t.is_contiguous() for t in strided if t.numel() > 1)
+    want = checking.call(op, tuple(args), kwargs, backend)
+    got = checking.call(op, tuple(strided), kwargs, backend)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_sinkhorn_repeat_and_scalars_are_honoured(backend, op):
+    """Non-default scalars reach the kernels (a kernel that hard-codes 20 or 2.0 fails here)."""
+    if op == "post":
+        pytest.skip("post has no scalar arguments")
+    args, kwargs = checking.make_inputs(op, (5,), 4, 64, torch.bfloat16, DEVICE, seed=4)
+    if op == "head":
+        kwargs = dict(rms_eps=1e-2, hc_eps=0.25)
+    else:
+        kwargs = dict(rms_eps=1e-2, hc_pre_eps=0.25, hc_sinkhorn_eps=1e-3, hc_post_mult_value=1.5, sinkhorn_repeat=3)
+    _check_outputs(op, args, kwargs, checking.call(op, args, kwargs, backend), backend)
+
+
+def test_leading_dims_are_restored(backend):
+    args, kwargs = checking.make_inputs("pre", (2, 3), 4, 64, torch.bfloat16, DEVICE, seed=5)
+    p, c, li = mhc.pre(*args, **kwargs, backend=backend)
+    assert p.shape == (2, 3, 4, 1) and c.shape == (2, 3, 4, 4) and li.shape == (2, 3, 64)

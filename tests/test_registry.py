@@ -1,0 +1,265 @@
+"""Backend selection: MHC_BACKEND parsing, per-op overrides, use_backend nesting, backend=,
+reasons, unknown names, explain(), and third-party backends through entry points."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import types
+
+import pytest
+import torch
+
+import mhc
+from mhc import checking, reference, registry
+from mhc.registry import Backend, BackendError, Capabilities
+
+
+class _Recorder:
+    """A backend that serves CPU tensors with the reference math and records which op ran."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, op):
+        if op not in registry.OPS:
+            raise AttributeError(op)
+
+        def run(*a):
+            self.calls.append(op)
+            out = getattr(reference, op)(*a)
+            return out
+
+        return run
+
+
+@pytest.fixture
+def fake():
+    rec = _Recorder()
+    b = Backend("fake", None, Capabilities(frozenset({"cpu"}), frozenset({torch.bfloat16})), load=lambda: rec)
+    registry.register(b)
+    yield rec
+    registry.unregister("fake")
+
+
+@pytest.fixture
+def gpu_only():
+    b = Backend("gpuonly", None, Capabilities(frozenset({"cuda"}), frozenset({torch.bfloat16}), h_multiple=256),
+                load=lambda: types.SimpleNamespace(), probe=lambda p: ["needs the frobnicator"])
+    registry.register(b)
+    yield b
+    registry.unregister("gpuonly")
+
+
+def _pre_args():
+    return checking.make_inputs("pre", (3,), 4, 32, torch.bfloat16, seed=0)
+
+
+def _post_args():
+    return checking.make_inputs("post", (3,), 4, 32, torch.bfloat16, seed=0)
+
+
+@pytest.mark.parametrize("spec, want", [
+    (None, {}),
+    ("", {}),
+    ("auto", {"*": "auto"}),
+    ("triton", {"*": "triton"}),
+    (" pre:aiter , post:triton ", {"pre": "aiter", "post": "triton"}),
+    ("torch,head:triton", {"*": "torch", "head": "triton"}),
+])
+def test_parse_spec(spec, want):
+    assert registry.parse_spec(spec) == want
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("prex:triton", "unknown op 'prex'"),
+    ("pre:", "malformed"),
+    ("pre:a:b", "malformed"),
+    ("triton,torch", "given twice"),
+    ("pre:triton,pre:torch", "given twice"),
+])
+def test_parse_spec_rejects_malformed(spec, match):
+    with pytest.raises(ValueError, match=match) as e:
+        registry.parse_spec(spec)
+    assert "MHC_BACKEND" in str(e.value)
+
+
+def test_env_selects_per_op(monkeypatch, fake):
+    monkeypatch.setenv("MHC_BACKEND", "pre:fake")
+    a, kw = _pre_args()
+    mhc.pre(*a, **kw)
+    x, kw2 = _post_args()
+    mhc.post(*x)
+    assert fake.calls == ["pre"]  # post fell through to auto (torch)
+    monkeypatch.setenv("MHC_BACKEND", "fake")
+    mhc.post(*x)
+    assert fake.calls == ["pre", "post"]
+
+
+def test_env_unknown_backend_names_it_and_lists_known(monkeypatch):
+    monkeypatch.setenv("MHC_BACKEND", "pre:nosuch")
+    a, kw = _pre_args()
+    with pytest.raises(ValueError, match="nosuch") as e:
+        mhc.pre(*a, **kw)
+    assert "torch" in str(e.value) and "known backends" in str(e.value)
+
+
+def test_use_backend_nests_and_restores(fake):
+    a, kw = _pre_args()
+    x, _ = _post_args()
+    with mhc.use_backend("fake"):
+        with mhc.use_backend(post="torch"):
+            mhc.pre(*a, **kw)
+            mhc.post(*x)
+            assert fake.calls == ["pre"]
+        mhc.post(*x)
+        assert fake.calls == ["pre", "post"]
+    mhc.pre(*a, **kw)
+    assert fake.calls == ["pre", "post"]
+
+
+def test_use_backend_beats_env_and_backend_argument_beats_both(monkeypatch, fake):
+    monkeypatch.setenv("MHC_BACKEND", "torch")
+    a, kw = _pre_args()
+    with mhc.use_backend("pre:fake"):
+        mhc.pre(*a, **kw)
+        assert fake.calls == ["pre"]
+        mhc.pre(*a, **kw, backend="torch")
+        assert fake.calls == ["pre"]
+    monkeypatch.setenv("MHC_BACKEND", "fake")
+    with mhc.use_backend("auto"):
+        mhc.pre(*a, **kw)
+    assert fake.calls == ["pre"]
+
+
+def test_use_backend_is_context_local(fake):
+    a, kw = _pre_args()
+    seen = []
+    with mhc.use_backend("fake"):
+        t = threading.Thread(target=lambda: seen.append(registry.current_choice("pre")))
+        t.start()
+        t.join()
+        assert registry.current_choice("pre") == "fake"
+    assert seen == ["auto"]
+
+
+def test_use_backend_rejects_unknown_names_and_ops():
+    with pytest.raises(ValueError, match="nosuch"):
+        with mhc.use_backend("nosuch"):
+            pass
+    with pytest.raises(ValueError, match="unknown op"):
+        with mhc.use_backend(prex="torch"):
+            pass
+
+
+def test_explicit_backend_that_cannot_serve_raises_with_every_reason(gpu_only):
+    (r, fn, s, b), kw = checking.make_inputs("pre", (3,), 4, 100, torch.bfloat16, seed=0)
+    with pytest.raises(BackendError) as e:
+        mhc.pre(r, fn, s, b, **kw, backend="gpuonly")
+    msg = str(e.value)
+    assert "gpuonly" in msg and "cpu" in msg and "H=100 is not a multiple of 256" in msg
+    assert "T=3" in msg and "n=4" in msg
+
+
+def test_probe_reasons_are_reported(gpu_only):
+    p = registry.Problem("pre", torch.device("cuda", 0), torch.bfloat16, 4, 256, 1)
+    assert registry.reasons_for("gpuonly", p) == ["needs the frobnicator"]
+
+
+def test_auto_skips_with_reasons_and_explain_reports_them(gpu_only):
+    a, kw = _pre_args()
+    ex = mhc.explain("pre", *a)
+    assert ex.chosen == "torch" and ex.choice == "auto"
+    assert ex.reasons["torch"] == []
+    assert any("cpu" in w for w in ex.reasons["gpuonly"])
+    text = str(ex)
+    assert "served by 'torch'" in text and "gpuonly" in text
+
+
+def test_explain_names_the_blocked_explicit_choice(gpu_only):
+    a, kw = _pre_args()
+    ex = mhc.explain("pre", *a, backend="gpuonly")
+    assert ex.chosen is None and "no backend can serve" in str(ex)
+
+
+def test_a_probe_that_raises_becomes_a_reason():
+    def bad_probe(p):
+        raise RuntimeError("driver exploded")
+    registry.register(Backend("flaky", None, Capabilities(frozenset({"cpu"}), frozenset({torch.bfloat16})),
+                              load=lambda: reference, probe=bad_probe))
+    try:
+        p = registry.Problem("pre", torch.device("cpu"), torch.bfloat16, 4, 32, 3)
+        assert registry.reasons_for("flaky", p) == ["probe raised RuntimeError: driver exploded"]
+    finally:
+        registry.unregister("flaky")
+
+
+def test_a_loader_that_raises_becomes_a_reason():
+    def bad_load():
+        raise ImportError("libfoo.so: cannot open shared object file")
+    registry.register(Backend("noload", None, Capabilities(frozenset({"cpu"}), frozenset({torch.bfloat16})),
+                              load=bad_load))
+    try:
+        a, kw = _pre_args()
+        with pytest.raises(BackendError, match="libfoo.so"):
+            mhc.pre(*a, **kw, backend="noload")
+    finally:
+        registry.unregister("noload")
+
+
+def test_register_rejects_taken_and_invalid_names():
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.get("torch"))
+    with pytest.raises(ValueError, match="invalid backend name"):
+        registry.register(Backend("auto", None, Capabilities(frozenset({"cpu"}), frozenset()), load=lambda: None))
+
+
+def test_auto_order_per_platform():
+    assert registry.auto_order("rocm", "pre", 1)[0] == "aiter"
+    assert registry.auto_order("cpu", "pre", 1) == ("torch",)
+    assert registry.auto_order("cuda", "pre", 1)[-1] == "torch"
+
+
+_EP_PKG = '''
+import torch
+from mhc import reference
+from mhc.registry import Backend, Capabilities
+BACKEND = Backend("thirdparty", "mhc-thirdparty", Capabilities(frozenset({"cpu"}), frozenset({torch.bfloat16})),
+                  load=lambda: reference)
+NOT_A_BACKEND = 42
+'''
+
+
+def test_entry_point_backends_register_and_broken_ones_become_reasons(tmp_path):
+    (tmp_path / "mhc_thirdparty.py").write_text(_EP_PKG)
+    dist = tmp_path / "mhc_thirdparty-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mhc-thirdparty\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[mhc.backends]\nthirdparty = mhc_thirdparty:BACKEND\nbroken = mhc_thirdparty:NOT_A_BACKEND\n")
+    code = textwrap.dedent("""
+        import torch, mhc
+        from mhc import checking
+        assert 'thirdparty' in mhc.list_backends() and 'broken' in mhc.list_backends(), mhc.list_backends()
+        a, kw = checking.make_inputs('pre', (2,), 4, 16, torch.bfloat16)
+        p, c, li = mhc.pre(*a, **kw, backend='thirdparty')
+        ex = mhc.explain('pre', *a)
+        assert ex.chosen == 'torch'
+        print('BROKEN:', ex.reasons['broken'])
+        try:
+            mhc.pre(*a, **kw, backend='broken')
+        except mhc.BackendError as e:
+            print('RAISED:', e)
+    """)
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{_repo_root()}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "BROKEN: ['entry point 'mhc_thirdparty:NOT_A_BACKEND' failed: TypeError" in out.stdout.replace('"', "'")
+    assert "RAISED: backend 'broken' is unavailable" in out.stdout
+
+
+def _repo_root():
+    import pathlib
+    return str(pathlib.Path(mhc.__file__).resolve().parent.parent)
