@@ -1,0 +1,72 @@
+"""The Triton backend: ``pre``, ``post``, ``head`` and ``fused_post_pre`` as Triton kernels.
+
+One source for NVIDIA and AMD GPUs (no vendor intrinsics); CPU tensors run through the Triton
+interpreter when ``TRITON_INTERPRET=1`` is set before the kernels load (a test tool, slow).
+Nothing here imports triton at module import: :func:`_probe` and :func:`_load` do.
+
+Files: ``kernels.py`` (the ``@triton.jit`` kernels), ``launch.py`` (launchers and the config
+table), ``aot.py`` (ahead-of-time builds for sm90/gfx942/gfx950), ``TUNING.md`` (the figures
+behind the configs).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from mhc.registry import Backend, Capabilities, Problem
+
+_KERNELS = "mhc.backends.triton.launch"
+
+
+def _interpreted() -> bool:
+    """Whether the kernels are (or, if not loaded yet, will be) defined for the interpreter."""
+    mod = sys.modules.get(_KERNELS)
+    if mod is not None:
+        return mod.INTERPRETED
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _probe(p: Problem) -> list[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # a broken install is a reason, not a crash
+        return [f"triton is not installed or fails to import ({type(e).__name__}: {e})"]
+    if p.device.type == "cpu":
+        if not _interpreted():
+            return ["CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter), set before the "
+                    "kernels load"]
+        return []
+    if _interpreted():
+        return ["TRITON_INTERPRET=1 is set: the kernels were defined for the interpreter, which "
+                "would run GPU tensors on the CPU"]
+    try:
+        import triton
+
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception as e:
+        return [f"Triton finds no GPU driver ({type(e).__name__}: {e})"]
+    if target.backend not in ("cuda", "hip"):
+        return [f"Triton's active driver is {target.backend!r}, not cuda or hip"]
+    return []
+
+
+def _load():
+    from mhc.backends.triton import launch
+
+    return launch
+
+
+BACKEND = Backend(
+    name="triton",
+    distribution="triton",
+    capabilities=Capabilities(
+        device_types=frozenset({"cuda", "cpu"}),
+        dtypes=frozenset({torch.bfloat16, torch.float16}),
+    ),
+    load=_load,
+    probe=_probe,
+    description="Triton kernels (NVIDIA and AMD GPUs; CPU through TRITON_INTERPRET=1)",
+)

@@ -1,0 +1,171 @@
+"""Ahead-of-time builds of every kernel configuration that n=4, H in {4096, 7168} uses, with no GPU.
+
+``main(["sm90", "gfx942", "gfx950"])`` compiles ``mix_kernel`` (pre, head, fused_post_pre) and
+``post_kernel`` for every T bucket of :func:`mhc.backends.triton.launch.configs`, bf16 and fp16,
+for each arch; prints registers and spills per kernel (CUDA: from ``cuobjdump
+--dump-resource-usage`` on the cubin, as Triton's metadata fills them only when loading on a GPU;
+AMD: the VGPR/SGPR and spill counts that the AMDGCN assembly carries) and returns non-zero if any
+build fails. ``python -m mhc aot --backend triton --arch sm90,gfx942,gfx950`` calls it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+ARCHS = ("sm90", "gfx942", "gfx950")
+H_VALUES = (4096, 7168)
+T_BUCKETS = (1, 64, 512, 4096)  # one T per row of launch._TABLE
+DTYPES = (torch.bfloat16, torch.float16)
+MIX_OPS = ("pre", "head", "fused_post_pre")
+
+_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _target(arch: str):
+    from triton.backends.compiler import GPUTarget
+
+    if arch == "sm90":
+        return GPUTarget("cuda", 90, 32)
+    if arch in ("gfx942", "gfx950"):
+        return GPUTarget("hip", arch, 64)
+    raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+
+
+def _mix_signature(op: str, dtype: torch.dtype) -> dict[str, str]:
+    """Argument types of ``mix_kernel`` as ``launch._mix`` passes them (unused pointers are the
+    residual or the output, hence the residual dtype)."""
+    act = "*" + _TYPE[dtype]
+    fused = op == "fused_post_pre"
+    types = {
+        "res_ptr": act, "x_ptr": act, "new_ptr": act, "out_ptr": act,
+        "pm_in_ptr": "*fp32" if fused else act, "cm_in_ptr": "*fp32" if fused else act,
+        "post_ptr": act if op == "head" else "*fp32", "comb_ptr": act if op == "head" else "*fp32",
+        "fn_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
+        "part_ptr": "*fp32", "mix_ptr": "*fp32", "cnt_ptr": "*i32",
+        "T": "i32", "H": "i32", "n_splits": "i32", "sk_repeat": "i32",
+        "rms_eps": "fp32", "pre_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32",
+    }
+    return types
+
+
+def _post_signature(dtype: torch.dtype) -> dict[str, str]:
+    act = "*" + _TYPE[dtype]
+    return {"x_ptr": act, "res_ptr": act, "pm_ptr": "*fp32", "cm_ptr": "*fp32", "out_ptr": act,
+            "T": "i32", "H": "i32"}
+
+
+def _jobs():
+    """(label, kernel name, signature, constexprs, num_warps, num_stages) for every distinct build."""
+    from mhc.backends.triton import launch
+
+    seen = set()
+    for H in H_VALUES:
+        for T in T_BUCKETS:
+            cfg = launch.configs(4, H, T)
+            for dtype in DTYPES:
+                for op in MIX_OPS:
+                    spec = launch.mix_specialization(op, 4, dtype, cfg)
+                    key = ("mix", op, _TYPE[dtype], tuple(sorted(spec.items())), cfg.num_warps, cfg.num_stages)
+                    if key not in seen:
+                        seen.add(key)
+                        yield (f"{op:<14} H={H:<5} T<={T:<5} {_TYPE[dtype]}", "mix_kernel",
+                               _mix_signature(op, dtype), spec, cfg.num_warps, cfg.num_stages)
+                spec = dict(N=4, NP=4, BH=cfg.post_block_h)
+                key = ("post", _TYPE[dtype], tuple(sorted(spec.items())), cfg.post_warps)
+                if key not in seen:
+                    seen.add(key)
+                    yield (f"{'post':<14} H=any   T<={T:<5} {_TYPE[dtype]}", "post_kernel",
+                           _post_signature(dtype), spec, cfg.post_warps, 1)
+
+
+def _cuda_resources(cubin: bytes) -> str:
+    from triton.backends.nvidia import compiler as nv
+
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if not m:
+        return "registers: not reported"
+    reg, stack, shared, local = m.groups()
+    return f"regs {reg:>3}  spill/stack {stack}B local {local}B  smem {shared}B"
+
+
+def _amd_resources(asm: str) -> str:
+    def get(name):
+        m = re.search(rf"\.{name}:\s*(\d+)", asm)
+        return m.group(1) if m else "?"
+
+    scratch = re.search(r";\s*ScratchSize:\s*(\d+)", asm)
+    return (f"vgpr {get('vgpr_count'):>3} (spill {get('vgpr_spill_count')})  "
+            f"sgpr {get('sgpr_count')} (spill {get('sgpr_spill_count')})  "
+            f"scratch {scratch.group(1) if scratch else '?'}B")
+
+
+def _build(job) -> tuple[str, bool, str]:
+    arch, (label, kname, signature, constexprs, num_warps, num_stages) = job
+    try:
+        import triton
+
+        from mhc.backends.triton import kernels
+
+        fn = getattr(kernels, kname)
+        sig = dict(signature)
+        for name in constexprs:
+            sig[name] = "constexpr"
+        missing = [a for a in fn.arg_names if a not in sig]
+        if missing:
+            raise KeyError(f"no AOT type for argument(s) {missing} of {kname}")
+        # The divisibility facts the JIT sees at run time for these shapes: 16-byte aligned
+        # pointers, H a multiple of 16. Without them the builds would not vectorize as the
+        # launched kernels do.
+        attrs = {(k,): [["tt.divisibility", 16]] for k, a in enumerate(fn.arg_names)
+                 if sig[a].startswith("*") or a == "H"}
+        src = triton.compiler.ASTSource(fn=fn, signature={a: sig[a] for a in fn.arg_names},
+                                        constexprs=dict(constexprs), attrs=attrs)
+        t0 = time.time()
+        compiled = triton.compile(src, target=_target(arch),
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        dt = time.time() - t0
+        res = (_cuda_resources(compiled.asm["cubin"]) if arch == "sm90"
+               else _amd_resources(compiled.asm["amdgcn"]))
+        return f"{arch:<7} {label}  warps {num_warps} stages {num_stages}  {res}  ({dt:.1f}s)", True, ""
+    except Exception as e:
+        return f"{arch:<7} {label}  FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", False, repr(e)
+
+
+def main(archs: list[str]) -> int:
+    """Build every configuration for ``archs`` (from ``ARCHS``); print one line per build;
+    return the number of failed builds (0: all built). Unknown archs raise ``ValueError``."""
+    for a in archs:
+        _target(a)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("TRITON_INTERPRET=1 is set: AOT needs compiled kernels; unset it", file=sys.stderr)
+        return 1
+    jobs = [(a, j) for a in archs for j in _jobs()]
+    failed = 0
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        for line, ok, detail in pool.map(_build, jobs):
+            print(line, flush=True)
+            if not ok:
+                failed += 1
+                print("   " + detail[:2000], file=sys.stderr)
+    print(f"{len(jobs) - failed}/{len(jobs)} builds succeeded in {time.time() - t0:.0f}s "
+          f"for {', '.join(archs)}")
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1].split(",") if len(sys.argv) > 1 else list(ARCHS)))
