@@ -107,21 +107,22 @@ def _nan_empty(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-SWEEP = {  # T -> candidate rows of launch._TABLE for pre (max T, bm, bh, splits, bc, warps, stages, pbh, pw)
-    1: [(16, 16, 64, 128, 128, 4, 1, 256, 1), (16, 16, 32, 128, 128, 4, 1, 256, 1),
-        (16, 16, 64, 64, 128, 4, 1, 256, 1), (16, 16, 128, 32, 128, 4, 1, 256, 1)],
-    64: [(128, 16, 64, 32, 128, 4, 1, 512, 2), (128, 16, 32, 32, 128, 4, 1, 512, 2),
-         (128, 16, 64, 16, 128, 4, 1, 512, 2), (128, 16, 64, 64, 128, 4, 1, 512, 2)],
-    512: [(1024, 32, 32, 8, 64, 4, 2, 1024, 4), (1024, 16, 64, 16, 128, 4, 1, 1024, 4),
-          (1024, 32, 32, 16, 64, 4, 2, 1024, 4), (1024, 64, 32, 8, 64, 8, 2, 1024, 4)],
-    4096: [(None, 64, 32, 4, 64, 8, 2, 1024, 4), (None, 64, 32, 2, 64, 8, 2, 1024, 4),
-           (None, 64, 32, 8, 64, 8, 2, 1024, 4), (None, 128, 32, 4, 32, 8, 2, 1024, 4),
-           (None, 32, 32, 4, 64, 4, 2, 1024, 4), (None, 64, 64, 4, 64, 8, 2, 1024, 4)],
+SWEEP = {  # T -> candidate rows of launch._TABLE for pre
+    1: [(16, 16, 64, 128, 2048, True, 4, 1, 256, 1), (16, 16, 64, 128, 1024, True, 4, 1, 256, 1),
+        (16, 16, 64, 128, 2048, True, 8, 1, 256, 1), (16, 16, 32, 128, 2048, True, 4, 1, 256, 1)],
+    64: [(128, 16, 64, 32, 128, False, 4, 1, 512, 2), (128, 16, 64, 32, 2048, True, 8, 1, 512, 2),
+         (128, 16, 64, 64, 128, False, 4, 1, 512, 2), (128, 16, 64, 32, 256, False, 8, 1, 512, 2)],
+    512: [(1024, 16, 64, 16, 128, False, 4, 1, 1024, 4), (1024, 16, 64, 8, 128, False, 4, 1, 1024, 4),
+          (1024, 16, 128, 8, 128, False, 4, 1, 1024, 4), (1024, 16, 64, 16, 256, False, 8, 1, 1024, 4)],
+    4096: [(None, 64, 64, 4, 64, False, 8, 2, 1024, 4), (None, 64, 64, 8, 64, False, 8, 2, 1024, 4),
+           (None, 32, 64, 4, 64, False, 4, 2, 1024, 4), (None, 16, 64, 4, 128, False, 4, 1, 1024, 4),
+           (None, 16, 64, 8, 128, False, 4, 1, 1024, 4), (None, 64, 128, 4, 64, False, 8, 2, 1024, 4),
+           (None, 32, 64, 8, 128, False, 8, 2, 1024, 4)],
 }
 
 
 def sweep(dev, bw, Hs):
-    print("\n# pre config sweep (row of launch._TABLE: max_T, bm, bh, splits, bc, warps, stages, ...)")
+    print("\n# pre config sweep (row of launch._TABLE: bm, bh, splits, bc, rowwise, warps, stages)")
     saved = L._TABLE
     try:
         for H in Hs:
@@ -134,10 +135,10 @@ def sweep(dev, bw, Hs):
                         err = max(errors("pre", d, f()))
                         us = bench(f)
                         ratio = us / (floor_bytes("pre", T, H) / bw / 1e3)
-                        print(f"sweep pre H={H} T={T:<6} {row[1:7]}  {us:8.1f} us  {ratio:5.2f}x floor  err {err:.1e}",
+                        print(f"sweep pre H={H} T={T:<6} {row[1:8]}  {us:8.1f} us  {ratio:5.2f}x floor  err {err:.1e}",
                               flush=True)
                     except Exception as e:
-                        print(f"sweep pre H={H} T={T:<6} {row[1:7]}  FAILED {type(e).__name__}: {e}", flush=True)
+                        print(f"sweep pre H={H} T={T:<6} {row[1:8]}  FAILED {type(e).__name__}: {e}", flush=True)
     finally:
         L._TABLE = saved
 

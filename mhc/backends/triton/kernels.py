@@ -145,22 +145,42 @@ def _head_activations(mix_ptr, scale_ptr, base_ptr, n_rows, K, rms_eps, hc_eps,
 
 @triton.jit
 def _collapse(src_ptr, out_ptr, w, n_rows, H,
-              N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+              N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+              ROWWISE: tl.constexpr):
     """``out[t, h] = sum_i w[t, i] * src[t, i, h]`` for one token block of ``n_rows`` valid rows;
     ``w`` [BM, NP] fp32, ``src`` [BM, N, H] and ``out`` [BM, H] in the residual dtype, fp32
-    accumulation."""
-    rows = tl.arange(0, BM)
+    accumulation.
+
+    ``ROWWISE``: one valid row at a time with [NP, BC] tiles (short blocks, e.g. T=1: a wide tile
+    keeps many loads in flight and skips the padding rows); else [BM, NP, BC] tiles.
+    """
     i = tl.arange(0, NP)
-    base_mask = (rows < n_rows)[:, None, None] & (i < N)[None, :, None]
-    src = src_ptr + rows[:, None, None] * (N * H) + i[None, :, None] * H
-    h0 = 0
-    while h0 < H:
-        h = h0 + tl.arange(0, BC)
-        x = tl.load(src + h[None, None, :], mask=base_mask & (h < H)[None, None, :], other=0.0)
-        y = tl.sum(x.to(tl.float32) * w[:, :, None], axis=1)
-        tl.store(out_ptr + rows[:, None] * H + h[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=(rows < n_rows)[:, None] & (h < H)[None, :])
-        h0 += BC
+    if ROWWISE:
+        rows = tl.arange(0, BM)
+        r = 0
+        while (r < n_rows) & (r < BM):
+            wr = tl.sum(tl.where(rows[:, None] == r, w, 0.0), axis=0)
+            h0 = 0
+            while h0 < H:
+                h = h0 + tl.arange(0, BC)
+                x = tl.load(src_ptr + r * (N * H) + i[:, None] * H + h[None, :],
+                            mask=(i < N)[:, None] & (h < H)[None, :], other=0.0)
+                y = tl.sum(x.to(tl.float32) * wr[:, None], axis=0)
+                tl.store(out_ptr + r * H + h, y.to(out_ptr.dtype.element_ty), mask=h < H)
+                h0 += BC
+            r += 1
+    else:
+        rows = tl.arange(0, BM)
+        base_mask = (rows < n_rows)[:, None, None] & (i < N)[None, :, None]
+        src = src_ptr + rows[:, None, None] * (N * H) + i[None, :, None] * H
+        h0 = 0
+        while h0 < H:
+            h = h0 + tl.arange(0, BC)
+            x = tl.load(src + h[None, None, :], mask=base_mask & (h < H)[None, None, :], other=0.0)
+            y = tl.sum(x.to(tl.float32) * w[:, :, None], axis=1)
+            tl.store(out_ptr + rows[:, None] * H + h[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=(rows < n_rows)[:, None] & (h < H)[None, :])
+            h0 += BC
 
 
 @triton.jit
@@ -174,6 +194,7 @@ def mix_kernel(
     N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
     HEAD: tl.constexpr, FUSED: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr, RC: tl.constexpr, BC: tl.constexpr,
+    ROWWISE: tl.constexpr,
     DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):
     """``pre`` (HEAD=False, FUSED=False), ``head`` (HEAD=True) or ``fused_post_pre`` (FUSED=True).
@@ -284,9 +305,9 @@ def mix_kernel(
             wts = _pre_activations(mix, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K,
                                    rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, N, NP, N3, N3P, BM)
         if FUSED:
-            _collapse(new_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC)
+            _collapse(new_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC, ROWWISE)
         else:
-            _collapse(res_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC)
+            _collapse(res_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC, ROWWISE)
 
 
 @triton.jit

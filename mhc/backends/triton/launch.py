@@ -28,7 +28,7 @@ class Config:
 
     ``block_m`` tokens per program (>= 16: the tl.dot minimum); ``block_h`` hidden elements per
     GEMM step (the step covers all n streams); ``splits`` programs per token block, each taking
-    ``h_per_split`` hidden elements; ``block_c`` hidden elements per collapse step;
+    ``h_per_split`` hidden elements; ``block_c`` hidden elements per collapse step, ``rowwise`` collapse one token at a time;
     ``num_warps``/``num_stages`` as in Triton. ``post_block_h``/``post_warps``: ``post``'s tile.
     """
 
@@ -37,36 +37,37 @@ class Config:
     splits: int
     h_per_split: int
     block_c: int
+    rowwise: bool
     num_warps: int
     num_stages: int
     post_block_h: int
     post_warps: int
 
 
-# Per T bucket: (max T, block_m, block_h, splits, block_c, warps, stages, post_block_h,
-# post_warps). Everything compiled depends on the bucket and H only (never on T itself), so a
-# model compiles at most four variants per op. Splits: enough programs for the 132 SMs of an
-# H100 at the bucket's typical T (T=1: one per 64 hidden elements; T=64: 4 blocks x 32; T=512:
-# 16 x 8; T=4096: 64 x 4); few per block at large T, where they run together so that the block's
-# residual is still in L2 when the last one collapses it. Figures that chose these: TUNING.md.
+# Per T bucket: (max T, block_m, block_h, splits, block_c, rowwise collapse, warps, stages,
+# post_block_h, post_warps). Everything compiled depends on the bucket and H only (never on T
+# itself), so a model compiles at most four variants per op. Splits: enough programs for the 132
+# SMs of an H100 at the bucket's typical T; few per block at large T, where they run together so
+# that the block's residual is still in L2 when the last one collapses it. Short blocks (T <= 16)
+# collapse row by row with wide tiles. Figures that chose these: TUNING.md.
 _TABLE = (
-    (16, 16, 64, 128, 128, 4, 1, 256, 1),
-    (128, 16, 64, 32, 128, 4, 1, 512, 2),
-    (1024, 32, 32, 8, 64, 4, 2, 1024, 4),
-    (None, 64, 32, 4, 64, 8, 2, 1024, 4),
+    (16, 16, 64, 128, 2048, True, 4, 1, 256, 1),
+    (128, 16, 64, 32, 128, False, 4, 1, 512, 2),
+    (1024, 16, 64, 8, 128, False, 4, 1, 1024, 4),
+    (None, 64, 64, 4, 64, False, 8, 2, 1024, 4),
 )
 
 
 def configs(n: int, H: int, T: int) -> Config:
     """The launch config for ``n`` streams, hidden size ``H``, ``T`` tokens (any n <= 8, any H)."""
-    for max_t, bm, bh, splits, bc, warps, stages, pbh, pw in _TABLE:
+    for max_t, bm, bh, splits, bc, rowwise, warps, stages, pbh, pw in _TABLE:
         if max_t is None or T <= max_t:
             break
-    bh = min(bh, triton.next_power_of_2(H))
+    p2 = triton.next_power_of_2(H)
+    bh = min(bh, p2)
     h_per_split = triton.cdiv(triton.cdiv(H, splits), bh) * bh
-    return Config(bm, bh, triton.cdiv(H, h_per_split), h_per_split,
-                  min(bc, triton.next_power_of_2(H)), warps, stages,
-                  min(pbh, triton.next_power_of_2(H)), pw)
+    return Config(bm, bh, triton.cdiv(H, h_per_split), h_per_split, min(bc, p2), rowwise, warps,
+                  stages, min(pbh, p2), pw)
 
 
 def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict:
@@ -81,7 +82,7 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
     return dict(
         N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p,
         HEAD=head, FUSED=op == "fused_post_pre",
-        BM=cfg.block_m, BH=cfg.block_h, STEPS=cfg.h_per_split // cfg.block_h, SP=sp, RC=rc, BC=cfg.block_c,
+        BM=cfg.block_m, BH=cfg.block_h, STEPS=cfg.h_per_split // cfg.block_h, SP=sp, RC=rc, BC=cfg.block_c, ROWWISE=cfg.rowwise,
         DOT_F32=INTERPRETED, EXACT_BF16=dtype == torch.bfloat16,
     )
 

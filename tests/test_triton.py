@@ -1,0 +1,147 @@
+"""Triton-backend specifics: every T bucket and code path of the kernels against the fp64 oracle,
+with poisoned outputs; the counters left zero; the registry record's reasons; the config table.
+
+On CPU these run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
+any kernel is defined), so sizes stay small.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import mhc.backends
+from mhc import reference as R
+from mhc.registry import Problem
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+EPS = (1e-6, 1e-6, 1e-6, 2.0)
+TOL_ACT, TOL_MIX = 1e-2, 1e-3  # bf16/fp16 outputs; fp32 mixes (the contract's tolerances)
+
+
+@pytest.fixture(scope="module")
+def L():
+    from mhc.backends.triton import BACKEND
+
+    why = BACKEND.probe(Problem("pre", DEV, torch.bfloat16, 4, 64, 1))
+    if why:
+        pytest.skip("; ".join(why))
+    return BACKEND.load()
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(mhc.backends, "_ALLOCATOR",
+                        lambda s, d, dev: torch.full(s, float("nan"), dtype=d, device=dev))
+
+
+def rel(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make(T, n, H, dtype, seed, head=False):
+    g = torch.Generator().manual_seed(seed)
+    n3 = n if head else 2 * n + n * n
+    t = dict(
+        residual=torch.randn(T, n, H, generator=g).to(dtype),
+        x=torch.randn(T, H, generator=g).to(dtype),
+        fn=torch.randn(n3, n * H, generator=g) / (n * H) ** 0.5,
+        scale=torch.rand(1 if head else 3, generator=g) + 0.5,
+        base=torch.randn(n3, generator=g) * 0.5,
+        pm=torch.rand(T, n, 1, generator=g) * 2,
+        cm=torch.softmax(torch.randn(T, n, n, generator=g), -1),
+    )
+    return {k: v.to(DEV) for k, v in t.items()}
+
+
+def d64(t):
+    return {k: v.double() for k, v in t.items()}
+
+
+# (T, n, H): T=1/5 take the short-block row-wise collapse, 40 the small-T bucket with a partial
+# block, 300 the mid bucket; H not a multiple of the tiles, n from 1 to 8.
+SHAPES = [(1, 4, 64), (5, 3, 100), (40, 4, 72), (300, 2, 48), (2, 8, 40), (3, 1, 33)]
+
+
+@pytest.mark.parametrize("T,n,H", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pre_post_head_fused(L, T, n, H, dtype):
+    t = make(T, n, H, dtype, seed=T * 100 + n * 10 + H)
+    r = d64(t)
+    repeat = 3
+    pm, cm, li = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, repeat)
+    rpm, rcm, rli = R.pre(r["residual"], r["fn"], r["scale"], r["base"], *EPS, repeat)
+    assert rel(pm, rpm) < TOL_MIX and rel(cm, rcm) < TOL_MIX and rel(li, rli) < TOL_ACT
+
+    out = L.post(t["x"], t["residual"], t["pm"], t["cm"])
+    assert rel(out, R.post(r["x"], r["residual"], r["pm"], r["cm"])) < TOL_ACT
+
+    new, pm2, cm2, li2 = L.fused_post_pre(t["x"], t["residual"], t["pm"], t["cm"], t["fn"], t["scale"],
+                                          t["base"], *EPS, repeat)
+    assert rel(new, R.post(r["x"], r["residual"], r["pm"], r["cm"])) < TOL_ACT
+    # pre must read the new residual as stored (rounded): its oracle takes the kernel's own new
+    # residual, since at these tiny H a few 1-ulp rounding differences would move the mixes ~1e-3.
+    rpm2, rcm2, rli2 = R.pre(new.double(), r["fn"], r["scale"], r["base"], *EPS, repeat)
+    assert rel(pm2, rpm2) < TOL_MIX and rel(cm2, rcm2) < TOL_MIX and rel(li2, rli2) < TOL_ACT
+
+    h = make(T, n, H, dtype, seed=T + 7, head=True)
+    rh = d64(h)
+    y = L.head(h["residual"], h["fn"], h["scale"], h["base"], 1e-6, 1e-6)
+    assert rel(y, R.head(rh["residual"], rh["fn"], rh["scale"], rh["base"], 1e-6, 1e-6)) < TOL_ACT
+
+
+@pytest.mark.parametrize("repeat", [1, 20])
+def test_sinkhorn_repeat_is_runtime(L, repeat):
+    t = make(4, 4, 64, torch.bfloat16, seed=repeat)
+    r = d64(t)
+    _, cm, _ = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, repeat)
+    _, rcm, _ = R.pre(r["residual"], r["fn"], r["scale"], r["base"], *EPS, repeat)
+    assert rel(cm, rcm) < TOL_MIX
+
+
+def test_counters_left_zero_and_calls_repeat(L):
+    """The arrival counters must be zero after a launch (the next call relies on it)."""
+    from mhc.backends.triton import launch
+
+    t = make(20, 4, 64, torch.bfloat16, seed=3)
+    first = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, 2)
+    second = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, 2)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    for buf in launch._COUNTERS._bufs.values():
+        assert int(buf.count_nonzero()) == 0
+
+
+def test_configs_depend_on_bucket_not_T():
+    """What gets compiled (the constexprs) is fixed within a T bucket, so T does not recompile."""
+    from mhc.backends.triton import launch
+
+    for H in (4096, 7168, 1000):
+        for lo, hi in ((1, 16), (17, 128), (129, 1024), (1025, 70000)):
+            specs = {tuple(sorted(launch.mix_specialization("pre", 4, torch.bfloat16,
+                                                            launch.configs(4, H, T)).items()))
+                     for T in (lo, hi)}
+            assert len(specs) == 1, (H, lo, hi)
+            cfg = launch.configs(4, H, lo)
+            assert cfg.splits * cfg.h_per_split >= H > (cfg.splits - 1) * cfg.h_per_split
+
+
+def test_probe_reasons_on_cpu(monkeypatch):
+    import mhc.backends.triton as tb
+
+    monkeypatch.setattr(tb, "_interpreted", lambda: False)
+    why = tb.BACKEND.probe(Problem("pre", torch.device("cpu"), torch.bfloat16, 4, 64, 1))
+    assert why and "TRITON_INTERPRET=1" in why[0]
+
+
+def test_aot_rejects_unknown_arch():
+    from mhc.backends.triton import aot
+
+    with pytest.raises(ValueError, match="unknown arch"):
+        aot.main(["sm75"])
