@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from mhc import ops as _ops  # registers torch.ops.mhc.*
+from mhc import autograd as _autograd  # registers torch.ops.mhc.*_backward and the ops' autograd
 from mhc import reference, validation
 from mhc.reference import DEFAULTS as _D
 from mhc.registry import Backend, BackendError, Capabilities, Explanation, Problem, register, use_backend

@@ -12,6 +12,14 @@ backend for every op (``triton``) or per op (``pre:aiter,post:triton``; ops left
 to the next level). An explicit choice that cannot serve raises :class:`BackendError` listing why;
 ``auto`` walks :func:`auto_order` and records why it skipped each backend. Decisions are cached in
 :data:`_STATE` keyed by everything they depend on, so the per-call cost is a dict lookup.
+
+Backward ops (:data:`BACKWARD_OPS`, called by ``mhc.autograd``) are selected the same way, with
+two differences: a backend serves one only if its ``Capabilities.ops`` lists it (the default
+lists the forward ops only, so a backend without backward kernels gives that as its reason and
+``auto`` moves on, ending at torch), and a bare backend name (``MHC_BACKEND=triton``,
+``use_backend("triton")``) covers forward ops only: a backward op follows only an entry that names
+it (``pre_backward:triton``), else ``auto``. So a forward backend without backward kernels still
+trains, and an explicit backward choice that cannot serve raises as any explicit choice does.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 
 __all__ = [
     "OPS",
+    "BACKWARD_OPS",
     "Problem",
     "Capabilities",
     "Backend",
@@ -46,6 +55,11 @@ __all__ = [
 ]
 
 OPS = ("pre", "post", "head", "fused_post_pre")
+#: The backward ops (``torch.ops.mhc.<name>``, defined in ``mhc.autograd``). fused_post_pre's
+#: backward chains pre_backward and post_backward, so it has no op of its own.
+BACKWARD_OPS = ("pre_backward", "post_backward", "head_backward")
+_ALL_OPS = OPS + BACKWARD_OPS
+_BACKWARD = frozenset(BACKWARD_OPS)  # set membership: current_choice runs on every call
 ENV_VAR = "MHC_BACKEND"
 ENTRY_POINT_GROUP = "mhc.backends"
 
@@ -89,7 +103,8 @@ class Capabilities:
     ``device_types``: torch device types (``"cuda"`` covers ROCm too; ``platforms`` narrows).
     ``platforms``: subset of {"cuda", "rocm", "cpu", "other"} (see :func:`platform_of`).
     ``dtypes``: residual dtypes. ``n_values``: supported stream counts. ``h_multiple``: H must be
-    a multiple of it. ``ops``: ops served.
+    a multiple of it. ``ops``: ops served; the default is the forward ops, so a backend serves a
+    backward op (:data:`BACKWARD_OPS`) only if it lists it explicitly.
     """
 
     device_types: frozenset[str]
@@ -299,8 +314,8 @@ def parse_spec(spec: str | None, source: str = ENV_VAR) -> dict[str, str]:
             continue
         if ":" in item:
             op, _, name = (s.strip() for s in item.partition(":"))
-            if op not in OPS:
-                raise ValueError(f"{source}={spec!r}: unknown op {op!r} (ops: {', '.join(OPS)})")
+            if op not in _ALL_OPS:
+                raise ValueError(f"{source}={spec!r}: unknown op {op!r} (ops: {', '.join(_ALL_OPS)})")
         else:
             op, name = "*", item
         if not name or ":" in name:
@@ -317,6 +332,8 @@ def _env_choice(op: str) -> str:
     if raw != cached_raw:
         parsed = parse_spec(raw)
         _STATE.env_cache = (raw, parsed)
+    if op in _BACKWARD:  # a bare name covers forward ops only (see the module docstring)
+        return parsed.get(op) or "auto"
     return parsed.get(op) or parsed.get("*") or "auto"
 
 
@@ -325,7 +342,7 @@ def current_choice(op: str) -> str:
     ``backend=`` argument: the innermost :func:`use_backend`, else ``MHC_BACKEND``, else auto."""
     ctx = _CONTEXT.get()
     if ctx:
-        c = ctx.get(op) or ctx.get("*")
+        c = ctx.get(op) if op in _BACKWARD else (ctx.get(op) or ctx.get("*"))
         if c:
             return c
     return _env_choice(op)
@@ -338,16 +355,16 @@ def use_backend(spec: str | None = None, **per_op: str) -> Iterator[None]:
     ``use_backend(pre="aiter")``. Nested blocks override the outer one op by op; ops a block
     does not name keep the outer choice. ``"auto"`` is a valid name."""
     for op in per_op:
-        if op not in OPS:
-            raise ValueError(f"use_backend: unknown op {op!r} (ops: {', '.join(OPS)})")
+        if op not in _ALL_OPS:
+            raise ValueError(f"use_backend: unknown op {op!r} (ops: {', '.join(_ALL_OPS)})")
     new = dict(parse_spec(spec, source="use_backend"))
     new.update(per_op)
     for name in new.values():
         if name != "auto":
             get(name)  # unknown names fail here, at the with statement, not at the first call
     merged = dict(_CONTEXT.get())
-    if "*" in new:  # a new default replaces the outer per-op choices too
-        merged = {}
+    if "*" in new:  # a new default replaces the outer per-op choices too (but not the backward
+        merged = {k: v for k, v in merged.items() if k in _BACKWARD}  # ops', which it does not cover)
     merged.update(new)
     token = _CONTEXT.set(merged)
     try:

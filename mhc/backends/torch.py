@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from mhc.registry import Backend, Capabilities
+from mhc.registry import BACKWARD_OPS, OPS, Backend, Capabilities
 
 
 def _load():
-    from mhc import reference
+    import types
 
-    return reference
+    from mhc import backward, reference
+
+    # The forward ops from the reference, the backward ops (mhc.autograd calls them) from the
+    # hand-derived backward math.
+    return types.SimpleNamespace(**{op: getattr(reference, op) for op in OPS},
+                                 **{op: getattr(backward, op) for op in BACKWARD_OPS})
 
 
 BACKEND = Backend(
@@ -23,7 +28,8 @@ BACKEND = Backend(
     capabilities=Capabilities(
         device_types=frozenset({"cpu", "cuda", "mps", "xpu", "meta"}),
         dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64}),
+        ops=frozenset(OPS + BACKWARD_OPS),
     ),
     load=_load,
-    description="PyTorch reference math; every device, every float dtype",
+    description="PyTorch reference math and its backward; every device, every float dtype",
 )

@@ -1,0 +1,282 @@
+"""Autograd for ``torch.ops.mhc.*``: the backward ops and ``register_autograd`` for the forward ops.
+
+Backward ops are ``torch.library`` ops of their own (``torch.ops.mhc.pre_backward``,
+``post_backward``, ``head_backward``), dispatched through :mod:`mhc.registry` exactly like the
+forward ops, so that a backend can serve them with fast kernels; the torch backend serves them on
+every device with :mod:`mhc.backward` (the hand-derived math). ``fused_post_pre``'s backward
+chains ``pre_backward`` (through the new residual) and ``post_backward``.
+
+Each backward op takes an ``output_mask`` (which gradients to compute: the autograd passes
+``ctx.needs_input_grad``) and returns ``None`` for the gradients it was not asked for. The
+forward inputs it needs are saved, and nothing else: ``pre``/``head`` save their four tensor
+inputs (every gradient needs the mixes, recomputed from residual and fn); ``post`` saves, per
+gradient asked for, the one tensor it needs (grad_x: post_mix, grad_residual: comb_mix,
+grad_post_mix: x, grad_comb_mix: residual).
+
+Which backend serves the backward is decided when the forward runs (``registry.current_choice``
+for the backward op, see :mod:`mhc.registry`) and kept on ``ctx``: ``loss.backward()`` usually
+runs outside the ``use_backend`` block of the forward, and on CUDA in the autograd engine's own
+thread, where the block's context variable is not set. The forward's ``backend=`` argument names
+a forward kernel and gets no gradient. Double backward is not supported (the backward ops have no
+autograd of their own).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mhc import registry, validation
+from mhc.ops import _c
+
+__all__ = ["SCHEMAS"]
+
+_MASK_OUT = ("Tensor? grad_residual, Tensor? grad_fn, Tensor? grad_hc_scale, Tensor? grad_hc_base")
+SCHEMAS = {
+    "pre_backward": (
+        "pre_backward(Tensor grad_post_mix, Tensor grad_comb_mix, Tensor grad_layer_input, Tensor residual, "
+        "Tensor fn, Tensor hc_scale, Tensor hc_base, float rms_eps, float hc_pre_eps, float hc_sinkhorn_eps, "
+        "float hc_post_mult_value, int sinkhorn_repeat, bool[4] output_mask, *, str? backend=None) -> ("
+        + _MASK_OUT + ")"),
+    "post_backward": (
+        "post_backward(Tensor grad_out, Tensor? x, Tensor? residual, Tensor? post_mix, Tensor? comb_mix, "
+        "bool[4] output_mask, *, str? backend=None) -> (Tensor? grad_x, Tensor? grad_residual, "
+        "Tensor? grad_post_mix, Tensor? grad_comb_mix)"),
+    "head_backward": (
+        "head_backward(Tensor grad_out, Tensor residual, Tensor fn, Tensor hc_scale, Tensor hc_base, "
+        "float rms_eps, float hc_eps, bool[4] output_mask, *, str? backend=None) -> (" + _MASK_OUT + ")"),
+}
+
+_LIB = torch.library.Library("mhc", "FRAGMENT")
+for _schema in SCHEMAS.values():
+    _LIB.define(_schema)
+
+
+# --- validation of what the forward checks do not cover: the incoming gradients ----------------
+
+
+def _grad(name: str, g, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(g).__name__}")
+    if g.shape != shape:
+        raise ValueError(f"{name} must have shape {shape} (the forward output's), got {tuple(g.shape)}")
+    if g.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {g.dtype}")
+    if g.device != device:
+        raise ValueError(f"{name} is on {g.device} but residual is on {device}; move them to one device")
+
+
+def _mask(output_mask) -> list[bool]:
+    if len(output_mask) != 4:
+        raise ValueError(f"output_mask must have 4 entries, got {len(output_mask)}")
+    return [bool(b) for b in output_mask]
+
+
+def _check_pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, sinkhorn_repeat, output_mask):
+    lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat)
+    mdt, dev = validation.mix_dtype(residual.dtype), residual.device
+    _grad("grad_post_mix", g_pm, (*lead, n, 1), mdt, dev)
+    _grad("grad_comb_mix", g_cm, (*lead, n, n), mdt, dev)
+    _grad("grad_layer_input", g_li, (*lead, H), residual.dtype, dev)
+    return lead, T, n, H, _mask(output_mask)
+
+
+def _check_head_backward(g, residual, fn, hc_scale, hc_base, output_mask):
+    lead, T, n, H = validation.check_head(residual, fn, hc_scale, hc_base)
+    _grad("grad_out", g, (*lead, H), residual.dtype, residual.device)
+    return lead, T, n, H, _mask(output_mask)
+
+
+# grad_x needs post_mix, grad_residual comb_mix, grad_post_mix x, grad_comb_mix residual.
+_POST_NEEDS = (("grad_x", "post_mix"), ("grad_residual", "comb_mix"), ("grad_post_mix", "x"),
+               ("grad_comb_mix", "residual"))
+
+
+def _check_post_backward(g, x, residual, post_mix, comb_mix, output_mask):
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"grad_out must be a torch.Tensor, got {type(g).__name__}")
+    if g.dim() < 2 or g.dtype not in validation.ACT_DTYPES or not 1 <= g.shape[-2] <= validation.MAX_N:
+        raise ValueError(f"grad_out must be a (..., n, H) float tensor with 1 <= n <= {validation.MAX_N}, "
+                         f"got {tuple(g.shape)} {g.dtype}")
+    *lead, n, H = g.shape
+    lead = tuple(lead)
+    mask = _mask(output_mask)
+    mdt = validation.mix_dtype(g.dtype)
+    given = {"x": (x, (*lead, H), g.dtype), "residual": (residual, (*lead, n, H), g.dtype),
+             "post_mix": (post_mix, (*lead, n, 1), mdt), "comb_mix": (comb_mix, (*lead, n, n), mdt)}
+    for want, (grad_name, needs) in zip(mask, _POST_NEEDS):
+        if want and given[needs][0] is None:
+            raise ValueError(f"{grad_name} is asked for in output_mask but {needs} (which it needs) is None")
+    for name, (t, shape, dtype) in given.items():
+        if t is not None:
+            _grad(name, t, shape, dtype, g.device)
+    T = lead[0] if len(lead) == 1 else torch.Size(lead).numel()
+    return lead, T, n, H, mask
+
+
+# --- real kernels (every device): validate, T == 0, flatten, select, restore ---------------------
+
+
+def _param_grads(fn, hc_scale, hc_base, mask):
+    """Zero gradients for the parameters asked for (the T == 0 answer: a sum over no tokens)."""
+    return tuple(torch.zeros_like(t) if want else None for t, want in zip((fn, hc_scale, hc_base), mask[1:]))
+
+
+def _pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base, rms_eps,
+                  hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *, backend=None):
+    lead, T, n, H, mask = _check_pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn,
+                                              hc_scale, hc_base, sinkhorn_repeat, output_mask)
+    if T == 0:
+        return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask))
+    impl = registry.select("pre_backward", residual.device, residual.dtype, n, H, T, backend)
+    g_res, *rest = impl(_c(grad_post_mix, T, n, 1), _c(grad_comb_mix, T, n, n), _c(grad_layer_input, T, H),
+                        _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
+                        rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, mask)
+    return (None if g_res is None else g_res.view(residual.shape), *rest)
+
+
+def _head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask, *, backend=None):
+    lead, T, n, H, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, output_mask)
+    if T == 0:
+        return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask))
+    impl = registry.select("head_backward", residual.device, residual.dtype, n, H, T, backend)
+    g_res, *rest = impl(_c(grad_out, T, H), _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(),
+                        hc_base.contiguous(), rms_eps, hc_eps, mask)
+    return (None if g_res is None else g_res.view(residual.shape), *rest)
+
+
+def _post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask, *, backend=None):
+    lead, T, n, H, mask = _check_post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask)
+    shapes = ((*lead, H), (*lead, n, H), (*lead, n, 1), (*lead, n, n))
+    if T == 0:
+        mdt = validation.mix_dtype(grad_out.dtype)
+        dts = (grad_out.dtype, grad_out.dtype, mdt, mdt)
+        return tuple(grad_out.new_empty(s, dtype=d) if want else None for s, d, want in zip(shapes, dts, mask))
+    impl = registry.select("post_backward", grad_out.device, grad_out.dtype, n, H, T, backend)
+    flat = ((T, H), (T, n, H), (T, n, 1), (T, n, n))
+    ins = [None if t is None else _c(t, *s) for t, s in zip((x, residual, post_mix, comb_mix), flat)]
+    outs = impl(_c(grad_out, T, n, H), *ins, mask)
+    return tuple(None if g is None else g.view(s) for g, s in zip(outs, shapes))
+
+
+# --- fake impls: shapes and dtypes only, same validation ------------------------------------------
+
+
+def _pre_backward_fake(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base, rms_eps,
+                       hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *,
+                       backend=None):
+    *_, mask = _check_pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale,
+                                   hc_base, sinkhorn_repeat, output_mask)
+    return tuple(t.new_empty(t.shape) if want else None for t, want in zip((residual, fn, hc_scale, hc_base), mask))
+
+
+def _head_backward_fake(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask, *, backend=None):
+    *_, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, output_mask)
+    return tuple(t.new_empty(t.shape) if want else None for t, want in zip((residual, fn, hc_scale, hc_base), mask))
+
+
+def _post_backward_fake(grad_out, x, residual, post_mix, comb_mix, output_mask, *, backend=None):
+    lead, _, n, H, mask = _check_post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask)
+    mdt = validation.mix_dtype(grad_out.dtype)
+    specs = (((*lead, H), grad_out.dtype), ((*lead, n, H), grad_out.dtype), ((*lead, n, 1), mdt),
+             ((*lead, n, n), mdt))
+    return tuple(grad_out.new_empty(s, dtype=d) if want else None for (s, d), want in zip(specs, mask))
+
+
+for _name, _real, _fake in (("pre_backward", _pre_backward, _pre_backward_fake),
+                            ("post_backward", _post_backward, _post_backward_fake),
+                            ("head_backward", _head_backward, _head_backward_fake)):
+    _LIB.impl(_name, _real, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"mhc::{_name}", _fake, lib=_LIB)
+
+
+# --- register_autograd for the forward ops ---------------------------------------------------------
+
+
+def _or_zeros(g, like: torch.Tensor) -> torch.Tensor:
+    """An upstream gradient, or zeros where autograd passes None (an output that was not used)."""
+    return torch.zeros_like(like) if g is None else g
+
+
+def _pre_setup(ctx, inputs, keyword_only_inputs, output):
+    residual, fn, hc_scale, hc_base, *scalars = inputs
+    ctx.save_for_backward(residual, fn, hc_scale, hc_base)  # every gradient needs the recomputed mixes
+    ctx.scalars = scalars
+    ctx.bwd_backend = registry.current_choice("pre_backward")
+
+
+def _pre_bwd(ctx, g_pm, g_cm, g_li):
+    residual, fn, hc_scale, hc_base = ctx.saved_tensors
+    lead, H = residual.shape[:-2], residual.shape[-1]
+    n = residual.shape[-2]
+    mdt = fn.dtype
+    g_pm = _or_zeros(g_pm, residual.new_empty((*lead, n, 1), dtype=mdt))
+    g_cm = _or_zeros(g_cm, residual.new_empty((*lead, n, n), dtype=mdt))
+    g_li = _or_zeros(g_li, residual.new_empty((*lead, H)))
+    grads = torch.ops.mhc.pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, *ctx.scalars,
+                                       list(ctx.needs_input_grad[:4]), backend=ctx.bwd_backend)
+    return (*grads, *(None,) * len(ctx.scalars))
+
+
+def _head_setup(ctx, inputs, keyword_only_inputs, output):
+    residual, fn, hc_scale, hc_base, *scalars = inputs
+    ctx.save_for_backward(residual, fn, hc_scale, hc_base)
+    ctx.scalars = scalars
+    ctx.bwd_backend = registry.current_choice("head_backward")
+
+
+def _head_bwd(ctx, g):
+    residual, fn, hc_scale, hc_base = ctx.saved_tensors
+    grads = torch.ops.mhc.head_backward(g, residual, fn, hc_scale, hc_base, *ctx.scalars,
+                                        list(ctx.needs_input_grad[:4]), backend=ctx.bwd_backend)
+    return (*grads, *(None,) * len(ctx.scalars))
+
+
+def _post_saved(x, residual, post_mix, comb_mix, need):
+    """The tensors post's backward needs for the gradients in ``need``; None for the others."""
+    need_x, need_res, need_pm, need_cm = need
+    return (x if need_pm else None, residual if need_cm else None, post_mix if need_x else None,
+            comb_mix if need_res else None)
+
+
+def _post_setup(ctx, inputs, keyword_only_inputs, output):
+    x, residual, post_mix, comb_mix = inputs
+    ctx.save_for_backward(*_post_saved(x, residual, post_mix, comb_mix, ctx.needs_input_grad[:4]))
+    ctx.bwd_backend = registry.current_choice("post_backward")
+
+
+def _post_bwd(ctx, g):
+    return torch.ops.mhc.post_backward(g, *ctx.saved_tensors, list(ctx.needs_input_grad[:4]),
+                                       backend=ctx.bwd_backend)
+
+
+def _fused_setup(ctx, inputs, keyword_only_inputs, output):
+    x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, *scalars = inputs
+    need = ctx.needs_input_grad
+    # pre's half needs the new residual (an output: what pre read) and its parameters whatever is
+    # asked for; post's half needs what post's backward needs.
+    ctx.save_for_backward(output[0], fn, hc_scale, hc_base, *_post_saved(x, residual, post_mix, comb_mix, need[:4]))
+    ctx.scalars = scalars
+    ctx.bwd_backend = (registry.current_choice("pre_backward"), registry.current_choice("post_backward"))
+
+
+def _fused_bwd(ctx, g_new, g_pm, g_cm, g_li):
+    new, fn, hc_scale, hc_base, *post_saved = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_post = any(need[:4])
+    lead, n, H = new.shape[:-2], new.shape[-2], new.shape[-1]
+    g_pm = _or_zeros(g_pm, new.new_empty((*lead, n, 1), dtype=fn.dtype))
+    g_cm = _or_zeros(g_cm, new.new_empty((*lead, n, n), dtype=fn.dtype))
+    g_li = _or_zeros(g_li, new.new_empty((*lead, H)))
+    g_new_pre, g_fn, g_s, g_b = torch.ops.mhc.pre_backward(
+        g_pm, g_cm, g_li, new, fn, hc_scale, hc_base, *ctx.scalars, [need_post, need[4], need[5], need[6]],
+        backend=ctx.bwd_backend[0])
+    post_grads = (None,) * 4
+    if need_post:
+        g_new = g_new_pre if g_new is None else g_new + g_new_pre
+        post_grads = torch.ops.mhc.post_backward(g_new, *post_saved, list(need[:4]), backend=ctx.bwd_backend[1])
+    return (*post_grads, g_fn, g_s, g_b, *(None,) * len(ctx.scalars))
+
+
+for _name, _bwd, _setup in (("pre", _pre_bwd, _pre_setup), ("post", _post_bwd, _post_setup),
+                            ("head", _head_bwd, _head_setup), ("fused_post_pre", _fused_bwd, _fused_setup)):
+    torch.library.register_autograd(f"mhc::{_name}", _bwd, setup_context=_setup, lib=_LIB)

@@ -1,0 +1,123 @@
+"""The Triton backward kernels (``mhc/backends/triton/backward.py``) against the fp64 backward math,
+directly and through autograd (on CPU they run under the Triton interpreter, which conftest
+switches on). Sizes are small: the interpreter runs each kernel program in numpy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mhc
+from mhc import backward, checking, registry
+from mhc.registry import Backend, Capabilities
+
+from conftest import DEVICE, backend_reasons
+
+_why = backend_reasons("triton")
+pytestmark = pytest.mark.skipif(bool(_why), reason="triton cannot serve here: " + "; ".join(_why))
+
+#: Relative Frobenius error bounds vs the fp64 backward math: bf16 activation gradients carry
+#: their rounding (~4e-3); fp32 gradients of parameters and mixes are fp32 sums (~1e-6 seen).
+TOL = {"act": 1e-2, "mix": 1e-4}
+KINDS = {"pre": ("act", "mix", "mix", "mix"), "head": ("act", "mix", "mix", "mix"),
+         "post": ("act", "act", "mix", "mix")}
+
+
+def _tb():
+    from mhc.backends.triton import backward as tb
+
+    return tb
+
+
+def _f64(t):
+    return None if t is None else t.detach().to("cpu", torch.float64)
+
+
+def _args(op, T, n, H, repeat, mask, seed):
+    """``(args of <op>_backward)`` for the Triton launcher, flattened as the op layer passes them."""
+    fwd, kw = checking.make_inputs(op, (T,), n, H, torch.bfloat16, device=DEVICE, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+
+    def rnd(*shape, dt=torch.float32):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dt).to(DEVICE)
+
+    if op == "pre":
+        kw["sinkhorn_repeat"] = repeat
+        return (rnd(T, n, 1), rnd(T, n, n), rnd(T, H, dt=torch.bfloat16), *fwd, *kw.values(), mask)
+    if op == "head":
+        return (rnd(T, H, dt=torch.bfloat16), *fwd, *kw.values(), mask)
+    return (rnd(T, n, H, dt=torch.bfloat16), *fwd, mask)
+
+
+@pytest.mark.parametrize("op,T,n,H,repeat", [
+    ("pre", 5, 4, 64, 20),   # DeepSeek-V4's n and repeat, one token block
+    ("pre", 37, 4, 48, 3),   # several token blocks, a partial one, H not a multiple of the tiles
+    ("pre", 3, 2, 16, 1),
+    ("pre", 2, 1, 8, 2),
+    ("head", 37, 4, 48, None),
+    ("head", 3, 1, 16, None),
+    ("post", 7, 4, 300, None),  # H over one post step, with a tail
+    ("post", 2, 1, 8, None),
+    ("post", 3, 3, 40, None),
+])
+def test_triton_backward_matches_fp64_math(op, T, n, H, repeat):
+    args = _args(op, T, n, H, repeat, [True] * 4, seed=T + n)
+    ours = getattr(_tb(), f"{op}_backward")(*args)
+    refs = getattr(backward, f"{op}_backward")(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in args])
+    for k, (o, r, kind) in enumerate(zip(ours, refs, KINDS[op])):
+        assert o.device == args[0].device
+        err = checking.rel_error(o, r)
+        assert err < TOL[kind], f"{op} gradient {k}: rel error {err:.2e} (tolerance {TOL[kind]:.0e})"
+
+
+@pytest.mark.parametrize("op,mask", [("pre", [False, True, False, True]), ("pre", [True, False, True, False]),
+                                     ("head", [True, False, False, False]), ("post", [True, False, False, True]),
+                                     ("post", [False, True, True, False])])
+def test_triton_backward_output_mask(op, mask):
+    args = list(_args(op, 20, 4, 32, 2, mask, seed=5))
+    if op == "post":  # the op layer passes None for the inputs no asked-for gradient needs
+        needs = {1: mask[2], 2: mask[3], 3: mask[0], 4: mask[1]}  # x, residual, post_mix, comb_mix
+        args = [None if k in needs and not needs[k] else a for k, a in enumerate(args)]
+    ours = getattr(_tb(), f"{op}_backward")(*args)
+    refs = getattr(backward, f"{op}_backward")(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in args])
+    assert [o is not None for o in ours] == mask
+    for o, r, kind in zip(ours, refs, KINDS[op]):
+        if o is not None:
+            assert checking.rel_error(o, r) < TOL[kind]
+
+
+@pytest.fixture
+def triton_bwd():
+    """A record serving only the backward ops with the Triton kernels, as the triton backend's own
+    record will once it lists them (see the module docstring of mhc/backends/triton/backward.py)."""
+    rec = registry.get("triton")
+    registry.register(Backend("triton_bwd", "triton", Capabilities(
+        rec.capabilities.device_types, rec.capabilities.dtypes, ops=frozenset(registry.BACKWARD_OPS)),
+        load=_tb, probe=rec.probe))
+    yield
+    registry.unregister("triton_bwd")
+
+
+def test_triton_backward_through_autograd(triton_bwd):
+    """A pre -> post -> fused -> head chain: the gradients with the Triton backward ops equal the
+    torch backend's. fp16, not bf16: the Triton interpreter rounds fp32 -> bf16 by truncation (half
+    of all casts differ from round-to-nearest-even; GPUs round to nearest), which over four ops of
+    bf16 gradients adds ~1e-2 of noise that would hide a real error."""
+    (r, fn, s, b), kw = checking.make_inputs("pre", (6,), 4, 32, torch.float16, device=DEVICE, seed=3)
+    kw["sinkhorn_repeat"] = 3
+    (_, hfn, hs, hb), hkw = checking.make_inputs("head", (6,), 4, 32, torch.float16, device=DEVICE, seed=4)
+
+    def grads():
+        ins = [t.detach().clone().requires_grad_() for t in (r, fn, s, b, hfn)]
+        res, fn_, s_, b_, hfn_ = ins
+        pm, cm, x = mhc.pre(res, fn_, s_, b_, **kw)
+        new, pm, cm, x = mhc.fused_post_pre(x * 2, res, pm, cm, fn_, s_, b_, **kw)
+        out = mhc.head(mhc.post(x, new, pm, cm), hfn_, hs, hb, **hkw)
+        return torch.autograd.grad(out.float().square().sum(), ins)
+
+    expected = grads()
+    with mhc.use_backend(pre_backward="triton_bwd", post_backward="triton_bwd", head_backward="triton_bwd"):
+        got = grads()
+    for name, g, e in zip(("residual", "fn", "hc_scale", "hc_base", "head fn"), got, expected):
+        err = checking.rel_error(g, _f64(e))
+        assert err < (1e-2 if name == "residual" else 1e-3), f"{name}: {err:.2e}"
