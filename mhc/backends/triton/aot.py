@@ -78,7 +78,7 @@ def _jobs():
                         seen.add(key)
                         yield (f"{op:<14} H={H:<5} T<={T:<5} {_TYPE[dtype]}", "mix_kernel",
                                _mix_signature(op, dtype), spec, cfg.num_warps, cfg.num_stages)
-                spec = dict(N=4, NP=4, BH=cfg.post_block_h)
+                spec = dict(N=4, NP=4, BH=cfg.post_block_h, EMULATE_RNE=False)
                 key = ("post", _TYPE[dtype], tuple(sorted(spec.items())), cfg.post_warps)
                 if key not in seen:
                     seen.add(key)

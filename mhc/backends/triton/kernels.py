@@ -30,6 +30,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _to_act(v, ty: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """fp32 ``v`` rounded to the activation dtype ``ty``, to nearest even. ``EMULATE_RNE``: the
+    interpreter truncates fp32 -> bf16, so round in integer arithmetic first (then exact)."""
+    if EMULATE_RNE and ty == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        v = b.to(tl.float32, bitcast=True)
+    return v.to(ty)
+
+
+@triton.jit
 def _prenorm_tile(acc, ssq, x, w, DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr):
     """One K-step of the prenorm GEMM: ``acc += x @ w``, ``ssq += sum(x*x, 1)``.
 
@@ -146,7 +157,7 @@ def _head_activations(mix_ptr, scale_ptr, base_ptr, n_rows, K, rms_eps, hc_eps,
 @triton.jit
 def _collapse(src_ptr, out_ptr, w, n_rows, H,
               N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-              ROWWISE: tl.constexpr):
+              ROWWISE: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """``out[t, h] = sum_i w[t, i] * src[t, i, h]`` for one token block of ``n_rows`` valid rows;
     ``w`` [BM, NP] fp32, ``src`` [BM, N, H] and ``out`` [BM, H] in the residual dtype, fp32
     accumulation.
@@ -166,7 +177,7 @@ def _collapse(src_ptr, out_ptr, w, n_rows, H,
                 x = tl.load(src_ptr + r * (N * H) + i[:, None] * H + h[None, :],
                             mask=(i < N)[:, None] & (h < H)[None, :], other=0.0)
                 y = tl.sum(x.to(tl.float32) * wr[:, None], axis=0)
-                tl.store(out_ptr + r * H + h, y.to(out_ptr.dtype.element_ty), mask=h < H)
+                tl.store(out_ptr + r * H + h, _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE), mask=h < H)
                 h0 += BC
             r += 1
     else:
@@ -178,7 +189,7 @@ def _collapse(src_ptr, out_ptr, w, n_rows, H,
             h = h0 + tl.arange(0, BC)
             x = tl.load(src + h[None, None, :], mask=base_mask & (h < H)[None, None, :], other=0.0)
             y = tl.sum(x.to(tl.float32) * w[:, :, None], axis=1)
-            tl.store(out_ptr + rows[:, None] * H + h[None, :], y.to(out_ptr.dtype.element_ty),
+            tl.store(out_ptr + rows[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE),
                      mask=(rows < n_rows)[:, None] & (h < H)[None, :])
             h0 += BC
 
@@ -206,6 +217,7 @@ def mix_kernel(
     (not for HEAD), ``out_ptr`` (T, H) in the residual dtype. Workspace: ``part_ptr``
     (num_m, n_splits, BM, N3P) fp32 partials, ``mix_ptr`` (num_m, BM, N3P) fp32 reduced logits,
     ``cnt_ptr`` (num_m,) int32 counters that are zero on entry and left zero on exit.
+    ``DOT_F32``: interpreter mode (fp32 GEMM, bf16 rounding emulated, see :func:`_to_act`).
     Grid: (cdiv(T, BM), n_splits); split s takes hidden elements [s, s+1) * STEPS*BH;
     ``n_splits <= SP``; ``RC`` divides BM*N3P.
     """
@@ -262,7 +274,7 @@ def mix_kernel(
                 cw = tl.load(cm_in_ptr + rows[:, None] * (N * N) + src * N + i[None, :],
                              mask=row_ok[:, None] & i_ok[None, :], other=0.0)
                 v += cw[:, :, None] * r[:, None, :]
-            v = v.to(new_ptr.dtype.element_ty)
+            v = _to_act(v, new_ptr.dtype.element_ty, DOT_F32)
             tl.store(new_ptr + off3, v, mask=m3)
             # pre reads the new residual as stored: rounded to the residual dtype.
             x = tl.reshape(tl.where(m3, v.to(tl.float32), 0.0), [BM, NP * BH])
@@ -305,18 +317,19 @@ def mix_kernel(
             wts = _pre_activations(mix, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K,
                                    rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, N, NP, N3, N3P, BM)
         if FUSED:
-            _collapse(new_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC, ROWWISE)
+            _collapse(new_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC, ROWWISE, DOT_F32)
         else:
-            _collapse(res_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC, ROWWISE)
+            _collapse(res_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC, ROWWISE, DOT_F32)
 
 
 @triton.jit
 def post_kernel(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, T, H,
-                N: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr):
+                N: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """``out[t, j, h] = pm[t, j] * x[t, h] + sum_i cm[t, i, j] * res[t, i, h]`` (fp32 math).
 
     ``x`` (T, H), ``res`` and ``out`` (T, N, H) in the residual dtype; ``pm`` (T, N), ``cm``
-    (T, N, N) fp32. Grid: (T, cdiv(H, BH)).
+    (T, N, N) fp32. Grid: (T, cdiv(H, BH)). ``EMULATE_RNE``: under the interpreter (see
+    :func:`_to_act`).
     """
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -330,5 +343,5 @@ def post_kernel(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, T, H,
         r = tl.load(res_ptr + (t * N + i) * H + h, mask=h_ok, other=0.0).to(tl.float32)
         cw = tl.load(cm_ptr + (t * N + i) * N + j, mask=j_ok, other=0.0)
         acc += cw[:, None] * r[None, :]
-    tl.store(out_ptr + (t * N + j[:, None]) * H + h[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + (t * N + j[:, None]) * H + h[None, :], _to_act(acc, out_ptr.dtype.element_ty, EMULATE_RNE),
              mask=j_ok[:, None] & h_ok[None, :])

@@ -18,7 +18,8 @@ from mhc.backends import device_guard, empty
 from mhc.backends.triton import kernels
 
 #: True when ``TRITON_INTERPRET=1`` was set before the kernels were defined: they then run on CPU
-#: tensors, and the GEMM runs in fp32 (the interpreter mishandles bf16 dots).
+#: tensors, the GEMM runs in fp32 (the interpreter mishandles bf16 dots) and bf16 rounding is
+#: done in integer arithmetic (the interpreter truncates).
 INTERPRETED = type(kernels.mix_kernel).__name__ == "InterpretedFunction"
 
 
@@ -193,6 +194,7 @@ def post(x, residual, post_mix, comb_mix):
     with device_guard(residual.device):
         kernels.post_kernel[(T, triton.cdiv(H, cfg.post_block_h))](
             x, residual, post_mix, comb_mix, out, T, H,
-            N=n, NP=triton.next_power_of_2(n), BH=cfg.post_block_h, num_warps=cfg.post_warps,
+            N=n, NP=triton.next_power_of_2(n), BH=cfg.post_block_h, EMULATE_RNE=INTERPRETED,
+            num_warps=cfg.post_warps,
         )
     return out
