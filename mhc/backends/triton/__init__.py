@@ -5,8 +5,8 @@ interpreter when ``TRITON_INTERPRET=1`` is set before the kernels load (a test t
 Nothing here imports triton at module import: :func:`_probe` and :func:`_load` do.
 
 Files: ``kernels.py`` (the ``@triton.jit`` kernels), ``launch.py`` (launchers and the config
-table), ``aot.py`` (ahead-of-time builds for sm90/gfx942/gfx950), ``TUNING.md`` (the figures
-behind the configs).
+table), ``backward.py`` (the backward kernels and their launchers), ``aot.py`` (ahead-of-time
+builds for sm90/gfx942/gfx950), ``TUNING.md`` (the figures behind the configs).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from mhc.registry import Backend, Capabilities, Problem
+from mhc.registry import BACKWARD_OPS, OPS, Backend, Capabilities, Problem
 
 _KERNELS = "mhc.backends.triton.launch"
 
@@ -54,9 +54,13 @@ def _probe(p: Problem) -> list[str]:
 
 
 def _load():
-    from mhc.backends.triton import launch
+    import types
 
-    return launch
+    from mhc.backends.triton import backward, launch
+
+    # Forward launchers from launch.py, backward launchers (mhc.autograd calls them) from backward.py.
+    return types.SimpleNamespace(**{op: getattr(launch, op) for op in OPS},
+                                 **{op: getattr(backward, op) for op in BACKWARD_OPS})
 
 
 BACKEND = Backend(
@@ -65,6 +69,7 @@ BACKEND = Backend(
     capabilities=Capabilities(
         device_types=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.bfloat16, torch.float16}),
+        ops=frozenset(OPS + BACKWARD_OPS),
     ),
     load=_load,
     probe=_probe,
