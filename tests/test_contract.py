@@ -26,6 +26,12 @@ H_VALUES = [1, 7, 64, 100, 256, 384]
 N_VALUES = [1, 2, 4, 8]
 
 
+def _small_h(backend: str) -> int:
+    """A small H the backend accepts (64, or its required multiple, e.g. AITER's 256)."""
+    m = registry.get(backend).capabilities.h_multiple
+    return 64 if 64 % m == 0 else m * -(-64 // m)
+
+
 def _check_outputs(op, args, kwargs, outs, backend):
     refs = checking.oracle(op, args, kwargs)
     res = args[1] if op in ("post", "fused_post_pre") else args[0]
@@ -80,7 +86,7 @@ def test_single_token_real_width(backend, op):
 @pytest.mark.parametrize("op", ["pre", "post", "head", "fused_post_pre"])
 def test_non_contiguous_inputs(backend, op):
     """Strided views are accepted (the op layer makes them contiguous) and give the same answer."""
-    args, kwargs = checking.make_inputs(op, (6,), 4, 64, torch.bfloat16, DEVICE, seed=3)
+    args, kwargs = checking.make_inputs(op, (6,), 4, _small_h(backend), torch.bfloat16, DEVICE, seed=3)
     # The same values, every other element of a wider buffer whose gaps hold NaN: a kernel that
     # ignored strides would read the NaNs.
     strided = [torch.stack([a, torch.full_like(a, float("nan"))], -1)[..., 0] for a in args]
@@ -94,7 +100,7 @@ def test_non_contiguous_inputs(backend, op):
 @pytest.mark.parametrize("op", ["pre", "head", "fused_post_pre"])  # post has no scalar arguments
 def test_sinkhorn_repeat_and_scalars_are_honoured(backend, op):
     """Non-default scalars reach the kernels (a kernel that hard-codes 20 or 2.0 fails here)."""
-    args, kwargs = checking.make_inputs(op, (5,), 4, 64, torch.bfloat16, DEVICE, seed=4)
+    args, kwargs = checking.make_inputs(op, (5,), 4, _small_h(backend), torch.bfloat16, DEVICE, seed=4)
     if op == "head":
         kwargs = dict(rms_eps=1e-2, hc_eps=0.25)
     else:
@@ -103,6 +109,7 @@ def test_sinkhorn_repeat_and_scalars_are_honoured(backend, op):
 
 
 def test_leading_dims_are_restored(backend):
-    args, kwargs = checking.make_inputs("pre", (2, 3), 4, 64, torch.bfloat16, DEVICE, seed=5)
+    H = _small_h(backend)
+    args, kwargs = checking.make_inputs("pre", (2, 3), 4, H, torch.bfloat16, DEVICE, seed=5)
     p, c, li = mhc.pre(*args, **kwargs, backend=backend)
-    assert p.shape == (2, 3, 4, 1) and c.shape == (2, 3, 4, 4) and li.shape == (2, 3, 64)
+    assert p.shape == (2, 3, 4, 1) and c.shape == (2, 3, 4, 4) and li.shape == (2, 3, H)
