@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
+# Aliased: importing the submodule mhc.backends.torch (the torch backend's record) sets the
+# attribute ``torch`` of this package, which is this module's global namespace, and would
+# shadow ``import torch`` here (torch.empty -> AttributeError on mhc.backends.torch).
+import torch as _torch
 
 __all__ = ["empty", "device_guard"]
 
 
-def _plain_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
+def _plain_empty(shape, dtype: _torch.dtype, device: _torch.device) -> _torch.Tensor:
+    return _torch.empty(shape, dtype=dtype, device=device)
 
 
 # Tests swap this for an allocator that fills outputs with NaN, so that an element a kernel
@@ -39,17 +42,17 @@ def _plain_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 _ALLOCATOR = _plain_empty
 
 
-def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def empty(shape, dtype: _torch.dtype, device: _torch.device) -> _torch.Tensor:
     """Allocate an output tensor of ``shape``/``dtype`` on ``device`` (never the current device)."""
     return _ALLOCATOR(shape, dtype, device)
 
 
-def device_guard(device: torch.device):
+def device_guard(device: _torch.device):
     """A context that makes ``device`` current for the launches inside it (a no-op off CUDA).
 
     Triton and TileLang launch on the *current* device, so without this a tensor on ``cuda:1``
     would be processed by a launch on ``cuda:0``'s stream.
     """
     if device.type == "cuda":
-        return torch.cuda.device(device)
+        return _torch.cuda.device(device)
     return contextlib.nullcontext()
