@@ -1,4 +1,45 @@
-"""Benchmarks reachable as ``python -m mhc bench``.
+"""Benchmarks reachable as ``python -m mhc bench`` (``python -m mhc bench --help``).
+
+The grid: op x implementation x T x H at n = 4, bf16 (default T in {1, 8, 64, 512, 4096, 16384},
+H in {4096, 7168}). Implementations are every registered mhc backend that can serve on the
+device (``torch`` is left out unless named: it *is* the eager peer, behind the op layer) and the
+peers, in the same run:
+
+``eager``
+    :mod:`mhc.reference` called directly (the math in plain PyTorch).
+``compile``
+    ``torch.compile(mhc.reference.<op>, fullgraph=True)`` with the default inductor backend, one
+    compiled function per (op, H), Dynamo's recompile limits raised and T marked dynamic for
+    T >= 2 (T = 1 gets its own specialised graph), so no shape falls back to eager: a graph break
+    or a hit recompile limit raises instead (``fullgraph=True``, ``fail_on_recompile_limit_hit``).
+    Inductor's ``emulate_precision_casts`` keeps the reference's bf16 roundings inside fused
+    kernels (without it, fused_post_pre's comb_mix misses the 1e-3 tolerance).
+``tile-kernels``
+    DeepSeek's TileLang kernels, when ``tile_kernels`` imports. ``post`` is its
+    ``mhc_post_fwd``. It ships no prenorm GEMM (that lives in DeepGEMM), so ``pre`` is a cuBLAS
+    fp32 GEMM on the upcast residual (``xf @ fn.T`` and ``sum(xf**2)``, one split) followed by
+    ``mhc_pre_big_fuse_fwd``; ``head`` is that GEMM, ``mhc_reduce_partials_and_rmsnorm_fwd``,
+    ``mhc_head_compute_mix_fwd`` and ``mhc_pre_apply_mix_fwd``; ``fused_post_pre`` is its post
+    followed by its pre (it has no fused kernel). Why it cannot run is printed, never hidden.
+
+Per row: warm µs (``triton.testing.do_bench_cudagraph``, median of CUDA-graph replays, inputs
+left in L2 where they fit), cold µs (``triton.testing.do_bench``, median, L2 flushed before
+each call, launch overhead included), achieved GB/s (the floor's bytes over the time) and the
+ratio to the floor. The floor is :func:`floor_bytes` over the copy bandwidth measured at the
+start of the same run (the better of ``torch.Tensor.copy_`` and a vectorised Triton copy, bytes
+read plus bytes written). On CPU both timings are ``time.perf_counter`` medians (a smoke test
+of the harness, not a measurement).
+
+Before timing, every (op, implementation, H, T) is checked once against the fp64 oracle of
+:mod:`mhc.checking`: outputs allocated through ``mhc.backends.empty`` are poisoned with NaN and
+must come back finite everywhere, and the oracle is evaluated on a sample of token rows (all of
+them up to 64 tokens; every op is row-independent, so the sample's rows are compared exactly).
+A failure is printed with ``!!`` in the row, listed at the end, and makes the exit status 1.
+
+Outputs (``--out``, default ``benchmarks/results``): ``<prefix>.csv`` (rewritten after every
+row, so a run cut short keeps what it measured), ``<prefix>-latency.png`` (µs vs T per op and
+H), ``<prefix>-floor.png`` (fraction of the floor vs T) and ``<prefix>.md`` (the README table).
+``--report CSV`` rebuilds the table and plots from a CSV without a device.
 
 ``--overhead``: host-side cost of one op call, for the dispatch layers that sit above a kernel
 (torch.library dispatch, validation, backend selection), measured with a backend whose kernels
@@ -9,11 +50,782 @@ number that matters at decode sizes, where the kernels themselves take a few µs
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import functools
+import math
+import os
+import pathlib
+import platform
+import statistics
+import sys
 import time
 import types
+from collections.abc import Callable, Sequence
 
 import torch
 
+OPS = ("pre", "post", "head", "fused_post_pre")
+GRID_T = (1, 8, 64, 512, 4096, 16384)
+GRID_H = (4096, 7168)
+# --quick: the decode, prefill-chunk and large-batch regimes at one width; the H100 run of the
+# whole quick grid stays under 3 minutes including the compiles of the peers.
+QUICK_T = (1, 64, 4096)
+QUICK_H = (4096,)
+# --device cpu: tiny sizes, a smoke test of the harness's code paths.
+CPU_T = (1, 8)
+CPU_H = (256,)
+PEERS = ("eager", "compile", "tile-kernels")
+CSV_FIELDS = ("date", "device", "op", "impl", "kind", "n", "H", "T", "dtype", "floor_bytes", "copy_GBps",
+              "floor_us", "warm_us", "cold_us", "warm_GBps", "cold_GBps", "warm_ratio", "cold_ratio", "check",
+              "max_rel_err", "warm_timer", "note")
+
+
+# --------------------------------------------------------------------------------------------
+# The floor
+# --------------------------------------------------------------------------------------------
+
+def floor_bytes(op: str, T: int, n: int, H: int, act_bytes: int = 2, mix_bytes: int = 4) -> int:
+    """The fewest bytes ``op`` must move: each input read once, each output written once.
+
+    ``act_bytes`` is the residual/activation element size (2 for bf16), ``mix_bytes`` that of
+    fn, hc_scale, hc_base, post_mix and comb_mix (4, fp32). With ``m = 2n + n*n``:
+
+    - ``pre``:  read residual ``T*n*H*a`` + fn ``m*n*H*f`` + hc_scale ``3*f`` + hc_base ``m*f``;
+      write post_mix ``T*n*f``, comb_mix ``T*n*n*f``, layer_input ``T*H*a``.
+    - ``post``: read x ``T*H*a``, residual ``T*n*H*a``, post_mix ``T*n*f``, comb_mix ``T*n*n*f``;
+      write out ``T*n*H*a``.
+    - ``head``: read residual ``T*n*H*a`` + fn ``n*n*H*f`` + hc_scale ``f`` + hc_base ``n*f``;
+      write ``T*H*a``.
+    - ``fused_post_pre``: post's reads plus pre's parameters (fn, hc_scale, hc_base); write the
+      new residual ``T*n*H*a`` and pre's outputs. The new residual is never read back: that is
+      the point of the fusion, so the floor does not count it.
+    """
+    a, f, m = act_bytes, mix_bytes, 2 * n + n * n
+    pre_params = m * n * H * f + 3 * f + m * f
+    pre_outputs = T * n * f + T * n * n * f + T * H * a
+    post_inputs = T * H * a + T * n * H * a + T * n * f + T * n * n * f
+    if op == "pre":
+        return T * n * H * a + pre_params + pre_outputs
+    if op == "post":
+        return post_inputs + T * n * H * a
+    if op == "head":
+        return T * n * H * a + n * n * H * f + f + n * f + T * H * a
+    if op == "fused_post_pre":
+        return post_inputs + pre_params + T * n * H * a + pre_outputs
+    raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and the correctness check
+# --------------------------------------------------------------------------------------------
+
+def token_args(op: str) -> int:
+    """How many leading positional arguments of ``op`` carry the token dim (the rest are
+    parameters): pre/head take ``residual`` first; post/fused take x, residual, post_mix, comb_mix."""
+    return 1 if op in ("pre", "head") else 4
+
+
+def device_inputs(op: str, T: int, n: int, H: int, device, seed: int = 0,
+                  dtype: torch.dtype = torch.bfloat16) -> tuple[tuple, dict]:
+    """Random, never-zero inputs for ``mhc.<op>`` with ``T`` tokens, drawn on ``device``.
+
+    The parameters (fn (m, n*H) fp32, hc_scale, hc_base) and the keyword scalars come from
+    :func:`mhc.checking.make_inputs`; the token-sized tensors follow the same distributions
+    (residual (T, n, H) and x (T, H) standard normal in ``dtype``; post_mix (T, n, 1) and
+    comb_mix (T, n, n) fp32 are a real reference ``pre`` of another random residual) but are
+    drawn by a generator on ``device``: make_inputs draws fp64 on the CPU, which takes minutes
+    at T = 16384, H = 7168. Returns ``(args, kwargs)`` for ``mhc.<op>(*args, **kwargs)``.
+    """
+    from mhc import checking, reference
+
+    device = torch.device(device)
+    src = "fused_post_pre" if op in ("post", "fused_post_pre") else op
+    base, kw = checking.make_inputs(src, (1,), n, H, dtype, device, seed=seed)
+    params = base[token_args(src):]
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+    if op in ("pre", "head"):
+        return (randn(T, n, H), *params), kw
+    x, residual = randn(T, H), randn(T, n, H)
+    with torch.no_grad():
+        post_mix, comb_mix, _ = reference.pre(randn(T, n, H), *params)
+    if op == "post":
+        return (x, residual, post_mix, comb_mix), {}
+    return (x, residual, post_mix, comb_mix, *params), kw
+
+
+def sample_rows(T: int, device, k: int = 64, seed: int = 0) -> torch.Tensor:
+    """Token rows the oracle is evaluated on: all of them for T <= k, else the first and last
+    eight and ``k - 16`` others drawn at random (int64 indices on ``device``)."""
+    if T <= k:
+        return torch.arange(T, device=device)
+    g = torch.Generator().manual_seed(seed)
+    middle = torch.randperm(T - 16, generator=g)[: k - 16] + 8
+    rows = torch.cat([torch.arange(8), middle.sort().values, torch.arange(T - 8, T)])
+    return rows.to(device)
+
+
+def reference_rows(op: str, args: tuple, kwargs: dict, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`mhc.checking.oracle` (fp64, CPU) on the token ``rows`` of ``args``."""
+    from mhc import checking
+
+    k = token_args(op)
+    sub = tuple(a.index_select(0, rows) for a in args[:k]) + tuple(args[k:])
+    return checking.oracle(op, sub, kwargs)
+
+
+@dataclasses.dataclass
+class Check:
+    """The result of one correctness check: ``ok``, a short ``text`` and the largest error."""
+
+    ok: bool
+    text: str
+    max_err: float
+
+
+def check_outputs(op: str, outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], rows: torch.Tensor,
+                  dtype: torch.dtype) -> Check:
+    """Compare ``outs`` (full outputs of ``op``) with ``refs`` (the oracle on ``rows``).
+
+    Fails if any output element anywhere is NaN/inf (outputs are poisoned before the call, so
+    this also catches unwritten elements) or if a sampled output exceeds the tolerance.
+    """
+    from mhc import checking
+
+    if len(outs) != len(refs):
+        return Check(False, f"returned {len(outs)} outputs, expected {len(refs)}", math.inf)
+    bad_shape = [name for (name, _), o, r in zip(checking.OUTPUTS[op], outs, refs)
+                 if tuple(o.shape[1:]) != tuple(r.shape[1:])]
+    if bad_shape:
+        return Check(False, "wrong shape: " + ", ".join(bad_shape), math.inf)
+    nonfinite = [name for (name, _), o in zip(checking.OUTPUTS[op], outs) if not bool(torch.isfinite(o).all())]
+    if nonfinite:
+        return Check(False, "NaN/inf (unwritten?) in " + ", ".join(nonfinite), math.inf)
+    errs = checking.compare(op, tuple(o.index_select(0, rows) for o in outs), refs, dtype)
+    bad = [f"{name} {e:.2e}>{t:g}" for name, e, t in errs if not e <= t]
+    worst = max(e for _, e, _ in errs)
+    return Check(not bad, "; ".join(bad) if bad else "ok", worst)
+
+
+def _nan_empty(shape, dtype, device):
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Inside, ``mhc.backends.empty`` returns NaN-filled tensors (as the tests' conftest does)."""
+    import mhc.backends
+
+    saved = mhc.backends._ALLOCATOR
+    mhc.backends._ALLOCATOR = _nan_empty
+    try:
+        yield
+    finally:
+        mhc.backends._ALLOCATOR = saved
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations: mhc backends and peers
+# --------------------------------------------------------------------------------------------
+
+Runner = Callable[[bool], tuple]  # runner(poison) -> the op's outputs as a tuple
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+@dataclasses.dataclass
+class Impl:
+    """One implementation under test. ``reasons(op, device, dtype, n, H, T)`` says why it cannot
+    serve (empty: it can); ``prepare(op, args, kwargs)`` returns a :data:`Runner`."""
+
+    name: str
+    kind: str  # "backend" or "peer"
+    reasons: Callable[..., list[str]]
+    prepare: Callable[[str, tuple, dict], Runner]
+    note: str = ""
+
+
+def backend_impl(name: str) -> Impl:
+    """An mhc backend called through the public API (``mhc.<op>(..., backend=name)``)."""
+    import mhc
+    from mhc import registry
+
+    def reasons(op, device, dtype, n, H, T):
+        try:
+            return registry.reasons_for(name, registry.Problem(op, device, dtype, n, H, T))
+        except registry.BackendError as e:
+            return [str(e)]
+
+    def prepare(op, args, kwargs):
+        f = getattr(mhc, op)
+
+        def run(poison=False):
+            with poisoned_outputs() if poison else contextlib.nullcontext():
+                return _as_tuple(f(*args, **kwargs, backend=name))
+
+        return run
+
+    return Impl(name, "backend", reasons, prepare)
+
+
+def eager_impl() -> Impl:
+    """The reference math in eager PyTorch."""
+    from mhc import reference
+
+    def prepare(op, args, kwargs):
+        f = getattr(reference, op)
+        return lambda poison=False: _as_tuple(f(*args, **kwargs))
+
+    return Impl("eager", "peer", lambda *a: [], prepare, "mhc.reference, eager")
+
+
+def _raise_dynamo_limits() -> dict[str, object]:
+    """Raise Dynamo's recompile limits (their names changed across torch releases) and make a
+    hit limit an error instead of a silent fall back to eager. Returns what was set."""
+    import torch._dynamo.config as cfg
+
+    wanted = {"cache_size_limit": 1024, "recompile_limit": 1024, "accumulated_cache_size_limit": 1 << 16,
+              "accumulated_recompile_limit": 1 << 16, "fail_on_recompile_limit_hit": True}
+    done = {}
+    for key, value in wanted.items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, value)
+            done[key] = value
+    return done
+
+
+def compile_impl(backend: str = "inductor") -> Impl:
+    """``torch.compile`` of the reference: one compiled function per (op, H) with T dynamic.
+
+    T >= 2 is marked dynamic on every token-sized input (``mark_dynamic`` raises if the graph
+    would specialise it); T = 1 is specialised by Dynamo and compiles once more. ``fullgraph``
+    makes any graph break an error. Compile time is spent in the first (checking) call.
+    """
+    from mhc import reference
+
+    limits = _raise_dynamo_limits()
+    # Inductor drops the bf16 rounding between fused ops unless told to keep it; fused_post_pre's
+    # pre must read the *stored* (rounded) new residual, and without the rounding its comb_mix
+    # misses the 1e-3 tolerance (1.5e-3 to 1.8e-3 seen on the H100). A fair peer computes the
+    # reference's function. Passed per compile, so no global config changes.
+    options = {"emulate_precision_casts": True} if backend == "inductor" else None
+    compiled: dict[tuple, Callable] = {}  # (op, n, H) -> compiled reference
+
+    def prepare(op, args, kwargs):
+        k = token_args(op)
+        n, H = args[1].shape[-2:] if op in ("post", "fused_post_pre") else args[0].shape[-2:]
+        key = (op, n, H)
+        if key not in compiled:
+            compiled[key] = torch.compile(getattr(reference, op), fullgraph=True, backend=backend, options=options)
+        f = compiled[key]
+        if args[0].shape[0] >= 2:
+            for t in args[:k]:
+                torch._dynamo.mark_dynamic(t, 0)
+        return lambda poison=False: _as_tuple(f(*args, **kwargs))
+
+    note = (f"torch.compile(fullgraph=True, backend={backend!r}, options={options}), T dynamic; "
+            + ", ".join(f"{k}={v}" for k, v in limits.items()))
+    return Impl("compile", "peer", lambda *a: [], prepare, note)
+
+
+def tile_kernels_impl() -> Impl:
+    """DeepSeek's tile-kernels (``tile_kernels.mhc``), imported on first use; see the module
+    docstring for how each op is composed from its kernels."""
+    state: dict[str, object] = {}
+
+    def module():
+        if "mod" not in state:
+            try:
+                import tile_kernels.mhc as tkm
+
+                state["mod"] = tkm
+            except Exception as e:  # a missing or broken install is a reason, not a crash
+                state["mod"] = None
+                state["why"] = f"tile_kernels does not import ({type(e).__name__}: {str(e)[:200]})"
+        return state["mod"]
+
+    def reasons(op, device, dtype, n, H, T):
+        if device.type != "cuda" or torch.version.hip:
+            return [f"runs on NVIDIA GPUs only (inputs on {device})"]
+        if module() is None:
+            return [str(state["why"])]
+        out = []
+        if dtype != torch.bfloat16:
+            out.append(f"bf16 only (got {dtype})")
+        if H % 128:
+            out.append(f"H={H} is not a multiple of 128 (mhc_post_fwd's hidden block)")
+        return out
+
+    def alloc(shape, dtype, device, poison):
+        return _nan_empty(shape, dtype, device) if poison else torch.empty(shape, dtype=dtype, device=device)
+
+    def gemm(residual, fn):
+        # The prenorm GEMM that tile-kernels leaves to DeepGEMM: fp32 on the upcast residual,
+        # as one split (n_splits = 1), plus the sum of squares.
+        T, n, H = residual.shape
+        xf = residual.view(T, n * H).float()
+        return (xf @ fn.T).unsqueeze(0), xf.square().sum(-1).unsqueeze(0)
+
+    def pre(residual, fn, hc_scale, hc_base, kw, poison):
+        tk = module()
+        T, n, H = residual.shape
+        mul, sq = gemm(residual, fn)
+        post_mix = alloc((T, n), torch.float32, residual.device, poison)
+        comb_mix = alloc((T, n * n), torch.float32, residual.device, poison)
+        layer_input = alloc((T, H), residual.dtype, residual.device, poison)
+        tk.mhc_pre_big_fuse_fwd(mul, sq, hc_scale, hc_base, residual, post_mix, comb_mix, layer_input,
+                                kw["rms_eps"], kw["hc_pre_eps"], kw["hc_sinkhorn_eps"],
+                                kw["hc_post_mult_value"], kw["sinkhorn_repeat"], n_splits=1)
+        return post_mix.view(T, n, 1), comb_mix.view(T, n, n), layer_input
+
+    def post(x, residual, post_mix, comb_mix, poison):
+        tk = module()
+        T, n, H = residual.shape
+        out = alloc((1, T, n, H), residual.dtype, residual.device, poison)
+        tk.mhc_post_fwd(x.view(1, T, H), residual.view(1, T, n, H), post_mix.view(1, T, n, 1),
+                        comb_mix.view(1, T, n, n), out=out)
+        return out.view(T, n, H)
+
+    def head(residual, fn, hc_scale, hc_base, kw, poison):
+        tk = module()
+        T, n, H = residual.shape
+        mul, sq = gemm(residual, fn)
+        dev = residual.device
+        out_mul, sqrsum = torch.empty(T, 1, n, device=dev), torch.empty(T, 1, device=dev)
+        mixes, weights = torch.empty(T, n, device=dev), torch.empty(T, n, device=dev)
+        tk.mhc_reduce_partials_and_rmsnorm_fwd(mul.view(1, T, 1, n), sq.view(1, T, 1), out_mul, sqrsum, mixes,
+                                               n * H, kw["rms_eps"], 1)
+        tk.mhc_head_compute_mix_fwd(mixes, hc_scale, hc_base, weights, kw["hc_eps"])
+        out = alloc((T, H), residual.dtype, dev, poison)
+        tk.mhc_pre_apply_mix_fwd(residual, weights, out)
+        return out
+
+    def prepare(op, args, kwargs):
+        if op == "pre":
+            return lambda poison=False: pre(*args, kwargs, poison)
+        if op == "head":
+            return lambda poison=False: head(*args, kwargs, poison)
+        if op == "post":
+            return lambda poison=False: (post(*args, poison),)
+
+        def fused(poison=False):
+            new = post(*args[:4], poison)
+            return (new, *pre(new, *args[4:], kwargs, poison))
+
+        return fused
+
+    note = ("tile-kernels 2.x: post = mhc_post_fwd; pre = fp32 cuBLAS GEMM + mhc_pre_big_fuse_fwd; head = GEMM + "
+            "reduce_partials_and_rmsnorm + head_compute_mix + pre_apply_mix; fused = its post then its pre")
+    return Impl("tile-kernels", "peer", reasons, prepare, note)
+
+
+def implementations(names: Sequence[str] | None, compile_backend: str, log) -> list[Impl]:
+    """The implementations to run: ``names`` (backend or peer names), or by default every
+    registered backend except ``torch`` plus every peer. Unknown names raise ``ValueError``."""
+    from mhc import registry
+
+    backends = registry.backend_names()
+    if names is None:
+        log("backend torch: left out by default (it is the eager peer behind the op layer); "
+            "add it with --impls")
+        names = [b for b in backends if b != "torch"] + list(PEERS)
+    out = []
+    for name in names:
+        if name == "eager":
+            out.append(eager_impl())
+        elif name == "compile":
+            out.append(compile_impl(compile_backend))
+        elif name == "tile-kernels":
+            out.append(tile_kernels_impl())
+        elif name in backends:
+            out.append(backend_impl(name))
+        else:
+            raise ValueError(f"unknown implementation {name!r}: backends {', '.join(backends)}; "
+                             f"peers {', '.join(PEERS)}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and the copy bandwidth
+# --------------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _perf_counter_us(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(times)
+
+
+def _events_us(fn, reps: int) -> float:
+    """Median of back-to-back calls timed with CUDA events (no graph, no flush)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def time_warm(fn, device: torch.device, rep_ms: int) -> tuple[float, str]:
+    """Warm µs of ``fn()`` and the timer used: the median of CUDA-graph replays
+    (``do_bench_cudagraph``); if ``fn`` cannot be captured, the median of event-timed calls,
+    with the capture error in the label."""
+    if device.type != "cuda":
+        return _perf_counter_us(fn, 5), "perf_counter"
+    import triton.testing
+
+    with torch.cuda.device(device):
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e3, "cudagraph"
+        except Exception as e:
+            torch.cuda.synchronize(device)
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+            return _events_us(fn, 50), f"events (no graph capture: {why})"
+
+
+def time_cold(fn, device: torch.device, rep_ms: int) -> float:
+    """Cold µs of ``fn()``: ``do_bench``'s median with the L2 flushed before every call."""
+    if device.type != "cuda":
+        return _perf_counter_us(fn, 3)
+    import triton.testing
+
+    with torch.cuda.device(device):
+        return triton.testing.do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, return_mode="median") * 1e3
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_copy_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy_kernel(src, dst, numel, BLOCK: tl.constexpr):
+        # int32 elements, 16 per thread at 8 warps: four 16-byte loads and stores in flight.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+    return copy_kernel
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, rep_ms: int) -> tuple[float, dict[str, str]]:
+    """The device's copy bandwidth in GB/s (bytes read + bytes written over the median time of
+    a ``nbytes`` copy): the better of ``torch.Tensor.copy_`` and a vectorised Triton copy.
+    Returns ``(GB/s, {method: GB/s or why it did not run})``."""
+    numel = nbytes // 4
+    src = torch.randn(numel, device=device).view(torch.int32)
+    dst = torch.empty_like(src)
+    found: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    found["torch copy_"] = 2 * nbytes / (time_cold(lambda: dst.copy_(src), device, rep_ms) * 1e-6) / 1e9
+    if device.type == "cuda":
+        try:
+            kern = _triton_copy_kernel()
+            block = 4096
+            grid = (triton_cdiv(numel, block),)
+
+            def run():
+                kern[grid](src, dst, numel, BLOCK=block, num_warps=8)
+
+            with torch.cuda.device(device):
+                run()
+                torch.cuda.synchronize(device)
+                if not torch.equal(src, dst):
+                    raise RuntimeError("the Triton copy kernel copied wrong bytes")
+            found["triton copy"] = 2 * nbytes / (time_cold(run, device, rep_ms) * 1e-6) / 1e9
+        except Exception as e:
+            notes["triton copy"] = f"did not run ({type(e).__name__}: {str(e)[:120]})"
+    else:
+        notes["triton copy"] = "not run on cpu (a GPU kernel)"
+    notes.update({k: f"{v:.0f} GB/s" for k, v in found.items()})
+    return max(found.values()), notes
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _fmt_row(r: dict) -> str:
+    if r["warm_us"] == "":
+        return (f"{r['op']:15s} {r['impl']:12s} H={r['H']:<5} T={r['T']:<6} !! {r['check']}")
+    flag = "ok" if r["check"] == "ok" else f"!! FAIL {r['check']}"
+    return (f"{r['op']:15s} {r['impl']:12s} H={r['H']:<5} T={r['T']:<6} warm {float(r['warm_us']):9.1f} us "
+            f"cold {float(r['cold_us']):9.1f} us {float(r['warm_GBps']):7.0f} GB/s {float(r['warm_ratio']):6.2f}x "
+            f"floor  {flag}")
+
+
+def run(ops: Sequence[str], impls: list[Impl], Ts: Sequence[int], Hs: Sequence[int], n: int,
+        device: torch.device, dtype: torch.dtype, out_csv: pathlib.Path, rep_ms: int, cold: bool,
+        seed: int, copy_bytes: int, log) -> tuple[list[dict], list[str], list[str]]:
+    """Check and time every (H, T, op, impl); returns ``(rows, failures, skipped)``."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    dev_name = device_name(device)
+    bw, bw_notes = copy_bandwidth(device, copy_bytes, rep_ms=max(rep_ms, 50))
+    log(f"copy bandwidth on {dev_name}: {bw:.0f} GB/s (best of: "
+        + ", ".join(f"{k} {v}" for k, v in bw_notes.items()) + ")")
+    for impl in impls:
+        if impl.note:
+            log(f"{impl.name}: {impl.note}")
+    rows: list[dict] = []
+    failures: list[str] = []
+    skipped: dict[str, None] = {}  # insertion-ordered set of "impl op: reason" lines
+    for H in Hs:
+        for T in Ts:
+            for op in ops:
+                args, kwargs = device_inputs(op, T, n, H, device, seed=seed, dtype=dtype)
+                rows_idx = sample_rows(T, device, seed=seed)
+                refs = reference_rows(op, args, kwargs, rows_idx)
+                fb = floor_bytes(op, T, n, H, act_bytes=torch.finfo(dtype).bits // 8)
+                floor_us = fb / (bw * 1e9) * 1e6
+                for impl in impls:
+                    why = impl.reasons(op, device, dtype, n, H, T)
+                    if why:
+                        line = f"{impl.name} {op}: cannot run: " + "; ".join(why)
+                        if line not in skipped:
+                            skipped[line] = None
+                            log("skip " + line)
+                        continue
+                    row = dict(date=date, device=dev_name, op=op, impl=impl.name, kind=impl.kind, n=n, H=H, T=T,
+                               dtype=str(dtype).replace("torch.", ""), floor_bytes=fb, copy_GBps=f"{bw:.1f}",
+                               floor_us=f"{floor_us:.3f}", warm_us="", cold_us="", warm_GBps="", cold_GBps="",
+                               warm_ratio="", cold_ratio="", check="", max_rel_err="", warm_timer="", note="")
+                    t0 = time.perf_counter()
+                    try:
+                        runner = impl.prepare(op, args, kwargs)
+                        outs = runner(True)
+                        _sync(device)
+                        chk = check_outputs(op, outs, refs, rows_idx, dtype)
+                        del outs
+                    except Exception as e:
+                        chk = Check(False, f"raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                                    math.inf)
+                        runner = None
+                    first_s = time.perf_counter() - t0
+                    row["check"], row["max_rel_err"] = chk.text, f"{chk.max_err:.3e}"
+                    if first_s > 5:
+                        row["note"] = f"first call {first_s:.0f} s (compile)"
+                    if not chk.ok:
+                        failures.append(f"{op} {impl.name} H={H} T={T}: {chk.text}")
+                    if runner is not None:
+                        fn = functools.partial(runner, False)
+                        try:
+                            warm, timer = time_warm(fn, device, rep_ms)
+                            row["warm_us"], row["warm_timer"] = f"{warm:.3f}", timer
+                            row["warm_GBps"] = f"{fb / (warm * 1e-6) / 1e9:.1f}"
+                            row["warm_ratio"] = f"{warm / floor_us:.3f}"
+                            if cold:
+                                c = time_cold(fn, device, rep_ms)
+                                row["cold_us"] = f"{c:.3f}"
+                                row["cold_GBps"] = f"{fb / (c * 1e-6) / 1e9:.1f}"
+                                row["cold_ratio"] = f"{c / floor_us:.3f}"
+                        except Exception as e:
+                            row["note"] = f"timing failed: {type(e).__name__}: {str(e)[:160]}"
+                            failures.append(f"{op} {impl.name} H={H} T={T}: timing failed ({type(e).__name__})")
+                    if row["warm_us"] == "" and chk.ok:
+                        row["check"] = "ok (" + row["note"] + ")"
+                    if row["warm_us"] != "" and not row["cold_us"]:
+                        row["cold_us"] = row["cold_GBps"] = row["cold_ratio"] = "nan"
+                    rows.append(row)
+                    _write_csv(out_csv, rows)
+                    log(_fmt_row(row))
+                del args, kwargs, refs
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows, failures, list(skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# Reports: the markdown table and the plots
+# --------------------------------------------------------------------------------------------
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _impl_order(rows: list[dict]) -> list[str]:
+    seen = list(dict.fromkeys(r["impl"] for r in rows))
+    backends = [i for i in seen if i not in PEERS]
+    return backends + [p for p in PEERS if p in seen]
+
+
+def _num(s) -> float:
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def markdown(rows: list[dict], skipped: Sequence[str] = ()) -> str:
+    """The README table: per op, one row per (H, T), one column per implementation, each cell
+    ``warm µs · achieved GB/s · ratio to floor`` (``!!`` marks a failed check)."""
+    if not rows:
+        return "(no rows)\n"
+    impls = _impl_order(rows)
+    r0 = rows[0]
+    lines = [f"Run of {r0['date']} on **{r0['device']}**, n = {r0['n']}, {r0['dtype']}. Copy bandwidth "
+             f"{float(r0['copy_GBps']):.0f} GB/s (bytes read + written, measured in the same run). Cells: warm "
+             + ("µs (median of CUDA-graph replays)" if r0["warm_timer"] != "perf_counter" else
+                "µs (perf_counter median: a CPU smoke run, not a measurement)")
+             + " · achieved GB/s (floor bytes / time) · × floor. Cold (L2 flushed) numbers are in the CSV.", ""]
+    by = {(r["op"], int(r["H"]), int(r["T"]), r["impl"]): r for r in rows}
+    for op in OPS:
+        keys = sorted({(H, T) for (o, H, T, _) in by if o == op})
+        if not keys:
+            continue
+        lines += [f"**{op}**", "", "| H | T | floor µs | " + " | ".join(impls) + " |",
+                  "|---:|---:|---:|" + "---:|" * len(impls)]
+        for H, T in keys:
+            cells = []
+            for impl in impls:
+                r = by.get((op, H, T, impl))
+                if r is None:
+                    cells.append("—")
+                elif r["warm_us"] in ("", "nan"):
+                    cells.append("!! " + r["check"][:40])
+                else:
+                    bad = "" if r["check"] == "ok" else " !!FAIL"
+                    cells.append(f"{_num(r['warm_us']):.1f} · {_num(r['warm_GBps']):.0f} · "
+                                 f"{_num(r['warm_ratio']):.2f}×{bad}")
+            floor = _num(by[next(k for k in by if k[:3] == (op, H, T))]["floor_us"])
+            lines.append(f"| {H} | {T} | {floor:.1f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if skipped:
+        lines += ["Not run:", ""] + [f"- {s}" for s in skipped] + [""]
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict], prefix: pathlib.Path) -> list[str] | str:
+    """``<prefix>-latency.png`` (warm µs vs T, floor dashed) and ``<prefix>-floor.png``
+    (floor µs / warm µs vs T), one panel per (op, H). Returns the files written, or why none."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        return f"no plots: matplotlib is not available ({type(e).__name__}: {e}); pip install matplotlib"
+    rows = [r for r in rows if _num(r["warm_us"]) == _num(r["warm_us"])]
+    if not rows:
+        return "no plots: no timed rows"
+    impls = _impl_order(rows)
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    Hs = sorted({int(r["H"]) for r in rows})
+    written = []
+    for what in ("latency", "floor"):
+        fig, axes = plt.subplots(len(ops), len(Hs), figsize=(max(7.0, 5.5 * len(Hs)), 3.6 * len(ops)), squeeze=False)
+        for i, op in enumerate(ops):
+            for j, H in enumerate(Hs):
+                ax = axes[i][j]
+                sel = [r for r in rows if r["op"] == op and int(r["H"]) == H]
+                for impl in impls:
+                    pts = sorted((int(r["T"]), _num(r["warm_us"]), _num(r["floor_us"])) for r in sel
+                                 if r["impl"] == impl)
+                    if not pts:
+                        continue
+                    xs = [p[0] for p in pts]
+                    ys = [p[1] if what == "latency" else p[2] / p[1] for p in pts]
+                    ax.plot(xs, ys, marker="o", label=impl)
+                if what == "latency":
+                    fl = sorted({(int(r["T"]), _num(r["floor_us"])) for r in sel})
+                    ax.plot([p[0] for p in fl], [p[1] for p in fl], "k--", label="floor")
+                    ax.set_yscale("log")
+                    ax.set_ylabel("µs (warm)")
+                else:
+                    ax.set_ylim(0, 1.05)
+                    ax.axhline(1.0, color="k", ls="--", lw=0.8)
+                    ax.set_ylabel("fraction of floor")
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("T (tokens)")
+                ax.set_title(f"{op}, H={H}")
+                ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        r0 = rows[0]
+        fig.suptitle(f"mhc {what} — {r0['device']}, {r0['date']}, n={r0['n']}, {r0['dtype']}")
+        fig.tight_layout()
+        path = f"{prefix}-{what}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report(rows: list[dict], prefix: pathlib.Path, skipped: Sequence[str], log) -> None:
+    """Write ``<prefix>.md`` and the plots next to the CSV."""
+    md = markdown(rows, skipped)
+    pathlib.Path(f"{prefix}.md").write_text(md)
+    log(f"wrote {prefix}.md")
+    p = plots(rows, prefix)
+    log(p if isinstance(p, str) else "wrote " + ", ".join(p))
+
+
+def summary(rows: list[dict]) -> str:
+    """A compact table for the end of the log: warm µs and × floor per (op, H, T) and impl."""
+    impls = _impl_order(rows)
+    rows = [{**r, "H": str(r["H"]), "T": str(r["T"])} for r in rows]  # live rows hold ints, CSV rows str
+    by = {(r["op"], r["H"], r["T"], r["impl"]): r for r in rows}
+    keys = list(dict.fromkeys((r["op"], r["H"], r["T"]) for r in rows))
+    head = f"{'op':15s}{'H':>5s}{'T':>6s}{'floor':>8s} " + "".join(f"{i[:18]:>19s}" for i in impls)
+    out = [head]
+    for op, H, T in sorted(keys, key=lambda k: (OPS.index(k[0]), int(k[1]), int(k[2]))):
+        cells = []
+        for i in impls:
+            r = by.get((op, H, T, i))
+            if r is None or r["warm_us"] in ("", "nan"):
+                cells.append(f"{'-' if r is None else '!!':>19s}")
+            else:
+                mark = "" if r["check"] == "ok" else "!"
+                cells.append(f"{_num(r['warm_us']):9.1f}us {_num(r['warm_ratio']):5.2f}x{mark:1s}")
+        fl = _num(next(by[k] for k in by if k[:3] == (op, H, T))["floor_us"])
+        out.append(f"{op:15s}{H:>5s}{T:>6s}{fl:8.1f} " + "".join(cells))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Host overhead (--overhead)
+# --------------------------------------------------------------------------------------------
 
 def _best_us(fn, n: int = 2000, rounds: int = 7) -> float:
     for _ in range(200):
@@ -61,12 +873,106 @@ def overhead() -> dict[str, float]:
     return res
 
 
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def _names(s: str) -> list[str]:
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mhc bench")
-    ap.add_argument("--overhead", action="store_true", help="host overhead per call (CPU)")
+    ap = argparse.ArgumentParser(
+        prog="python -m mhc bench", description="Check and time every mhc op per backend and peer, "
+        "against the bytes-moved floor (see mhc/bench.py's docstring and benchmarks/README.md).")
+    ap.add_argument("--overhead", action="store_true", help="host overhead per call (CPU) and exit")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"T in {QUICK_T}, H in {QUICK_H}, shorter repetitions (under 3 minutes on an H100)")
+    ap.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if visible, else cpu with tiny sizes)")
+    ap.add_argument("--ops", type=_names, default=list(OPS), help="comma list (default: all four)")
+    ap.add_argument("--impls", type=_names, default=None,
+                    help=f"comma list of backends and peers ({', '.join(PEERS)}); default: every backend "
+                         "but torch, and every peer")
+    ap.add_argument("--T", type=_ints, default=None, help=f"comma list of token counts (default {GRID_T})")
+    ap.add_argument("--H", type=_ints, default=None, help=f"comma list of hidden sizes (default {GRID_H})")
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--rep-ms", type=int, default=None, help="timing budget per measurement (default 20, quick 10)")
+    ap.add_argument("--no-cold", action="store_true", help="skip the L2-flushed timings")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the compile peer (default inductor; aot_eager for fast smoke tests)")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
+    ap.add_argument("--prefix", default=None, help="file name prefix (default bench, quick or cpu-quick)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report", metavar="CSV", help="rebuild the markdown table and plots from a CSV and exit")
     args = ap.parse_args(argv)
-    if not args.overhead:
-        ap.error("choose a benchmark: --overhead")
-    for name, us in overhead().items():
-        print(f"{name:45s} {us:7.2f} us")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    if args.overhead:
+        for name, us in overhead().items():
+            print(f"{name:45s} {us:7.2f} us")
+        return 0
+    if args.report:
+        src = pathlib.Path(args.report)
+        rows = read_csv(src)
+        report(rows, src.with_suffix(""), (), log)
+        print(summary(rows))
+        return 0
+
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    small = device.type == "cpu"
+    Ts = args.T or (CPU_T if small else QUICK_T if args.quick else GRID_T)
+    Hs = args.H or (CPU_H if small else QUICK_H if args.quick else GRID_H)
+    rep_ms = args.rep_ms or (10 if args.quick or small else 20)
+    for op in args.ops:
+        if op not in OPS:
+            ap.error(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    prefix_name = args.prefix or ("cpu-quick" if small else "quick" if args.quick else "bench")
+    out_dir = pathlib.Path(args.out or pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = out_dir / prefix_name
+    dtype = getattr(torch, args.dtype)
+    if small:
+        log("cpu: tiny sizes and perf_counter timings, a smoke test of the harness (no CUDA graphs, no L2 flush)")
+    try:
+        impls = implementations(args.impls, args.compile_backend, log)
+    except ValueError as e:
+        ap.error(str(e))
+    import importlib.metadata as md
+
+    def version(d):
+        try:
+            return md.version(d)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    log(f"python {platform.python_version()}, torch {torch.__version__}, " + ", ".join(
+        f"{d} {version(d)}" for d in ("triton", "tilelang", "tile-kernels")))
+    log(f"grid: ops {','.join(args.ops)}; impls {','.join(i.name for i in impls)}; T {Ts}; H {Hs}; n={args.n}; "
+        f"{args.dtype}; rep {rep_ms} ms; out {prefix}.csv")
+    t0 = time.perf_counter()
+    copy_bytes = (1 << 30) if device.type == "cuda" else (1 << 22)
+    rows, failures, skipped = run(args.ops, impls, Ts, Hs, args.n, device, dtype, pathlib.Path(f"{prefix}.csv"),
+                                  rep_ms, not args.no_cold, args.seed, copy_bytes, log)
+    log(f"\n{len(rows)} rows in {time.perf_counter() - t0:.0f} s; wrote {prefix}.csv")
+    report(rows, prefix, skipped, log)
+    if skipped:
+        log("\nnot run:\n  " + "\n  ".join(skipped))
+    log("\n" + summary(rows))
+    if failures:
+        log(f"\n!! {len(failures)} CHECK FAILURES (outputs disagree with the fp64 oracle or a call raised):\n  "
+            + "\n  ".join(failures))
+        return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

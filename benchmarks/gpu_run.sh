@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call: the GPU test suite, then the benchmark, with every log and result under $OUT.
+#   benchmarks/gpu_run.sh [bench args...]      e.g. benchmarks/gpu_run.sh --quick
+# Environment: MHC_TESTS=all (default) | none | a pytest -k expression for tests/test_gpu.py;
+#              MHC_BENCH=1 (default) | 0. Wheels installed by an earlier call under /tmp/site
+#              (../shared/gpu/README.md) are found through PYTHONPATH.
+# Writes at most 7 files (the device call returns 8): device.txt, gpu-tests.log, bench.log and
+# the benchmark's CSV, markdown table and two plots.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+export TILELANG_CACHE_DIR="${TILELANG_CACHE_DIR:-/tmp/tlcache}"
+OUT="${OUT:-/tmp/mhc-out}"
+mkdir -p "$OUT"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  python3 -m mhc info --H 4096 --T 4096; } >"$OUT/device.txt" 2>&1
+tail -n 12 "$OUT/device.txt"
+rc=0
+tests="${MHC_TESTS:-all}"
+if [[ $tests != none ]]; then
+  k=(); [[ $tests != all ]] && k=(-k "$tests")
+  python3 -m pytest -q -m gpu tests/test_gpu.py -rs -p no:cacheprovider "${k[@]}" >"$OUT/gpu-tests.log" 2>&1
+  trc=$?; rc=$((rc | trc))
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu-tests.log" | tail -n 25
+  echo "gpu tests exit $trc"
+fi
+if [[ ${MHC_BENCH:-1} == 1 ]]; then
+  python3 -m mhc bench --out "$OUT" "$@" >"$OUT/bench.log" 2>&1
+  brc=$?; rc=$((rc | brc))
+  grep -E "copy bandwidth|skip |FAIL|CHECK|rows in" "$OUT/bench.log" | head -n 40
+  sed -n '/^op  /,$p' "$OUT/bench.log"
+  echo "bench exit $brc"
+fi
+exit $rc

@@ -1,0 +1,239 @@
+"""The GPU suite (marked ``gpu``): every promise of DESIGN.md's contract checked at real sizes on
+a real GPU. Skipped, with the reason, where no GPU is visible. Nothing here is timed: speed lives
+in the benchmarks (``python -m mhc bench``).
+
+- every backend that can serve x every op against the fp64 oracle (``mhc.checking``) at n = 4,
+  H in {4096, 7168}, T in {0, 1, 7, 64, 513, 4096}; outputs are poisoned with NaN by conftest,
+  inputs are random and never zero;
+- CUDA graphs: capture, then replay on new input values, matches an eager call bitwise;
+- ``torch.compile(fullgraph=True)`` of a small mHC block (pre -> Linear -> post, twice) with the
+  default inductor backend: no graph break (fullgraph raises on one), matches eager;
+- determinism: 100 runs at T = 16384 are bitwise identical;
+- device scoping (2 GPUs): inputs on cuda:1 while cuda:0 is current give correct results on
+  cuda:1 and leave ``torch.cuda.memory_allocated(0)`` unchanged;
+- compute-sanitizer memcheck and racecheck over one call of every Triton kernel.
+
+Inputs come from :func:`mhc.bench.device_inputs` (the distributions of
+``mhc.checking.make_inputs``, drawn on the GPU: make_inputs draws fp64 on the CPU, which takes
+minutes at these sizes). Above 1024 tokens the oracle is evaluated on 1024 sampled token rows
+(every op is row-independent, so those rows are compared exactly) and every output element must
+be finite, which catches unwritten (poisoned) elements anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mhc
+from mhc import bench, checking, registry
+from mhc.validation import mix_dtype
+
+from conftest import DEVICE
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU suite: no CUDA/ROCm GPU is visible here"),
+]
+
+OPS = registry.OPS
+N = 4
+H_VALUES = (4096, 7168)
+T_VALUES = (0, 1, 7, 64, 513, 4096)
+ORACLE_ROWS = 1024
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@functools.lru_cache(maxsize=None)
+def _case(op: str, H: int, T: int):
+    """Inputs on the GPU, the sampled rows and the oracle on them, shared by every backend."""
+    args, kwargs = bench.device_inputs(op, T, N, H, DEVICE, seed=1000 * H + T)
+    rows = bench.sample_rows(T, DEVICE, k=ORACLE_ROWS, seed=T)
+    return args, kwargs, rows, bench.reference_rows(op, args, kwargs, rows)
+
+
+def _assert_correct(op, args, kwargs, outs, rows, refs, backend):
+    res = args[1] if op in ("post", "fused_post_pre") else args[0]
+    for (name, kind), o in zip(checking.OUTPUTS[op], outs):
+        want = res.dtype if kind == "act" else mix_dtype(res.dtype)
+        assert o.dtype == want, f"{backend}.{op}.{name}: dtype {o.dtype}, expected {want}"
+        assert o.device == res.device, f"{backend}.{op}.{name}: on {o.device}, inputs on {res.device}"
+        assert o.shape[0] == res.shape[0], f"{backend}.{op}.{name}: {o.shape[0]} tokens, expected {res.shape[0]}"
+    chk = bench.check_outputs(op, outs, refs, rows, res.dtype)
+    assert chk.ok, f"{backend}.{op} T={res.shape[0]} H={res.shape[-1]}: {chk.text}"
+
+
+def _gpu_backend(backend: str, op: str = "pre", H: int = 4096, T: int = 64, device=None) -> None:
+    why = registry.reasons_for(backend, registry.Problem(op, device or DEVICE, torch.bfloat16, N, H, T))
+    if why:
+        pytest.skip(f"backend {backend} cannot serve {op} at H={H}, T={T}: " + "; ".join(why))
+
+
+@pytest.mark.parametrize("T", T_VALUES)
+@pytest.mark.parametrize("H", H_VALUES)
+@pytest.mark.parametrize("op", OPS)
+def test_matches_fp64_oracle_at_real_sizes(backend, op, H, T):
+    _gpu_backend(backend, op, H, max(T, 1))
+    args, kwargs, rows, refs = _case(op, H, T)
+    outs = checking.call(op, args, kwargs, backend)
+    torch.cuda.synchronize()
+    _assert_correct(op, args, kwargs, outs, rows, refs, backend)
+
+
+@pytest.mark.parametrize("T", (1, 513))
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_graph_replay_matches_eager(backend, op, T):
+    """Capture one call, copy new values into the captured inputs, replay: the outputs equal an
+    eager call on the new values bitwise (and the oracle)."""
+    _gpu_backend(backend, op, 4096, T)
+    static, kwargs = bench.device_inputs(op, T, N, 4096, DEVICE, seed=7)
+    static = tuple(a.clone() for a in static)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, loads) outside the capture
+        for _ in range(2):
+            checking.call(op, static, kwargs, backend)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = checking.call(op, static, kwargs, backend)
+    new, _ = bench.device_inputs(op, T, N, 4096, DEVICE, seed=8)
+    for s, v in zip(static, new):
+        s.copy_(v)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = checking.call(op, new, kwargs, backend)
+    for (name, _), c, e in zip(checking.OUTPUTS[op], captured, eager):
+        assert torch.equal(c, e), f"{backend}.{op}.{name}: graph replay differs from eager"
+    rows = bench.sample_rows(T, DEVICE, k=ORACLE_ROWS)
+    _assert_correct(op, new, kwargs, captured, rows, bench.reference_rows(op, new, kwargs, rows), backend)
+
+
+class _Block(torch.nn.Module):
+    """Two mHC sublayers: ``pre -> Linear -> post``, twice, with one backend."""
+
+    def __init__(self, H: int, backend: str):
+        super().__init__()
+        self.backend = backend
+        self.lin = torch.nn.ModuleList(torch.nn.Linear(H, H, bias=False, device=DEVICE, dtype=torch.bfloat16)
+                                       for _ in range(2))
+        for i in range(2):
+            (_, fn, scale, base), _ = checking.make_inputs("pre", (1,), N, H, torch.bfloat16, DEVICE, seed=50 + i)
+            self.register_buffer(f"fn{i}", fn)
+            self.register_buffer(f"scale{i}", scale)
+            self.register_buffer(f"base{i}", base)
+
+    def forward(self, residual):
+        for i in range(2):
+            post_mix, comb_mix, layer_input = mhc.pre(residual, getattr(self, f"fn{i}"), getattr(self, f"scale{i}"),
+                                                      getattr(self, f"base{i}"), backend=self.backend)
+            residual = mhc.post(self.lin[i](layer_input), residual, post_mix, comb_mix, backend=self.backend)
+        return residual
+
+
+def test_torch_compile_fullgraph_of_an_mhc_block(backend):
+    _gpu_backend(backend, "pre", 4096, 16)
+    torch._dynamo.reset()
+    block = _Block(4096, backend)
+    residual = bench.device_inputs("pre", 16, N, 4096, DEVICE, seed=60)[0][0].view(2, 8, N, 4096)
+    with torch.no_grad():
+        want = block(residual)
+        compiled = torch.compile(block, fullgraph=True)  # the default inductor backend; raises on a break
+        got = compiled(residual)
+        again = compiled(residual)
+    assert got.shape == want.shape == residual.shape and got.dtype == torch.bfloat16
+    err = checking.rel_error(got, want.to("cpu", torch.float64))
+    assert err <= checking.TOLERANCES[torch.bfloat16]["act"], f"compiled block differs from eager: {err:.3e}"
+    assert torch.equal(got, again), "two runs of the compiled block differ"
+
+
+@pytest.mark.parametrize("H", H_VALUES)
+@pytest.mark.parametrize("op", OPS)
+def test_100_runs_at_16384_tokens_are_bitwise_identical(backend, op, H):
+    _gpu_backend(backend, op, H, 16384)
+    args, kwargs = bench.device_inputs(op, 16384, N, H, DEVICE, seed=70)
+    first = checking.call(op, args, kwargs, backend)
+    differing = []
+    for run in range(1, 100):
+        outs = checking.call(op, args, kwargs, backend)
+        for (name, _), a, b in zip(checking.OUTPUTS[op], first, outs):
+            if not torch.equal(a, b):
+                differing.append(f"run {run}: {name}")
+    assert not differing, f"{backend}.{op} H={H} is not deterministic: " + ", ".join(differing[:10])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason=f"device scoping needs 2 GPUs ({torch.cuda.device_count()} visible; "
+                           "run the suite on nvidia-h200-x2)")
+@pytest.mark.parametrize("op", OPS)
+def test_inputs_on_cuda1_while_cuda0_is_current(backend, op):
+    dev1 = torch.device("cuda", 1)
+    _gpu_backend(backend, op, 4096, 64, device=dev1)
+    torch.cuda.set_device(0)
+    args, kwargs = bench.device_inputs(op, 64, N, 4096, dev1, seed=80)
+    torch.cuda.synchronize(0)
+    before = torch.cuda.memory_allocated(0)
+    outs = checking.call(op, args, kwargs, backend)
+    torch.cuda.synchronize(1)
+    torch.cuda.synchronize(0)
+    assert torch.cuda.current_device() == 0
+    assert torch.cuda.memory_allocated(0) == before, f"{backend}.{op} allocated on cuda:0"
+    rows = bench.sample_rows(64, dev1)
+    _assert_correct(op, args, kwargs, outs, rows, bench.reference_rows(op, args, kwargs, rows), backend)
+
+
+_SANITIZED = """
+import torch
+from mhc import checking, registry
+
+# One call of every Triton kernel: each op at DeepSeek-V4's width, T=64 (pre and head run the
+# prenorm GEMM and the mix/collapse kernel, post its kernel, fused_post_pre its fused path).
+for op in registry.OPS:
+    args, kw = checking.make_inputs(op, (64,), 4, 4096, torch.bfloat16, "cuda", seed=90)
+    outs = checking.call(op, args, kw, "triton")
+    torch.cuda.synchronize()
+    for name, err, tol in checking.compare(op, outs, checking.oracle(op, args, kw), torch.bfloat16):
+        assert err <= tol, (op, name, err, tol)
+print("SANITIZED-SCRIPT-OK")
+"""
+
+
+def _compute_sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.path.exists(os.path.join(root, "bin", "compute-sanitizer")):
+            return os.path.join(root, "bin", "compute-sanitizer")
+    return None
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_triton_kernels_are_clean_under_compute_sanitizer(tool, tmp_path):
+    sanitizer = _compute_sanitizer()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+    _gpu_backend("triton")
+    script = tmp_path / "sanitized.py"
+    script.write_text(_SANITIZED)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           # Without the caching allocator every tensor is its own allocation, so memcheck sees
+           # an access past a tensor's end instead of landing inside a pooled block.
+           "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "3", "--print-limit", "20",
+                           sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert "SANITIZED-SCRIPT-OK" in out, f"the script did not finish under {tool}:\n{out[-4000:]}"
+    # memcheck ends with "ERROR SUMMARY: 0 errors", racecheck with "RACECHECK SUMMARY: 0 hazards
+    # displayed (0 errors, 0 warnings)".
+    clean = re.search(r"ERROR SUMMARY: 0 errors|SUMMARY: 0 hazards displayed \(0 errors, 0 warnings\)", out)
+    assert proc.returncode == 0 and clean, f"{tool} found errors:\n{out[-4000:]}"
