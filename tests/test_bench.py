@@ -127,3 +127,33 @@ def test_python_m_mhc_bench_reaches_the_harness(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "cpu-quick.csv").exists() and "post" in proc.stdout
 
+
+
+def test_timing_path_runs_backends_with_the_plain_allocator(tmp_path, capsys, monkeypatch):
+    """Timed calls run unpoisoned: a backend that allocates through ``mhc.backends.empty`` must
+    work there too, after the registry has imported every built-in record (``mhc.backends.torch``
+    among them, whose import once shadowed ``torch`` inside ``mhc.backends``)."""
+    import mhc.backends
+    from mhc import reference
+
+    monkeypatch.setattr(mhc.backends, "_ALLOCATOR", mhc.backends._plain_empty)  # undo conftest's poison
+
+    def post(x, residual, post_mix, comb_mix):
+        out = mhc.backends.empty(residual.shape, residual.dtype, residual.device)
+        return out.copy_(reference.post(x, residual, post_mix, comb_mix))
+
+    fake = type("Plain", (), {"post": staticmethod(post), "pre": None, "head": None, "fused_post_pre": None})
+    registry.register(registry.Backend("plainalloc", None,
+                                       registry.Capabilities(frozenset({"cpu"}), frozenset({torch.bfloat16}),
+                                                             ops=frozenset({"post"})), load=lambda: fake),
+                      replace=True)
+    try:
+        registry.backend_names()  # every built-in record imported
+        rc = bench.main(["--device", "cpu", "--impls", "plainalloc", "--ops", "post", "--T", "2", "--H", "64",
+                         "--out", str(tmp_path), "--prefix", "plain"])
+    finally:
+        registry.unregister("plainalloc")
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    row = _rows(tmp_path / "plain.csv")[0]
+    assert row["check"] == "ok" and float(row["warm_us"]) > 0 and float(row["cold_us"]) > 0
