@@ -2,7 +2,8 @@
 # One device call: the GPU test suite, then the benchmark, with every log and result under $OUT.
 #   benchmarks/gpu_run.sh [bench args...]      e.g. benchmarks/gpu_run.sh --quick
 # Environment: MHC_TESTS=all (default) | none | a pytest -k expression for tests/test_gpu.py;
-#              MHC_BENCH=1 (default) | 0; MHC_WARM_PEERS=0 (default) | 1 (see below). Packages
+#              MHC_BENCH=1 (default) | 0; MHC_WARM_PEERS=0 (default) | 1 (see below);
+#              MHC_GPU_SITE=.gpu-site (default): where site.tar.xz and tlcache are. Packages
 #              under /tmp/site (installed by an earlier call from wheels, ../shared/gpu/README.md,
 #              or unpacked here from .gpu-site) are found through PYTHONPATH.
 # Writes at most 7 files (the device call returns 8): device.txt, gpu-tests.log, bench.log and
@@ -16,11 +17,12 @@ mkdir -p "$OUT"
 # tilelang, z3, tvm-ffi and tile-kernels packed in one archive (.gpu-site/site.tar.xz, carried),
 # and TileLang kernels compiled ahead of time (.gpu-site/tlcache), as the TileLang backend's
 # development loop carries them; unpacked once per machine.
-if [[ -f .gpu-site/site.tar.xz && ! -d /tmp/site/tilelang ]]; then
-  mkdir -p /tmp/site && tar -xJf .gpu-site/site.tar.xz -C /tmp/site
+site="${MHC_GPU_SITE:-.gpu-site}"
+if [[ -f $site/site.tar.xz && ! -d /tmp/site/tilelang ]]; then
+  mkdir -p /tmp/site && tar -xJf "$site/site.tar.xz" -C /tmp/site
 fi
-if [[ -d .gpu-site/tlcache && ! -d $TILELANG_CACHE_DIR ]]; then
-  mkdir -p "$TILELANG_CACHE_DIR" && cp -r .gpu-site/tlcache/. "$TILELANG_CACHE_DIR/"
+if [[ -d $site/tlcache && ! -d $TILELANG_CACHE_DIR ]]; then
+  mkdir -p "$TILELANG_CACHE_DIR" && cp -r "$site/tlcache/." "$TILELANG_CACHE_DIR/"
 fi
 # MHC_WARM_PEERS=1: compile tile-kernels' kernels (one per op and H; T is dynamic in them) in the
 # background while the tests run, so that the benchmark call after this one finds them cached.
@@ -28,7 +30,7 @@ if [[ ${MHC_WARM_PEERS:-0} == 1 ]]; then
   setsid nohup python3 -m mhc bench --impls tile-kernels --T 1 --no-cold --rep-ms 1 --out /tmp/mhc-warm \
     >/tmp/mhc-warm.log 2>&1 < /dev/null &
 fi
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+{ date -u; cat SOURCE.txt 2>/dev/null || git log -1 --format='source: commit %H %s' 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   python3 -m mhc info --H 4096 --T 4096; } >"$OUT/device.txt" 2>&1
 tail -n 12 "$OUT/device.txt"
 rc=0
