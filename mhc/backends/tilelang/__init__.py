@@ -1,0 +1,130 @@
+"""The TileLang backend (``pip install tilelang==0.1.15``): ``pre``, ``post``, ``head``,
+``fused_post_pre`` on NVIDIA GPUs, bf16 residuals, any n in 1..8, any H.
+
+Importing this module imports only torch: ``import tilelang`` rewrites ``os.environ`` and
+``PYTHONPATH`` and imports tvm and z3, so it happens in :func:`_load` on first use.
+
+Kernel cache: compiled kernels live in one process-wide table
+(``mhc.backends.tilelang.launch.KERNELS``, keyed by op, n, H, dtype, launch config and target)
+and in TileLang's disk cache, ``TILELANG_CACHE_DIR``. If the user has not set that variable,
+:func:`cache_dir` sets it before tilelang is imported to ``$XDG_CACHE_HOME/mhc/tilelang`` when
+``XDG_CACHE_HOME`` is set, else ``<tempdir>/mhc-tilelang-<uid>`` — never silently under $HOME
+(TileLang's own default is ``~/.tilelang/cache``).
+
+Layout of this package: ``kernels.py`` (the TileLang programs), ``launch.py`` (configs, cache,
+launchers), ``aot.py`` (ahead-of-time compilation for CI), ``TUNING.md`` (H100 figures).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import torch
+
+from mhc.registry import Backend, Capabilities, Problem
+
+__all__ = ["BACKEND", "TESTED_VERSION", "cache_dir", "find_compiler"]
+
+TESTED_VERSION = "0.1.15"
+#: Lowest compute capability served: the kernels use bf16 MMA (sm_80+); sm_90 gets wgmma.
+MIN_CAPABILITY = (8, 0)
+
+
+def _default_cache_dir() -> str:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return os.path.join(xdg, "mhc", "tilelang")
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return os.path.join(tempfile.gettempdir(), f"mhc-tilelang-{user}")
+
+
+def cache_dir() -> str:
+    """TileLang's disk cache directory; sets ``TILELANG_CACHE_DIR`` if the user did not."""
+    d = os.environ.get("TILELANG_CACHE_DIR")
+    if not d:
+        d = _default_cache_dir()
+        os.environ["TILELANG_CACHE_DIR"] = d
+    return d
+
+
+def find_compiler(hip: bool) -> str | None:
+    """Path of nvcc (CUDA) or hipcc (ROCm) as TileLang would find it, or None."""
+    name = "hipcc" if hip else "nvcc"
+    homes = (("ROCM_PATH", "ROCM_HOME") if hip else ("CUDA_HOME", "CUDA_PATH"))
+    for var in homes:
+        home = os.environ.get(var)
+        if home and os.path.isfile(os.path.join(home, "bin", name)):
+            return os.path.join(home, "bin", name)
+    found = shutil.which(name)
+    if found:
+        return found
+    default = "/opt/rocm/bin/hipcc" if hip else "/usr/local/cuda/bin/nvcc"
+    return default if os.path.isfile(default) else None
+
+
+def _installed_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("tilelang")
+    except Exception:
+        return None
+
+
+def _probe(p: Problem) -> list[str]:
+    why = []
+    if importlib.util.find_spec("tilelang") is None:
+        why.append(f"tilelang is not installed (pip install tilelang=={TESTED_VERSION})")
+    if p.device.type != "cuda":
+        why.append(f"needs a CUDA or ROCm GPU tensor, got a {p.device.type} tensor")
+        return why
+    hip = bool(torch.version.hip)
+    if find_compiler(hip) is None:
+        why.append(f"no {'hipcc' if hip else 'nvcc'} found (set {'ROCM_PATH' if hip else 'CUDA_HOME'}); "
+                   "TileLang compiles its kernels with it")
+    if not hip:
+        try:
+            cap = torch.cuda.get_device_capability(p.device)
+        except Exception as e:  # no driver, bad ordinal
+            why.append(f"cannot query {p.device}: {type(e).__name__}: {e}")
+            return why
+        if cap < MIN_CAPABILITY:
+            why.append(f"needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ "
+                       f"(bf16 tensor cores); {p.device} is sm_{cap[0]}{cap[1]}")
+    return why
+
+
+def _notes() -> list[str]:
+    v = _installed_version()
+    d = os.environ.get("TILELANG_CACHE_DIR")
+    out = [f"kernel cache: {d}" if d else f"kernel cache: {_default_cache_dir()} (TILELANG_CACHE_DIR unset)"]
+    if v and v != TESTED_VERSION:
+        out.append(f"tilelang {v} is installed; the kernels were written and tested for {TESTED_VERSION}")
+    if torch.version.hip:
+        out.append("ROCm: the kernels are untested there (they use no PDL)")
+    return out
+
+
+def _load():
+    cache_dir()  # before tilelang's import reads TILELANG_CACHE_DIR
+    from mhc.backends.tilelang import launch
+
+    return launch
+
+
+BACKEND = Backend(
+    name="tilelang",
+    distribution="tilelang",
+    capabilities=Capabilities(
+        device_types=frozenset({"cuda"}),
+        dtypes=frozenset({torch.bfloat16}),
+        platforms=frozenset({"cuda", "rocm"}),
+    ),
+    load=_load,
+    probe=_probe,
+    notes=_notes,
+    description="TileLang kernels: one-pass post; pre/head/fused_post_pre read the residual once",
+)

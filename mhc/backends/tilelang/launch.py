@@ -1,0 +1,189 @@
+"""Launchers for the TileLang kernels: configs, the compiled-kernel cache, the four ops.
+
+Imported by ``BACKEND.load()`` only (it imports tilelang through :mod:`.kernels`). The four
+functions take flattened, validated, contiguous tensors with T >= 1, exactly as documented in
+``mhc/backends/__init__.py``; they allocate with :func:`mhc.backends.empty` on the residual's
+device and launch under :func:`mhc.backends.device_guard` on the current stream, with no host
+synchronisation (CUDA-graph capturable). The keyword-only ``_cfg`` of the mix launchers is a
+tuning hook (a :class:`~mhc.backends.tilelang.kernels.MixConfig`), not part of the interface.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from mhc.backends import device_guard, empty
+from mhc.backends.tilelang import kernels as K
+
+__all__ = ["KERNELS", "cuda_arch", "post_config", "mix_config", "get_kernel", "target_for", "pre", "post", "head",
+           "fused_post_pre"]
+
+_DTYPES = {torch.bfloat16: "bfloat16"}
+
+
+def post_config(n: int, H: int) -> K.PostConfig:
+    """``post``: 1024 columns per CTA (128 threads x 8 bf16); narrower for small H so that few
+    threads idle. Measured on the H100: see TUNING.md."""
+    bh = 1024
+    while bh > 64 and bh // 2 >= H:
+        bh //= 2
+    return K.PostConfig(BH=bh)
+
+
+def mix_config(mode: str, n: int, H: int, num_sms: int) -> K.MixConfig:
+    """``pre``/``head``/``fused``: 64 tokens x 128 columns per CTA (64 for n > 4, where the tile
+    and the hi/lo weight slice would not fit twice per SM). The number of column slices
+    S = ceil(H / HC) must not exceed the SM count: the S CTAs of a token block wait for each
+    other, so they must be able to be resident together. HC doubles until that holds."""
+    hc = 128 if n <= 4 else 64
+    while -(-H // hc) > num_sms:
+        hc *= 2
+    # fused holds x, n residual streams and the new residual in registers: at 2 CTAs/SM ptxas
+    # spills ~430 B/thread, so it keeps 1 (registers, 253) while pre/head fit 2 (125 registers).
+    return K.MixConfig(BM=64, HC=hc, threads=256, min_blocks=1 if mode == "fused" else 2)
+
+
+class _KernelCache:
+    """Every compiled kernel of this process, keyed ``(op, n, H, dtype, config, target)``.
+
+    One place, one lock: compiled on first use (or loaded from TileLang's disk cache under
+    ``TILELANG_CACHE_DIR``, which ``aot.py`` fills ahead of time).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.kernels: dict[tuple, object] = {}
+        self.num_sms: dict[torch.device, int] = {}
+        self.targets: dict[torch.device, dict] = {}
+
+    def get(self, key: tuple, target: dict, build):
+        k = self.kernels.get(key)
+        if k is None:
+            with self.lock:
+                k = self.kernels.get(key)
+                if k is None:
+                    k = K.compile_kernel(build(), target)
+                    self.kernels[key] = k
+        return k
+
+
+KERNELS = _KernelCache()
+
+
+def cuda_arch(major: int, minor: int) -> str:
+    """TileLang's arch token: ``sm_90a`` on Hopper (and ``sm_100a`` ... after it). The ``a``
+    matters: TileLang emits wgmma for any 9.x target, and a plain ``sm_90`` build of that code
+    traps at run time ("wgmma.fence without CUTE_ARCH_MMA_SM90A_ENABLED")."""
+    return f"sm_{major}{minor}" + ("a" if major >= 9 else "")
+
+
+def target_for(device: torch.device) -> dict:
+    """The TileLang target for a device: ``{"kind": "cuda", "arch": "sm_90a"}`` on an H100,
+    ``{"kind": "hip", ...}`` on ROCm (where no kernel here uses PDL)."""
+    t = KERNELS.targets.get(device)
+    if t is None:
+        props = torch.cuda.get_device_properties(device)
+        if torch.version.hip:
+            t = {"kind": "hip", "mcpu": props.gcnArchName.split(":")[0]}
+        else:
+            t = {"kind": "cuda", "arch": cuda_arch(props.major, props.minor)}
+        KERNELS.targets[device] = t
+        KERNELS.num_sms[device] = props.multi_processor_count
+    return t
+
+
+def _target_key(target: dict) -> tuple:
+    return tuple(sorted(target.items()))
+
+
+def get_kernel(op: str, n: int, H: int, dtype: str, target: dict, num_sms: int, cfg=None):
+    """The compiled kernel for ``op`` in post/pre/head/fused and its config (``cfg`` overrides
+    the heuristic: benchmarks/tilelang_dev.py sweeps with it)."""
+    if op == "post":
+        cfg = cfg or post_config(n, H)
+        build = lambda: K.build_post(n, H, cfg, dtype)  # noqa: E731
+    else:
+        cfg = cfg or mix_config(op, n, H, num_sms)
+        build = lambda: K.build_mix(op, n, H, cfg, dtype)  # noqa: E731
+    return KERNELS.get((op, n, H, dtype, cfg, _target_key(target)), target, build), cfg
+
+
+def _setup(residual: torch.Tensor):
+    dev = residual.device
+    target = target_for(dev)
+    return dev, target, KERNELS.num_sms[dev], _DTYPES[residual.dtype]
+
+
+def _workspace(mode: str, n: int, T: int, cfg: K.MixConfig, device: torch.device):
+    """Zeroed accumulator (NB, BM, MP) fp32 and arrival counters (NB,) int32, one memset."""
+    m = K.mix_width(mode, n)
+    mp = -(-(m + 1) // 4) * 4
+    nb = -(-T // cfg.BM)
+    ws = torch.zeros(nb * cfg.BM * mp + nb, dtype=torch.int32, device=device)
+    acc = ws[: nb * cfg.BM * mp].view(torch.float32).view(nb, cfg.BM, mp)
+    flags = ws[nb * cfg.BM * mp :]
+    return acc, flags
+
+
+def post(x, residual, post_mix, comb_mix):
+    """``x`` (T, H), ``residual`` (T, n, H) bf16; ``post_mix`` (T, n, 1), ``comb_mix`` (T, n, n)
+    fp32. Returns the new residual (T, n, H) bf16."""
+    T, n, H = residual.shape
+    dev, target, sms, dt = _setup(residual)
+    kern, _ = get_kernel("post", n, H, dt, target, sms)
+    out = empty((T, n, H), residual.dtype, dev)
+    with device_guard(dev):
+        kern(x, residual, post_mix, comb_mix, out)
+    return out
+
+
+def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+        sinkhorn_repeat, *, _cfg=None):
+    """``residual`` (T, n, H) bf16, ``fn`` (2n+n*n, n*H), ``hc_scale`` (3,), ``hc_base`` (2n+n*n,)
+    fp32. Returns ``post_mix`` (T, n, 1), ``comb_mix`` (T, n, n) fp32, ``layer_input`` (T, H)."""
+    T, n, H = residual.shape
+    dev, target, sms, dt = _setup(residual)
+    kern, cfg = get_kernel("pre", n, H, dt, target, sms, _cfg)
+    post_mix = empty((T, n, 1), torch.float32, dev)
+    comb_mix = empty((T, n, n), torch.float32, dev)
+    layer_input = empty((T, H), residual.dtype, dev)
+    acc, flags = _workspace("pre", n, T, cfg, dev)
+    with device_guard(dev):
+        kern(residual, fn, hc_scale, hc_base, post_mix, comb_mix, layer_input, acc, flags,
+             float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
+             int(sinkhorn_repeat))
+    return post_mix, comb_mix, layer_input
+
+
+def head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps, *, _cfg=None):
+    """``residual`` (T, n, H) bf16, ``fn`` (n, n*H), ``hc_scale`` (1,), ``hc_base`` (n,) fp32.
+    Returns (T, H) bf16."""
+    T, n, H = residual.shape
+    dev, target, sms, dt = _setup(residual)
+    kern, cfg = get_kernel("head", n, H, dt, target, sms, _cfg)
+    out = empty((T, H), residual.dtype, dev)
+    acc, flags = _workspace("head", n, T, cfg, dev)
+    with device_guard(dev):
+        kern(residual, fn, hc_scale, hc_base, out, acc, flags, float(rms_eps), float(hc_eps))
+    return out
+
+
+def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
+                   hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, *, _cfg=None):
+    """``post`` then ``pre`` in one kernel; the new residual is written once, never re-read.
+    Returns ``(new_residual (T, n, H), post_mix (T, n, 1), comb_mix (T, n, n), layer_input (T, H))``."""
+    T, n, H = residual.shape
+    dev, target, sms, dt = _setup(residual)
+    kern, cfg = get_kernel("fused", n, H, dt, target, sms, _cfg)
+    new = empty((T, n, H), residual.dtype, dev)
+    pm = empty((T, n, 1), torch.float32, dev)
+    cm = empty((T, n, n), torch.float32, dev)
+    li = empty((T, H), residual.dtype, dev)
+    acc, flags = _workspace("fused", n, T, cfg, dev)
+    with device_guard(dev):
+        kern(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, new, pm, cm, li, acc, flags,
+             float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
+             int(sinkhorn_repeat))
+    return new, pm, cm, li
