@@ -1,17 +1,23 @@
 """Triton backend: correctness at real sizes, copy bandwidth, timings and a config sweep (one GPU call).
 
-``python benchmarks/triton_dev.py [--quick] [--no-sweep] [--no-compile]`` on a CUDA machine.
-Prints, per op/H/T: the error against the fp64 reference (outputs poisoned with NaN first), the
-Triton time (CUDA-graph replays, median), GB/s, the ratio to the floor (bytes that must move /
-measured copy bandwidth), and eager / torch.compile of ``mhc.reference`` for comparison. Small
-T timings are L2-warm (inputs fit in L2), as in the peers' figures. The sweep times other launch
-configs of ``pre``; the chosen table lives in ``mhc/backends/triton/launch.py`` and the figures
-in ``mhc/backends/triton/TUNING.md``.
+``python benchmarks/triton_dev.py [--quick] [--no-sweep] [--no-compile] [--no-old] [--jobs N]``
+on a CUDA machine. Prints, per op/H/T: the error against the fp64 reference (outputs poisoned
+with NaN first), the Triton time (CUDA-graph replays, median), GB/s, the ratio to the floor (bytes
+that must move / measured copy bandwidth), the single-launch design's time ("old",
+``launch._SINGLE_LAUNCH_TABLE``) and eager / torch.compile of ``mhc.reference`` for comparison.
+Small T timings are L2-warm (inputs fit in L2), as in the peers' figures. The sweep times other
+launch configs of ``pre``; ``--diag`` times the chunked path's launch schedules (phase A alone,
+phase B alone after all of A, A/B alternating, the overlapped default) to show whether phase B's
+re-read comes from L2. Kernels are compiled first by ``--jobs`` processes in parallel (Triton's
+cache is shared). The chosen table lives in ``mhc/backends/triton/launch.py`` and the figures in
+``mhc/backends/triton/TUNING.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import sys
 import time
 
@@ -107,40 +113,129 @@ def _nan_empty(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-SWEEP = {  # T -> candidate rows of launch._TABLE for pre
-    1: [(16, 16, 64, 128, 2048, True, 4, 1, 256, 1), (16, 16, 64, 128, 1024, True, 4, 1, 256, 1),
-        (16, 16, 64, 128, 2048, True, 8, 1, 256, 1), (16, 16, 32, 128, 2048, True, 4, 1, 256, 1)],
-    64: [(128, 16, 64, 32, 128, False, 4, 1, 512, 2), (128, 16, 64, 32, 2048, True, 8, 1, 512, 2),
-         (128, 16, 64, 64, 128, False, 4, 1, 512, 2), (128, 16, 64, 32, 256, False, 8, 1, 512, 2)],
-    512: [(1024, 16, 64, 16, 128, False, 4, 1, 1024, 4), (1024, 16, 64, 8, 128, False, 4, 1, 1024, 4),
-          (1024, 16, 128, 8, 128, False, 4, 1, 1024, 4), (1024, 16, 64, 16, 256, False, 8, 1, 1024, 4)],
-    4096: [(None, 64, 64, 4, 64, False, 8, 2, 1024, 4), (None, 64, 64, 8, 64, False, 8, 2, 1024, 4),
-           (None, 32, 64, 4, 64, False, 4, 2, 1024, 4), (None, 16, 64, 4, 128, False, 4, 1, 1024, 4),
-           (None, 16, 64, 8, 128, False, 4, 1, 1024, 4), (None, 64, 128, 4, 64, False, 8, 2, 1024, 4),
-           (None, 32, 64, 8, 128, False, 8, 2, 1024, 4)],
+def _row(**kw):
+    base = dict(rowwise=False, num_warps=4, num_stages=1, post_block_h=1024, post_warps=4)
+    return dict(base, **kw)
+
+
+def _c(mib, bm, bh, sp, bmb, bc, cs, w=4, st=2):
+    return _row(chunk_mib=mib, block_m=bm, block_h=bh, splits=sp, block_m_b=bmb, block_c=bc, c_steps=cs,
+                num_warps=w, num_stages=st)
+
+
+OLD = L._SINGLE_LAUNCH_TABLE
+SWEEP = {  # (op, T) -> candidate rows (Config fields); chunked where chunk_mib is set
+    ("pre", 512): [_c(64, 16, 64, 16, 16, 128, 2), _c(64, 16, 64, 8, 8, 256, 1), _c(64, 16, 64, 16, 4, 256, 1, st=1)],
+    ("pre", 4096): [_c(32, 64, 64, 16, 16, 128, 4), _c(48, 64, 64, 16, 16, 128, 4), _c(64, 64, 64, 16, 16, 128, 4),
+                    _c(96, 64, 64, 16, 16, 128, 4), _c(32, 64, 64, 16, 8, 256, 2), _c(32, 64, 64, 32, 16, 128, 4),
+                    _c(32, 64, 64, 16, 4, 256, 1), _c(32, 64, 32, 16, 16, 128, 4), _c(32, 64, 32, 16, 16, 128, 4, st=3),
+                    _c(32, 64, 32, 16, 16, 128, 4, w=8)],
+    ("head", 4096): [_c(32, 64, 64, 16, 16, 128, 4), _c(64, 64, 64, 16, 16, 128, 4)],
+    ("pre", 16384): [_c(32, 64, 64, 16, 16, 128, 4), _c(64, 64, 64, 16, 16, 128, 4)],
+    ("head", 16384): [_c(32, 64, 64, 16, 16, 128, 4), _c(64, 64, 64, 16, 16, 128, 4)],
+    ("fused_post_pre", 4096): [_c(32, 64, 64, 16, 16, 128, 4, w=8), _c(32, 64, 64, 8, 16, 128, 4, w=8),
+                               _c(64, 64, 64, 16, 16, 128, 4, w=8)],
 }
 
 
+def sweep_jobs(Hs):
+    """(op, H, T, row) of the sweep."""
+    return [(op, H, T, row) for H in Hs for (op, T), rows in SWEEP.items() for row in rows]
+
+
 def sweep(dev, bw, Hs):
-    print("\n# pre config sweep (row of launch._TABLE: bm, bh, splits, bc, rowwise, warps, stages)")
+    print("\n# config sweep (chunk_mib, block_m, block_h, splits, block_m_b, block_c, c_steps, warps, stages)")
     saved = L._TABLE
     try:
-        for H in Hs:
-            for T, rows in SWEEP.items():
-                d = make(T, H, dev)
-                for row in rows:
-                    L._TABLE = (row,)
-                    try:
-                        f = calls(d, L)["pre"]
-                        err = max(errors("pre", d, f()))
-                        us = bench(f)
-                        ratio = us / (floor_bytes("pre", T, H) / bw / 1e3)
-                        print(f"sweep pre H={H} T={T:<6} {row[1:8]}  {us:8.1f} us  {ratio:5.2f}x floor  err {err:.1e}",
-                              flush=True)
-                    except Exception as e:
-                        print(f"sweep pre H={H} T={T:<6} {row[1:8]}  FAILED {type(e).__name__}: {e}", flush=True)
+        data = {}
+        for op, H, T, row in sweep_jobs(Hs):
+            if (H, T) not in data:
+                data = {(H, T): make(T, H, dev)}
+            d = data[(H, T)]
+            L._TABLE = ((None, row, None),)
+            desc = tuple(row.get(k) for k in ("chunk_mib", "block_m", "block_h", "splits", "block_m_b",
+                                               "block_c", "c_steps", "num_warps", "num_stages"))
+            try:
+                f = calls(d, L)[op]
+                err = max(errors(op, d, f()))
+                us = bench(f)
+                ratio = us / (floor_bytes(op, T, H) / bw / 1e3)
+                print(f"sweep {op} H={H} T={T:<6} {desc} chunk={L.configs(N, H, T, op).chunk:<5} {us:8.1f} us"
+                      f"  {ratio:5.2f}x floor  err {err:.1e}", flush=True)
+            except Exception as e:
+                print(f"sweep {op} H={H} T={T:<6} {desc}  FAILED {type(e).__name__}: {e}", flush=True)
     finally:
         L._TABLE = saved
+
+
+def diag(dev, bw, H, T):
+    """Launch schedules of the chunked pre at (H, T): is phase B's re-read served by L2?"""
+    cfg = L.configs(N, H, T)
+    if not cfg.chunk:
+        return
+    d = make(T, H, dev)
+    n_ch = triton.cdiv(T, cfg.chunk)
+    spec = L.mix_specialization("pre", N, torch.bfloat16, cfg)
+    e = tuple(EPS.values())
+    scal = (e[0], e[1], e[2], e[3], int(e[4]))
+    out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
+    pm = torch.empty(T, N, 1, device=dev)
+    cm = torch.empty(T, N, N, device=dev)
+    r = d["residual"]
+
+    def run(sched):
+        return lambda: L._chunked(cfg, spec, r, r, r, r, r, d["fn"], d["scale"], d["base"], pm, cm, out, T, H,
+                                  scal, schedule=sched)
+
+    res_b = T * N * H * 2
+    scheds = {
+        "A only (all chunks)": [(c, -1) for c in range(n_ch)],
+        "B only (after all A)": [(-1, c) for c in range(n_ch)],
+        "A,B alternating": [x for c in range(n_ch) for x in ((c, -1), (-1, c))],
+        "overlapped (default)": None,
+    }
+    print(f"\n# diag pre H={H} T={T} chunk={cfg.chunk} ({n_ch} chunks); residual {res_b / 1e6:.0f} MB")
+    for name, sc in scheds.items():
+        us = bench(run(sc))
+        print(f"diag {name:<22} {us:8.1f} us  residual-read rate {res_b / us / 1e3:6.0f} GB/s", flush=True)
+    # B alone on one chunk right after A of that chunk (L2-warm) vs cold: per-chunk times.
+    one_a, one_b = run([(0, -1)]), run([(-1, 0)])
+    ab = bench(lambda: (one_a(), one_b()))
+    a1 = bench(one_a)
+    print(f"diag one chunk: A {a1:.1f} us, A then B {ab:.1f} us -> B {ab - a1:.1f} us "
+          f"(B reads {cfg.chunk * N * H * 2 / 1e6:.1f} MB, writes {cfg.chunk * H * 2 / 1e6:.1f} MB)", flush=True)
+
+
+def _table(key):
+    """A hashable name for a table -> the table: "new", "old", or a sweep row's sorted items."""
+    if key == "new":
+        return L._TABLE
+    if key == "old":
+        return OLD
+    return ((None, dict(key), None),)
+
+
+def _warm(job):
+    """Compile one (table, op, H, T) in a worker: fills Triton's on-disk cache for the main process."""
+    key, op, H, T = job
+    try:
+        L._TABLE = _table(key)
+        d = make(T, H, torch.device("cuda"))
+        calls(d, L)[op]()
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # the main process reports it again when it runs the same config
+        return f"{op} H={H} T={T}: {type(e).__name__}: {str(e)[:200]}"
+
+
+def warm_all(jobs, n):
+    """``jobs``: (table key, op, H, T). T is replaced by a small T of the same bucket and the same
+    integer specialisation (a multiple of 16 stays one), which compiles the same kernel."""
+    t0 = time.time()
+    uniq = list(dict.fromkeys((k, op, H, T if T <= 1024 else 2048) for k, op, H, T in jobs))
+    with mp.get_context("spawn").Pool(n) as pool:
+        fails = [f for f in pool.imap_unordered(_warm, uniq) if f]
+    print(f"warm-up: {len(uniq)} calls in {time.time() - t0:.0f}s on {n} processes; failures: {fails}", flush=True)
 
 
 def main():
@@ -148,16 +243,30 @@ def main():
     ap.add_argument("--quick", action="store_true", help="H=4096 and T in {1, 512, 4096} only")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-old", action="store_true", help="skip the single-launch baseline")
+    ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--diag", action="store_true")
+    ap.add_argument("--jobs", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--compile-T", type=int, nargs="*", default=[1, 4096])
+    ap.add_argument("--T", type=int, nargs="*", help="token counts (default: 1 8 64 512 4096 16384)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    Hs = (4096,) if args.quick else (4096, 7168)
+    Ts = args.T or ((1, 512, 4096) if args.quick else (1, 8, 64, 512, 4096, 16384))
+    ops = ("pre", "post", "head", "fused_post_pre")
+    jobs = [("new", op, H, T) for H in Hs for T in Ts for op in ops]
+    if not args.no_old:
+        jobs += [("old", op, H, T) for H in Hs for T in Ts for op in ops if op != "post"]
+    if not args.no_sweep:
+        jobs += [(tuple(sorted(row.items())), op, H, T) for op, H, T, row in sweep_jobs(Hs)]
+    if args.jobs > 1:
+        warm_all(jobs, args.jobs)
     bw = copy_bandwidth(dev)
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
-    Hs = (4096,) if args.quick else (4096, 7168)
-    Ts = (1, 512, 4096) if args.quick else (1, 8, 64, 512, 4096, 16384)
     rows = []
     bad = 0
+    tol = {"pre": [1e-3, 1e-3, 1e-2], "post": [1e-2], "head": [1e-2], "fused_post_pre": [1e-2, 1e-3, 1e-3, 1e-2]}
     for H in Hs:
         for T in Ts:
             d = make(T, H, dev, seed=T + H)
@@ -167,30 +276,40 @@ def main():
                     errs = errors(op, d, f())
                 finally:
                     backends._ALLOCATOR = backends._plain_empty
-                tol = {"pre": [1e-3, 1e-3, 1e-2], "post": [1e-2], "head": [1e-2],
-                       "fused_post_pre": [1e-2, 1e-3, 1e-3, 1e-2]}[op]
-                ok = all(e == e and e < t for e, t in zip(errs, tol))
+                ok = all(e == e and e < t for e, t in zip(errs, tol[op]))
                 bad += not ok
                 fb = floor_bytes(op, T, H)
                 floor_us = fb / bw / 1e3
                 us = bench(f)
-                ref_us = bench(calls(d, R)[op])
+                old_us = float("nan")
+                if not args.no_old and op != "post":
+                    saved, L._TABLE = L._TABLE, OLD
+                    try:
+                        old_us = bench(calls(d, L)[op])
+                    finally:
+                        L._TABLE = saved
+                ref_us = float("nan") if args.no_eager else bench(calls(d, R)[op])
                 comp_us = float("nan")
                 if not args.no_compile and T in args.compile_T:
                     cf = torch.compile(getattr(R, op), dynamic=False)
                     cd = calls(d, type("C", (), {op: staticmethod(cf)}))[op]
                     cd()
                     comp_us = bench(cd)
-                rows.append((op, H, T, us, fb / us / 1e3, us / floor_us, floor_us, ref_us, comp_us, errs, ok))
+                rows.append((op, H, T, us, fb / us / 1e3, us / floor_us, floor_us, old_us, ref_us, comp_us))
                 print(f"{op:<15} H={H:<5} T={T:<6} {us:9.1f} us {fb / us / 1e3:7.0f} GB/s {us / floor_us:6.2f}x floor"
-                      f" (floor {floor_us:7.1f} us)  eager {ref_us:9.1f}  compile {comp_us:9.1f}  "
-                      f"err {' '.join(f'{e:.1e}' for e in errs)} {'ok' if ok else 'FAIL'}", flush=True)
+                      f" (floor {floor_us:7.1f} us)  old {old_us:8.1f} ({old_us / floor_us:5.2f}x)  eager {ref_us:9.1f}"
+                      f"  compile {comp_us:9.1f}  err {' '.join(f'{e:.1e}' for e in errs)} {'ok' if ok else 'FAIL'}",
+                      flush=True)
+    if args.diag:
+        for H in Hs:
+            diag(dev, bw, H, 4096)
     if not args.no_sweep:
-        sweep(dev, bw, (4096,) if args.quick else (4096, 7168))
-    print("\n| op | H | T | triton us | GB/s | x floor | eager us | compile us |")
-    print("|---|---|---|---|---|---|---|---|")
-    for op, H, T, us, gbs, ratio, _, ref_us, comp_us, _, _ in rows:
-        print(f"| {op} | {H} | {T} | {us:.1f} | {gbs:.0f} | {ratio:.2f} | {ref_us:.1f} | {comp_us:.1f} |")
+        sweep(dev, bw, Hs)
+    print("\n| op | H | T | triton us | GB/s | x floor | old us | old x floor | eager us | compile us |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for op, H, T, us, gbs, ratio, floor_us, old_us, ref_us, comp_us in rows:
+        print(f"| {op} | {H} | {T} | {us:.1f} | {gbs:.0f} | {ratio:.2f} | {old_us:.1f} | {old_us / floor_us:.2f} |"
+              f" {ref_us:.1f} | {comp_us:.1f} |")
     print(f"\ncorrectness failures: {bad}")
     return 1 if bad else 0
 

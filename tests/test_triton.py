@@ -64,8 +64,9 @@ def d64(t):
     return {k: v.double() for k, v in t.items()}
 
 
-# (T, n, H): T=1/5 take the short-block row-wise collapse, 40 the small-T bucket with a partial
-# block, 300 the mid bucket; H not a multiple of the tiles, n from 1 to 8.
+# (T, n, H): T=1/2 take the single-launch kernel with the short-block row-wise collapse, 5/40/3
+# the chunked kernel's small-T bucket (one chunk, partial blocks), 300 the single-launch mid
+# bucket; H not a multiple of the tiles, n from 1 to 8.
 SHAPES = [(1, 4, 64), (5, 3, 100), (40, 4, 72), (300, 2, 48), (2, 8, 40), (3, 1, 33)]
 
 
@@ -105,10 +106,42 @@ def test_sinkhorn_repeat_is_runtime(L, repeat):
     assert rel(cm, rcm) < TOL_MIX
 
 
-def test_counters_left_zero_and_calls_repeat(L):
+# A test-only chunked row: chunk_mib 0.01 gives 32-token chunks at n=4, H=40 (320 B a token),
+# 3 GEMM splits of 16 hidden elements, phase B in blocks of 8 tokens and 2 hidden chunks of 2x16.
+_SMALL_CHUNKS = dict(chunk_mib=0.01, block_m=16, block_h=16, splits=3, block_m_b=8, block_c=16, c_steps=2,
+                     rowwise=False, num_warps=4, num_stages=1, post_block_h=64, post_warps=1)
+
+
+@pytest.mark.parametrize("T", [33, 70])
+def test_chunked_across_chunk_boundaries(L, monkeypatch, T):
+    """Several chunks, T not a multiple of the chunk or of the blocks: phase A of chunk c beside
+    phase B of chunk c-1 in one launch must not mix their tokens."""
+    from mhc.backends.triton import launch
+
+    monkeypatch.setattr(launch, "_TABLE", ((None, _SMALL_CHUNKS, None),))
+    cfg = launch.configs(4, 40, T)
+    assert cfg.chunk == 32 and cfg.splits == 3 and T > cfg.chunk
+    t = make(T, 4, 40, torch.bfloat16, seed=T)
+    r = d64(t)
+    pm, cm, li = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, 4)
+    rpm, rcm, rli = R.pre(r["residual"], r["fn"], r["scale"], r["base"], *EPS, 4)
+    assert rel(pm, rpm) < TOL_MIX and rel(cm, rcm) < TOL_MIX and rel(li, rli) < TOL_ACT
+    new, pm2, cm2, li2 = L.fused_post_pre(t["x"], t["residual"], t["pm"], t["cm"], t["fn"], t["scale"],
+                                          t["base"], *EPS, 4)
+    assert rel(new, R.post(r["x"], r["residual"], r["pm"], r["cm"])) < TOL_ACT
+    rpm2, rcm2, rli2 = R.pre(new.double(), r["fn"], r["scale"], r["base"], *EPS, 4)
+    assert rel(pm2, rpm2) < TOL_MIX and rel(cm2, rcm2) < TOL_MIX and rel(li2, rli2) < TOL_ACT
+    h = make(T, 4, 40, torch.float16, seed=T + 1, head=True)
+    rh = d64(h)
+    y = L.head(h["residual"], h["fn"], h["scale"], h["base"], 1e-6, 1e-6)
+    assert rel(y, R.head(rh["residual"], rh["fn"], rh["scale"], rh["base"], 1e-6, 1e-6)) < TOL_ACT
+
+
+def test_counters_left_zero_and_calls_repeat(L, monkeypatch):
     """The arrival counters must be zero after a launch (the next call relies on it)."""
     from mhc.backends.triton import launch
 
+    monkeypatch.setattr(launch, "_TABLE", launch._SINGLE_LAUNCH_TABLE)  # the kernel with counters
     t = make(20, 4, 64, torch.bfloat16, seed=3)
     first = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, 2)
     second = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, 2)
@@ -122,14 +155,19 @@ def test_configs_depend_on_bucket_not_T():
     """What gets compiled (the constexprs) is fixed within a T bucket, so T does not recompile."""
     from mhc.backends.triton import launch
 
-    for H in (4096, 7168, 1000):
-        for lo, hi in ((1, 16), (17, 128), (129, 1024), (1025, 70000)):
-            specs = {tuple(sorted(launch.mix_specialization("pre", 4, torch.bfloat16,
-                                                            launch.configs(4, H, T)).items()))
-                     for T in (lo, hi)}
-            assert len(specs) == 1, (H, lo, hi)
-            cfg = launch.configs(4, H, lo)
-            assert cfg.splits * cfg.h_per_split >= H > (cfg.splits - 1) * cfg.h_per_split
+    bounds = [row[0] for row in launch._TABLE]
+    buckets = list(zip([1] + [b + 1 for b in bounds[:-1]], bounds[:-1] + [70000]))
+    for op in ("pre", "head", "fused_post_pre"):
+        for H in (4096, 7168, 1000):
+            for lo, hi in buckets:
+                specs = {tuple(sorted(launch.mix_specialization(op, 4, torch.bfloat16,
+                                                                launch.configs(4, H, T, op)).items()))
+                         for T in (lo, hi)}
+                assert len(specs) == 1, (op, H, lo, hi)
+                cfg = launch.configs(4, H, lo, op)
+                assert cfg.splits * cfg.h_per_split >= H > (cfg.splits - 1) * cfg.h_per_split
+                if cfg.chunk:
+                    assert cfg.chunk % cfg.block_m == 0 and cfg.chunk % cfg.block_m_b == 0
 
 
 def test_probe_reasons_on_cpu(monkeypatch):

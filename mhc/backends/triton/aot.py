@@ -1,7 +1,7 @@
 """Ahead-of-time builds of every kernel configuration that n=4, H in {4096, 7168} uses, with no GPU.
 
-``main(["sm90", "gfx942", "gfx950"])`` compiles ``mix_kernel`` (pre, head, fused_post_pre) and
-``post_kernel`` for every T bucket of :func:`mhc.backends.triton.launch.configs`, bf16,
+``main(["sm90", "gfx942", "gfx950"])`` compiles ``mix_kernel`` or ``chunk_kernel`` (whichever the
+bucket's config uses; pre, head, fused_post_pre) and ``post_kernel`` for every T bucket of :func:`mhc.backends.triton.launch.configs`, bf16,
 for each arch; prints registers and spills per kernel (CUDA: from ``cuobjdump
 --dump-resource-usage`` on the cubin, as Triton's metadata fills them only when loading on a GPU;
 AMD: the VGPR/SGPR and spill counts that the AMDGCN assembly carries) and returns non-zero if any
@@ -51,6 +51,7 @@ def _mix_signature(op: str, dtype: torch.dtype) -> dict[str, str]:
         "fn_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
         "part_ptr": "*fp32", "mix_ptr": "*fp32", "cnt_ptr": "*i32",
         "T": "i32", "H": "i32", "n_splits": "i32", "sk_repeat": "i32",
+        "c_a": "i32", "c_b": "i32", "n_b": "i32",
         "rms_eps": "fp32", "pre_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32",
     }
     return types
@@ -72,12 +73,14 @@ def _jobs():
             cfg = launch.configs(4, H, T)
             for dtype in DTYPES:
                 for op in MIX_OPS:
-                    spec = launch.mix_specialization(op, 4, dtype, cfg)
-                    key = ("mix", op, _TYPE[dtype], tuple(sorted(spec.items())), cfg.num_warps, cfg.num_stages)
+                    mcfg = launch.configs(4, H, T, op)
+                    spec = launch.mix_specialization(op, 4, dtype, mcfg)
+                    kname = "chunk_kernel" if mcfg.chunk else "mix_kernel"
+                    key = (kname, op, _TYPE[dtype], tuple(sorted(spec.items())), mcfg.num_warps, mcfg.num_stages)
                     if key not in seen:
                         seen.add(key)
-                        yield (f"{op:<14} H={H:<5} T<={T:<5} {_TYPE[dtype]}", "mix_kernel",
-                               _mix_signature(op, dtype), spec, cfg.num_warps, cfg.num_stages)
+                        yield (f"{op:<14} H={H:<5} T<={T:<5} {_TYPE[dtype]} {kname}", kname,
+                               _mix_signature(op, dtype), spec, mcfg.num_warps, mcfg.num_stages)
                 spec = dict(N=4, NP=4, BH=cfg.post_block_h, EMULATE_RNE=False)
                 key = ("post", _TYPE[dtype], tuple(sorted(spec.items())), cfg.post_warps)
                 if key not in seen:
@@ -121,7 +124,7 @@ def _build(job) -> tuple[str, bool, str]:
         from mhc.backends.triton import kernels
 
         fn = getattr(kernels, kname)
-        sig = dict(signature)
+        sig = {a: t for a, t in signature.items() if a in fn.arg_names}
         for name in constexprs:
             sig[name] = "constexpr"
         missing = [a for a in fn.arg_names if a not in sig]

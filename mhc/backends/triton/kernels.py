@@ -1,6 +1,10 @@
 """Triton kernels for the mHC ops (the math is ``mhc/reference.py``; shapes are flattened to T tokens).
 
-Two kernels:
+Three kernels (``launch.configs`` picks ``mix_kernel`` or ``chunk_kernel`` per op and T bucket):
+
+``chunk_kernel`` serves ``pre``, ``head`` and ``fused_post_pre`` in token chunks, one launch per
+chunk plus one, each launch running phase B (finish + collapse) of chunk c-1 beside phase A (the
+prenorm GEMM slices) of chunk c: see its docstring. No counters or atomics.
 
 ``mix_kernel`` serves ``pre``, ``head`` and ``fused_post_pre``. The grid is (token blocks, splits of
 H). Program (m, s) takes BLOCK_M tokens and the hidden slice ``[s*h_per_split, (s+1)*h_per_split)``
@@ -88,39 +92,63 @@ def _sinkhorn(c, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
-def _rms(mix_ptr, rows, n_rows, K, rms_eps, N3: tl.constexpr, N3P: tl.constexpr):
-    """Per-token RMS factor [BM] from the reduced sum of squares (column N3 of the mix scratch;
-    rows past ``n_rows`` were never reduced and read as 0)."""
-    ssq = tl.load(mix_ptr + rows * N3P + N3, mask=rows < n_rows, other=0.0)
+def _ld(ptr, offs, mask, sstride, n_splits, SP: tl.constexpr):
+    """``sum_{s < n_splits} ptr[s * sstride + offs]`` (fp32; ``SP`` >= n_splits, a power of two;
+    unrolled so that every split's load is in flight at once). SP=1 is a plain load."""
+    v = tl.load(ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SP):
+        v += tl.load(ptr + s * sstride + offs, mask=mask & (s < n_splits), other=0.0)
+    return v
+
+
+@triton.jit
+def _rms(mix_ptr, rows, n_rows, K, rms_eps, sstride, n_splits,
+         N3: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr):
+    """Per-token RMS factor [BM] from the sum of squares (column N3 of the logits; rows past
+    ``n_rows`` read as 0)."""
+    ssq = _ld(mix_ptr, rows * N3P + N3, rows < n_rows, sstride, n_splits, SP)
     return 1.0 / tl.sqrt(ssq / K + rms_eps)
 
 
 @triton.jit
-def _pre_activations(mix_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K,
-                     rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
-                     N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
-                     BM: tl.constexpr):
-    """``pre``'s activations for one token block; returns the collapse weights [BM, NP] fp32.
+def _pre_weights(mix_ptr, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
+                 N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
+                 BM: tl.constexpr, SP: tl.constexpr):
+    """Collapse weights [BM, NP] fp32 of one token block: ``sigmoid(mixes[:, :N] * rms * scale[0]
+    + base[:N]) + pre_eps`` (``pre``; ``head`` is the same with its own eps), 0 in the padding.
 
-    Reads the block's reduced logits (``mix_ptr`` [BM, N3P] fp32, sum of squares in column N3);
-    writes the block's ``post_mix`` rows ([n_rows, N] at ``post_ptr``) and Sinkhorn-normalised
-    ``comb_mix`` rows ([n_rows, N, N] at ``comb_ptr``), fp32.
+    The logits of block row r, column c are ``sum_{s < n_splits} mix_ptr[s * sstride + r * N3P + c]``
+    (fp32; the sum of squares in column N3): the reduced scratch (n_splits = 1) or the per-split
+    partials (the chunked path reduces them here, in every program that needs them).
     """
     rows = tl.arange(0, BM)
     ok = rows < n_rows
-    rms = _rms(mix_ptr, rows, n_rows, K, rms_eps, N3, N3P)
+    rms = _rms(mix_ptr, rows, n_rows, K, rms_eps, sstride, n_splits, N3, N3P, SP)
     c = tl.arange(0, NP)
     cm = c < N
-    s0 = tl.load(scale_ptr)
+    m = _ld(mix_ptr, rows[:, None] * N3P + c[None, :], ok[:, None] & cm[None, :], sstride, n_splits, SP)
+    b = tl.load(base_ptr + c, mask=cm, other=0.0)
+    w = tl.sigmoid(m * rms[:, None] * tl.load(scale_ptr) + b[None, :]) + pre_eps
+    return tl.where(cm[None, :], w, 0.0)
+
+
+@triton.jit
+def _post_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K,
+               rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits,
+               N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
+               BM: tl.constexpr, SP: tl.constexpr):
+    """``pre``'s other outputs for one token block (logits as in :func:`_pre_weights`): writes the
+    ``post_mix`` rows ([n_rows, N] at ``post_ptr``) and the Sinkhorn-normalised ``comb_mix`` rows
+    ([n_rows, N, N] at ``comb_ptr``), fp32."""
+    rows = tl.arange(0, BM)
+    ok = rows < n_rows
+    rms = _rms(mix_ptr, rows, n_rows, K, rms_eps, sstride, n_splits, N3, N3P, SP)
+    c = tl.arange(0, NP)
+    cm = c < N
     s1 = tl.load(scale_ptr + 1)
     s2 = tl.load(scale_ptr + 2)
-
-    m_pre = tl.load(mix_ptr + rows[:, None] * N3P + c[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
-    b_pre = tl.load(base_ptr + c, mask=cm, other=0.0)
-    w_pre = tl.sigmoid(m_pre * rms[:, None] * s0 + b_pre[None, :]) + pre_eps
-
-    m_post = tl.load(mix_ptr + rows[:, None] * N3P + N + c[None, :], mask=ok[:, None] & cm[None, :],
-                     other=0.0)
+    m_post = _ld(mix_ptr, rows[:, None] * N3P + N + c[None, :], ok[:, None] & cm[None, :],
+                 sstride, n_splits, SP)
     b_post = tl.load(base_ptr + N + c, mask=cm, other=0.0)
     w_post = tl.sigmoid(m_post * rms[:, None] * s1 + b_post[None, :]) * post_mult
     tl.store(post_ptr + rows[:, None] * N + c[None, :], w_post, mask=ok[:, None] & cm[None, :])
@@ -129,29 +157,12 @@ def _pre_activations(mix_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K
     j3 = tl.arange(0, NP)[None, None, :]
     ij = i3 * N + j3
     m3 = (i3 < N) & (j3 < N)
-    m_comb = tl.load(mix_ptr + rows[:, None, None] * N3P + 2 * N + ij, mask=ok[:, None, None] & m3,
-                     other=0.0)
+    m_comb = _ld(mix_ptr, rows[:, None, None] * N3P + 2 * N + ij, ok[:, None, None] & m3,
+                 sstride, n_splits, SP)
     b_comb = tl.load(base_ptr + 2 * N + ij, mask=m3, other=0.0)
     comb = _sinkhorn(m_comb * rms[:, None, None] * s2 + b_comb, sk_repeat, sk_eps, N, NP)
     tl.store(comb_ptr + rows[:, None, None] * (N * N) + ij, comb,
              mask=ok[:, None, None] & m3)
-    return tl.where(cm[None, :], w_pre, 0.0)
-
-
-@triton.jit
-def _head_activations(mix_ptr, scale_ptr, base_ptr, n_rows, K, rms_eps, hc_eps,
-                      N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
-                      BM: tl.constexpr):
-    """``head``'s collapse weights [BM, NP] fp32: ``sigmoid(mixes * scale[0] + base) + hc_eps``."""
-    rows = tl.arange(0, BM)
-    rms = _rms(mix_ptr, rows, n_rows, K, rms_eps, N3, N3P)
-    c = tl.arange(0, NP)
-    cm = c < N
-    m = tl.load(mix_ptr + rows[:, None] * N3P + c[None, :], mask=(rows < n_rows)[:, None] & cm[None, :],
-                other=0.0)
-    b = tl.load(base_ptr + c, mask=cm, other=0.0)
-    w = tl.sigmoid(m * rms[:, None] * tl.load(scale_ptr) + b[None, :]) + hc_eps
-    return tl.where(cm[None, :], w, 0.0)
 
 
 @triton.jit
@@ -192,6 +203,65 @@ def _collapse(src_ptr, out_ptr, w, n_rows, H,
             tl.store(out_ptr + rows[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE),
                      mask=(rows < n_rows)[:, None] & (h < H)[None, :])
             h0 += BC
+
+
+@triton.jit
+def _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H, h_lo,
+                N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
+                FUSED: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr,
+                DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr):
+    """One program's slice of the prenorm GEMM: rows [0, n_rows) of a token block (pointers
+    already offset to the block), hidden elements [h_lo, h_lo + STEPS*BH) of every stream.
+    Returns [BM, N3P] fp32: ``x . fn^T`` in columns < N3, the sum of squares in column N3.
+    FUSED: the residual is ``post`` of the previous sublayer, computed here, rounded, stored to
+    ``new_ptr`` and fed to the GEMM from registers."""
+    K = N * H
+    rows = tl.arange(0, BM)
+    row_ok = rows < n_rows
+    i = tl.arange(0, NP)
+    i_ok = i < N
+    col = tl.arange(0, N3P)
+    col_ok = col < N3
+    kk = tl.arange(0, NP * BH)
+    acc = tl.zeros([BM, N3P], dtype=tl.float32)
+    ssq = tl.zeros([BM], dtype=tl.float32)
+    h_hi = h_lo + STEPS * BH  # may pass H in the last split: masked
+    if FUSED:
+        pm = tl.load(pm_in_ptr + rows[:, None] * N + i[None, :],
+                     mask=row_ok[:, None] & i_ok[None, :], other=0.0)
+    # A compile-time trip count (h_per_split = STEPS * BH) keeps this an scf.for that Triton
+    # pipelines; the interpreter also cannot take a run-time range bound (newer numpy).
+    for step in range(0, STEPS):
+        h0 = h_lo + step * BH
+        h = h0 + tl.arange(0, BH)
+        h_ok = (h < H) & (h < h_hi)
+        # Tile column k is stream k // BH, hidden index h0 + k % BH.
+        hk = h0 + kk % BH
+        k_ok = (kk // BH < N) & (hk < H) & (hk < h_hi)
+        if FUSED:
+            m3 = row_ok[:, None, None] & i_ok[None, :, None] & h_ok[None, None, :]
+            off3 = rows[:, None, None] * K + i[None, :, None] * H + h[None, None, :]
+            m2 = row_ok[:, None] & h_ok[None, :]
+            xin = tl.load(x_ptr + rows[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
+            v = pm[:, :, None] * xin[:, None, :]
+            for src in tl.static_range(N):
+                r = tl.load(res_ptr + rows[:, None] * K + src * H + h[None, :], mask=m2,
+                            other=0.0).to(tl.float32)
+                cw = tl.load(cm_in_ptr + rows[:, None] * (N * N) + src * N + i[None, :],
+                             mask=row_ok[:, None] & i_ok[None, :], other=0.0)
+                v += cw[:, :, None] * r[:, None, :]
+            v = _to_act(v, new_ptr.dtype.element_ty, DOT_F32)
+            tl.store(new_ptr + off3, v, mask=m3)
+            # pre reads the new residual as stored: rounded to the residual dtype.
+            x = tl.reshape(tl.where(m3, v.to(tl.float32), 0.0), [BM, NP * BH])
+        else:
+            x = tl.load(res_ptr + rows[:, None] * K + ((kk // BH) * H + hk)[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(fn_ptr + col[None, :] * K + ((kk // BH) * H + hk)[:, None],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc, ssq = _prenorm_tile(acc, ssq, x, w, DOT_F32, EXACT_BF16)
+    # The sum of squares rides in column N3 of the partials, which the GEMM leaves at 0.
+    return tl.where(col[None, :] == N3, ssq[:, None], acc)
 
 
 @triton.jit
@@ -239,54 +309,11 @@ def mix_kernel(
     comb_ptr += blk * (N * N)
     rows = tl.arange(0, BM)
     row_ok = rows < n_rows
-    i = tl.arange(0, NP)
-    i_ok = i < N
     col = tl.arange(0, N3P)
-    col_ok = col < N3
-    kk = tl.arange(0, NP * BH)
 
     # Phase 1: this split's slice of the prenorm GEMM and of the sum of squares.
-    acc = tl.zeros([BM, N3P], dtype=tl.float32)
-    ssq = tl.zeros([BM], dtype=tl.float32)
-    h_lo = pid_s * (STEPS * BH)
-    h_hi = h_lo + STEPS * BH  # may pass H in the last split: masked
-    if FUSED:
-        pm = tl.load(pm_in_ptr + rows[:, None] * N + i[None, :],
-                     mask=row_ok[:, None] & i_ok[None, :], other=0.0)
-    # A compile-time trip count (h_per_split = STEPS * BH) keeps this an scf.for that Triton
-    # pipelines; the interpreter also cannot take a run-time range bound (newer numpy).
-    for step in range(0, STEPS):
-        h0 = h_lo + step * BH
-        h = h0 + tl.arange(0, BH)
-        h_ok = (h < H) & (h < h_hi)
-        # Tile column k is stream k // BH, hidden index h0 + k % BH.
-        hk = h0 + kk % BH
-        k_ok = (kk // BH < N) & (hk < H) & (hk < h_hi)
-        if FUSED:
-            m3 = row_ok[:, None, None] & i_ok[None, :, None] & h_ok[None, None, :]
-            off3 = rows[:, None, None] * K + i[None, :, None] * H + h[None, None, :]
-            m2 = row_ok[:, None] & h_ok[None, :]
-            xin = tl.load(x_ptr + rows[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-            v = pm[:, :, None] * xin[:, None, :]
-            for src in tl.static_range(N):
-                r = tl.load(res_ptr + rows[:, None] * K + src * H + h[None, :], mask=m2,
-                            other=0.0).to(tl.float32)
-                cw = tl.load(cm_in_ptr + rows[:, None] * (N * N) + src * N + i[None, :],
-                             mask=row_ok[:, None] & i_ok[None, :], other=0.0)
-                v += cw[:, :, None] * r[:, None, :]
-            v = _to_act(v, new_ptr.dtype.element_ty, DOT_F32)
-            tl.store(new_ptr + off3, v, mask=m3)
-            # pre reads the new residual as stored: rounded to the residual dtype.
-            x = tl.reshape(tl.where(m3, v.to(tl.float32), 0.0), [BM, NP * BH])
-        else:
-            x = tl.load(res_ptr + rows[:, None] * K + ((kk // BH) * H + hk)[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        w = tl.load(fn_ptr + col[None, :] * K + ((kk // BH) * H + hk)[:, None],
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc, ssq = _prenorm_tile(acc, ssq, x, w, DOT_F32, EXACT_BF16)
-
-    # The sum of squares rides in column N3 of the partials, which the GEMM leaves at 0.
-    acc = tl.where(col[None, :] == N3, ssq[:, None], acc)
+    acc = _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H, pid_s * (STEPS * BH),
+                      N, NP, N3, N3P, FUSED, BM, BH, STEPS, DOT_F32, EXACT_BF16)
     part_blk = part_ptr + pid_m.to(tl.int64) * n_splits * (BM * N3P)
     tl.store(part_blk + pid_s * (BM * N3P) + rows[:, None] * N3P + col[None, :], acc,
              mask=row_ok[:, None])
@@ -311,15 +338,102 @@ def mix_kernel(
         tl.atomic_xchg(cnt_ptr + pid_m, 0)
         tl.debug_barrier()
         # Phase 3: activations, then the collapse (its residual re-read hits L2).
-        if HEAD:
-            wts = _head_activations(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, N, NP, N3, N3P, BM)
-        else:
-            wts = _pre_activations(mix, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K,
-                                   rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, N, NP, N3, N3P, BM)
+        if not HEAD:
+            _post_comb(mix, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K, rms_eps, sk_eps,
+                       post_mult, sk_repeat, 0, 1, N, NP, N3, N3P, BM, 1)
+        wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, 0, 1,
+                           N, NP, N3, N3P, BM, 1)
         if FUSED:
             _collapse(new_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC, ROWWISE, DOT_F32)
         else:
             _collapse(res_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC, ROWWISE, DOT_F32)
+
+
+@triton.jit
+def _collapse_range(src_ptr, out_ptr, w, n_rows, H, h_lo,
+                    N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+                    CSTEPS: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """:func:`_collapse` over the hidden range [h_lo, h_lo + CSTEPS*BC) only, in [BM, NP, BC]
+    tiles; a compile-time trip count, so that Triton pipelines the loads."""
+    rows = tl.arange(0, BM)
+    i = tl.arange(0, NP)
+    row_ok = rows < n_rows
+    base_mask = row_ok[:, None, None] & (i < N)[None, :, None]
+    src = src_ptr + rows[:, None, None] * (N * H) + i[None, :, None] * H
+    for st in range(0, CSTEPS):
+        h = h_lo + st * BC + tl.arange(0, BC)
+        x = tl.load(src + h[None, None, :], mask=base_mask & (h < H)[None, None, :], other=0.0)
+        y = tl.sum(x.to(tl.float32) * w[:, :, None], axis=1)
+        tl.store(out_ptr + rows[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE),
+                 mask=row_ok[:, None] & (h < H)[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "c_a", "c_b", "n_b"])
+def chunk_kernel(
+    res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr,
+    fn_ptr, scale_ptr, base_ptr,
+    post_ptr, comb_ptr, out_ptr, part_ptr,
+    T, H, n_splits, c_a, c_b, n_b,
+    rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
+    N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
+    HEAD: tl.constexpr, FUSED: tl.constexpr, CHUNK: tl.constexpr,
+    BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr,
+    BMB: tl.constexpr, BC: tl.constexpr, CSTEPS: tl.constexpr,
+    DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr,
+):
+    """The chunked two-role form of ``mix_kernel``: tokens go in chunks of CHUNK, and each launch
+    runs phase B of chunk ``c_b`` (programs [0, n_b)) beside phase A of chunk ``c_a`` (the rest),
+    so that B's re-read of chunk c_b's residual comes from L2 while A streams chunk c_a from HBM.
+    The launcher runs chunks 0..C-1 as launches (A 0), (A 1, B 0), ..., (B C-1); a negative
+    ``c_a`` or ``n_b`` = 0 leaves a role out.
+
+    Phase A, program (m, s) (m-major): token block m (BM tokens) of chunk c_a, hidden split s
+    (STEPS*BH elements of every stream): the prenorm GEMM slice and sum of squares
+    (:func:`_gemm_slice`) -> ``part_ptr`` [n_splits, T, N3P] fp32 at [s, token]. FUSED: it also
+    writes the new residual.
+    Phase B, program (m, c) (m-major): token block m (BMB tokens) of chunk c_b, hidden chunk c
+    (CSTEPS*BC elements): reduces the partials of its tokens (every program of the block does,
+    redundantly: a few hundred bytes per token), computes the collapse weights and collapses its
+    hidden chunk into ``out_ptr``; hidden chunk 0 also writes ``post_mix`` and ``comb_mix``
+    (Sinkhorn). Pointers and scalars as in ``mix_kernel``. CHUNK is a multiple of BM and BMB.
+    """
+    pid = tl.program_id(0)
+    K = N * H
+    if pid < n_b:
+        n_hc = tl.cdiv(H, CSTEPS * BC)
+        mb = pid // n_hc
+        hc = pid % n_hc
+        row0 = c_b * CHUNK + mb * BMB
+        n_rows = T - row0
+        blk = row0.to(tl.int64)
+        mix = part_ptr + blk * N3P
+        sstride = T.to(tl.int64) * N3P
+        if not HEAD:
+            if hc == 0:
+                _post_comb(mix, scale_ptr, base_ptr, post_ptr + blk * N, comb_ptr + blk * (N * N), n_rows, K,
+                           rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits, N, NP, N3, N3P, BMB, SP)
+        wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
+                           N, NP, N3, N3P, BMB, SP)
+        if FUSED:
+            src = new_ptr + blk * K
+        else:
+            src = res_ptr + blk * K
+        _collapse_range(src, out_ptr + blk * H, wts, n_rows, H, hc * (CSTEPS * BC),
+                        N, NP, BMB, BC, CSTEPS, DOT_F32)
+    else:
+        p = pid - n_b
+        m = p // n_splits
+        s = p % n_splits
+        row0 = c_a * CHUNK + m * BM
+        n_rows = T - row0
+        blk = row0.to(tl.int64)
+        acc = _gemm_slice(res_ptr + blk * K, x_ptr + blk * H, pm_in_ptr + blk * N, cm_in_ptr + blk * (N * N),
+                          new_ptr + blk * K, fn_ptr, n_rows, H, s * (STEPS * BH),
+                          N, NP, N3, N3P, FUSED, BM, BH, STEPS, DOT_F32, EXACT_BF16)
+        rows = tl.arange(0, BM)
+        col = tl.arange(0, N3P)
+        tl.store(part_ptr + s.to(tl.int64) * T * N3P + (blk + rows[:, None]) * N3P + col[None, :], acc,
+                 mask=(rows < n_rows)[:, None])
 
 
 @triton.jit

@@ -27,9 +27,14 @@ INTERPRETED = type(kernels.mix_kernel).__name__ == "InterpretedFunction"
 class Config:
     """Launch parameters of one call.
 
-    ``block_m`` tokens per program (>= 16: the tl.dot minimum); ``block_h`` hidden elements per
-    GEMM step (the step covers all n streams); ``splits`` programs per token block, each taking
-    ``h_per_split`` hidden elements; ``block_c`` hidden elements per collapse step, ``rowwise`` collapse one token at a time;
+    ``chunk``: 0 = the single-launch design (``mix_kernel``: the last program of each token block
+    collapses it); else tokens per chunk of ``chunk_kernel`` (phase A of chunk c runs beside phase
+    B of chunk c-1, one launch per chunk plus one).
+    ``block_m`` tokens per GEMM program (>= 16: the tl.dot minimum); ``block_h`` hidden elements
+    per GEMM step (the step covers all n streams); ``splits`` GEMM programs per token block, each
+    taking ``h_per_split`` hidden elements; ``block_c`` hidden elements per collapse step.
+    Single launch: ``rowwise`` collapses one token at a time. Chunked: phase B programs take
+    ``block_m_b`` tokens and ``c_steps * block_c`` hidden elements.
     ``num_warps``/``num_stages`` as in Triton. ``post_block_h``/``post_warps``: ``post``'s tile.
     """
 
@@ -43,49 +48,93 @@ class Config:
     num_stages: int
     post_block_h: int
     post_warps: int
+    chunk: int = 0
+    block_m_b: int = 16
+    c_steps: int = 1
 
 
-# Per T bucket: (max T, block_m, block_h, splits, block_c, rowwise collapse, warps, stages,
-# post_block_h, post_warps). Everything compiled depends on the bucket and H only (never on T
-# itself), so a model compiles at most four variants per op. Splits: enough programs for the 132
-# SMs of an H100 at the bucket's typical T; few per block at large T, where they run together so
-# that the block's residual is still in L2 when the last one collapses it. Short blocks (T <= 16)
-# collapse row by row with wide tiles. Figures that chose these: TUNING.md.
+# Per T bucket: (max T, Config fields for pre and head, Config fields for fused_post_pre or None
+# for the same); h_per_split is derived, chunk from chunk_mib. Everything compiled depends on the
+# bucket and H only (never on T itself), so a model compiles at most one variant per bucket and op.
+# Rows without chunk_mib run the single-launch kernel. Figures that chose these: TUNING.md.
+_POST = (
+    dict(post_block_h=256, post_warps=1),
+    dict(post_block_h=512, post_warps=2),
+    dict(post_block_h=1024, post_warps=4),
+    dict(post_block_h=1024, post_warps=4),
+)
+_SL_TINY = dict(block_m=16, block_h=64, splits=128, block_c=2048, rowwise=True, num_warps=4, num_stages=1)
+_SL_SMALL = dict(block_m=16, block_h=64, splits=32, block_c=128, rowwise=False, num_warps=4, num_stages=1)
+_SL_MID = dict(block_m=16, block_h=64, splits=8, block_c=128, rowwise=False, num_warps=4, num_stages=1)
+_SL_LARGE = dict(block_m=64, block_h=64, splits=4, block_c=64, rowwise=False, num_warps=8, num_stages=2)
 _TABLE = (
-    (16, 16, 64, 128, 2048, True, 4, 1, 256, 1),
-    (128, 16, 64, 32, 128, False, 4, 1, 512, 2),
-    (1024, 16, 64, 8, 128, False, 4, 1, 1024, 4),
-    (None, 64, 64, 4, 64, False, 8, 2, 1024, 4),
+    (2, dict(_SL_TINY, **_POST[0]), None),
+    (128, dict(chunk_mib=64, block_m=16, block_h=64, splits=32, block_m_b=4, block_c=256, c_steps=1,
+               rowwise=False, num_warps=4, num_stages=1, **_POST[1]), None),
+    (1024, dict(chunk_mib=64, block_m=16, block_h=64, splits=16, block_m_b=4, block_c=256, c_steps=1,
+                rowwise=False, num_warps=4, num_stages=1, **_POST[2]), dict(_SL_MID, **_POST[2])),
+    (None, dict(chunk_mib=32, block_m=64, block_h=64, splits=16, block_m_b=16, block_c=128, c_steps=4,
+                rowwise=False, num_warps=4, num_stages=2, **_POST[3]), dict(_SL_LARGE, **_POST[3])),
+)
+
+#: The single-launch table as committed before the chunked path (e706bba): the benchmark's
+#: baseline ("old"), and the configs the single-launch kernel was tuned with.
+_SINGLE_LAUNCH_TABLE = (
+    (16, dict(_SL_TINY, **_POST[0]), None),
+    (128, dict(_SL_SMALL, **_POST[1]), None),
+    (1024, dict(_SL_MID, **_POST[2]), None),
+    (None, dict(_SL_LARGE, **_POST[3]), None),
 )
 
 
-def configs(n: int, H: int, T: int) -> Config:
-    """The launch config for ``n`` streams, hidden size ``H``, ``T`` tokens (any n <= 8, any H)."""
-    for max_t, bm, bh, splits, bc, rowwise, warps, stages, pbh, pw in _TABLE:
+def configs(n: int, H: int, T: int, op: str = "pre") -> Config:
+    """The launch config of ``op`` for ``n`` streams, hidden size ``H``, ``T`` tokens (any n <= 8,
+    any H)."""
+    for max_t, row, fused_row in _TABLE:
         if max_t is None or T <= max_t:
             break
+    row = dict(fused_row if op == "fused_post_pre" and fused_row is not None else row)
+    chunk_mib = row.pop("chunk_mib", 0)
+    if chunk_mib:
+        # Tokens per chunk: as many as keep one chunk's residual (bf16/fp16) under chunk_mib MiB,
+        # so that it is still in L2 when phase B re-reads it, in multiples of both block sizes;
+        # never more than the bucket's largest T needs (one chunk: two launches).
+        m = max(row["block_m"], row.get("block_m_b", 16))
+        chunk = max(m, int(chunk_mib * 2**20 // (n * H * 2)) // m * m)
+        if max_t is not None:
+            chunk = min(chunk, triton.cdiv(max_t, m) * m)
+        row["chunk"] = chunk
     p2 = triton.next_power_of_2(H)
-    bh = min(bh, p2)
+    bh = min(row.pop("block_h"), p2)
+    splits = row.pop("splits")
     h_per_split = triton.cdiv(triton.cdiv(H, splits), bh) * bh
-    return Config(bm, bh, triton.cdiv(H, h_per_split), h_per_split, min(bc, p2), rowwise, warps,
-                  stages, min(pbh, p2), pw)
+    row["block_c"] = min(row["block_c"], p2)
+    row["post_block_h"] = min(row["post_block_h"], p2)
+    if row.get("chunk", 0):
+        # Phase B's hidden chunk never wider than H needs.
+        row["c_steps"] = max(1, min(row.get("c_steps", 1), triton.cdiv(H, row["block_c"])))
+    return Config(block_h=bh, splits=triton.cdiv(H, h_per_split), h_per_split=h_per_split, **row)
 
 
 def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict:
-    """Compile-time constants of ``kernels.mix_kernel`` for ``op`` in {"pre", "head",
-    "fused_post_pre"}, ``n`` streams, residual ``dtype`` and ``cfg``."""
+    """Compile-time constants of the kernel that serves ``op`` in {"pre", "head",
+    "fused_post_pre"} with ``cfg`` (``kernels.mix_kernel`` if ``cfg.chunk == 0``, else
+    ``kernels.chunk_kernel``), ``n`` streams, residual ``dtype``."""
     head = op == "head"
     n3 = n if head else 2 * n + n * n
     n3p = triton.next_power_of_2(n3 + 1)  # one spare column carries the sum of squares
     sp = triton.next_power_of_2(cfg.splits)
-    # The reduction reads [SP, RC] partials per step: 4K fp32 at most, RC divides BM*N3P.
-    rc = max(1, min(cfg.block_m * n3p, 4096 // sp))
-    return dict(
+    common = dict(
         N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p,
         HEAD=head, FUSED=op == "fused_post_pre",
-        BM=cfg.block_m, BH=cfg.block_h, STEPS=cfg.h_per_split // cfg.block_h, SP=sp, RC=rc, BC=cfg.block_c, ROWWISE=cfg.rowwise,
+        BM=cfg.block_m, BH=cfg.block_h, STEPS=cfg.h_per_split // cfg.block_h, SP=sp, BC=cfg.block_c,
         DOT_F32=INTERPRETED, EXACT_BF16=dtype == torch.bfloat16,
     )
+    if cfg.chunk:
+        return dict(common, CHUNK=cfg.chunk, BMB=cfg.block_m_b, CSTEPS=cfg.c_steps)
+    # The reduction reads [SP, RC] partials per step: 4K fp32 at most, RC divides BM*N3P.
+    rc = max(1, min(cfg.block_m * n3p, 4096 // sp))
+    return dict(common, RC=rc, ROWWISE=cfg.rowwise)
 
 
 class _Counters:
@@ -116,9 +165,8 @@ _COUNTERS = _Counters()
 def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
     T, n, H = residual.shape
     dev = residual.device
-    cfg = configs(n, H, T)
+    cfg = configs(n, H, T, op)
     spec = mix_specialization(op, n, residual.dtype, cfg)
-    num_m = triton.cdiv(T, cfg.block_m)
     n3p = spec["N3P"]
     out = empty((T, H), residual.dtype, dev)
     if op == "head":
@@ -132,6 +180,11 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
         x, pm_in, cm_in = fused_inputs
         new = empty((T, n, H), residual.dtype, dev)
     with device_guard(dev):
+        if cfg.chunk:
+            _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
+                     post_mix, comb_mix, out, T, H, scalars)
+            return out, post_mix, comb_mix, new
+        num_m = triton.cdiv(T, cfg.block_m)
         part = torch.empty(num_m * cfg.splits * cfg.block_m * n3p, dtype=torch.float32, device=dev)
         mix = torch.empty(num_m * cfg.block_m * n3p, dtype=torch.float32, device=dev)
         cnt = _COUNTERS.get(dev, num_m)
@@ -142,6 +195,30 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec,
         )
     return out, post_mix, comb_mix, new
+
+
+def _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix,
+             out, T, H, scalars, schedule=None):
+    """``chunk_kernel`` launches: (A 0), (A 1, B 0), ..., (B last). The chunk count depends on T
+    only (a shape), so this is capturable; the partials [splits, T, N3P] fp32 are ~0.4 KB/token.
+    ``schedule`` (benchmark diagnostics only): another list of (A chunk, B chunk) launches, an
+    index out of range leaving that role out."""
+    n_chunks = triton.cdiv(T, cfg.chunk)
+    part = torch.empty(cfg.splits * T * spec["N3P"], dtype=torch.float32, device=residual.device)
+    n_hc = triton.cdiv(H, cfg.c_steps * cfg.block_c)
+    if schedule is None:
+        schedule = [(c, c - 1) for c in range(n_chunks + 1)]
+    for a, b in schedule:
+        rows_a = min(cfg.chunk, T - a * cfg.chunk) if 0 <= a < n_chunks else 0
+        rows_b = min(cfg.chunk, T - b * cfg.chunk) if 0 <= b < n_chunks else 0
+        n_a = triton.cdiv(rows_a, cfg.block_m) * cfg.splits
+        n_b = triton.cdiv(rows_b, cfg.block_m_b) * n_hc
+        kernels.chunk_kernel[(n_b + n_a,)](
+            residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
+            post_mix, comb_mix, out, part,
+            T, H, cfg.splits, a, b, n_b, *scalars,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec,
+        )
 
 
 def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
