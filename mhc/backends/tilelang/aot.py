@@ -41,8 +41,11 @@ def main(archs: list[str]) -> int:
 
     print(f"tilelang aot: cache {cache_dir()}, nvcc {find_compiler(False) or 'NOT FOUND'}", flush=True)
     try:
-        from mhc.backends.tilelang import kernels as K
+        import tilelang
+
         from mhc.backends.tilelang import launch as L
+
+        tilelang.set_log_level("WARNING")  # one line per kernel below instead of two INFO lines
     except Exception as e:
         print(f"tilelang aot: cannot import tilelang: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -19,9 +19,12 @@ compiled once per key by :mod:`mhc.backends.tilelang.cache`:
        weight is split into bf16 ``hi + lo`` (16 significant bits) and both halves go into one
        GEMM with 2m output columns, so a bf16 MMA with fp32 accumulation reproduces the fp32
        product to ~1e-5 relative (the residual itself is exact in bf16);
-    3. vector ``red.add`` of the partial logits and sum of squares into a per-token-block fp32
-       accumulator, then a release-increment of the block's arrival counter;
+    3. store the partial logits and sum of squares (one row of ``MP`` floats per token) to a
+       workspace slot of its own, then a release-increment of the block's arrival counter;
     4. spin (one thread, acquire loads) until all ``S`` slices of the token block have arrived;
+       each CTA then sums its 1/S share of the block's partials over the S slots in slice order
+       (deterministic: fp32 atomics would make the result vary run to run), publishes it, and
+       waits on a second counter for the other shares;
     5. RMS scale and sigmoid weights per token; slice 0 also writes ``post_mix`` and runs
        Sinkhorn (one thread per token, n x n in registers, runtime ``sinkhorn_repeat``; one
        reciprocal per row/column sum then multiplies: a chain of IEEE divides made this step
@@ -30,15 +33,15 @@ compiled once per key by :mod:`mhc.backends.tilelang.cache`:
 
     Waiting in step 4 is safe because the S CTAs of one token block are adjacent in launch order
     (grid x = slice) and the launcher keeps S at most the number of SMs, so they are co-resident
-    or earlier-dispatched (CTAs are dispatched in linear-index order). The accumulator and the
-    counters come zeroed from the launcher (one memset) and are never reused, so the kernel needs
-    no host synchronisation and is CUDA-graph capturable. fp32 ``red.add`` order varies between
-    runs, so ``post_mix``/``comb_mix``/``layer_input`` may differ in the last bits run to run.
+    or earlier-dispatched (CTAs are dispatched in linear-index order). The counters come zeroed
+    from the launcher (one small memset) and are never reused, so the kernel needs no host
+    synchronisation and is CUDA-graph capturable; results are bitwise reproducible.
 
 Shapes and dtypes (T = tokens, m = 2n + n*n for pre/fused, n for head):
     residual, new_residual (T, n, H) bf16; x, layer_input (T, H) bf16; fn (m, n*H) fp32;
     hc_scale (3,) or (1,) fp32; hc_base (m,) fp32; post_mix (T, n, 1) fp32; comb_mix (T, n, n) fp32;
-    acc (NB, BM, MP) fp32 and flags (NB,) int32 workspace, NB = ceil(T / BM), MP = round_up(m + 1, 4).
+    workspace: parts (NB, S, BM*MP) and fin (NB, BM*MP) fp32, flags (NB, 2) int32 (zeroed), with
+    NB = ceil(T / BM), S = ceil(H / HC), MP = round_up(m + 1, 4).
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the signatures, which use closure variables.
@@ -135,18 +138,21 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
     """The fused GEMM + RMS + activations + collapse kernel for ``mode`` in pre/head/fused.
 
     Arguments, in order:
-      pre:   residual, fn, hc_scale, hc_base, post_mix, comb_mix, layer_input, acc, flags,
+      pre:   residual, fn, hc_scale, hc_base, post_mix, comb_mix, layer_input, parts, fin, flags,
              rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat
-      head:  residual, fn, hc_scale, hc_base, layer_input, acc, flags, rms_eps, hc_eps
+      head:  residual, fn, hc_scale, hc_base, layer_input, parts, fin, flags, rms_eps, hc_eps
       fused: x, residual, post_mix_in, comb_mix_in, fn, hc_scale, hc_base, new_residual,
-             post_mix, comb_mix, layer_input, acc, flags, <pre's five scalars>
+             post_mix, comb_mix, layer_input, parts, fin, flags, <pre's five scalars>
     """
     if mode not in ("pre", "head", "fused"):
         raise ValueError(f"mode must be pre, head or fused, got {mode!r}")
     m = mix_width(mode, n)
     NP = _round_up(2 * m, 64)  # hi and lo halves, padded so the 4-warp GEMM tiles divide evenly
     MF = _round_up(m, 8)  # fn rows loaded per slice (rows past m read as 0): keeps tiles divisible
-    MP = _round_up(m + 1, 4)  # accumulator row: m logits, the sum of squares, padding for x4 atomics
+    MP = _round_up(m + 1, 4)  # partials row: m logits, the sum of squares, padding to 16 bytes
+    E = cfg.BM * MP  # partials per CTA
+    SH = -(-E // cfg.splits(H))  # the share of a token block's partials each of its CTAs reduces
+    red_loop = T.unroll if cfg.splits(H) <= 64 else T.serial  # unrolled: the S loads overlap
     BM, HC, threads = cfg.BM, cfg.HC, cfg.threads
     S = cfg.splits(H)
     K = n * H
@@ -158,7 +164,7 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
 
     @T.macro
     def body(x, residual, pm_in, cm_in, fn, hc_scale, hc_base, new_residual, post_mix, comb_mix,
-             layer_input, acc, flags, rms_eps, w_eps, sk_eps, post_mult, repeat):
+             layer_input, parts, fin, flags, rms_eps, w_eps, sk_eps, post_mult, repeat):
         with T.Kernel(S, NB, threads=threads) as (s, b):
             T.annotate_min_blocks_per_sm(cfg.min_blocks)
             h0 = s * HC
@@ -240,21 +246,38 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
                 part[r, j] = T.if_then_else(
                     j < m, csh[r, j] + csh[r, T.min(m + j, NP - 1)], T.if_then_else(j == m, sqsh[r], 0.0)
                 )
-            for r, q in T.Parallel(BM, MP // 4):  # 16-byte red.global.add: a quarter of the atomics
-                T.atomic_addx4(acc[b, r, q * 4], part[r, q * 4])
+            for r, j in T.Parallel(BM, MP):
+                parts[b, s, r * MP + j] = part[r, j]
             T.call_extern("handle", "__threadfence")
             T.sync_threads()
-            # 4. wait for the other slices of this token block.
+            # 4. wait for every slice of this token block, then reduce this CTA's share of the
+            #    block's partials, in slice order (deterministic), publish it and wait again.
+            #    Relaxed atomic loads read L2 (never a stale L1 line).
             if tx == 0:
-                T.atomic_add(flags[b], 1, memory_order="release")
-                while T.atomic_load(flags[b], memory_order="acquire") < S:
+                T.atomic_add(flags[b, 0], 1, memory_order="release")
+                while T.atomic_load(flags[b, 0], memory_order="acquire") < S:
                     T.call_extern("handle", "__nanosleep", 32)  # back off: fewer L2 polls
             T.sync_threads()
+            for e in T.Parallel(SH):
+                k = s * SH + e
+                if k < E:
+                    v = T.alloc_var(T.float32)
+                    v = 0.0
+                    for s2 in red_loop(S):
+                        v += T.atomic_load(parts[b, s2, k], memory_order="relaxed")
+                    fin[b, k] = v
+            T.call_extern("handle", "__threadfence")
+            T.sync_threads()
+            if tx == 0:
+                T.atomic_add(flags[b, 1], 1, memory_order="release")
+                while T.atomic_load(flags[b, 1], memory_order="acquire") < S:
+                    T.call_extern("handle", "__nanosleep", 32)
+            T.sync_threads()
 
-            # 5. RMS-scaled logits and collapse weights (relaxed atomic loads: bypass L1).
+            # 5. RMS-scaled logits and collapse weights.
             for r, j in T.Parallel(BM, m):
-                rs = T.rsqrt(T.atomic_load(acc[b, r, m], memory_order="relaxed") * inv_k + rms_eps)
-                mix[r, j] = T.atomic_load(acc[b, r, j], memory_order="relaxed") * rs
+                rs = T.rsqrt(T.atomic_load(fin[b, r * MP + m], memory_order="relaxed") * inv_k + rms_eps)
+                mix[r, j] = T.atomic_load(fin[b, r * MP + j], memory_order="relaxed") * rs
             for r, i in T.Parallel(BM, n):
                 wsh[r, i] = T.sigmoid(mix[r, i] * hc_scale[0] + hc_base[i]) + w_eps
             if has_sinkhorn:
@@ -325,8 +348,9 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
             post_mix: T.Tensor[(NT, n, 1), T.float32],
             comb_mix: T.Tensor[(NT, n, n), T.float32],
             layer_input: T.Tensor[(NT, H), dtype],
-            acc: T.Tensor[(NB, BM, MP), T.float32],
-            flags: T.Tensor[(NB,), T.int32],
+            parts: T.Tensor[(NB, S, E), T.float32],
+            fin: T.Tensor[(NB, E), T.float32],
+            flags: T.Tensor[(NB, 2), T.int32],
             rms_eps: T.float32,
             hc_pre_eps: T.float32,
             hc_sinkhorn_eps: T.float32,
@@ -334,7 +358,7 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
             sinkhorn_repeat: T.int32,
         ):
             body(None, residual, None, None, fn, hc_scale, hc_base, None, post_mix, comb_mix,
-                 layer_input, acc, flags, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+                 layer_input, parts, fin, flags, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
                  sinkhorn_repeat)
 
         return mhc_pre
@@ -348,13 +372,14 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
             hc_scale: T.Tensor[(1,), T.float32],
             hc_base: T.Tensor[(m,), T.float32],
             layer_input: T.Tensor[(NT, H), dtype],
-            acc: T.Tensor[(NB, BM, MP), T.float32],
-            flags: T.Tensor[(NB,), T.int32],
+            parts: T.Tensor[(NB, S, E), T.float32],
+            fin: T.Tensor[(NB, E), T.float32],
+            flags: T.Tensor[(NB, 2), T.int32],
             rms_eps: T.float32,
             hc_eps: T.float32,
         ):
             body(None, residual, None, None, fn, hc_scale, hc_base, None, None, None,
-                 layer_input, acc, flags, rms_eps, hc_eps, None, None, None)
+                 layer_input, parts, fin, flags, rms_eps, hc_eps, None, None, None)
 
         return mhc_head
 
@@ -371,8 +396,9 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
         post_mix: T.Tensor[(NT, n, 1), T.float32],
         comb_mix: T.Tensor[(NT, n, n), T.float32],
         layer_input: T.Tensor[(NT, H), dtype],
-        acc: T.Tensor[(NB, BM, MP), T.float32],
-        flags: T.Tensor[(NB,), T.int32],
+        parts: T.Tensor[(NB, S, E), T.float32],
+        fin: T.Tensor[(NB, E), T.float32],
+        flags: T.Tensor[(NB, 2), T.int32],
         rms_eps: T.float32,
         hc_pre_eps: T.float32,
         hc_sinkhorn_eps: T.float32,
@@ -380,7 +406,7 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
         sinkhorn_repeat: T.int32,
     ):
         body(x, residual, post_mix_in, comb_mix_in, fn, hc_scale, hc_base, new_residual, post_mix,
-             comb_mix, layer_input, acc, flags, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+             comb_mix, layer_input, parts, fin, flags, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
              hc_post_mult_value, sinkhorn_repeat)
 
     return mhc_fused_post_pre

@@ -116,15 +116,16 @@ def _setup(residual: torch.Tensor):
     return dev, target, KERNELS.num_sms[dev], _DTYPES[residual.dtype]
 
 
-def _workspace(mode: str, n: int, T: int, cfg: K.MixConfig, device: torch.device):
-    """Zeroed accumulator (NB, BM, MP) fp32 and arrival counters (NB,) int32, one memset."""
+def _workspace(mode: str, n: int, H: int, T: int, cfg: K.MixConfig, device: torch.device):
+    """Partials (NB, S, BM*MP) and reduced partials (NB, BM*MP) fp32, uninitialised (every
+    element is written before it is read), and arrival counters (NB, 2) int32, zeroed."""
     m = K.mix_width(mode, n)
-    mp = -(-(m + 1) // 4) * 4
+    e = cfg.BM * (-(-(m + 1) // 4) * 4)
     nb = -(-T // cfg.BM)
-    ws = torch.zeros(nb * cfg.BM * mp + nb, dtype=torch.int32, device=device)
-    acc = ws[: nb * cfg.BM * mp].view(torch.float32).view(nb, cfg.BM, mp)
-    flags = ws[nb * cfg.BM * mp :]
-    return acc, flags
+    parts = torch.empty((nb, cfg.splits(H), e), dtype=torch.float32, device=device)
+    fin = torch.empty((nb, e), dtype=torch.float32, device=device)
+    flags = torch.zeros((nb, 2), dtype=torch.int32, device=device)
+    return parts, fin, flags
 
 
 def post(x, residual, post_mix, comb_mix):
@@ -149,9 +150,9 @@ def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, h
     post_mix = empty((T, n, 1), torch.float32, dev)
     comb_mix = empty((T, n, n), torch.float32, dev)
     layer_input = empty((T, H), residual.dtype, dev)
-    acc, flags = _workspace("pre", n, T, cfg, dev)
+    ws = _workspace("pre", n, H, T, cfg, dev)
     with device_guard(dev):
-        kern(residual, fn, hc_scale, hc_base, post_mix, comb_mix, layer_input, acc, flags,
+        kern(residual, fn, hc_scale, hc_base, post_mix, comb_mix, layer_input, *ws,
              float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
              int(sinkhorn_repeat))
     return post_mix, comb_mix, layer_input
@@ -164,9 +165,9 @@ def head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps, *, _cfg=None):
     dev, target, sms, dt = _setup(residual)
     kern, cfg = get_kernel("head", n, H, dt, target, sms, _cfg)
     out = empty((T, H), residual.dtype, dev)
-    acc, flags = _workspace("head", n, T, cfg, dev)
+    ws = _workspace("head", n, H, T, cfg, dev)
     with device_guard(dev):
-        kern(residual, fn, hc_scale, hc_base, out, acc, flags, float(rms_eps), float(hc_eps))
+        kern(residual, fn, hc_scale, hc_base, out, *ws, float(rms_eps), float(hc_eps))
     return out
 
 
@@ -181,9 +182,9 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
     pm = empty((T, n, 1), torch.float32, dev)
     cm = empty((T, n, n), torch.float32, dev)
     li = empty((T, H), residual.dtype, dev)
-    acc, flags = _workspace("fused", n, T, cfg, dev)
+    ws = _workspace("fused", n, H, T, cfg, dev)
     with device_guard(dev):
-        kern(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, new, pm, cm, li, acc, flags,
+        kern(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, new, pm, cm, li, *ws,
              float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
              int(sinkhorn_repeat))
     return new, pm, cm, li
