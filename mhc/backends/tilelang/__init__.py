@@ -1,5 +1,9 @@
 """The TileLang backend (``pip install tilelang==0.1.15``): ``pre``, ``post``, ``head``,
-``fused_post_pre`` on NVIDIA GPUs, bf16 residuals, any n in 1..8, any H.
+``fused_post_pre`` on NVIDIA GPUs (sm_80+), bf16 residuals, any n in 1..8, any H.
+
+ROCm is refused with a reason: the kernels use CUDA-only intrinsics (``__nanosleep`` in the
+cross-CTA wait) and were never run on AMD; AITER and Triton serve ROCm. They use no PDL, so
+the "PDL is not supported" failure vLLM hit on ROCm does not apply.
 
 Importing this module imports only torch: ``import tilelang`` rewrites ``os.environ`` and
 ``PYTHONPATH`` and imports tvm and z3, so it happens in :func:`_load` on first use.
@@ -50,19 +54,16 @@ def cache_dir() -> str:
     return d
 
 
-def find_compiler(hip: bool) -> str | None:
-    """Path of nvcc (CUDA) or hipcc (ROCm) as TileLang would find it, or None."""
-    name = "hipcc" if hip else "nvcc"
-    homes = (("ROCM_PATH", "ROCM_HOME") if hip else ("CUDA_HOME", "CUDA_PATH"))
-    for var in homes:
+def find_compiler() -> str | None:
+    """Path of nvcc as TileLang finds it (CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda), or None."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
         home = os.environ.get(var)
-        if home and os.path.isfile(os.path.join(home, "bin", name)):
-            return os.path.join(home, "bin", name)
-    found = shutil.which(name)
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    found = shutil.which("nvcc")
     if found:
         return found
-    default = "/opt/rocm/bin/hipcc" if hip else "/usr/local/cuda/bin/nvcc"
-    return default if os.path.isfile(default) else None
+    return "/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None
 
 
 def _installed_version() -> str | None:
@@ -78,22 +79,19 @@ def _probe(p: Problem) -> list[str]:
     why = []
     if importlib.util.find_spec("tilelang") is None:
         why.append(f"tilelang is not installed (pip install tilelang=={TESTED_VERSION})")
-    if p.device.type != "cuda":
-        why.append(f"needs a CUDA or ROCm GPU tensor, got a {p.device.type} tensor")
+    if p.device.type != "cuda" or torch.version.hip:
+        why.append(f"needs an NVIDIA GPU tensor, got {p.device}")
         return why
-    hip = bool(torch.version.hip)
-    if find_compiler(hip) is None:
-        why.append(f"no {'hipcc' if hip else 'nvcc'} found (set {'ROCM_PATH' if hip else 'CUDA_HOME'}); "
-                   "TileLang compiles its kernels with it")
-    if not hip:
-        try:
-            cap = torch.cuda.get_device_capability(p.device)
-        except Exception as e:  # no driver, bad ordinal
-            why.append(f"cannot query {p.device}: {type(e).__name__}: {e}")
-            return why
-        if cap < MIN_CAPABILITY:
-            why.append(f"needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ "
-                       f"(bf16 tensor cores); {p.device} is sm_{cap[0]}{cap[1]}")
+    if find_compiler() is None:
+        why.append("no nvcc found (set CUDA_HOME); TileLang compiles its kernels with it")
+    try:
+        cap = torch.cuda.get_device_capability(p.device)
+    except Exception as e:  # no driver, bad ordinal
+        why.append(f"cannot query {p.device}: {type(e).__name__}: {e}")
+        return why
+    if cap < MIN_CAPABILITY:
+        why.append(f"needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ "
+                   f"(bf16 tensor cores); {p.device} is sm_{cap[0]}{cap[1]}")
     return why
 
 
@@ -103,8 +101,6 @@ def _notes() -> list[str]:
     out = [f"kernel cache: {d}" if d else f"kernel cache: {_default_cache_dir()} (TILELANG_CACHE_DIR unset)"]
     if v and v != TESTED_VERSION:
         out.append(f"tilelang {v} is installed; the kernels were written and tested for {TESTED_VERSION}")
-    if torch.version.hip:
-        out.append("ROCm: the kernels are untested there (they use no PDL)")
     return out
 
 
@@ -121,7 +117,7 @@ BACKEND = Backend(
     capabilities=Capabilities(
         device_types=frozenset({"cuda"}),
         dtypes=frozenset({torch.bfloat16}),
-        platforms=frozenset({"cuda", "rocm"}),
+        platforms=frozenset({"cuda"}),
     ),
     load=_load,
     probe=_probe,

@@ -39,7 +39,7 @@ def main(archs: list[str]) -> int:
     """Compile every configuration for each arch in ``archs``; 0 on success, 1 on any failure."""
     from mhc.backends.tilelang import cache_dir, find_compiler
 
-    print(f"tilelang aot: cache {cache_dir()}, nvcc {find_compiler(False) or 'NOT FOUND'}", flush=True)
+    print(f"tilelang aot: cache {cache_dir()}, nvcc {find_compiler() or 'NOT FOUND'}", flush=True)
     try:
         import tilelang
 

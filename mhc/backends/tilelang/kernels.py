@@ -1,7 +1,7 @@
 """TileLang kernels for mHC (imported only on first use: importing tilelang imports tvm and z3).
 
 Two kernel families, each built by a function of compile-time facts (n, H, launch config) and
-compiled once per key by :mod:`mhc.backends.tilelang.cache`:
+compiled once per key by ``mhc.backends.tilelang.launch.KERNELS``:
 
 ``post``  (:func:`build_post`)
     Elementwise over (T, H-block): each thread loads 8 consecutive bf16 of ``x`` and of every
@@ -51,7 +51,7 @@ import dataclasses
 import tilelang
 import tilelang.language as T
 
-__all__ = ["PostConfig", "MixConfig", "build_post", "build_mix", "mix_width"]
+__all__ = ["PostConfig", "MixConfig", "build_post", "build_mix", "mix_width", "compile_kernel"]
 
 
 def _round_up(a: int, b: int) -> int:

@@ -80,15 +80,11 @@ def cuda_arch(major: int, minor: int) -> str:
 
 
 def target_for(device: torch.device) -> dict:
-    """The TileLang target for a device: ``{"kind": "cuda", "arch": "sm_90a"}`` on an H100,
-    ``{"kind": "hip", ...}`` on ROCm (where no kernel here uses PDL)."""
+    """The TileLang target for a device: ``{"kind": "cuda", "arch": "sm_90a"}`` on an H100."""
     t = KERNELS.targets.get(device)
     if t is None:
         props = torch.cuda.get_device_properties(device)
-        if torch.version.hip:
-            t = {"kind": "hip", "mcpu": props.gcnArchName.split(":")[0]}
-        else:
-            t = {"kind": "cuda", "arch": cuda_arch(props.major, props.minor)}
+        t = {"kind": "cuda", "arch": cuda_arch(props.major, props.minor)}
         KERNELS.targets[device] = t
         KERNELS.num_sms[device] = props.multi_processor_count
     return t
