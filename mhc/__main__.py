@@ -15,14 +15,12 @@ import argparse
 import importlib
 import importlib.metadata as md
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 import mhc
-from mhc import checking, registry
+from mhc import bench, checking, registry
 from mhc.registry import Problem
 
 _DISTS = ("torch", "triton", "tilelang", "amd-aiter", "tile-kernels")
@@ -81,27 +79,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def median_us(fn, device: torch.device, reps: int = 20) -> float:
-    """Median wall time of ``fn()`` in µs (device events on a GPU, perf_counter on CPU)."""
-    fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3)
-    else:
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(times)
-
-
 def cmd_check(args) -> int:
     dev = torch.device(args.device) if args.device else best_device()
     dtype = getattr(torch, args.dtype)
@@ -127,7 +104,7 @@ def cmd_check(args) -> int:
             bad = [f"{o} {e:.2e}>{t:g}" for o, e, t in errs if not e <= t]
             if bad:
                 failed.append(f"{name}.{op}: " + ", ".join(bad))
-            us = median_us(lambda: checking.call(op, a, kw, name), dev, args.reps)
+            us = bench.median_us(lambda: checking.call(op, a, kw, name), dev, args.reps)
             err = max(e for _, e, _ in errs)
             cells.append(f"{'FAIL' if bad else 'ok'} {err:.1e} {us:9.1f}us")
         print(f"{name:10s}" + "".join(f"{c:>26s}" for c in cells))

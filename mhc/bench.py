@@ -475,17 +475,23 @@ def _perf_counter_us(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def _events_us(fn, reps: int) -> float:
-    """Median of back-to-back calls timed with CUDA events (no graph, no flush)."""
+def median_us(fn, device: torch.device, reps: int = 20) -> float:
+    """Median time of ``fn()`` in µs over ``reps`` back-to-back calls after one warm-up: CUDA
+    events on a GPU (no graph, no flush), ``perf_counter`` on the CPU."""
     fn()
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e6)
     return statistics.median(times)
 
 
@@ -503,7 +509,7 @@ def time_warm(fn, device: torch.device, rep_ms: int) -> tuple[float, str]:
         except Exception as e:
             torch.cuda.synchronize(device)
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
-            return _events_us(fn, 50), f"events (no graph capture: {why})"
+            return median_us(fn, torch.device("cuda"), 50), f"events (no graph capture: {why})"
 
 
 def time_cold(fn, device: torch.device, rep_ms: int) -> float:
