@@ -3,8 +3,8 @@
 ``python benchmarks/triton_dev.py [--quick] [--no-sweep] [--no-compile] [--no-old] [--jobs N]``
 on a CUDA machine. Prints, per op/H/T: the error against the fp64 reference (outputs poisoned
 with NaN first), the Triton time (CUDA-graph replays, median), GB/s, the ratio to the floor (bytes
-that must move / measured copy bandwidth), the single-launch design's time ("old",
-``launch._SINGLE_LAUNCH_TABLE``) and eager / torch.compile of ``mhc.reference`` for comparison.
+that must move / measured copy bandwidth), the previously committed table's time ("old",
+``launch._COMMITTED_TABLE``) and eager / torch.compile of ``mhc.reference`` for comparison.
 Small T timings are L2-warm (inputs fit in L2), as in the peers' figures. The sweep times other
 launch configs of ``pre``; ``--diag`` times the chunked path's launch schedules (phase A alone,
 phase B alone after all of A, A/B alternating, the overlapped default) to show whether phase B's
@@ -123,18 +123,19 @@ def _c(mib, bm, bh, sp, bmb, bc, cs, w=4, st=2):
                 num_warps=w, num_stages=st)
 
 
-OLD = L._SINGLE_LAUNCH_TABLE
+OLD = L._COMMITTED_TABLE
+def _p(mib, bm, bh, sp, w, st, prep=True, bmb=16, bc=128, cs=4):
+    return dict(_c(mib, bm, bh, sp, bmb, bc, cs, w=w, st=st), prep=prep)
+
+
+def _sl(bm, bh, sp, w, st, prep=True):
+    return _row(block_m=bm, block_h=bh, splits=sp, block_c=64, num_warps=w, num_stages=st, prep=prep)
+
+
 SWEEP = {  # (op, T) -> candidate rows (Config fields); chunked where chunk_mib is set
-    ("pre", 512): [_c(64, 16, 64, 16, 16, 128, 2), _c(64, 16, 64, 8, 8, 256, 1), _c(64, 16, 64, 16, 4, 256, 1, st=1)],
-    ("pre", 4096): [_c(32, 64, 64, 16, 16, 128, 4), _c(48, 64, 64, 16, 16, 128, 4), _c(64, 64, 64, 16, 16, 128, 4),
-                    _c(96, 64, 64, 16, 16, 128, 4), _c(32, 64, 64, 16, 8, 256, 2), _c(32, 64, 64, 32, 16, 128, 4),
-                    _c(32, 64, 64, 16, 4, 256, 1), _c(32, 64, 32, 16, 16, 128, 4), _c(32, 64, 32, 16, 16, 128, 4, st=3),
-                    _c(32, 64, 32, 16, 16, 128, 4, w=8)],
-    ("head", 4096): [_c(32, 64, 64, 16, 16, 128, 4), _c(64, 64, 64, 16, 16, 128, 4)],
-    ("pre", 16384): [_c(32, 64, 64, 16, 16, 128, 4), _c(64, 64, 64, 16, 16, 128, 4)],
-    ("head", 16384): [_c(32, 64, 64, 16, 16, 128, 4), _c(64, 64, 64, 16, 16, 128, 4)],
-    ("fused_post_pre", 4096): [_c(32, 64, 64, 16, 16, 128, 4, w=8), _c(32, 64, 64, 8, 16, 128, 4, w=8),
-                               _c(64, 64, 64, 16, 16, 128, 4, w=8)],
+    ("pre", 4096): [_p(32, 64, 32, 16, 4, 3), _p(32, 128, 32, 16, 4, 3), _p(64, 64, 64, 16, 4, 2)],
+    ("head", 4096): [_p(32, 64, 32, 16, 4, 3), _p(32, 128, 32, 16, 4, 3)],
+    ("fused_post_pre", 4096): [_sl(64, 64, 4, 8, 2), _sl(64, 32, 8, 8, 3)],
 }
 
 
@@ -154,7 +155,7 @@ def sweep(dev, bw, Hs):
             d = data[(H, T)]
             L._TABLE = ((None, row, None),)
             desc = tuple(row.get(k) for k in ("chunk_mib", "block_m", "block_h", "splits", "block_m_b",
-                                               "block_c", "c_steps", "num_warps", "num_stages"))
+                                               "block_c", "c_steps", "num_warps", "num_stages", "prep"))
             try:
                 f = calls(d, L)[op]
                 err = max(errors(op, d, f()))
@@ -168,9 +169,15 @@ def sweep(dev, bw, Hs):
         L._TABLE = saved
 
 
-def diag(dev, bw, H, T):
-    """Launch schedules of the chunked pre at (H, T): is phase B's re-read served by L2?"""
-    cfg = L.configs(N, H, T)
+def diag(dev, bw, H, T, table=None, name="new"):
+    """Launch schedules of the chunked pre at (H, T) with ``table`` (default: the current one):
+    is phase B's re-read served by L2, how fast is phase A alone?"""
+    saved = L._TABLE
+    L._TABLE = table or saved
+    try:
+        cfg = L.configs(N, H, T)
+    finally:
+        L._TABLE = saved
     if not cfg.chunk:
         return
     d = make(T, H, dev)
@@ -182,9 +189,10 @@ def diag(dev, bw, H, T):
     pm = torch.empty(T, N, 1, device=dev)
     cm = torch.empty(T, N, N, device=dev)
     r = d["residual"]
+    fn = L._prep_fn(d["fn"], spec["N3"], spec["N3P"]) if cfg.prep else d["fn"]
 
     def run(sched):
-        return lambda: L._chunked(cfg, spec, r, r, r, r, r, d["fn"], d["scale"], d["base"], pm, cm, out, T, H,
+        return lambda: L._chunked(cfg, spec, r, r, r, r, r, fn, d["scale"], d["base"], pm, cm, out, T, H,
                                   scal, schedule=sched)
 
     res_b = T * N * H * 2
@@ -194,7 +202,7 @@ def diag(dev, bw, H, T):
         "A,B alternating": [x for c in range(n_ch) for x in ((c, -1), (-1, c))],
         "overlapped (default)": None,
     }
-    print(f"\n# diag pre H={H} T={T} chunk={cfg.chunk} ({n_ch} chunks); residual {res_b / 1e6:.0f} MB")
+    print(f"\n# diag {name} pre H={H} T={T} chunk={cfg.chunk} ({n_ch} chunks) {cfg}; residual {res_b / 1e6:.0f} MB")
     for name, sc in scheds.items():
         us = bench(run(sc))
         print(f"diag {name:<22} {us:8.1f} us  residual-read rate {res_b / us / 1e3:6.0f} GB/s", flush=True)
@@ -303,6 +311,9 @@ def main():
     if args.diag:
         for H in Hs:
             diag(dev, bw, H, 4096)
+            diag(dev, bw, H, 4096, OLD, "old")
+            for row in (_p(32, 128, 32, 16, 4, 3),):
+                diag(dev, bw, H, 4096, ((None, row, None),), "sweep")
     if not args.no_sweep:
         sweep(dev, bw, Hs)
     print("\n| op | H | T | triton us | GB/s | x floor | old us | old x floor | eager us | compile us |")

@@ -137,6 +137,50 @@ def test_chunked_across_chunk_boundaries(L, monkeypatch, T):
     assert rel(y, R.head(rh["residual"], rh["fn"], rh["scale"], rh["base"], 1e-6, 1e-6)) < TOL_ACT
 
 
+_PREP_ROWS = {
+    "chunked": dict(_SMALL_CHUNKS, prep=True),
+    "single": dict(block_m=16, block_h=16, splits=3, block_c=16, rowwise=False, num_warps=4, num_stages=1,
+                   post_block_h=64, post_warps=1, prep=True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_PREP_ROWS))
+@pytest.mark.parametrize("T,n,dtype", [(33, 4, torch.bfloat16), (19, 8, torch.float16), (5, 3, torch.bfloat16)])
+def test_prep_split_fn(L, monkeypatch, kind, T, n, dtype):
+    """fn split once into bf16 hi/lo (prep_kernel) and one dot per GEMM step, in both kernels:
+    every op, H=40 (masked tiles), n up to 8, bf16 and fp16."""
+    from mhc.backends.triton import launch
+
+    monkeypatch.setattr(launch, "_TABLE", ((None, _PREP_ROWS[kind], None),))
+    assert launch.configs(n, 40, T).prep
+    t = make(T, n, 40, dtype, seed=T + n)
+    r = d64(t)
+    pm, cm, li = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, 4)
+    rpm, rcm, rli = R.pre(r["residual"], r["fn"], r["scale"], r["base"], *EPS, 4)
+    assert rel(pm, rpm) < TOL_MIX and rel(cm, rcm) < TOL_MIX and rel(li, rli) < TOL_ACT
+    new, pm2, cm2, li2 = L.fused_post_pre(t["x"], t["residual"], t["pm"], t["cm"], t["fn"], t["scale"],
+                                          t["base"], *EPS, 4)
+    assert rel(new, R.post(r["x"], r["residual"], r["pm"], r["cm"])) < TOL_ACT
+    rpm2, rcm2, rli2 = R.pre(new.double(), r["fn"], r["scale"], r["base"], *EPS, 4)
+    assert rel(pm2, rpm2) < TOL_MIX and rel(cm2, rcm2) < TOL_MIX and rel(li2, rli2) < TOL_ACT
+    h = make(T, n, 40, dtype, seed=T + 1, head=True)
+    rh = d64(h)
+    y = L.head(h["residual"], h["fn"], h["scale"], h["base"], 1e-6, 1e-6)
+    assert rel(y, R.head(rh["residual"], rh["fn"], rh["scale"], rh["base"], 1e-6, 1e-6)) < TOL_ACT
+
+
+def test_prep_kernel_splits_fn_exactly():
+    """hi + lo of prep_kernel reproduce fn to ~2**-16 relative, padding rows are 0."""
+    from mhc.backends.triton import launch
+
+    fn = (torch.randn(5, 3000) * 3).to(DEV)
+    out = launch._prep_fn(fn, 5, 8).float()
+    assert out.shape == (16, 3000)
+    assert (out[5:8] == 0).all() and (out[13:16] == 0).all()
+    assert ((out[:5] + out[8:13] - fn).abs() <= fn.abs() * 2.0**-15).all()
+    assert (out[:5] == fn.bfloat16().float()).all()  # round to nearest even
+
+
 def test_counters_left_zero_and_calls_repeat(L, monkeypatch):
     """The arrival counters must be zero after a launch (the next call relies on it)."""
     from mhc.backends.triton import launch

@@ -1,7 +1,7 @@
 """Ahead-of-time builds of every kernel configuration that n=4, H in {4096, 7168} uses, with no GPU.
 
 ``main(["sm90", "gfx942", "gfx950"])`` compiles ``mix_kernel`` or ``chunk_kernel`` (whichever the
-bucket's config uses; pre, head, fused_post_pre) and ``post_kernel`` for every T bucket of :func:`mhc.backends.triton.launch.configs`, bf16,
+bucket's config uses; pre, head, fused_post_pre; ``prep_kernel`` where the config splits fn first) and ``post_kernel`` for every T bucket of :func:`mhc.backends.triton.launch.configs`, bf16,
 for each arch; prints registers and spills per kernel (CUDA: from ``cuobjdump
 --dump-resource-usage`` on the cubin, as Triton's metadata fills them only when loading on a GPU;
 AMD: the VGPR/SGPR and spill counts that the AMDGCN assembly carries) and returns non-zero if any
@@ -39,7 +39,7 @@ def _target(arch: str):
     raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
 
 
-def _mix_signature(op: str, dtype: torch.dtype) -> dict[str, str]:
+def _mix_signature(op: str, dtype: torch.dtype, prep: bool = False) -> dict[str, str]:
     """Argument types of ``mix_kernel`` as ``launch._mix`` passes them (unused pointers are the
     residual or the output, hence the residual dtype)."""
     act = "*" + _TYPE[dtype]
@@ -48,7 +48,7 @@ def _mix_signature(op: str, dtype: torch.dtype) -> dict[str, str]:
         "res_ptr": act, "x_ptr": act, "new_ptr": act, "out_ptr": act,
         "pm_in_ptr": "*fp32" if fused else act, "cm_in_ptr": "*fp32" if fused else act,
         "post_ptr": act if op == "head" else "*fp32", "comb_ptr": act if op == "head" else "*fp32",
-        "fn_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
+        "fn_ptr": "*bf16" if prep else "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
         "part_ptr": "*fp32", "mix_ptr": "*fp32", "cnt_ptr": "*i32",
         "T": "i32", "H": "i32", "n_splits": "i32", "sk_repeat": "i32",
         "c_a": "i32", "c_b": "i32", "n_b": "i32",
@@ -80,7 +80,15 @@ def _jobs():
                     if key not in seen:
                         seen.add(key)
                         yield (f"{op:<14} H={H:<5} T<={T:<5} {_TYPE[dtype]} {kname}", kname,
-                               _mix_signature(op, dtype), spec, mcfg.num_warps, mcfg.num_stages)
+                               _mix_signature(op, dtype, mcfg.prep), spec, mcfg.num_warps, mcfg.num_stages)
+                    if mcfg.prep:
+                        n3 = spec["N3"]
+                        pspec = dict(N3=n3, N3P=spec["N3P"], BK=launch.PREP_BK, EMULATE_RNE=False)
+                        key = ("prep", tuple(sorted(pspec.items())))
+                        if key not in seen:
+                            seen.add(key)
+                            yield (f"{'prep':<14} N3={n3:<3}", "prep_kernel",
+                                   {"fn_ptr": "*fp32", "out_ptr": "*bf16", "K": "i32"}, pspec, 4, 1)
                 spec = dict(N=4, NP=4, BH=cfg.post_block_h, EMULATE_RNE=False)
                 key = ("post", _TYPE[dtype], tuple(sorted(spec.items())), cfg.post_warps)
                 if key not in seen:
@@ -134,7 +142,7 @@ def _build(job) -> tuple[str, bool, str]:
         # pointers, H a multiple of 16. Without them the builds would not vectorize as the
         # launched kernels do.
         attrs = {(k,): [["tt.divisibility", 16]] for k, a in enumerate(fn.arg_names)
-                 if sig[a].startswith("*") or a == "H"}
+                 if sig[a].startswith("*") or a in ("H", "K")}
         src = triton.compiler.ASTSource(fn=fn, signature={a: sig[a] for a in fn.arg_names},
                                         constexprs=dict(constexprs), attrs=attrs)
         t0 = time.time()

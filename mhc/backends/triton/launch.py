@@ -36,6 +36,8 @@ class Config:
     Single launch: ``rowwise`` collapses one token at a time. Chunked: phase B programs take
     ``block_m_b`` tokens and ``c_steps * block_c`` hidden elements.
     ``num_warps``/``num_stages`` as in Triton. ``post_block_h``/``post_warps``: ``post``'s tile.
+    ``prep``: split fn into bf16 hi/lo once per call (``kernels.prep_kernel``, one small launch)
+    so that the GEMM does one bf16 dot per step with no conversion in the hot loop.
     """
 
     block_m: int
@@ -51,6 +53,7 @@ class Config:
     chunk: int = 0
     block_m_b: int = 16
     c_steps: int = 1
+    prep: bool = False
 
 
 # Per T bucket: (max T, Config fields for pre and head, Config fields for fused_post_pre or None
@@ -73,6 +76,14 @@ _TABLE = (
                rowwise=False, num_warps=4, num_stages=1, **_POST[1]), None),
     (1024, dict(chunk_mib=64, block_m=16, block_h=64, splits=16, block_m_b=4, block_c=256, c_steps=1,
                 rowwise=False, num_warps=4, num_stages=1, **_POST[2]), dict(_SL_MID, **_POST[2])),
+    (None, dict(chunk_mib=32, block_m=64, block_h=64, splits=16, block_m_b=16, block_c=128, c_steps=4,
+                rowwise=False, num_warps=4, num_stages=2, **_POST[3]),
+     dict(_SL_LARGE, block_h=32, num_stages=3, prep=True, **_POST[3])),
+)
+
+#: The table as committed before the fn prep (250f819): the benchmark's baseline ("old"). Run 6
+#: (TUNING.md) moved fused_post_pre at T > 1024 to the prepped fn; pre/head stay as they were.
+_COMMITTED_TABLE = _TABLE[:3] + (
     (None, dict(chunk_mib=32, block_m=64, block_h=64, splits=16, block_m_b=16, block_c=128, c_steps=4,
                 rowwise=False, num_warps=4, num_stages=2, **_POST[3]), dict(_SL_LARGE, **_POST[3])),
 )
@@ -128,7 +139,7 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
         N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p,
         HEAD=head, FUSED=op == "fused_post_pre",
         BM=cfg.block_m, BH=cfg.block_h, STEPS=cfg.h_per_split // cfg.block_h, SP=sp, BC=cfg.block_c,
-        DOT_F32=INTERPRETED, EXACT_BF16=dtype == torch.bfloat16,
+        DOT_F32=INTERPRETED, EXACT_BF16=dtype == torch.bfloat16, PREP=cfg.prep,
     )
     if cfg.chunk:
         return dict(common, CHUNK=cfg.chunk, BMB=cfg.block_m_b, CSTEPS=cfg.c_steps)
@@ -161,6 +172,19 @@ class _Counters:
 
 _COUNTERS = _Counters()
 
+#: Columns of fn per ``prep_kernel`` program.
+PREP_BK = 1024
+
+
+def _prep_fn(fn, n3, n3p):
+    """fn (n3, K) fp32 -> (2*n3p, K) bf16 hi rows then lo rows (``kernels.prep_kernel``). Run on
+    every call (one ~1.5 MB launch at H=4096): no cache to invalidate, CUDA-graph capturable."""
+    K = fn.shape[1]
+    out = torch.empty((2 * n3p, K), dtype=torch.bfloat16, device=fn.device)
+    kernels.prep_kernel[(triton.cdiv(K, PREP_BK),)](
+        fn, out, K, N3=n3, N3P=n3p, BK=PREP_BK, EMULATE_RNE=INTERPRETED, num_warps=4)
+    return out
+
 
 def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
     T, n, H = residual.shape
@@ -180,6 +204,8 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
         x, pm_in, cm_in = fused_inputs
         new = empty((T, n, H), residual.dtype, dev)
     with device_guard(dev):
+        if cfg.prep:
+            fn = _prep_fn(fn, spec["N3"], n3p)
         if cfg.chunk:
             _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
                      post_mix, comb_mix, out, T, H, scalars)
