@@ -2,10 +2,11 @@
 kernels) against autograd of the plain reference, eager and torch.compile'd.
 
 Run on a GPU (not run in CI):  python benchmarks/autograd_bench.py [--T 1024 4096 16384] [--H 4096]
-Prints one line per (op, T, H, implementation): median microseconds of the backward alone (the
+Prints one line per (op, T, H, implementation): median microseconds of the backward alone, the
+achieved GB/s (floor bytes over that time) and the ratio to the floor (the
 forward and graph are built once; ``torch.autograd.grad`` with ``retain_graph`` is timed), and
 the floor: the bytes backward must move (listed per op below) over the device's bandwidth
-(``--gbps``, 3350 for an H100 SXM). tile-kernels' backward kernels (``mhc_post_bwd``,
+(the copy bandwidth measured at the start of the same run by ``mhc.bench.copy_bandwidth``). tile-kernels' backward kernels (``mhc_post_bwd``,
 ``mhc_pre_apply_mix_bwd``, ``mhc_sinkhorn_bwd``) are not wired in: they cover pieces of the
 backward, not the ops; add them here once installed on the benchmark machine.
 """
@@ -17,8 +18,7 @@ import argparse
 import torch
 
 import mhc
-from mhc import checking, reference, registry
-from mhc.registry import Backend, Capabilities
+from mhc import bench, reference
 
 
 def _floor_bytes(op: str, T: int, n: int, H: int) -> int:
@@ -38,20 +38,12 @@ def _time_us(fn, reps: int = 50) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") * 1e3
 
 
-def _register_triton_bwd() -> None:
-    from mhc.backends.triton import backward as tb
-
-    rec = registry.get("triton")
-    registry.register(Backend("triton_bwd", "triton", Capabilities(
-        rec.capabilities.device_types, rec.capabilities.dtypes, ops=frozenset(registry.BACKWARD_OPS)),
-        load=lambda: tb, probe=rec.probe), replace=True)
-
-
 def _case(op: str, T: int, n: int, H: int, impl: str):
-    args, kw = checking.make_inputs(op, (T,), n, H, torch.bfloat16, device="cuda", seed=0)
+    # Drawn on the GPU (make_inputs draws fp64 on the CPU: minutes at T=16384).
+    args, kw = bench.device_inputs(op, T, n, H, torch.device("cuda"), seed=0)
     ins = [a.detach().clone().requires_grad_() for a in args]
     if impl.startswith("mhc"):
-        bwd = {"mhc/torch": "torch", "mhc/triton": "triton_bwd"}[impl]
+        bwd = impl.split("/")[1]
         with mhc.use_backend(**{f"{op}_backward": bwd}):
             out = getattr(mhc, op)(*ins, **kw)
     elif impl == "reference/eager":
@@ -65,25 +57,27 @@ def _case(op: str, T: int, n: int, H: int, impl: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--T", type=int, nargs="+", default=[1, 64, 1024, 4096, 16384])
+    ap.add_argument("--T", type=int, nargs="+", default=[1, 64, 4096, 16384])
     ap.add_argument("--H", type=int, nargs="+", default=[4096, 7168])
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--ops", nargs="+", default=["pre", "post", "head"])
-    ap.add_argument("--gbps", type=float, default=3350.0)
     a = ap.parse_args()
-    _register_triton_bwd()
-    print(f"{'op':5s} {'T':>6s} {'H':>5s} {'impl':18s} {'us':>9s} {'floor us':>9s} {'x floor':>8s}")
+    gbps, how = bench.copy_bandwidth(torch.device("cuda"), 1 << 30, 100)
+    print(f"copy bandwidth {gbps:.0f} GB/s ({how})")
+    print(f"{'op':5s} {'T':>6s} {'H':>5s} {'impl':18s} {'us':>9s} {'GB/s':>7s} {'floor us':>9s} {'x floor':>8s}")
     for op in a.ops:
         for H in a.H:
             for T in a.T:
-                floor = _floor_bytes(op, T, a.n, H) / (a.gbps * 1e3)
+                nbytes = _floor_bytes(op, T, a.n, H)
+                floor = nbytes / (gbps * 1e3)
                 for impl in ("mhc/triton", "mhc/torch", "reference/eager", "reference/compile"):
                     try:
                         us = _time_us(_case(op, T, a.n, H, impl))
                     except Exception as e:  # one failing implementation must not end the table
                         print(f"{op:5s} {T:6d} {H:5d} {impl:18s} failed: {type(e).__name__}: {e}")
                         continue
-                    print(f"{op:5s} {T:6d} {H:5d} {impl:18s} {us:9.1f} {floor:9.1f} {us / floor:8.2f}")
+                    print(f"{op:5s} {T:6d} {H:5d} {impl:18s} {us:9.1f} {nbytes / us / 1e3:7.0f} {floor:9.1f} "
+                          f"{us / floor:8.2f}")
 
 
 if __name__ == "__main__":

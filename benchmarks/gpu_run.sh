@@ -37,7 +37,7 @@ rc=0
 tests="${MHC_TESTS:-all}"
 if [[ $tests != none ]]; then
   k=(); [[ $tests != all ]] && k=(-k "$tests")
-  python3 -m pytest -q -m gpu tests/test_gpu.py -rs -p no:cacheprovider "${k[@]}" >"$OUT/gpu-tests.log" 2>&1
+  python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_autograd.py -rs -p no:cacheprovider "${k[@]}" >"$OUT/gpu-tests.log" 2>&1
   trc=$?; rc=$((rc | trc))
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu-tests.log" | tail -n 25
   echo "gpu tests exit $trc"

@@ -130,7 +130,9 @@ def _ld(ptr, offs, mask, sstride, n_splits, SP: tl.constexpr):
     unrolled so that every split's load is in flight at once). SP=1 is a plain load."""
     v = tl.load(ptr + offs, mask=mask, other=0.0)
     for s in tl.static_range(1, SP):
-        v += tl.load(ptr + s * sstride + offs, mask=mask & (s < n_splits), other=0.0)
+        # (offs * 0 + n_splits): a tensor, because Triton 3.9's interpreter turns tensor & scalar-bool
+        # masks into int32 and rejects them.
+        v += tl.load(ptr + s * sstride + offs, mask=mask & ((offs * 0 + n_splits) > s), other=0.0)
     return v
 
 
