@@ -22,9 +22,10 @@ def _grads(op, args, kwargs, bwd_backend, fwd_backend):
     leaves = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
     with registry.use_backend(**{_BWD[op]: bwd_backend}):
         outs = checking.call(op, tuple(leaves), kwargs, fwd_backend)
-    g = torch.Generator(device=leaves[0].device).manual_seed(5)
-    loss = sum((o.float() * torch.randn(o.shape, generator=g, device=o.device)).sum() for o in outs)
-    loss.backward()
+    # The same upstream gradients for the GPU run and the fp64 CPU oracle: drawn on the CPU.
+    g = torch.Generator().manual_seed(5)
+    ups = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
+    torch.autograd.backward(outs, ups)
     return [leaf.grad for leaf in leaves]
 
 

@@ -1,8 +1,10 @@
 """Ahead-of-time builds of every kernel configuration that n=4, H in {4096, 7168} uses, with no GPU.
 
 ``main(["sm90", "gfx942", "gfx950"])`` compiles ``mix_kernel`` or ``chunk_kernel`` (whichever the
-bucket's config uses; pre, head, fused_post_pre; ``prep_kernel`` where the config splits fn first) and ``post_kernel`` for every T bucket of :func:`mhc.backends.triton.launch.configs`, bf16,
-for each arch; prints registers and spills per kernel (CUDA: from ``cuobjdump
+bucket's config uses; pre, head, fused_post_pre; ``prep_kernel`` where the config splits fn
+first) and ``post_kernel`` for every T bucket of :func:`mhc.backends.triton.launch.configs`, and
+the backward kernels of ``backward.py`` (which the interpreter cannot vouch for: it accepted a
+shape mismatch between the arms of a runtime ``if`` that the compiler rejects), bf16, for each arch; prints registers and spills per kernel (CUDA: from ``cuobjdump
 --dump-resource-usage`` on the cubin, as Triton's metadata fills them only when loading on a GPU;
 AMD: the VGPR/SGPR and spill counts that the AMDGCN assembly carries) and returns non-zero if any
 build fails. ``python -m mhc aot --backend triton --arch sm90,gfx942,gfx950`` calls it.
@@ -63,8 +65,52 @@ def _post_signature(dtype: torch.dtype) -> dict[str, str]:
             "T": "i32", "H": "i32"}
 
 
+def _backward_jobs():
+    """The backward kernels (``backward.py``) for n=4, H in H_VALUES, with every gradient asked
+    for, at the configs of :func:`mhc.backends.triton.backward.configs` (T <= 1024 and above)."""
+    from mhc.backends.triton import backward
+
+    act, f32 = "*bf16", "*fp32"
+    seen = set()
+    for H in H_VALUES:
+        for T in (1, 4096):
+            cfg = backward.configs(4, H, T)
+            for head in (False, True):
+                m = 4 if head else 24
+                spec = dict(N=4, N3=m, N3P=max(16, 1 << (m - 1).bit_length()), NP=4, HEAD=head, BM=cfg["bm"],
+                            BH=cfg["bh"], DOT_PREC=backward._dot_prec())
+                g = act if head else f32
+                sig = {"res_ptr": act, "fn_ptr": f32, "gout_ptr": act, "gpm_ptr": g, "gcm_ptr": g,
+                       "scale_ptr": f32, "base_ptr": f32, "gmix_ptr": f32, "r_ptr": f32, "coef_ptr": f32,
+                       "w_ptr": f32, "part_ptr": f32, "T": "i32", "H": "i32", "rms_eps": "fp32",
+                       "w_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32", "repeat": "i32"}
+                key = ("mix_bwd", tuple(sorted(spec.items())), cfg["num_warps"])
+                if key not in seen:
+                    seen.add(key)
+                    yield (f"{'head' if head else 'pre'}_backward H={H:<5} T<={T:<5} bf16 _mix_bwd_kernel",
+                           "backward._mix_bwd_kernel", sig, spec, cfg["num_warps"], 1)
+                rspec = dict(N=4, N3=m, N3P=spec["N3P"], NEED_RES=True, NEED_FN=True, BM=cfg["bm"], BK=cfg["bk"],
+                             DOT_PREC=spec["DOT_PREC"])
+                rsig = {"res_ptr": act, "fn_ptr": f32, "gout_ptr": act, "gmix_ptr": f32, "r_ptr": f32,
+                        "coef_ptr": f32, "w_ptr": f32, "gres_ptr": act, "gfn_ptr": f32, "T": "i32", "H": "i32"}
+                key = ("res_bwd", tuple(sorted(rspec.items())), cfg["num_warps"])
+                if key not in seen:
+                    seen.add(key)
+                    yield (f"{'head' if head else 'pre'}_backward H={H:<5} T<={T:<5} bf16 _res_bwd_kernel",
+                           "backward._res_bwd_kernel", rsig, rspec, cfg["num_warps"], 1)
+            pspec = dict(N=4, NP=4, NEED_X=True, NEED_RES=True, NEED_PM=True, NEED_CM=True, BH=cfg["post_bh"])
+            psig = {"g_ptr": act, "x_ptr": act, "res_ptr": act, "pm_ptr": f32, "cm_ptr": f32, "gx_ptr": act,
+                    "gres_ptr": act, "gpm_ptr": f32, "gcm_ptr": f32, "H": "i32"}
+            key = ("post_bwd", tuple(sorted(pspec.items())), cfg["num_warps"])
+            if key not in seen:
+                seen.add(key)
+                yield (f"post_backward  H=any   T<={T:<5} bf16 _post_bwd_kernel", "backward._post_bwd_kernel",
+                       psig, pspec, cfg["num_warps"], 1)
+
+
 def _jobs():
-    """(label, kernel name, signature, constexprs, num_warps, num_stages) for every distinct build."""
+    """(label, kernel name, signature, constexprs, num_warps, num_stages) for every distinct build;
+    a kernel name without a module prefix is in ``kernels.py``."""
     from mhc.backends.triton import launch
 
     seen = set()
@@ -95,6 +141,7 @@ def _jobs():
                     seen.add(key)
                     yield (f"{'post':<14} H=any   T<={T:<5} {_TYPE[dtype]}", "post_kernel",
                            _post_signature(dtype), spec, cfg.post_warps, 1)
+    yield from _backward_jobs()
 
 
 def _cuda_resources(cubin: bytes) -> str:
@@ -129,9 +176,10 @@ def _build(job) -> tuple[str, bool, str]:
     try:
         import triton
 
-        from mhc.backends.triton import kernels
+        import importlib
 
-        fn = getattr(kernels, kname)
+        mod, _, name = kname.rpartition(".")
+        fn = getattr(importlib.import_module(f"mhc.backends.triton.{mod or 'kernels'}"), name)
         sig = {a: t for a, t in signature.items() if a in fn.arg_names}
         for name in constexprs:
             sig[name] = "constexpr"

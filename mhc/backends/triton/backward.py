@@ -75,12 +75,14 @@ def _sinkhorn_bwd(c, g, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
             y = _normalise(y, s, eps)
             s += 1
         # step k: out = y / S; dL/dy = (dL/dout - sum(dL/dout * out along the axis)) / S
+        # S is broadcast to y's full shape in both branches: compiled Triton (unlike the
+        # interpreter) requires a variable set in both arms of a runtime `if` to keep one shape.
         if k % 2 == 1:
-            S = tl.sum(y, axis=2)[:, :, None] + eps
+            S = tl.sum(y, axis=2)[:, :, None] + eps + tl.zeros_like(y)
             out = y / S
             g = (g - tl.sum(g * out, axis=2)[:, :, None]) / S
         else:
-            S = tl.sum(y, axis=1)[:, None, :] + eps
+            S = tl.sum(y, axis=1)[:, None, :] + eps + tl.zeros_like(y)
             out = y / S
             g = (g - tl.sum(g * out, axis=1)[:, None, :]) / S
         g = tl.where(valid, g, 0.0)
