@@ -62,6 +62,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--ops", nargs="+", default=["pre", "post", "head"])
     a = ap.parse_args()
+    # The timed closure calls torch.autograd.grad(retain_graph=True) repeatedly, which compiled
+    # backward graphs refuse while they donate their buffers.
+    torch._functorch.config.donated_buffer = False
     gbps, how = bench.copy_bandwidth(torch.device("cuda"), 1 << 30, 100)
     print(f"copy bandwidth {gbps:.0f} GB/s ({how})")
     print(f"{'op':5s} {'T':>6s} {'H':>5s} {'impl':18s} {'us':>9s} {'GB/s':>7s} {'floor us':>9s} {'x floor':>8s}")
