@@ -64,6 +64,8 @@ def main() -> None:
     a = ap.parse_args()
     # The timed closure calls torch.autograd.grad(retain_graph=True) repeatedly, which compiled
     # backward graphs refuse while they donate their buffers.
+    import torch._functorch.config
+
     torch._functorch.config.donated_buffer = False
     gbps, how = bench.copy_bandwidth(torch.device("cuda"), 1 << 30, 100)
     print(f"copy bandwidth {gbps:.0f} GB/s ({how})")
