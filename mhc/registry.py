@@ -285,15 +285,29 @@ def t_bucket(T: int) -> int:
 def auto_order(platform: str, op: str, T: int) -> tuple[str, ...]:
     """The order ``auto`` tries backends in; the first that can serve wins.
 
-    ROCm: AITER's HIP kernels, then Triton, then torch. CUDA: the fastest measured GPU backend
-    first (see the figures cited in README.md's backend table), then torch. CPU and others: torch
-    (the Triton interpreter serves CPU tensors only when asked for explicitly: it is a test tool).
+    ROCm: AITER's HIP kernels, then Triton, then torch. CPU and others: torch (the Triton
+    interpreter serves CPU tensors only when asked for by name: it is a test tool).
+    CUDA, from the H100 run of 2026-11-23 (benchmarks/README.md; warm µs, H=4096 / 7168):
+
+    - ``post``: TileLang, at or under Triton everywhere (T=1: 1.4 vs 1.5 µs; T=16384:
+      400 vs 421 / 699 vs 733 µs; both ~1.0x the floor).
+    - ``pre``/``head``/``fused_post_pre`` with T <= 64 (bucket 0): Triton (pre T=1: 10.8 vs 20.5,
+      T=64: 11.5 vs 21.6 / 16.2 vs 21.5; head T=1: 5.8 vs 9.8; fused T=1: 12.9 vs 22.1; the
+      exceptions, fused at H=7168 with T=8 (23.9 vs 22.1) and T=64 (28.9 vs 23.6), are left to
+      the bucket: one bucket boundary keeps the decision cache small).
+    - the same ops with T > 64: TileLang (pre T=512: 27.7 vs 34.9 / 46.3 vs 64.0, T=16384:
+      556 vs 622 / 1073 vs 1119; head T=4096: 123 vs 142 / 222 vs 332; fused T=4096: 263 vs 422 /
+      509 vs 724).
+    - Backward ops: TileLang has none (its reason), so Triton serves them, then torch.
+
     Third-party backends come after the built-ins unless named explicitly.
     """
     if platform == "rocm":
         return ("aiter", "triton", "torch")
     if platform == "cuda":
-        return ("tilelang", "triton", "torch")
+        if op == "post" or t_bucket(T) > 0:
+            return ("tilelang", "triton", "torch")
+        return ("triton", "tilelang", "torch")
     return ("torch",)
 
 

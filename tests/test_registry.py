@@ -219,7 +219,29 @@ def test_register_rejects_taken_and_invalid_names():
 def test_auto_order_per_platform():
     assert registry.auto_order("rocm", "pre", 1)[0] == "aiter"
     assert registry.auto_order("cpu", "pre", 1) == ("torch",)
-    assert registry.auto_order("cuda", "pre", 1)[-1] == "torch"
+    # CUDA: measured winners per op and T bucket (figures in auto_order's docstring)
+    assert registry.auto_order("cuda", "pre", 1) == ("triton", "tilelang", "torch")
+    assert registry.auto_order("cuda", "head", 64) == ("triton", "tilelang", "torch")
+    assert registry.auto_order("cuda", "pre", 65)[0] == "tilelang"
+    assert registry.auto_order("cuda", "fused_post_pre", 16384)[0] == "tilelang"
+    assert registry.auto_order("cuda", "post", 1)[0] == "tilelang"
+    assert registry.auto_order("cuda", "pre_backward", 4096)[-1] == "torch"
+
+
+def test_auto_decision_follows_the_token_bucket(monkeypatch):
+    """The decision cache is keyed by T bucket, so a model that alternates decode (T=1) and
+    prefill (T=4096) calls gets each bucket's backend, not the first one it saw."""
+    seen = []
+
+    def order(platform, op, T):
+        seen.append(registry.t_bucket(T))
+        return ("torch",)
+
+    monkeypatch.setattr(registry, "auto_order", order)
+    registry._STATE.decisions.clear()
+    for T in (1, 4096, 1, 4096):
+        registry.select("pre", torch.device("cpu"), torch.bfloat16, 4, 32, T)
+    assert seen == [0, 2]
 
 
 _EP_PKG = '''
