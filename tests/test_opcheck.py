@@ -36,3 +36,22 @@ def test_compile_fullgraph_block_matches_eager():
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager", dynamic=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(r), block(r), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", registry.OPS)
+def test_wrappers_skip_autograd_only_when_no_gradient_can_flow(op):
+    """The public wrappers go below the (Python) autograd kernel when nothing requires grad: same
+    outputs, no graph. When an input requires grad they keep the autograd path."""
+    args, kwargs = checking.make_inputs(op, (3,), 4, 32, torch.bfloat16, seed=10)
+    plain = checking.call(op, args, kwargs)
+    assert all(o.grad_fn is None and not o.requires_grad for o in plain)
+    via_op = getattr(torch.ops.mhc, op).default(*args, **kwargs)
+    for a, b in zip(plain, via_op if isinstance(via_op, tuple) else (via_op,)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    tracked = [a.detach().clone().requires_grad_(i == 0) for i, a in enumerate(args)]
+    outs = checking.call(op, tuple(tracked), kwargs)
+    assert any(o.grad_fn is not None for o in outs)
+    with torch.no_grad():
+        assert all(o.grad_fn is None for o in checking.call(op, tuple(tracked), kwargs))
+    with torch.inference_mode():
+        assert len(checking.call(op, args, kwargs)) == len(plain)
