@@ -12,14 +12,7 @@ import mhc
 from mhc import backward, checking, reference, registry
 from mhc.registry import Backend, BackendError, Capabilities
 
-#: Relative Frobenius error bounds of the op's gradients against fp64 autograd of the reference,
-#: by gradient kind and residual dtype. "act": gradients in the activation dtype (residual, x):
-#: bf16 rounding of the result dominates (~3e-3 seen). "mix": fp32 gradients of parameters and
-#: mixes (fn, hc_scale, hc_base, post_mix, comb_mix): fp32 accumulation over T*n*H terms.
-GRAD_TOL = {
-    torch.bfloat16: {"act": 1e-2, "mix": 1e-4},
-    torch.float32: {"act": 1e-5, "mix": 1e-5},
-}
+GRAD_TOL = checking.GRAD_TOLERANCES  # one table, beside the forward one
 
 #: Names and kinds of each op's differentiable inputs, in argument order.
 GRAD_INPUTS = {

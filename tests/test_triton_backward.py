@@ -8,17 +8,14 @@ import pytest
 import torch
 
 import mhc
-from mhc import backward, checking, registry
-from mhc.registry import Backend, Capabilities
+from mhc import backward, checking
 
 from conftest import DEVICE, backend_reasons
 
 _why = backend_reasons("triton")
 pytestmark = pytest.mark.skipif(bool(_why), reason="triton cannot serve here: " + "; ".join(_why))
 
-#: Relative Frobenius error bounds vs the fp64 backward math: bf16 activation gradients carry
-#: their rounding (~4e-3); fp32 gradients of parameters and mixes are fp32 sums (~1e-6 seen).
-TOL = {"act": 1e-2, "mix": 1e-4}
+TOL = checking.GRAD_TOLERANCES[torch.bfloat16]  # the inputs below are bf16
 KINDS = {"pre": ("act", "mix", "mix", "mix"), "head": ("act", "mix", "mix", "mix"),
          "post": ("act", "act", "mix", "mix")}
 
@@ -86,19 +83,7 @@ def test_triton_backward_output_mask(op, mask):
             assert checking.rel_error(o, r) < TOL[kind]
 
 
-@pytest.fixture
-def triton_bwd():
-    """A record serving only the backward ops with the Triton kernels, as the triton backend's own
-    record will once it lists them (see the module docstring of mhc/backends/triton/backward.py)."""
-    rec = registry.get("triton")
-    registry.register(Backend("triton_bwd", "triton", Capabilities(
-        rec.capabilities.device_types, rec.capabilities.dtypes, ops=frozenset(registry.BACKWARD_OPS)),
-        load=_tb, probe=rec.probe))
-    yield
-    registry.unregister("triton_bwd")
-
-
-def test_triton_backward_through_autograd(triton_bwd):
+def test_triton_backward_through_autograd():
     """A pre -> post -> fused -> head chain: the gradients with the Triton backward ops equal the
     torch backend's. fp16, not bf16: the Triton interpreter rounds fp32 -> bf16 by truncation (half
     of all casts differ from round-to-nearest-even; GPUs round to nearest), which over four ops of
@@ -116,7 +101,8 @@ def test_triton_backward_through_autograd(triton_bwd):
         return torch.autograd.grad(out.float().square().sum(), ins)
 
     expected = grads()
-    with mhc.use_backend(pre_backward="triton_bwd", post_backward="triton_bwd", head_backward="triton_bwd"):
+    # the triton backend's own record, which lists the backward ops
+    with mhc.use_backend(pre_backward="triton", post_backward="triton", head_backward="triton"):
         got = grads()
     for name, g, e in zip(("residual", "fn", "hc_scale", "hc_base", "head fn"), got, expected):
         err = checking.rel_error(g, _f64(e))
