@@ -52,7 +52,9 @@ def test_check_fails_loudly_when_a_backend_disagrees(tmp_path):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wrongmhc\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[mhc.backends]\nwrong = wrongmhc:BACKEND\n")
     env = {"PYTHONPATH": f"{tmp_path}:{ROOT}"}
-    out = _mhc("check", "--backend", "wrong", "--H", "64", "--T", "4", "--reps", "1", env_extra=env)
+    # --device cpu: the plug-in serves CPU tensors only, and a GPU machine's default device is cuda.
+    out = _mhc("check", "--backend", "wrong", "--device", "cpu", "--H", "64", "--T", "4", "--reps", "1",
+               env_extra=env)
     assert out.returncode == 1
     assert "DISAGREES WITH THE REFERENCE" in out.stdout and "wrong.post" in out.stdout
 
