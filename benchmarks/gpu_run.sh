@@ -22,6 +22,11 @@ site="${MHC_GPU_SITE:-.gpu-site}"
 if [[ -f $site/site.tar.xz && ! -d /tmp/site/tilelang ]]; then
   mkdir -p /tmp/site && tar -xJf "$site/site.tar.xz" -C /tmp/site
 fi
+# Extra wheels in $site/whl (e.g. pytest-xdist and execnet, which MHC_TESTS=suite uses to run
+# the suite on several CPU cores: the contract tests' time is mostly kernel compilation).
+if compgen -G "$site/whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$site"/whl/*.whl
+fi
 # (tlcache.tar.xz: the same, packed: TileLang's cache is ~0.4 MB a kernel, 5x less compressed,
 # and a call carries 64 MiB at most.)
 if [[ ! -d $TILELANG_CACHE_DIR ]]; then
@@ -45,8 +50,9 @@ if [[ $tests != none ]]; then
     # The whole suite on the GPU: every backend that can serve CUDA tensors runs the contract
     # tests (derandomised draws, as in CI). TileLang compiles one kernel per (op, n, H) drawn,
     # ~10 s each: carry them precompiled in $site/tlcache (python -m mhc aot ... --n ... --H ...).
+    par=(); python3 -c "import xdist" 2>/dev/null && par=(-n "${MHC_TEST_JOBS:-8}")
     MHC_HYPOTHESIS_PROFILE=${MHC_HYPOTHESIS_PROFILE:-ci} python3 -m pytest -q tests -rfEs -p no:cacheprovider \
-      >"$OUT/gpu-tests.log" 2>&1
+      "${par[@]}" --durations=15 >"$OUT/gpu-tests.log" 2>&1
   else
     k=(); [[ $tests != all ]] && k=(-k "$tests")
     python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_autograd.py -rs -p no:cacheprovider "${k[@]}" >"$OUT/gpu-tests.log" 2>&1
