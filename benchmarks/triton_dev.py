@@ -1,6 +1,6 @@
 """Triton backend: correctness at real sizes, copy bandwidth, timings and a config sweep (one GPU call).
 
-``python benchmarks/triton_dev.py [--quick] [--no-sweep] [--no-compile] [--no-old] [--jobs N]``
+``python benchmarks/triton_dev.py [--quick] [--no-sweep] [--no-compile] [--no-old] [--small] [--T ...] [--jobs N]``
 on a CUDA machine. Prints, per op/H/T: the error against the fp64 reference (outputs poisoned
 with NaN first), the Triton time (CUDA-graph replays, median), GB/s, the ratio to the floor (bytes
 that must move / measured copy bandwidth), the previously committed table's time ("old",
@@ -8,7 +8,9 @@ that must move / measured copy bandwidth), the previously committed table's time
 Small T timings are L2-warm (inputs fit in L2), as in the peers' figures. The sweep times other
 launch configs of ``pre``; ``--diag`` times the chunked path's launch schedules (phase A alone,
 phase B alone after all of A, A/B alternating, the overlapped default) to show whether phase B's
-re-read comes from L2. Kernels are compiled first by ``--jobs`` processes in parallel (Triton's
+re-read comes from L2; ``--small`` times the small-T variants (``SMALL``) beside the old and new
+tables, the Sinkhorn's share at T=1, a one-program kernel's launch floor, and checks odd shapes
+(n in 1, 2, 8; H in 1, 100, 384). Kernels are compiled first by ``--jobs`` processes in parallel (Triton's
 cache is shared). The chosen table lives in ``mhc/backends/triton/launch.py`` and the figures in
 ``mhc/backends/triton/TUNING.md``.
 """
@@ -124,6 +126,7 @@ def _c(mib, bm, bh, sp, bmb, bc, cs, w=4, st=2):
 
 
 OLD = L._COMMITTED_TABLE
+NEW = L._TABLE  # as imported (workers switch L._TABLE between jobs)
 def _p(mib, bm, bh, sp, w, st, prep=True, bmb=16, bc=128, cs=4):
     return dict(_c(mib, bm, bh, sp, bmb, bc, cs, w=w, st=st), prep=prep)
 
@@ -137,6 +140,148 @@ SWEEP = {  # (op, T) -> candidate rows (Config fields); chunked where chunk_mib 
     ("head", 4096): [_p(32, 64, 32, 16, 4, 3), _p(32, 128, 32, 16, 4, 3)],
     ("fused_post_pre", 4096): [_sl(64, 64, 4, 8, 2), _sl(64, 32, 8, 8, 3)],
 }
+
+
+_TINY = dict(block_m=16, block_h=64, splits=128, block_c=2048, rowwise=True, num_warps=4, num_stages=1,
+             post_block_h=256, post_warps=1)
+_TAIL4 = dict(_TINY, block_c=1024, sk_elem=True, tail=True, tail_rows=1)
+_CH = dict(chunk_mib=64, block_m=16, block_h=64, splits=32, block_m_b=4, block_c=256, c_steps=1,
+           rowwise=False, num_warps=4, num_stages=1, post_block_h=512, post_warps=2)
+_CHN = dict(_CH, sk_elem=True, b_split=True)
+#: Small-T variants: name -> (T values, the whole table to run). "old" is OLD, "new" launch._TABLE.
+#: Run 7 (first H100 call) also had: 8 warps in the tail (1.5 us slower than 4 at T=1: the 8 warps
+#: issue the same in-thread Sinkhorn twice per scheduler), early prefetch (no change), 32 splits
+#: (2-6 us slower), the chunked path with 2 stages (slower).
+SMALL = {
+    "tail bh64": ((1,), ((1, _TAIL4, None),)),
+    "tail bh32": ((1,), ((1, dict(_TAIL4, block_h=32, splits=256), None),)),
+    "tail bh32 pf512": ((1,), ((1, dict(_TAIL4, block_h=32, splits=256, tail_pf_bytes=512), None),)),
+    "tail 2 rows bh32": ((2,), ((2, dict(_TAIL4, block_h=32, splits=256, tail_rows=2), None),)),
+    "chunk s32": ((2, 8, 64), ((None, _CHN, None),)),
+    "chunk s64": ((2, 8, 64), ((None, dict(_CHN, splits=64), None),)),
+    "chunk s64 bmb8": ((8, 64), ((None, dict(_CHN, splits=64, block_m_b=8), None),)),
+    "chunk bh32 s128": ((8, 64), ((None, dict(_CHN, block_h=32, splits=128), None),)),
+    "chunk bm64 s128": ((8, 64), ((None, dict(_CHN, block_m=64, splits=128), None),)),
+}
+SMALL_OPS = ("pre", "head", "fused_post_pre")
+#: Per-output bounds (relative Frobenius error vs the fp64 reference), outputs in return order.
+TOL = {"pre": [1e-3, 1e-3, 1e-2], "post": [1e-2], "head": [1e-2], "fused_post_pre": [1e-2, 1e-3, 1e-3, 1e-2]}
+
+
+def small_jobs(Hs):
+    """(variant, op, H, T) of the small-T sweep."""
+    return [(name, op, H, T) for name, (Ts, _) in SMALL.items() for H in Hs for T in Ts for op in SMALL_OPS]
+
+
+def small(dev, bw, Hs):
+    """Small-T variants beside the committed table ("old") and the current one ("new"), each checked
+    against the fp64 reference with poisoned outputs; and the Sinkhorn's share at T=1
+    (sinkhorn_repeat 1 vs 20) for old and new."""
+    print("\n# small-T variants (us; err = max relative error of all outputs)")
+    saved = L._TABLE
+    try:
+        for H in Hs:
+            for T in (1, 2, 8, 64):
+                d = make(T, H, dev, seed=T + H + 1)
+                names = ["old", "new"] + [n for n, (Ts, _) in SMALL.items() if T in Ts]
+                for op in SMALL_OPS:
+                    cells = []
+                    for name in names:
+                        L._TABLE = _table(name)
+                        try:
+                            f = calls(d, L)[op]
+                            backends._ALLOCATOR = _nan_empty
+                            try:
+                                errs = errors(op, d, f())
+                            finally:
+                                backends._ALLOCATOR = backends._plain_empty
+                            ok = all(e == e and e < t for e, t in zip(errs, TOL[op]))
+                            us = bench(f)
+                            cells.append(f"{name}: {us:.1f}{'' if ok else ' ERR ' + ' '.join(f'{e:.1e}' for e in errs)}")
+                        except Exception as e:
+                            cells.append(f"{name}: FAILED {type(e).__name__}: {str(e)[:120]}")
+                    print(f"small {op:<14} H={H} T={T:<3} " + " | ".join(cells), flush=True)
+            d = make(1, H, dev, seed=H)
+            e1 = list(EPS.values())
+            e1[-1] = 1
+            for name in ("old", "new"):
+                L._TABLE = _table(name)
+                f20 = calls(d, L)["pre"]
+                f1 = lambda: L.pre(d["residual"], d["fn"], d["scale"], d["base"], *e1)  # noqa: E731
+                print(f"small sinkhorn share, pre H={H} T=1 {name}: repeat 20 {bench(f20):.1f} us,"
+                      f" repeat 1 {bench(f1):.1f} us", flush=True)
+    finally:
+        L._TABLE = saved
+
+
+def launch_floor(dev):
+    """One tiny Triton kernel (one program, one store) under CUDA-graph replay: the launch floor."""
+    import triton.language as tl
+
+    @triton.jit
+    def _one(p):
+        tl.store(p, 1.0)
+
+    buf = torch.empty(1, device=dev)
+    us = bench(lambda: _one[(1,)](buf))
+    print(f"launch floor (one-program Triton kernel, graph replay): {us:.2f} us", flush=True)
+
+
+#: Odd shapes: (n, H) x T (T=1: the register tail; 5: the chunked small-T bucket), bf16;
+#: fp16 at one shape.
+ODD = [(n, H, T, torch.bfloat16) for n in (1, 2, 8) for H in (1, 100, 384) for T in (1, 5)] + \
+    [(8, 100, T, torch.float16) for T in (1, 5)]
+
+
+def _odd_one(case, dev):
+    """Every op at one odd shape through the current table; failures as strings."""
+    from mhc import checking
+
+    n, H, T, dtype = case
+    fails = []
+    for op in ("pre", "post", "head", "fused_post_pre"):
+        args, kw = checking.make_inputs(op, (T,), n, H, dtype, device=dev, seed=n * 1000 + H + T)
+        backends._ALLOCATOR = _nan_empty
+        try:
+            out = getattr(L, op)(*args, **kw)
+        finally:
+            backends._ALLOCATOR = backends._plain_empty
+        out = out if isinstance(out, tuple) else (out,)
+        refs = checking.oracle(op, args, kw)
+        if op == "fused_post_pre":
+            a = [checking._f64(t) for t in args]
+            refs = (refs[0], *R.pre(checking._f64(out[0]), *a[4:], **kw))
+        res = checking.compare(op, out, refs, dtype)
+        fails += [f"{op} n={n} H={H} T={T} {dtype}: {k} {e:.1e} > {t:g}" for k, e, t in res if not e <= t]
+    return fails
+
+
+def _warm_odd(case):
+    L._TABLE = NEW
+    try:
+        _odd_one(case, torch.device("cuda"))
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:
+        return f"odd {case}: {type(e).__name__}: {str(e)[:200]}"
+
+
+def odd_shapes(dev):
+    """Every op through the current table at ``ODD``, against the fp64 oracle (``mhc.checking``),
+    outputs poisoned; fused's pre half against the reference run on the kernel's own new residual
+    (tiny H: 1-ulp residual differences move the mixes). Returns the number of failing shapes."""
+    bad = 0
+    for case in ODD:
+        try:
+            fails = _odd_one(case, dev)
+        except Exception as e:
+            fails = [f"{case}: {type(e).__name__}: {str(e)[:300]}"]
+        for f in fails:
+            print(f"odd FAIL {f}", flush=True)
+        bad += bool(fails)
+    print(f"odd shapes: {len(ODD)} shapes (n in 1, 2, 8; H in 1, 100, 384; T in 1, 5), 4 ops: "
+          f"{bad} failing", flush=True)
+    return bad
 
 
 def sweep_jobs(Hs):
@@ -217,9 +362,11 @@ def diag(dev, bw, H, T, table=None, name="new"):
 def _table(key):
     """A hashable name for a table -> the table: "new", "old", or a sweep row's sorted items."""
     if key == "new":
-        return L._TABLE
+        return NEW
     if key == "old":
         return OLD
+    if isinstance(key, str):
+        return SMALL[key][1]
     return ((None, dict(key), None),)
 
 
@@ -236,13 +383,16 @@ def _warm(job):
         return f"{op} H={H} T={T}: {type(e).__name__}: {str(e)[:200]}"
 
 
-def warm_all(jobs, n):
+def warm_all(jobs, n, odd=()):
     """``jobs``: (table key, op, H, T). T is replaced by a small T of the same bucket and the same
-    integer specialisation (a multiple of 16 stays one), which compiles the same kernel."""
+    integer specialisation (a multiple of 16 stays one), which compiles the same kernel. ``odd``:
+    cases of :func:`odd_shapes` to compile too."""
     t0 = time.time()
     uniq = list(dict.fromkeys((k, op, H, T if T <= 1024 else 2048) for k, op, H, T in jobs))
     with mp.get_context("spawn").Pool(n) as pool:
+        res = pool.map_async(_warm_odd, list(odd))
         fails = [f for f in pool.imap_unordered(_warm, uniq) if f]
+        fails += [f for f in res.get() if f]
     print(f"warm-up: {len(uniq)} calls in {time.time() - t0:.0f}s on {n} processes; failures: {fails}", flush=True)
 
 
@@ -254,6 +404,8 @@ def main():
     ap.add_argument("--no-old", action="store_true", help="skip the single-launch baseline")
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--diag", action="store_true")
+    ap.add_argument("--small", action="store_true", help="small-T variants, launch floor, odd shapes")
+    ap.add_argument("--ops", nargs="*", default=["pre", "post", "head", "fused_post_pre"])
     ap.add_argument("--jobs", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--compile-T", type=int, nargs="*", default=[1, 4096])
     ap.add_argument("--T", type=int, nargs="*", help="token counts (default: 1 8 64 512 4096 16384)")
@@ -262,23 +414,28 @@ def main():
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     Hs = (4096,) if args.quick else (4096, 7168)
     Ts = args.T or ((1, 512, 4096) if args.quick else (1, 8, 64, 512, 4096, 16384))
-    ops = ("pre", "post", "head", "fused_post_pre")
+    ops = tuple(args.ops)
     jobs = [("new", op, H, T) for H in Hs for T in Ts for op in ops]
+    if args.small:
+        jobs += small_jobs(Hs) + [(k, op, H, T) for k in ("old", "new") for H in Hs for T in (1, 2, 8, 64)
+                                  for op in SMALL_OPS]
     if not args.no_old:
         jobs += [("old", op, H, T) for H in Hs for T in Ts for op in ops if op != "post"]
     if not args.no_sweep:
         jobs += [(tuple(sorted(row.items())), op, H, T) for op, H, T, row in sweep_jobs(Hs)]
     if args.jobs > 1:
-        warm_all(jobs, args.jobs)
+        warm_all(jobs, args.jobs, ODD if args.small else ())
     bw = copy_bandwidth(dev)
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     rows = []
     bad = 0
-    tol = {"pre": [1e-3, 1e-3, 1e-2], "post": [1e-2], "head": [1e-2], "fused_post_pre": [1e-2, 1e-3, 1e-3, 1e-2]}
+    tol = TOL
     for H in Hs:
         for T in Ts:
             d = make(T, H, dev, seed=T + H)
             for op, f in calls(d, L).items():
+                if op not in ops:
+                    continue
                 backends._ALLOCATOR = _nan_empty
                 try:
                     errs = errors(op, d, f())
@@ -316,6 +473,10 @@ def main():
                 diag(dev, bw, H, 4096, ((None, row, None),), "sweep")
     if not args.no_sweep:
         sweep(dev, bw, Hs)
+    if args.small:
+        launch_floor(dev)
+        small(dev, bw, Hs)
+        bad += odd_shapes(dev)
     print("\n| op | H | T | triton us | GB/s | x floor | old us | old x floor | eager us | compile us |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for op, H, T, us, gbs, ratio, floor_us, old_us, ref_us, comp_us in rows:

@@ -141,6 +141,36 @@ def test_prep_split_fn(L, monkeypatch, kind, T, n, dtype):
     assert launch.configs(n, 40, T).prep
     check_all_ops(L, T, n, 40, dtype, seed=T + n)
 
+# The small-T paths: the single-launch kernel's register tail (T <= tail_rows; some hidden chunks
+# prefetched, the rest loaded after, early prefetch or not) and the chunked kernel with the in-thread
+# Sinkhorn and the separate post/comb program (b_split); H=40 masks the tiles, n from 1 to 8.
+_TAIL = dict(block_m=16, block_h=16, splits=3, block_c=16, rowwise=True, num_warps=4, num_stages=1,
+             post_block_h=64, post_warps=1, sk_elem=True, tail=True)
+_SMALL_T_ROWS = {
+    "tail": (1, dict(_TAIL, tail_rows=1)),
+    "tail-early": (1, dict(_TAIL, tail_rows=1, pf_early=True)),
+    "tail-2rows": (2, dict(_TAIL, tail_rows=2)),
+    "sk-elem-old-tail": (2, dict(_TAIL, tail=False)),
+    "chunk-bsplit": (None, dict(_SMALL_CHUNKS, sk_elem=True, b_split=True, c_steps=1)),
+    "chunk-bsplit-csteps": (None, dict(_SMALL_CHUNKS, sk_elem=True, b_split=True)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_SMALL_T_ROWS))
+@pytest.mark.parametrize("n,dtype", [(4, torch.bfloat16), (8, torch.float16), (3, torch.bfloat16), (1, torch.bfloat16)])
+def test_small_t_paths(L, monkeypatch, kind, n, dtype):
+    from mhc.backends.triton import launch
+
+    max_t, row = _SMALL_T_ROWS[kind]
+    monkeypatch.setattr(launch, "_TABLE", ((max_t, row, None), (None, _SMALL_CHUNKS, None)))
+    if row.get("tail"):
+        # A budget of 2 chunks a row: part of H prefetched, the rest loaded after the mixes.
+        monkeypatch.setattr(launch, "TAIL_PF_BYTES", -(-2 * row["tail_rows"] * n * 16 * 2 // 128))
+        assert launch.configs(n, 40, 1).tail_pf == 2 or n == 1
+    for T in ((1, 2) if max_t == 2 else (1,) if max_t == 1 else (5, 33)):
+        check_all_ops(L, T, n, 40, dtype, seed=T + n + len(kind))
+
+
 def test_prep_kernel_splits_fn_exactly():
     """hi + lo of prep_kernel reproduce fn to ~2**-16 relative, padding rows are 0."""
     from mhc.backends.triton import launch

@@ -125,6 +125,120 @@ def _sinkhorn(c, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
+def _elems(x, BM: tl.constexpr, W: tl.constexpr):
+    """[BM, W] -> a tuple of W tensors [BM], the columns in order (W a power of two, <= 128).
+
+    Built by halving the last axis with ``tl.split``, which makes the compiler keep each row's W
+    values in one thread: whatever is computed on the results needs no cross-thread step."""
+    if W == 1:
+        t = (tl.reshape(x, [BM]),)
+    else:
+        t = (x,)
+        for lv in tl.static_range(7):
+            if (1 << lv) < W:
+                new = ()
+                for k in tl.static_range(1 << lv):
+                    if (W >> lv) == 2:
+                        a, b = tl.split(t[k])
+                    else:
+                        a, b = tl.split(tl.permute(tl.reshape(t[k], [BM, 2, W >> (lv + 1)]), [0, 2, 1]))
+                    new = new + (a, b)
+                t = new
+    return t
+
+
+@triton.jit
+def _rcp(x):
+    """1 / x for x > 0 as rsqrt(x)**2: two instructions on sm90 (MUFU.RSQ, FMUL), where ``1.0 / x``
+    (the approximate fp32 division) adds six range fix-ups; ~3e-7 relative error. The Sinkhorn
+    loop is a chain of 40 such steps, so this is its latency."""
+    r = tl.math.rsqrt(x)
+    return r * r
+
+
+@triton.jit
+def _sk_rows(c, eps, N: tl.constexpr, NP: tl.constexpr):
+    """One row normalisation of the tuple form of :func:`_sinkhorn_elems`."""
+    out = ()
+    for i in tl.static_range(NP):
+        if i < N:
+            s = c[i * NP]
+            for j in tl.static_range(1, N):
+                s = s + c[i * NP + j]
+            r = _rcp(s + eps)
+            for j in tl.static_range(NP):
+                if j < N:
+                    out = out + (c[i * NP + j] * r,)
+                else:
+                    out = out + (c[i * NP + j],)
+        else:
+            for j in tl.static_range(NP):
+                out = out + (c[i * NP + j],)
+    return out
+
+
+@triton.jit
+def _sk_cols(c, eps, N: tl.constexpr, NP: tl.constexpr):
+    """One column normalisation of the tuple form of :func:`_sinkhorn_elems`."""
+    r = ()
+    for j in tl.static_range(N):
+        s = c[j]
+        for i in tl.static_range(1, N):
+            s = s + c[i * NP + j]
+        r = r + (_rcp(s + eps),)
+    out = ()
+    for i in tl.static_range(NP):
+        for j in tl.static_range(NP):
+            if i < N:
+                if j < N:
+                    out = out + (c[i * NP + j] * r[j],)
+                else:
+                    out = out + (c[i * NP + j],)
+            else:
+                out = out + (c[i * NP + j],)
+    return out
+
+
+@triton.jit
+def _sinkhorn_elems(c, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
+    """:func:`_sinkhorn` on comb logits held as a tuple of NP*NP tensors of one shape, entry
+    ``i*NP + j`` = (source i, destination j); entries with i or j >= N pass through untouched.
+
+    Every thread holds whole matrices (:func:`_elems`), so the 2*repeat normalisations are
+    in-thread adds and one reciprocal per row or column (:func:`_rcp`): no shuffles, no shared
+    memory."""
+    out = ()
+    for i in tl.static_range(NP):
+        if i < N:
+            mx = c[i * NP]
+            for j in tl.static_range(1, N):
+                mx = tl.maximum(mx, c[i * NP + j])
+            ex = ()
+            tot = 0.0
+            for j in tl.static_range(N):
+                v = tl.exp(c[i * NP + j] - mx)
+                ex = ex + (v,)
+                tot = tot + v
+            r = _rcp(tot)
+            for j in tl.static_range(NP):
+                if j < N:
+                    out = out + (ex[j] * r + eps,)
+                else:
+                    out = out + (c[i * NP + j],)
+        else:
+            for j in tl.static_range(NP):
+                out = out + (c[i * NP + j],)
+    c = _sk_cols(out, eps, N, NP)
+    # while, not range: the interpreter cannot take a run-time range bound (newer numpy).
+    it = 1
+    while it < repeat:
+        c = _sk_rows(c, eps, N, NP)
+        c = _sk_cols(c, eps, N, NP)
+        it += 1
+    return c
+
+
+@triton.jit
 def _ld(ptr, offs, mask, sstride, n_splits, SP: tl.constexpr):
     """``sum_{s < n_splits} ptr[s * sstride + offs]`` (fp32; ``SP`` >= n_splits, a power of two;
     unrolled so that every split's load is in flight at once). SP=1 is a plain load."""
@@ -171,10 +285,11 @@ def _pre_weights(mix_ptr, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstr
 def _post_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K,
                rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits,
                N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
-               BM: tl.constexpr, SP: tl.constexpr):
+               BM: tl.constexpr, SP: tl.constexpr, SK_ELEM: tl.constexpr = False):
     """``pre``'s other outputs for one token block (logits as in :func:`_pre_weights`): writes the
     ``post_mix`` rows ([n_rows, N] at ``post_ptr``) and the Sinkhorn-normalised ``comb_mix`` rows
-    ([n_rows, N, N] at ``comb_ptr``), fp32."""
+    ([n_rows, N, N] at ``comb_ptr``), fp32. ``SK_ELEM``: Sinkhorn on one tensor per matrix entry
+    (:func:`_sinkhorn_elems`, in-thread) instead of [BM, NP, NP] tiles with cross-thread sums."""
     rows = tl.arange(0, BM)
     ok = rows < n_rows
     rms = _rms(mix_ptr, rows, n_rows, K, rms_eps, sstride, n_splits, N3, N3P, SP)
@@ -188,16 +303,30 @@ def _post_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K,
     w_post = tl.sigmoid(m_post * rms[:, None] * s1 + b_post[None, :]) * post_mult
     tl.store(post_ptr + rows[:, None] * N + c[None, :], w_post, mask=ok[:, None] & cm[None, :])
 
-    i3 = tl.arange(0, NP)[None, :, None]
-    j3 = tl.arange(0, NP)[None, None, :]
-    ij = i3 * N + j3
-    m3 = (i3 < N) & (j3 < N)
-    m_comb = _ld(mix_ptr, rows[:, None, None] * N3P + 2 * N + ij, ok[:, None, None] & m3,
-                 sstride, n_splits, SP)
-    b_comb = tl.load(base_ptr + 2 * N + ij, mask=m3, other=0.0)
-    comb = _sinkhorn(m_comb * rms[:, None, None] * s2 + b_comb, sk_repeat, sk_eps, N, NP)
-    tl.store(comb_ptr + rows[:, None, None] * (N * N) + ij, comb,
-             mask=ok[:, None, None] & m3)
+    if SK_ELEM:
+        # [BM, NP*NP] logits (k = i*NP + j), then one tensor per entry: Sinkhorn in-thread.
+        k = tl.arange(0, NP * NP)
+        ij = (k // NP) * N + k % NP
+        km = (k // NP < N) & (k % NP < N)
+        m_comb = _ld(mix_ptr, rows[:, None] * N3P + 2 * N + ij[None, :], ok[:, None] & km[None, :],
+                     sstride, n_splits, SP)
+        b_comb = tl.load(base_ptr + 2 * N + ij, mask=km, other=0.0)
+        comb = _sinkhorn_elems(_elems(m_comb * rms[:, None] * s2 + b_comb[None, :], BM, NP * NP),
+                               sk_repeat, sk_eps, N, NP)
+        for i in tl.static_range(N):
+            for j in tl.static_range(N):
+                tl.store(comb_ptr + rows * (N * N) + (i * N + j), comb[i * NP + j], mask=ok)
+    else:
+        i3 = tl.arange(0, NP)[None, :, None]
+        j3 = tl.arange(0, NP)[None, None, :]
+        ij = i3 * N + j3
+        m3 = (i3 < N) & (j3 < N)
+        m_comb = _ld(mix_ptr, rows[:, None, None] * N3P + 2 * N + ij, ok[:, None, None] & m3,
+                     sstride, n_splits, SP)
+        b_comb = tl.load(base_ptr + 2 * N + ij, mask=m3, other=0.0)
+        comb = _sinkhorn(m_comb * rms[:, None, None] * s2 + b_comb, sk_repeat, sk_eps, N, NP)
+        tl.store(comb_ptr + rows[:, None, None] * (N * N) + ij, comb,
+                 mask=ok[:, None, None] & m3)
 
 
 @triton.jit
@@ -313,6 +442,102 @@ def _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H
 
 
 @triton.jit
+def _tail_prefetch(src_ptr, n_rows, H, N: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, PF: tl.constexpr,
+                   EMULATE_RNE: tl.constexpr):
+    """The first PF hidden chunks (BC wide) of every stream of the first RB rows of ``src_ptr``
+    (T, N, H): a tuple of PF*N tiles [RB, BC], entry c*N + i = chunk c of stream i. Issued before
+    the mixes are known, so that :func:`_tail`'s collapse does not wait for them afterwards."""
+    r = tl.arange(0, RB)
+    hh = tl.arange(0, BC)
+    xs = ()
+    for c in tl.static_range(PF):
+        h = c * BC + hh
+        m = (r < n_rows)[:, None] & (h < H)[None, :]
+        for i in tl.static_range(N):
+            x = tl.load(src_ptr + r[:, None] * (N * H) + i * H + h[None, :], mask=m, other=0.0)
+            if EMULATE_RNE:  # the interpreter: fp32 right after the load
+                x = x.to(tl.float32)
+            xs = xs + (x,)
+    return xs
+
+
+@triton.jit
+def _tail_params(scale_ptr, base_ptr, N3: tl.constexpr, HEAD: tl.constexpr):
+    """hc_scale then hc_base as scalars, (s0, b_0..b_{N3-1}) for HEAD, else (s0, s1, s2, b_0..):
+    loaded before the last program is known, so that :func:`_tail` does not wait for them after
+    its reductions (a barrier stops the compiler from hoisting them)."""
+    if HEAD:
+        p = (tl.load(scale_ptr),)
+    else:
+        p = (tl.load(scale_ptr), tl.load(scale_ptr + 1), tl.load(scale_ptr + 2))
+    for k in tl.static_range(N3):
+        p = p + (tl.load(base_ptr + k),)
+    return p
+
+
+@triton.jit
+def _tail(part_blk, n_splits, src_ptr, out_ptr, post_ptr, comb_ptr, prm, xs, n_rows, H,
+          rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
+          N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, HEAD: tl.constexpr,
+          BM: tl.constexpr, SP: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, PF: tl.constexpr,
+          EMULATE_RNE: tl.constexpr):
+    """The last program's work in ``mix_kernel`` with TAIL (blocks of at most RB valid rows):
+    sums the splits' partials straight into registers, one tensor [RB] per mixes column
+    (:func:`_elems`; no scratch round trip); ``prm``: :func:`_tail_params`; collapses into ``out_ptr`` from the prefetched tiles
+    ``xs`` (:func:`_tail_prefetch`, then the chunks past PF), and writes ``post_mix`` and the
+    in-thread Sinkhorn's ``comb_mix`` last, so that the collapse's stores drain meanwhile."""
+    K = N * H
+    r = tl.arange(0, RB)
+    r_ok = r < n_rows
+    s = tl.arange(0, SP)
+    e = tl.arange(0, RB * N3P)
+    p = tl.load(part_blk + s[:, None] * (BM * N3P) + e[None, :],
+                mask=(s < n_splits)[:, None] & (e < n_rows * N3P)[None, :], other=0.0, cache_modifier=".cg")
+    m = _elems(tl.reshape(tl.sum(p, axis=0), [RB, N3P]), RB, N3P)
+    rms = 1.0 / tl.sqrt(m[N3] / K + rms_eps)
+    B: tl.constexpr = 1 if HEAD else 3  # prm: scales, then hc_base from index B
+    w = ()
+    for i in tl.static_range(N):
+        w = w + (tl.sigmoid(m[i] * rms * prm[0] + prm[B + i]) + pre_eps,)
+    hh = tl.arange(0, BC)
+    for c in tl.static_range(PF):
+        h = c * BC + hh
+        y = w[0][:, None] * xs[c * N].to(tl.float32)
+        for i in tl.static_range(1, N):
+            y += w[i][:, None] * xs[c * N + i].to(tl.float32)
+        tl.store(out_ptr + r[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE),
+                 mask=r_ok[:, None] & (h < H)[None, :])
+    h0 = PF * BC
+    while h0 < H:
+        h = h0 + hh
+        msk = r_ok[:, None] & (h < H)[None, :]
+        y = tl.zeros([RB, BC], dtype=tl.float32)
+        for i in tl.static_range(N):
+            x = tl.load(src_ptr + r[:, None] * K + i * H + h[None, :], mask=msk, other=0.0).to(tl.float32)
+            y += w[i][:, None] * x
+        tl.store(out_ptr + r[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE), mask=msk)
+        h0 += BC
+    if not HEAD:
+        for j in tl.static_range(N):
+            tl.store(post_ptr + r * N + j, tl.sigmoid(m[N + j] * rms * prm[1] + prm[B + N + j]) * post_mult,
+                     mask=r_ok)
+        cc = ()
+        for i in tl.static_range(NP):
+            for j in tl.static_range(NP):
+                if i < N:
+                    if j < N:
+                        cc = cc + (m[2 * N + i * N + j] * rms * prm[2] + prm[B + 2 * N + i * N + j],)
+                    else:
+                        cc = cc + (rms,)  # padding: passes through
+                else:
+                    cc = cc + (rms,)
+        cc = _sinkhorn_elems(cc, sk_repeat, sk_eps, N, NP)
+        for i in tl.static_range(N):
+            for j in tl.static_range(N):
+                tl.store(comb_ptr + r * (N * N) + (i * N + j), cc[i * NP + j], mask=r_ok)
+
+
+@triton.jit
 def mix_kernel(
     res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr,
     fn_ptr, scale_ptr, base_ptr,
@@ -325,6 +550,8 @@ def mix_kernel(
     BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr, RC: tl.constexpr, BC: tl.constexpr,
     ROWWISE: tl.constexpr,
     DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr, PREP: tl.constexpr = False,
+    SK_ELEM: tl.constexpr = False, TAIL: tl.constexpr = False, RB: tl.constexpr = 1, PF: tl.constexpr = 0,
+    PF_EARLY: tl.constexpr = False,
 ):
     """``pre`` (HEAD=False, FUSED=False), ``head`` (HEAD=True) or ``fused_post_pre`` (FUSED=True).
 
@@ -337,6 +564,11 @@ def mix_kernel(
     ``cnt_ptr`` (num_m,) int32 counters that are zero on entry and left zero on exit.
     ``DOT_F32``: interpreter mode (fp32 GEMM, bf16 rounding emulated, see :func:`_to_act`).
     ``PREP``: ``fn_ptr`` is fn split by :func:`prep_kernel`, (2*N3P, N*H) bf16: no conversion in the loop.
+    ``SK_ELEM``: Sinkhorn in-thread (:func:`_sinkhorn_elems`). ``TAIL`` (blocks of at most RB
+    valid rows, i.e. T <= RB): the last program runs :func:`_tail` (no mix scratch, collapse
+    from PF prefetched chunks of BC, Sinkhorn in-thread, written last); ``PF_EARLY`` (not FUSED):
+    every program prefetches those chunks before its atomic, so the last one finds them in
+    registers.
     Grid: (cdiv(T, BM), n_splits); split s takes hidden elements [s, s+1) * STEPS*BH;
     ``n_splits <= SP``; ``RC`` divides BM*N3P.
     """
@@ -363,6 +595,11 @@ def mix_kernel(
     # Phase 1: this split's slice of the prenorm GEMM and of the sum of squares.
     acc = _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H, pid_s * (STEPS * BH),
                       N, NP, N3, N3P, FUSED, BM, BH, STEPS, DOT_F32, EXACT_BF16, PREP)
+    if TAIL:
+        prm = _tail_params(scale_ptr, base_ptr, N3, HEAD)
+        if PF_EARLY:
+            if not FUSED:
+                xs = _tail_prefetch(res_ptr, n_rows, H, N, RB, BC, PF, DOT_F32)
     part_blk = part_ptr + pid_m.to(tl.int64) * n_splits * (BM * N3P)
     tl.store(part_blk + pid_s * (BM * N3P) + rows[:, None] * N3P + col[None, :], acc,
              mask=row_ok[:, None])
@@ -370,7 +607,19 @@ def mix_kernel(
     # program of the token block acquires them all.
     tl.debug_barrier()
     done = tl.atomic_add(cnt_ptr + pid_m, 1, sem="acq_rel", scope="gpu")
-    if done == n_splits - 1:
+    if TAIL:
+        if done == n_splits - 1:
+            tl.debug_barrier()
+            if FUSED:
+                src = new_ptr
+            else:
+                src = res_ptr
+            if FUSED or not PF_EARLY:
+                xs = _tail_prefetch(src, n_rows, H, N, RB, BC, PF, DOT_F32)
+            _tail(part_blk, n_splits, src, out_ptr, post_ptr, comb_ptr, prm, xs, n_rows, H,
+                  rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, N, NP, N3, N3P, HEAD, BM, SP, RB, BC, PF, DOT_F32)
+            tl.atomic_xchg(cnt_ptr + pid_m, 0)
+    elif done == n_splits - 1:
         tl.debug_barrier()
         # Phase 2 (last program of the block): reduce the splits of the valid rows into the mix
         # scratch (a short token block, T=1 say, takes one step, not BM*N3P/RC).
@@ -389,7 +638,7 @@ def mix_kernel(
         # Phase 3: activations, then the collapse (its residual re-read hits L2).
         if not HEAD:
             _post_comb(mix, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K, rms_eps, sk_eps,
-                       post_mult, sk_repeat, 0, 1, N, NP, N3, N3P, BM, 1)
+                       post_mult, sk_repeat, 0, 1, N, NP, N3, N3P, BM, 1, SK_ELEM)
         wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, 0, 1,
                            N, NP, N3, N3P, BM, 1)
         if FUSED:
@@ -417,6 +666,34 @@ def _collapse_range(src_ptr, out_ptr, w, n_rows, H, h_lo,
                  mask=row_ok[:, None] & (h < H)[None, :])
 
 
+@triton.jit
+def _b_collapse(src, out, mix, scale_ptr, base_ptr, n_rows, H, hc, rms_eps, pre_eps, sstride, n_splits,
+                N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, BMB: tl.constexpr,
+                SP: tl.constexpr, BC: tl.constexpr, CSTEPS: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """A phase B collapse program of ``chunk_kernel`` with BSPLIT: weights from the partials, then
+    hidden chunk ``hc``. With CSTEPS == 1 the residual tile is loaded first, so that its load
+    does not wait for the partials'."""
+    K = N * H
+    if CSTEPS == 1:
+        rows = tl.arange(0, BMB)
+        i = tl.arange(0, NP)
+        h = hc * BC + tl.arange(0, BC)
+        row_ok = rows < n_rows
+        x = tl.load(src + rows[:, None, None] * K + i[None, :, None] * H + h[None, None, :],
+                    mask=row_ok[:, None, None] & (i < N)[None, :, None] & (h < H)[None, None, :], other=0.0)
+        if EMULATE_RNE:  # the interpreter: fp32 right after the load (on GPUs at the use, not to wait)
+            x = x.to(tl.float32)
+        wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
+                           N, NP, N3, N3P, BMB, SP)
+        y = tl.sum(x.to(tl.float32) * wts[:, :, None], axis=1)
+        tl.store(out + rows[:, None] * H + h[None, :], _to_act(y, out.dtype.element_ty, EMULATE_RNE),
+                 mask=row_ok[:, None] & (h < H)[None, :])
+    else:
+        wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
+                           N, NP, N3, N3P, BMB, SP)
+        _collapse_range(src, out, wts, n_rows, H, hc * (CSTEPS * BC), N, NP, BMB, BC, CSTEPS, EMULATE_RNE)
+
+
 @triton.jit(do_not_specialize=["T", "c_a", "c_b", "n_b"])
 def chunk_kernel(
     res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr,
@@ -429,6 +706,7 @@ def chunk_kernel(
     BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr,
     BMB: tl.constexpr, BC: tl.constexpr, CSTEPS: tl.constexpr,
     DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr, PREP: tl.constexpr = False,
+    SK_ELEM: tl.constexpr = False, BSPLIT: tl.constexpr = False,
 ):
     """The chunked two-role form of ``mix_kernel``: tokens go in chunks of CHUNK, and each launch
     runs phase B of chunk ``c_b`` (programs [0, n_b)) beside phase A of chunk ``c_a`` (the rest),
@@ -445,30 +723,51 @@ def chunk_kernel(
     redundantly: a few hundred bytes per token), computes the collapse weights and collapses its
     hidden chunk into ``out_ptr``; hidden chunk 0 also writes ``post_mix`` and ``comb_mix``
     (Sinkhorn). Pointers and scalars as in ``mix_kernel``. CHUNK is a multiple of BM and BMB.
+    ``SK_ELEM``: Sinkhorn in-thread (:func:`_sinkhorn_elems`). ``BSPLIT`` (not HEAD): each token
+    block has one more phase B program, hidden chunk ``n_hc``, that writes ``post_mix`` and
+    ``comb_mix`` alone, beside the collapse programs instead of before hidden chunk 0's collapse;
+    with CSTEPS == 1 a collapse program also loads its residual tile before the partials.
     """
     pid = tl.program_id(0)
     K = N * H
     if pid < n_b:
         n_hc = tl.cdiv(H, CSTEPS * BC)
-        mb = pid // n_hc
-        hc = pid % n_hc
+        n_hc_e = n_hc
+        if BSPLIT:
+            if not HEAD:
+                n_hc_e = n_hc + 1
+        mb = pid // n_hc_e
+        hc = pid % n_hc_e
         row0 = c_b * CHUNK + mb * BMB
         n_rows = T - row0
         blk = row0.to(tl.int64)
         mix = part_ptr + blk * N3P
         sstride = T.to(tl.int64) * N3P
-        if not HEAD:
-            if hc == 0:
-                _post_comb(mix, scale_ptr, base_ptr, post_ptr + blk * N, comb_ptr + blk * (N * N), n_rows, K,
-                           rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits, N, NP, N3, N3P, BMB, SP)
-        wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
-                           N, NP, N3, N3P, BMB, SP)
         if FUSED:
             src = new_ptr + blk * K
         else:
             src = res_ptr + blk * K
-        _collapse_range(src, out_ptr + blk * H, wts, n_rows, H, hc * (CSTEPS * BC),
-                        N, NP, BMB, BC, CSTEPS, DOT_F32)
+        if BSPLIT:
+            if HEAD:
+                _b_collapse(src, out_ptr + blk * H, mix, scale_ptr, base_ptr, n_rows, H, hc, rms_eps, pre_eps,
+                            sstride, n_splits, N, NP, N3, N3P, BMB, SP, BC, CSTEPS, DOT_F32)
+            elif hc == n_hc:
+                _post_comb(mix, scale_ptr, base_ptr, post_ptr + blk * N, comb_ptr + blk * (N * N), n_rows, K,
+                           rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits, N, NP, N3, N3P, BMB, SP,
+                           SK_ELEM)
+            else:
+                _b_collapse(src, out_ptr + blk * H, mix, scale_ptr, base_ptr, n_rows, H, hc, rms_eps, pre_eps,
+                            sstride, n_splits, N, NP, N3, N3P, BMB, SP, BC, CSTEPS, DOT_F32)
+        else:
+            if not HEAD:
+                if hc == 0:
+                    _post_comb(mix, scale_ptr, base_ptr, post_ptr + blk * N, comb_ptr + blk * (N * N), n_rows, K,
+                               rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits, N, NP, N3, N3P, BMB, SP,
+                               SK_ELEM)
+            wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
+                               N, NP, N3, N3P, BMB, SP)
+            _collapse_range(src, out_ptr + blk * H, wts, n_rows, H, hc * (CSTEPS * BC),
+                            N, NP, BMB, BC, CSTEPS, DOT_F32)
     else:
         p = pid - n_b
         m = p // n_splits

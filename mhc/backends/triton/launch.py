@@ -38,6 +38,13 @@ class Config:
     ``num_warps``/``num_stages`` as in Triton. ``post_block_h``/``post_warps``: ``post``'s tile.
     ``prep``: split fn into bf16 hi/lo once per call (``kernels.prep_kernel``, one small launch)
     so that the GEMM does one bf16 dot per step with no conversion in the hot loop.
+    ``sk_elem``: Sinkhorn with one tensor per matrix entry, in-thread (``kernels._sinkhorn_elems``).
+    Single launch only: ``tail`` runs ``kernels._tail`` in the last program (for T <= ``tail_rows``:
+    partials reduced into registers, collapse from ``tail_pf`` prefetched chunks of ``block_c``
+    (from a register budget of ``tail_pf_bytes`` per thread, default ``TAIL_PF_BYTES``), Sinkhorn
+    in-thread); ``pf_early``: every program
+    prefetches those chunks before its atomic (pre/head). Chunked only: ``b_split`` gives
+    post_mix/comb_mix their own phase B program per token block.
     """
 
     block_m: int
@@ -54,6 +61,13 @@ class Config:
     block_m_b: int = 16
     c_steps: int = 1
     prep: bool = False
+    sk_elem: bool = False
+    tail: bool = False
+    tail_rows: int = 1
+    tail_pf: int = 0
+    tail_pf_bytes: int = 0
+    pf_early: bool = False
+    b_split: bool = False
 
 
 # Per T bucket: (max T, Config fields for pre and head, Config fields for fused_post_pre or None
@@ -70,23 +84,23 @@ _SL_TINY = dict(block_m=16, block_h=64, splits=128, block_c=2048, rowwise=True, 
 _SL_SMALL = dict(block_m=16, block_h=64, splits=32, block_c=128, rowwise=False, num_warps=4, num_stages=1)
 _SL_MID = dict(block_m=16, block_h=64, splits=8, block_c=128, rowwise=False, num_warps=4, num_stages=1)
 _SL_LARGE = dict(block_m=64, block_h=64, splits=4, block_c=64, rowwise=False, num_warps=8, num_stages=2)
+_CHUNK_SMALL = dict(chunk_mib=64, block_m=16, block_h=64, splits=32, block_m_b=4, block_c=256, c_steps=1,
+                    rowwise=False, num_warps=4, num_stages=1)
+_CHUNK_MID = dict(_CHUNK_SMALL, splits=16)
+_CHUNK_LARGE = dict(chunk_mib=32, block_m=64, block_h=64, splits=16, block_m_b=16, block_c=128, c_steps=4,
+                    rowwise=False, num_warps=4, num_stages=2)
 _TABLE = (
-    (2, dict(_SL_TINY, **_POST[0]), None),
-    (128, dict(chunk_mib=64, block_m=16, block_h=64, splits=32, block_m_b=4, block_c=256, c_steps=1,
-               rowwise=False, num_warps=4, num_stages=1, **_POST[1]), None),
-    (1024, dict(chunk_mib=64, block_m=16, block_h=64, splits=16, block_m_b=4, block_c=256, c_steps=1,
-                rowwise=False, num_warps=4, num_stages=1, **_POST[2]), dict(_SL_MID, **_POST[2])),
-    (None, dict(chunk_mib=32, block_m=64, block_h=64, splits=16, block_m_b=16, block_c=128, c_steps=4,
-                rowwise=False, num_warps=4, num_stages=2, **_POST[3]),
-     dict(_SL_LARGE, block_h=32, num_stages=3, prep=True, **_POST[3])),
+    (1, dict(_SL_TINY, block_c=1024, sk_elem=True, tail=True, tail_rows=1, **_POST[0]), None),
+    (128, dict(_CHUNK_SMALL, splits=64, sk_elem=True, b_split=True, **_POST[1]), None),
+    (1024, dict(_CHUNK_MID, **_POST[2]), dict(_SL_MID, **_POST[2])),
+    (None, dict(_CHUNK_LARGE, **_POST[3]), dict(_SL_LARGE, block_h=32, num_stages=3, prep=True, **_POST[3])),
 )
 
-#: The table as committed before the fn prep (250f819): the benchmark's baseline ("old"). Run 6
-#: (TUNING.md) moved fused_post_pre at T > 1024 to the prepped fn; pre/head stay as they were.
-_COMMITTED_TABLE = _TABLE[:3] + (
-    (None, dict(chunk_mib=32, block_m=64, block_h=64, splits=16, block_m_b=16, block_c=128, c_steps=4,
-                rowwise=False, num_warps=4, num_stages=2, **_POST[3]), dict(_SL_LARGE, **_POST[3])),
-)
+#: The table as committed before the small-T work (882b5cb): the benchmark's baseline ("old").
+_COMMITTED_TABLE = (
+    (2, dict(_SL_TINY, **_POST[0]), None),
+    (128, dict(_CHUNK_SMALL, **_POST[1]), None),
+) + _TABLE[2:]
 
 #: The single-launch table as committed before the chunked path (e706bba): the benchmark's
 #: baseline ("old"), and the configs the single-launch kernel was tuned with.
@@ -116,14 +130,26 @@ def configs(n: int, H: int, T: int, op: str = "pre") -> Config:
             chunk = min(chunk, triton.cdiv(max_t, m) * m)
         row["chunk"] = chunk
     p2 = triton.next_power_of_2(H)
-    bh = min(row.pop("block_h"), p2)
+    # A GEMM step's K tile (n streams x block_h): >= 16 for tl.dot (tiny H, e.g. H=1), <= 256 so
+    # that n=8 keeps the fn tiles within shared memory.
+    np2 = triton.next_power_of_2(n)
+    bh = max(min(row.pop("block_h"), p2, 256 // np2), 16 // np2)
     splits = row.pop("splits")
     h_per_split = triton.cdiv(triton.cdiv(H, splits), bh) * bh
-    row["block_c"] = min(row["block_c"], p2)
+    row["block_c"] = max(16, min(row["block_c"], p2))  # 1-wide tiles (H=1) crash Triton 3.6's coalescing
     row["post_block_h"] = min(row["post_block_h"], p2)
     if row.get("chunk", 0):
         # Phase B's hidden chunk never wider than H needs.
         row["c_steps"] = max(1, min(row.get("c_steps", 1), triton.cdiv(H, row["block_c"])))
+    if row.get("tail"):
+        if max_t is None or max_t > row.get("tail_rows", 1) or row.get("tail_rows", 1) > row["block_m"]:
+            raise ValueError(f"tail needs T <= tail_rows <= block_m (bucket up to T={max_t})")
+        # Prefetched collapse chunks: as many as H needs, within TAIL_PF_BYTES per thread.
+        per_chunk = row.get("tail_rows", 1) * n * row["block_c"] * 2  # bf16/fp16 bytes
+        budget = (row.get("tail_pf_bytes") or TAIL_PF_BYTES) * 32 * row["num_warps"]
+        # H == 1 is specialised to a constant, and the prefetch's tiles then crash Triton 3.6's
+        # coalescing pass: nothing to prefetch at that size anyway.
+        row["tail_pf"] = 0 if H == 1 else min(triton.cdiv(H, row["block_c"]), budget // per_chunk)
     return Config(block_h=bh, splits=triton.cdiv(H, h_per_split), h_per_split=h_per_split, **row)
 
 
@@ -142,10 +168,12 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
         DOT_F32=INTERPRETED, EXACT_BF16=dtype == torch.bfloat16, PREP=cfg.prep,
     )
     if cfg.chunk:
-        return dict(common, CHUNK=cfg.chunk, BMB=cfg.block_m_b, CSTEPS=cfg.c_steps)
+        return dict(common, CHUNK=cfg.chunk, BMB=cfg.block_m_b, CSTEPS=cfg.c_steps, SK_ELEM=cfg.sk_elem,
+                    BSPLIT=cfg.b_split)
     # The reduction reads [SP, RC] partials per step: 4K fp32 at most, RC divides BM*N3P.
     rc = max(1, min(cfg.block_m * n3p, 4096 // sp))
-    return dict(common, RC=rc, ROWWISE=cfg.rowwise)
+    return dict(common, RC=rc, ROWWISE=cfg.rowwise, SK_ELEM=cfg.sk_elem, TAIL=cfg.tail, RB=cfg.tail_rows,
+                PF=cfg.tail_pf, PF_EARLY=cfg.pf_early)
 
 
 class _Counters:
@@ -174,6 +202,9 @@ _COUNTERS = _Counters()
 
 #: Columns of fn per ``prep_kernel`` program.
 PREP_BK = 1024
+
+#: Register budget of ``kernels._tail_prefetch`` (bytes of residual held per thread).
+TAIL_PF_BYTES = 256
 
 
 def _prep_fn(fn, n3, n3p):
@@ -231,7 +262,7 @@ def _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, p
     index out of range leaving that role out."""
     n_chunks = triton.cdiv(T, cfg.chunk)
     part = torch.empty(cfg.splits * T * spec["N3P"], dtype=torch.float32, device=residual.device)
-    n_hc = triton.cdiv(H, cfg.c_steps * cfg.block_c)
+    n_hc = triton.cdiv(H, cfg.c_steps * cfg.block_c) + (1 if cfg.b_split and not spec["HEAD"] else 0)
     if schedule is None:
         schedule = [(c, c - 1) for c in range(n_chunks + 1)]
     for a, b in schedule:
