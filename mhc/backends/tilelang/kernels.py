@@ -54,6 +54,14 @@ import tilelang.language as T
 __all__ = ["PostConfig", "MixConfig", "build_post", "build_mix", "mix_width", "compile_kernel"]
 
 
+def _ld_cg(elem):
+    """A load of a float written by another CTA of this launch, through L2 (``ld.global.cg``:
+    never a stale L1 line) and plain, so the compiler batches the S loads of a reduction loop.
+    ``T.atomic_load(..., "relaxed")`` compiles to a volatile ``ld.relaxed.gpu`` per element,
+    which the H100 runs one L2 round trip after another (~S x 0.3 us per loop)."""
+    return T.call_extern("float32", "__ldcg", T.address_of(elem))
+
+
 def _round_up(a: int, b: int) -> int:
     return (a + b - 1) // b * b
 
@@ -84,6 +92,9 @@ class MixConfig:
     #: ``__launch_bounds__(threads, min_blocks)``: ptxas keeps registers low enough for this many
     #: CTAs per SM (otherwise it spends up to 255 and one 256-thread CTA fills the register file)
     min_blocks: int = 2
+    #: True: read the partials with batched ``ld.global.cg`` (:func:`_ld_cg`), compiled but NOT yet
+    #: run on a GPU; False (default): one relaxed atomic load after another, the measured kernel
+    cg_loads: bool = False
 
     def splits(self, H: int) -> int:
         return -(-H // self.HC)
@@ -264,7 +275,10 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
                     v = T.alloc_var(T.float32)
                     v = 0.0
                     for s2 in red_loop(S):
-                        v += T.atomic_load(parts[b, s2, k], memory_order="relaxed")
+                        if cfg.cg_loads:
+                            v += _ld_cg(parts[b, s2, k])
+                        else:
+                            v += T.atomic_load(parts[b, s2, k], memory_order="relaxed")
                     fin[b, k] = v
             T.call_extern("handle", "__threadfence")
             T.sync_threads()
@@ -276,8 +290,12 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
 
             # 5. RMS-scaled logits and collapse weights.
             for r, j in T.Parallel(BM, m):
-                rs = T.rsqrt(T.atomic_load(fin[b, r * MP + m], memory_order="relaxed") * inv_k + rms_eps)
-                mix[r, j] = T.atomic_load(fin[b, r * MP + j], memory_order="relaxed") * rs
+                if cfg.cg_loads:
+                    rs = T.rsqrt(_ld_cg(fin[b, r * MP + m]) * inv_k + rms_eps)
+                    mix[r, j] = _ld_cg(fin[b, r * MP + j]) * rs
+                else:
+                    rs = T.rsqrt(T.atomic_load(fin[b, r * MP + m], memory_order="relaxed") * inv_k + rms_eps)
+                    mix[r, j] = T.atomic_load(fin[b, r * MP + j], memory_order="relaxed") * rs
             for r, i in T.Parallel(BM, n):
                 wsh[r, i] = T.sigmoid(mix[r, i] * hc_scale[0] + hc_base[i]) + w_eps
             if has_sinkhorn:
@@ -419,3 +437,410 @@ def compile_kernel(func, target: dict):
     source and the target, so a kernel compiled ahead of time (``aot.py``) is loaded, not rebuilt.
     """
     return tilelang.compile(func, target=target, execution_backend="tvm_ffi")
+
+
+@dataclasses.dataclass(frozen=True)
+class PersistentConfig:
+    """The persistent mix kernel: ``groups`` x S CTAs (S = ceil(H / HC)), one per SM; CTA (s, g)
+    keeps column slice s of fn in shared memory and walks token blocks g, g + groups, ... of
+    ``BM`` tokens, loading block k + 1 (cp.async) while it reduces and collapses block k."""
+
+    BM: int
+    HC: int
+    groups: int
+    threads: int = 256
+    #: outputs staged in shared memory for 16-byte stores, and the hi/lo weight rows padded to 16
+    #: (not 64); False: the first version (direct 2-byte stores from registers), for comparison
+    staged: bool = True
+    #: 2: two counter rounds (each CTA reduces 1/S of the partials, then reads all of them back);
+    #: 1: one round (each CTA sums, in slice order, the n + 1 values per token it needs itself, and
+    #: the full logits of the ceil(BM / S) tokens whose Sinkhorn it runs). Same sums, same order.
+    rounds: int = 2
+
+    def splits(self, H: int) -> int:
+        return -(-H // self.HC)
+
+    def padded_rows(self, mode: str, n: int) -> int:
+        """hi + lo weight rows, padded: to 16 for the wgmma path (BM = 64), to 64 for the mma
+        path (BM = 32: 8 warps must tile BM x NP in 16 x 8 pieces)."""
+        return _round_up(2 * mix_width(mode, n), 16 if self.staged and self.BM >= 64 else 64)
+
+    def shared_bytes(self, mode: str, n: int) -> int:
+        m = mix_width(mode, n)
+        NP = self.padded_rows(mode, n)
+        MP = _round_up(m + 1, 4)
+        tile = 2 * n * self.BM * self.HC * 2 + (self.BM * self.HC * 2 if self.staged else 0)
+        if mode == "fused":
+            tile += 2 * self.BM * self.HC * 2 + 2 * self.BM * (n + n * n) * 4
+        return tile + n * NP * self.HC * 2 + self.BM * NP * 4 + self.BM * (MP + n + 2) * 4
+
+
+@T.macro
+def _sinkhorn_token(mix, tx, t, n, post_mix, comb_mix, hc_scale, hc_base, sk_eps, post_mult, repeat):
+    """post_mix and comb_mix of token ``t`` from row ``tx`` of the RMS-scaled logits ``mix``."""
+    for j in T.unroll(n):
+        post_mix[t, j, 0] = T.sigmoid(mix[tx, n + j] * hc_scale[1] + hc_base[n + j]) * post_mult
+    cm = T.alloc_local((n * n,), T.float32)
+    rsum = T.alloc_local((n,), T.float32)
+    for k in T.unroll(n * n):
+        cm[k] = mix[tx, 2 * n + k] * hc_scale[2] + hc_base[2 * n + k]
+    for i in T.unroll(n):  # softmax over the destination index j, then + eps
+        mx = T.alloc_var(T.float32)
+        mx = cm[i * n]
+        for j in T.unroll(n):
+            mx = T.max(mx, cm[i * n + j])
+        rsum[i] = 0.0
+        for j in T.unroll(n):
+            cm[i * n + j] = T.exp(cm[i * n + j] - mx)
+            rsum[i] += cm[i * n + j]
+        rsum[i] = 1.0 / rsum[i]
+        for j in T.unroll(n):
+            cm[i * n + j] = cm[i * n + j] * rsum[i] + sk_eps
+    for j in T.unroll(n):  # column sums
+        rsum[j] = 0.0
+        for i in T.unroll(n):
+            rsum[j] += cm[i * n + j]
+        rsum[j] = 1.0 / (rsum[j] + sk_eps)
+        for i in T.unroll(n):
+            cm[i * n + j] = cm[i * n + j] * rsum[j]
+    for _ in T.serial(repeat - 1):
+        for i in T.unroll(n):  # row sums
+            rsum[i] = 0.0
+            for j in T.unroll(n):
+                rsum[i] += cm[i * n + j]
+            rsum[i] = 1.0 / (rsum[i] + sk_eps)
+            for j in T.unroll(n):
+                cm[i * n + j] = cm[i * n + j] * rsum[i]
+        for j in T.unroll(n):  # column sums
+            rsum[j] = 0.0
+            for i in T.unroll(n):
+                rsum[j] += cm[i * n + j]
+            rsum[j] = 1.0 / (rsum[j] + sk_eps)
+            for i in T.unroll(n):
+                cm[i * n + j] = cm[i * n + j] * rsum[j]
+    for k in T.unroll(n * n):
+        comb_mix[t, k // n, k % n] = cm[k]
+
+
+def build_mix_persistent(mode: str, n: int, H: int, cfg: PersistentConfig, dtype: str = "bfloat16"):
+    """The persistent form of :func:`build_mix`: same arguments, same workspace, same results
+    (bitwise: the same reduction order). Grid (S, groups); CTA (s, g) handles token blocks
+    b = g, g + groups, ... with column slice s. Per CTA:
+
+    * fn's slice for every stream, split into bf16 hi/lo, is stored in shared memory once;
+    * the tile of block k + 1 is loaded with cp.async into the other of two buffers before the
+      CTA works on block k, so HBM reads continue through the counter waits;
+    * slice 0 runs the Sinkhorn of block k - 1 while its poller thread waits on block k's first
+      counter (one thread per token), off the group's critical path.
+
+    The S CTAs of a group wait on each other every block; the launcher makes the whole grid
+    co-resident (groups * S <= SMs, one CTA per SM by shared memory) and zeroes the counters.
+    """
+    if mode not in ("pre", "head", "fused"):
+        raise ValueError(f"mode must be pre, head or fused, got {mode!r}")
+    m = mix_width(mode, n)
+    NP = cfg.padded_rows(mode, n)
+    MP = _round_up(m + 1, 4)
+    BM, HC, threads, G = cfg.BM, cfg.HC, cfg.threads, cfg.groups
+    S = cfg.splits(H)
+    E = BM * MP
+    SH = -(-E // S)
+    red_loop = T.unroll if S <= 64 else T.serial
+    K = n * H
+    inv_k = 1.0 / K
+    NT = T.dynamic("num_tokens")
+    NB = T.dynamic("num_blocks")
+    has_sinkhorn = mode != "head"
+    fused = mode == "fused"
+    GPI = n + 3 if fused else n  # cp.async groups per block (one per T.async_copy)
+    ONE = cfg.rounds == 1
+    Q = -(-BM // S)  # one-round: tokens s, s + S, ... of a block get their Sinkhorn in CTA s
+    POLL = threads - 1  # the poller: not one of slice 0's Sinkhorn threads (tx < BM)
+
+    @T.macro
+    def issue(bb, sl, h0, residual, tile, x, xs, pm_in, pms, cm_in, cms):
+        """cp.async of token block ``bb``'s tile (fused: and x, the previous mixes) into buffer ``sl``."""
+        for i in T.unroll(n):
+            T.async_copy(residual[bb * BM : bb * BM + BM, i, h0 : h0 + HC], tile[sl, i, :, :])
+        if fused:
+            T.async_copy(x[bb * BM : bb * BM + BM, h0 : h0 + HC], xs[sl, :, :])
+            T.async_copy(pm_in[bb * BM : bb * BM + BM, 0:n, 0], pms[sl, :, :])
+            T.async_copy(cm_in[bb * BM : bb * BM + BM, 0:n, 0:n], cms[sl, :, :, :])
+
+    @T.macro
+    def body(x, residual, pm_in, cm_in, fn, hc_scale, hc_base, new_residual, post_mix, comb_mix,
+             layer_input, parts, fin, flags, rms_eps, w_eps, sk_eps, post_mult, repeat):
+        with T.Kernel(S, G, threads=threads) as (s, g):
+            T.annotate_min_blocks_per_sm(1)
+            h0 = s * HC
+            tx = T.get_thread_binding()
+            tile = T.alloc_shared((2, n, BM, HC), dtype)
+            bsh = T.alloc_shared((n, NP, HC), dtype)  # [fn_hi; fn_lo; 0] per stream, resident
+            csh = T.alloc_shared((BM, NP), T.float32)
+            mix = T.alloc_shared((BM, MP), T.float32)
+            wsh = T.alloc_shared((BM, n), T.float32)
+            sqsh = T.alloc_shared((BM,), T.float32)
+            if ONE:
+                red = T.alloc_shared((n + 1, BM), T.float32)
+                mraw = T.alloc_shared((Q, MP), T.float32)
+            gemm_c = T.alloc_fragment((BM, NP), T.float32)
+            sq = T.alloc_fragment((BM,), T.float32)
+            sq_tile = T.alloc_fragment((BM, HC), T.float32)
+            if cfg.staged:
+                osh = T.alloc_shared((BM, HC), dtype)  # layer_input, staged for 16-byte stores
+            else:
+                out_f = T.alloc_fragment((BM, HC), dtype)
+            xs = pms = cms = None
+            if fused:
+                xs = T.alloc_shared((2, BM, HC), dtype)
+                pms = T.alloc_shared((2, BM, n), T.float32)
+                cms = T.alloc_shared((2, BM, n, n), T.float32)
+                nf = T.alloc_fragment((n, BM, HC), dtype)
+            nit = (NB - g + G - 1) // G
+
+            # Buffers start zeroed: guarded cp.async copies skip rows past T and columns past H,
+            # so those stay finite (zero, or an earlier block's rows, which no output reads).
+            T.clear(tile)
+            if fused:
+                T.clear(xs)
+                T.clear(pms)
+                T.clear(cms)
+            T.sync_threads()
+
+            if nit > 0:
+                issue(g, 0, h0, residual, tile, x, xs, pm_in, pms, cm_in, cms)
+
+            # fn's slice -> bf16 hi/lo in shared memory, once (overlaps the first tile's load).
+            for i, j, h in T.Parallel(n, NP, HC):
+                jj = T.if_then_else(j < m, j, j - m)
+                ok = (j < 2 * m) & (h0 + h < H)
+                f = T.alloc_var(T.float32)
+                f = T.if_then_else(ok, fn[T.min(jj, m - 1), i * H + T.min(h0 + h, H - 1)], 0.0)
+                hi = T.cast(f, dtype)
+                bsh[i, j, h] = T.if_then_else(j < m, hi, T.cast(f - T.cast(hi, T.float32), dtype))
+
+            for it in T.serial(nit):
+                b = g + it * G
+                t0 = b * BM
+                sl = it % 2
+                if it + 1 < nit:
+                    issue(b + G, 1 - sl, h0, residual, tile, x, xs, pm_in, pms, cm_in, cms)
+                    T.ptx_wait_group(GPI)  # each T.async_copy commits its own group
+                else:
+                    T.ptx_wait_group(0)
+                T.sync_threads()
+
+                if fused:  # the new residual: written out once, kept in the tile for the pre step
+                    for r, h in T.Parallel(BM, HC):
+                        for j in T.unroll(n):
+                            v = T.alloc_var(T.float32)
+                            v = pms[sl, r, j] * T.cast(xs[sl, r, h], T.float32)
+                            for i in T.unroll(n):
+                                v += cms[sl, r, i, j] * T.cast(tile[sl, i, r, h], T.float32)
+                            nf[j, r, h] = T.cast(v, dtype)
+                    T.sync_threads()
+                    for j in T.unroll(n):
+                        T.copy(nf[j, :, :], tile[sl, j, :, :])
+                        if not cfg.staged:
+                            T.copy(nf[j, :, :], new_residual[t0 : t0 + BM, j, h0 : h0 + HC])
+                    T.sync_threads()
+                    if cfg.staged:
+                        for j in T.unroll(n):
+                            T.copy(tile[sl, j, :, :], new_residual[t0 : t0 + BM, j, h0 : h0 + HC])
+
+                T.clear(sq)
+                for i in T.serial(n):
+                    for r, h in T.Parallel(BM, HC):
+                        sq_tile[r, h] = T.cast(tile[sl, i, r, h], T.float32) * T.cast(tile[sl, i, r, h], T.float32)
+                    T.reduce_sum(sq_tile, sq, dim=1, clear=False)
+                T.clear(gemm_c)
+                for i in T.unroll(n):
+                    T.gemm(tile[sl, i, :, :], bsh[i, :, :], gemm_c, transpose_B=True)
+                T.copy(gemm_c, csh)
+                T.copy(sq, sqsh)
+                if ONE:  # value-major: the n + 1 values every CTA needs are contiguous per slice
+                    for j, r in T.Parallel(MP, BM):
+                        parts[b, s, j * BM + r] = T.if_then_else(
+                            j < m, csh[r, j] + csh[r, T.min(m + j, NP - 1)], T.if_then_else(j == m, sqsh[r], 0.0)
+                        )
+                else:
+                    for r, j in T.Parallel(BM, MP):
+                        parts[b, s, r * MP + j] = T.if_then_else(
+                            j < m, csh[r, j] + csh[r, T.min(m + j, NP - 1)], T.if_then_else(j == m, sqsh[r], 0.0)
+                        )
+                T.call_extern("handle", "__threadfence")
+                T.sync_threads()
+                if tx == POLL:
+                    T.atomic_add(flags[b, 0], 1, memory_order="release")
+                    while T.atomic_load(flags[b, 0], memory_order="acquire") < S:
+                        T.call_extern("handle", "__nanosleep", 32)
+                if has_sinkhorn:  # the previous block's Sinkhorn while the poller waits
+                    if ONE:
+                        if it > 0 and tx < Q:
+                            if s + tx * S < BM and t0 - G * BM + s + tx * S < NT:
+                                _sinkhorn_token(mix, tx, t0 - G * BM + s + tx * S, n, post_mix, comb_mix,
+                                                hc_scale, hc_base, sk_eps, post_mult, repeat)
+                    elif s == 0 and it > 0 and tx < BM:
+                        if t0 - G * BM + tx < NT:
+                            _sinkhorn_token(mix, tx, t0 - G * BM + tx, n, post_mix, comb_mix, hc_scale,
+                                            hc_base, sk_eps, post_mult, repeat)
+                T.sync_threads()
+                if ONE:
+                    # every CTA: the n pre logits and the sum of squares of all BM tokens, summed
+                    # over the S slices in slice order (the same sums as the two-round path)
+                    for j, r in T.Parallel(n, BM):
+                        v = T.alloc_var(T.float32)
+                        v = 0.0
+                        for s2 in red_loop(S):
+                            v += _ld_cg(parts[b, s2, j * BM + r])
+                        red[j, r] = v
+                    for r in T.Parallel(BM):
+                        v = T.alloc_var(T.float32)
+                        v = 0.0
+                        for s2 in red_loop(S):
+                            v += _ld_cg(parts[b, s2, m * BM + r])
+                        red[n, r] = v
+                    if has_sinkhorn:  # all logits of this CTA's Sinkhorn tokens s, s + S, ...
+                        for q, j in T.Parallel(Q, MP):
+                            if j <= m and s + q * S < BM:
+                                v = T.alloc_var(T.float32)
+                                v = 0.0
+                                for s2 in red_loop(S):
+                                    v += _ld_cg(parts[b, s2, j * BM + s + q * S])
+                                mraw[q, j] = v
+                    T.sync_threads()
+                    for r, i in T.Parallel(BM, n):
+                        rs = T.rsqrt(red[n, r] * inv_k + rms_eps)
+                        wsh[r, i] = T.sigmoid(red[i, r] * rs * hc_scale[0] + hc_base[i]) + w_eps
+                    if has_sinkhorn:
+                        for q, j in T.Parallel(Q, m):
+                            mix[q, j] = mraw[q, j] * T.rsqrt(mraw[q, m] * inv_k + rms_eps)
+                else:
+                    for e in T.Parallel(SH):
+                        k = s * SH + e
+                        if k < E:
+                            v = T.alloc_var(T.float32)
+                            v = 0.0
+                            for s2 in red_loop(S):
+                                v += _ld_cg(parts[b, s2, k])
+                            fin[b, k] = v
+                    T.call_extern("handle", "__threadfence")
+                    T.sync_threads()
+                    if tx == POLL:
+                        T.atomic_add(flags[b, 1], 1, memory_order="release")
+                        while T.atomic_load(flags[b, 1], memory_order="acquire") < S:
+                            T.call_extern("handle", "__nanosleep", 32)
+                    T.sync_threads()
+                    for r, j in T.Parallel(BM, m):
+                        rs = T.rsqrt(_ld_cg(fin[b, r * MP + m]) * inv_k + rms_eps)
+                        mix[r, j] = _ld_cg(fin[b, r * MP + j]) * rs
+                    for r, i in T.Parallel(BM, n):
+                        wsh[r, i] = T.sigmoid(mix[r, i] * hc_scale[0] + hc_base[i]) + w_eps
+                T.sync_threads()
+                for r, h in T.Parallel(BM, HC):
+                    v = T.alloc_var(T.float32)
+                    v = 0.0
+                    for i in T.unroll(n):
+                        v += wsh[r, i] * T.cast(tile[sl, i, r, h], T.float32)
+                    if cfg.staged:
+                        osh[r, h] = T.cast(v, dtype)
+                    else:
+                        out_f[r, h] = T.cast(v, dtype)
+                if cfg.staged:
+                    T.sync_threads()
+                    T.copy(osh, layer_input[t0 : t0 + BM, h0 : h0 + HC])  # 16-byte stores from shared
+                else:
+                    T.copy(out_f, layer_input[t0 : t0 + BM, h0 : h0 + HC])
+                T.sync_threads()
+
+            if has_sinkhorn:  # the last block's Sinkhorn
+                if ONE:
+                    if nit > 0 and tx < Q:
+                        tl_ = (g + (nit - 1) * G) * BM + s + tx * S
+                        if s + tx * S < BM and tl_ < NT:
+                            _sinkhorn_token(mix, tx, tl_, n, post_mix, comb_mix, hc_scale, hc_base, sk_eps,
+                                            post_mult, repeat)
+                elif s == 0 and nit > 0 and tx < BM:
+                    tl_ = (g + (nit - 1) * G) * BM + tx
+                    if tl_ < NT:
+                        _sinkhorn_token(mix, tx, tl_, n, post_mix, comb_mix, hc_scale, hc_base, sk_eps,
+                                        post_mult, repeat)
+
+    return _wrap(mode, n, H, m, K, S, E, NT, NB, dtype, body)
+
+
+def _wrap(mode, n, H, m, K, S, E, NT, NB, dtype, body):
+    """The PrimFunc of ``mode`` around a mix ``body`` macro (argument order: see build_mix)."""
+    if mode == "pre":
+
+        @T.prim_func
+        def mhc_pre(
+            residual: T.Tensor[(NT, n, H), dtype],
+            fn: T.Tensor[(m, K), T.float32],
+            hc_scale: T.Tensor[(3,), T.float32],
+            hc_base: T.Tensor[(m,), T.float32],
+            post_mix: T.Tensor[(NT, n, 1), T.float32],
+            comb_mix: T.Tensor[(NT, n, n), T.float32],
+            layer_input: T.Tensor[(NT, H), dtype],
+            parts: T.Tensor[(NB, S, E), T.float32],
+            fin: T.Tensor[(NB, E), T.float32],
+            flags: T.Tensor[(NB, 2), T.int32],
+            rms_eps: T.float32,
+            hc_pre_eps: T.float32,
+            hc_sinkhorn_eps: T.float32,
+            hc_post_mult_value: T.float32,
+            sinkhorn_repeat: T.int32,
+        ):
+            body(None, residual, None, None, fn, hc_scale, hc_base, None, post_mix, comb_mix,
+                 layer_input, parts, fin, flags, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+                 sinkhorn_repeat)
+
+        return mhc_pre
+
+    if mode == "head":
+
+        @T.prim_func
+        def mhc_head(
+            residual: T.Tensor[(NT, n, H), dtype],
+            fn: T.Tensor[(m, K), T.float32],
+            hc_scale: T.Tensor[(1,), T.float32],
+            hc_base: T.Tensor[(m,), T.float32],
+            layer_input: T.Tensor[(NT, H), dtype],
+            parts: T.Tensor[(NB, S, E), T.float32],
+            fin: T.Tensor[(NB, E), T.float32],
+            flags: T.Tensor[(NB, 2), T.int32],
+            rms_eps: T.float32,
+            hc_eps: T.float32,
+        ):
+            body(None, residual, None, None, fn, hc_scale, hc_base, None, None, None,
+                 layer_input, parts, fin, flags, rms_eps, hc_eps, None, None, None)
+
+        return mhc_head
+
+    @T.prim_func
+    def mhc_fused_post_pre(
+        x: T.Tensor[(NT, H), dtype],
+        residual: T.Tensor[(NT, n, H), dtype],
+        post_mix_in: T.Tensor[(NT, n, 1), T.float32],
+        comb_mix_in: T.Tensor[(NT, n, n), T.float32],
+        fn: T.Tensor[(m, K), T.float32],
+        hc_scale: T.Tensor[(3,), T.float32],
+        hc_base: T.Tensor[(m,), T.float32],
+        new_residual: T.Tensor[(NT, n, H), dtype],
+        post_mix: T.Tensor[(NT, n, 1), T.float32],
+        comb_mix: T.Tensor[(NT, n, n), T.float32],
+        layer_input: T.Tensor[(NT, H), dtype],
+        parts: T.Tensor[(NB, S, E), T.float32],
+        fin: T.Tensor[(NB, E), T.float32],
+        flags: T.Tensor[(NB, 2), T.int32],
+        rms_eps: T.float32,
+        hc_pre_eps: T.float32,
+        hc_sinkhorn_eps: T.float32,
+        hc_post_mult_value: T.float32,
+        sinkhorn_repeat: T.int32,
+    ):
+        body(x, residual, post_mix_in, comb_mix_in, fn, hc_scale, hc_base, new_residual, post_mix,
+             comb_mix, layer_input, parts, fin, flags, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+             hc_post_mult_value, sinkhorn_repeat)
+
+    return mhc_fused_post_pre
