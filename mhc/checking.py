@@ -104,7 +104,7 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     absolute error when ``ref`` is all zero)."""
     if tuple(out.shape) != tuple(ref.shape):
         return math.inf
-    o = _f64(out)
+    o, ref = _f64(out), _f64(ref)  # both on CPU in fp64, wherever each was computed
     if not torch.isfinite(o).all():
         return math.inf
     if ref.numel() == 0:
