@@ -292,7 +292,9 @@ def auto_order(platform: str, op: str, T: int) -> tuple[str, ...]:
     - ``post``: TileLang, at or under Triton everywhere (T=1: 1.4 vs 1.5 µs; T=16384:
       400 vs 421 / 699 vs 733 µs; both ~1.0x the floor).
     - ``pre``/``head``/``fused_post_pre`` with T <= 64 (bucket 0): Triton (pre T=1: 10.8 vs 20.5,
-      T=64: 11.5 vs 21.6 / 16.2 vs 21.5; head T=1: 5.8 vs 9.8; fused T=1: 12.9 vs 22.1; the
+      T=64: 11.5 vs 21.6 / 16.2 vs 21.5; head T=1: 5.8 vs 9.8; fused T=1: 12.9 vs 22.1; after
+      1425d29, run of d6fced2: pre T=1 7.1 vs 20.3, T=64 12.2 vs 22.0, head T=1 5.0 vs 9.8,
+      fused T=1 9.8 vs 21.8 at H=4096; the
       exceptions, fused at H=7168 with T=8 (23.9 vs 22.1) and T=64 (28.9 vs 23.6), are left to
       the bucket: one bucket boundary keeps the decision cache small).
     - the same ops with T > 64: TileLang (pre T=512: 27.7 vs 34.9 / 46.3 vs 64.0, T=16384:
