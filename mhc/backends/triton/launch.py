@@ -112,6 +112,13 @@ _SINGLE_LAUNCH_TABLE = (
 )
 
 
+def _mix_columns(op: str, n: int) -> tuple[int, int]:
+    """The GEMM's output columns (n for head, 2n + n*n otherwise) and their padded width, with
+    one spare column for the sum of squares."""
+    n3 = n if op == "head" else 2 * n + n * n
+    return n3, triton.next_power_of_2(n3 + 1)
+
+
 def configs(n: int, H: int, T: int, op: str = "pre") -> Config:
     """The launch config of ``op`` for ``n`` streams, hidden size ``H``, ``T`` tokens (any n <= 8,
     any H)."""
@@ -135,8 +142,7 @@ def configs(n: int, H: int, T: int, op: str = "pre") -> Config:
     # wide (pre/fused at n >= 8): at K=256 and 2 stages chunk_kernel needs 288 KB of the H100's
     # 227 KB (sm90 AOT, tests/test_triton_compile.py; the contract tests hit it on the H100).
     np2 = triton.next_power_of_2(n)
-    n3 = n if op == "head" else 2 * n + n * n
-    k_max = 128 if triton.next_power_of_2(n3 + 1) > 64 else 256
+    k_max = 128 if _mix_columns(op, n)[1] > 64 else 256
     bh = max(min(row.pop("block_h"), p2, k_max // np2), 16 // np2)
     splits = row.pop("splits")
     h_per_split = triton.cdiv(triton.cdiv(H, splits), bh) * bh
@@ -162,8 +168,7 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
     "fused_post_pre"} with ``cfg`` (``kernels.mix_kernel`` if ``cfg.chunk == 0``, else
     ``kernels.chunk_kernel``), ``n`` streams, residual ``dtype``."""
     head = op == "head"
-    n3 = n if head else 2 * n + n * n
-    n3p = triton.next_power_of_2(n3 + 1)  # one spare column carries the sum of squares
+    n3, n3p = _mix_columns(op, n)
     sp = triton.next_power_of_2(cfg.splits)
     common = dict(
         N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p,
