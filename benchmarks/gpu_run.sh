@@ -3,6 +3,8 @@
 #   benchmarks/gpu_run.sh [bench args...]      e.g. benchmarks/gpu_run.sh --quick
 # Environment: MHC_TESTS=all (default: the GPU suites tests/test_gpu*.py) | suite (every test file,
 #              the contract tests included, on the GPU) | none | a pytest -k expression for the GPU suites;
+#              MHC_PYTEST_ARGS: extra pytest arguments (e.g. -v, which makes xdist name every
+#              result as it lands, so a cut run still names its failures);
 #              MHC_BENCH=1 (default) | 0; MHC_WARM_PEERS=0 (default) | 1 (see below);
 #              MHC_GPU_SITE=.gpu-site (default): where site.tar.xz and tlcache are. Packages
 #              under /tmp/site (installed by an earlier call from wheels, ../shared/gpu/README.md,
@@ -52,7 +54,7 @@ if [[ $tests != none ]]; then
     # ~10 s each: carry them precompiled in $site/tlcache (python -m mhc aot ... --n ... --H ...).
     par=(); python3 -c "import xdist" 2>/dev/null && par=(-n "${MHC_TEST_JOBS:-8}")
     MHC_HYPOTHESIS_PROFILE=${MHC_HYPOTHESIS_PROFILE:-ci} python3 -m pytest -q tests -rfEs -p no:cacheprovider \
-      "${par[@]}" --durations=15 >"$OUT/gpu-tests.log" 2>&1
+      "${par[@]}" --durations=15 ${MHC_PYTEST_ARGS:-} >"$OUT/gpu-tests.log" 2>&1
   else
     k=(); [[ $tests != all ]] && k=(-k "$tests")
     python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_autograd.py -rs -p no:cacheprovider "${k[@]}" >"$OUT/gpu-tests.log" 2>&1
