@@ -3,6 +3,7 @@
 #   benchmarks/gpu_run.sh [bench args...]      e.g. benchmarks/gpu_run.sh --quick
 # Environment: MHC_TESTS=all (default: the GPU suites tests/test_gpu*.py) | suite (every test file,
 #              the contract tests included, on the GPU) | none | a pytest -k expression for the GPU suites;
+#              MHC_TEST_FILES: what MHC_TESTS=suite runs (default: tests);
 #              MHC_PYTEST_ARGS: extra pytest arguments (e.g. -v, which makes xdist name every
 #              result as it lands, so a cut run still names its failures);
 #              MHC_BENCH=1 (default) | 0; MHC_WARM_PEERS=0 (default) | 1 (see below);
@@ -53,7 +54,7 @@ if [[ $tests != none ]]; then
     # tests (derandomised draws, as in CI). TileLang compiles one kernel per (op, n, H) drawn,
     # ~10 s each: carry them precompiled in $site/tlcache (python -m mhc aot ... --n ... --H ...).
     par=(); python3 -c "import xdist" 2>/dev/null && par=(-n "${MHC_TEST_JOBS:-8}")
-    MHC_HYPOTHESIS_PROFILE=${MHC_HYPOTHESIS_PROFILE:-ci} python3 -m pytest -q tests -rfEs -p no:cacheprovider \
+    MHC_HYPOTHESIS_PROFILE=${MHC_HYPOTHESIS_PROFILE:-ci} python3 -m pytest -q ${MHC_TEST_FILES:-tests} -rfEs -p no:cacheprovider \
       "${par[@]}" --durations=15 ${MHC_PYTEST_ARGS:-} >"$OUT/gpu-tests.log" 2>&1
   else
     k=(); [[ $tests != all ]] && k=(-k "$tests")
