@@ -229,3 +229,53 @@ def test_aot_rejects_unknown_arch():
 
     with pytest.raises(ValueError, match="unknown arch"):
         aot.main(["sm75"])
+
+
+def test_configs_fit_each_arch_shared_memory_and_keep_the_h100_rows():
+    """Every (n <= 8, H, T bucket, op) config fits the shared memory of the arch it is made for by
+    launch.shared_estimate (the bound that tests/test_triton_compile.py holds the compiler to);
+    the H100's configs are the default ones, and n = 4 (the models' n) gets the same config on
+    every arch (MI300X's 64 KB fits it as tuned)."""
+    from triton import next_power_of_2
+
+    from mhc.backends.triton import launch
+
+    for arch, smem in launch.SHARED_MEMORY.items():
+        for n in range(1, 9):
+            for H in (1, 7, 40, 4096, 7168):
+                for T in (1, 5, 200, 2000):
+                    for op in ("pre", "head", "fused_post_pre"):
+                        cfg = launch.configs(n, H, T, op, smem)
+                        assert cfg.block_h * next_power_of_2(n) >= 16, (arch, n, H, T, op)  # tl.dot's minimum K
+                        est = launch.shared_estimate(op, n, cfg.block_m, cfg.block_h, cfg.num_stages, smem.amd)
+                        assert est <= smem.limit, (arch, n, H, T, op, est)
+                        if arch == "sm90":
+                            assert cfg == launch.configs(n, H, T, op)
+                        if n == 4 and arch != "sm90":
+                            assert cfg == launch.configs(n, H, T, op), (arch, H, T, op)
+    # The rule bites where the compiler said it must: n = 8 pre at T > 1024 on MI300X, and
+    # fused_post_pre at n >= 5, T > 1024 on the H100 too (280-308 KB at the old K tiles).
+    assert (launch.configs(8, 4096, 2000, "pre", launch.SHARED_MEMORY["gfx942"]).block_h
+            == launch.configs(8, 4096, 2000, "pre").block_h // 2)
+    assert launch.configs(6, 4096, 2000, "fused_post_pre").block_h == 16  # was 32 (K 256)
+
+
+def test_launch_uses_the_device_shared_memory(L, monkeypatch):
+    """The launchers size their tiles for the input's device (``device_shared_memory``), and the
+    smaller K tiles that a 64 KB GPU gets compute the same ops (n = 6 and 8, T > 1024: the rows
+    that change on MI300X; under the interpreter, H kept small)."""
+    from mhc.backends.triton import launch
+
+    if DEV.type == "cpu":
+        assert launch.device_shared_memory(torch.device("cpu")) == launch.SHARED_MEMORY["sm90"]
+    seen = []
+    real_configs = launch.configs
+    monkeypatch.setattr(launch, "device_shared_memory", lambda dev: launch.SHARED_MEMORY["gfx942"])
+    monkeypatch.setattr(launch, "configs", lambda *a, **k: seen.append(a + tuple(k.values())) or real_configs(*a, **k))
+    small = dict(launch._TABLE[-1][1], chunk_mib=0.05)  # the T > 1024 row, several chunks at H=64
+    monkeypatch.setattr(launch, "_TABLE", ((None, small, dict(launch._TABLE[-1][2])),))
+    for n in (6, 8):
+        assert real_configs(n, 64, 1100, "pre", launch.SHARED_MEMORY["gfx942"]).block_h < real_configs(n, 64, 1100, "pre").block_h
+        check_all_ops(L, 1100, n, 64, torch.bfloat16, seed=n, repeat=3)
+    assert seen and all(s[-1] == launch.SHARED_MEMORY["gfx942"] for s in seen if len(s) == 5)
+    assert any(len(s) == 5 for s in seen)

@@ -6,8 +6,9 @@ first) and ``post_kernel`` for every T bucket of :func:`mhc.backends.triton.laun
 the backward kernels of ``backward.py`` (which the interpreter cannot vouch for: it accepted a
 shape mismatch between the arms of a runtime ``if`` that the compiler rejects), bf16, for each arch; prints registers and spills per kernel (CUDA: from ``cuobjdump
 --dump-resource-usage`` on the cubin, as Triton's metadata fills them only when loading on a GPU;
-AMD: the VGPR/SGPR and spill counts that the AMDGCN assembly carries) and returns non-zero if any
-build fails. ``python -m mhc aot --backend triton --arch sm90,gfx942,gfx950`` calls it.
+AMD: the VGPR/SGPR and spill counts that the AMDGCN assembly carries, and the LDS bytes) and
+returns non-zero if any build fails or needs more shared memory than the arch has
+(``launch.SHARED_MEMORY``; Triton itself checks that only when a GPU loads the kernel). ``python -m mhc aot --backend triton --arch sm90,gfx942,gfx950`` calls it.
 """
 
 from __future__ import annotations
@@ -108,25 +109,38 @@ def _backward_jobs():
                        psig, pspec, cfg["num_warps"], 1)
 
 
-def _jobs():
-    """(label, kernel name, signature, constexprs, num_warps, num_stages) for every distinct build;
-    a kernel name without a module prefix is in ``kernels.py``."""
+def mix_job(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str) -> tuple[tuple, tuple]:
+    """(dedup key, build job) of the kernel that serves ``op`` at (n, H, T) on ``arch``, with the
+    config the launcher picks there; the job is what :func:`_build` takes after the arch."""
+    from mhc.backends.triton import launch
+
+    cfg = launch.configs(n, H, T, op, launch.SHARED_MEMORY[arch])
+    spec = launch.mix_specialization(op, n, dtype, cfg)
+    kname = "chunk_kernel" if cfg.chunk else "mix_kernel"
+    key = (kname, op, _TYPE[dtype], tuple(sorted(spec.items())), cfg.num_warps, cfg.num_stages, H % 16 == 0)
+    label = f"{op:<14} n={n} H={H:<5} T<={T:<5} {_TYPE[dtype]} {kname}"
+    return key, (label, kname, _mix_signature(op, dtype, cfg.prep), spec, cfg.num_warps, cfg.num_stages,
+                 H % 16 == 0)
+
+
+def _jobs(arch: str = "sm90"):
+    """(label, kernel name, signature, constexprs, num_warps, num_stages[, H % 16 == 0]) for every
+    distinct build on ``arch`` (whose shared memory the configs fit); a kernel name without a
+    module prefix is in ``kernels.py``."""
     from mhc.backends.triton import launch
 
     seen = set()
     for H in H_VALUES:
         for T in T_BUCKETS:
-            cfg = launch.configs(4, H, T)
+            cfg = launch.configs(4, H, T, smem=launch.SHARED_MEMORY[arch])
             for dtype in DTYPES:
                 for op in MIX_OPS:
-                    mcfg = launch.configs(4, H, T, op)
-                    spec = launch.mix_specialization(op, 4, dtype, mcfg)
-                    kname = "chunk_kernel" if mcfg.chunk else "mix_kernel"
-                    key = (kname, op, _TYPE[dtype], tuple(sorted(spec.items())), mcfg.num_warps, mcfg.num_stages)
+                    key, job = mix_job(op, 4, H, T, dtype, arch)
                     if key not in seen:
                         seen.add(key)
-                        yield (f"{op:<14} H={H:<5} T<={T:<5} {_TYPE[dtype]} {kname}", kname,
-                               _mix_signature(op, dtype, mcfg.prep), spec, mcfg.num_warps, mcfg.num_stages)
+                        yield job
+                    mcfg = launch.configs(4, H, T, op, launch.SHARED_MEMORY[arch])
+                    spec = job[3]
                     if mcfg.prep:
                         n3 = spec["N3"]
                         pspec = dict(N3=n3, N3P=spec["N3P"], BK=launch.PREP_BK, EMULATE_RNE=False)
@@ -157,7 +171,7 @@ def _cuda_resources(cubin: bytes) -> str:
     if not m:
         return "registers: not reported"
     reg, stack, shared, local = m.groups()
-    return f"regs {reg:>3}  spill/stack {stack}B local {local}B  smem {shared}B"
+    return f"regs {reg:>3}  spill/stack {stack}B local {local}B  static smem {shared}B"
 
 
 def _amd_resources(asm: str) -> str:
@@ -171,8 +185,15 @@ def _amd_resources(asm: str) -> str:
             f"scratch {scratch.group(1) if scratch else '?'}B")
 
 
+def _shared_limit(arch: str) -> int:
+    from mhc.backends.triton import launch
+
+    return launch.SHARED_MEMORY[arch].limit
+
+
 def _build(job) -> tuple[str, bool, str]:
-    arch, (label, kname, signature, constexprs, num_warps, num_stages) = job
+    arch, (label, kname, signature, constexprs, num_warps, num_stages, *rest) = job
+    h_aligned = rest[0] if rest else True
     try:
         import triton
 
@@ -190,7 +211,7 @@ def _build(job) -> tuple[str, bool, str]:
         # pointers, H a multiple of 16. Without them the builds would not vectorize as the
         # launched kernels do.
         attrs = {(k,): [["tt.divisibility", 16]] for k, a in enumerate(fn.arg_names)
-                 if sig[a].startswith("*") or a in ("H", "K")}
+                 if sig[a].startswith("*") or (h_aligned and a in ("H", "K"))}
         src = triton.compiler.ASTSource(fn=fn, signature={a: sig[a] for a in fn.arg_names},
                                         constexprs=dict(constexprs), attrs=attrs)
         t0 = time.time()
@@ -198,8 +219,14 @@ def _build(job) -> tuple[str, bool, str]:
                                   options=dict(num_warps=num_warps, num_stages=num_stages))
         dt = time.time() - t0
         res = (_cuda_resources(compiled.asm["cubin"]) if arch == "sm90"
-               else _amd_resources(compiled.asm["amdgcn"]))
-        return f"{arch:<7} {label}  warps {num_warps} stages {num_stages}  {res}  ({dt:.1f}s)", True, ""
+               else _amd_resources(compiled.asm["amdgcn"])) + f"  shared {compiled.metadata.shared}B"
+        line = f"{arch:<7} {label}  warps {num_warps} stages {num_stages}  {res}  ({dt:.1f}s)"
+        # Triton checks this only when it loads the kernel on a GPU ("out of resource: shared
+        # memory"): a build that does not fit is a failure here, not on the user's machine.
+        limit = _shared_limit(arch)
+        if compiled.metadata.shared > limit:
+            return f"{line}  FAILED: needs {compiled.metadata.shared} B of shared memory, {arch} has {limit}", False, ""
+        return line, True, ""
     except Exception as e:
         return f"{arch:<7} {label}  FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", False, repr(e)
 
@@ -212,7 +239,7 @@ def main(archs: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("TRITON_INTERPRET=1 is set: AOT needs compiled kernels; unset it", file=sys.stderr)
         return 1
-    jobs = [(a, j) for a in archs for j in _jobs()]
+    jobs = [(a, j) for a in archs for j in _jobs(a)]
     failed = 0
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:

@@ -119,9 +119,80 @@ def _mix_columns(op: str, n: int) -> tuple[int, int]:
     return n3, triton.next_power_of_2(n3 + 1)
 
 
-def configs(n: int, H: int, T: int, op: str = "pre") -> Config:
+@dataclasses.dataclass(frozen=True)
+class SharedMemory:
+    """What a GPU gives one program in shared memory (LDS on AMD): ``limit`` bytes (Triton's
+    ``max_shared_mem``, which it checks when it loads a kernel) and whether its Triton backend is
+    AMD's (whose pipeliner keeps ``num_stages - 1`` copies of a K step's tiles, NVIDIA's
+    ``num_stages``)."""
+
+    limit: int
+    amd: bool = False
+
+
+#: Per-block shared memory of the architectures that ``aot.py`` builds for: the H100's opt-in
+#: 227 KB, MI300X's (gfx942) 64 KB and MI355X's (gfx950) 160 KB of LDS.
+SHARED_MEMORY = {
+    "sm90": SharedMemory(232448),
+    "gfx942": SharedMemory(65536, amd=True),
+    "gfx950": SharedMemory(163840, amd=True),
+}
+
+_DEVICE_SHARED: dict[int, SharedMemory] = {}
+
+
+def device_shared_memory(device: torch.device) -> SharedMemory:
+    """The :class:`SharedMemory` of ``device`` (a CUDA or ROCm GPU), from the driver once per
+    device; the H100's for CPU tensors (the interpreter has no limit, and the CPU tests then run
+    the configs that the H100 runs)."""
+    if device.type != "cuda" or INTERPRETED:
+        return SHARED_MEMORY["sm90"]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    got = _DEVICE_SHARED.get(index)
+    if got is None:
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        got = _DEVICE_SHARED[index] = SharedMemory(int(props["max_shared_mem"]), torch.version.hip is not None)
+    return got
+
+
+#: Shared memory that the kernels' other phases (partial reductions, Sinkhorn, the collapse) may
+#: take besides the GEMM's tiles; Triton reuses one allocation across phases, so the kernel needs
+#: the larger of the two (sm90, n = 8, H = 1: 32 KB with GEMM tiles of 10-20 KB).
+OTHER_PHASES_SHARED = 32768
+
+
+def shared_estimate(op: str, n: int, block_m: int, block_h: int, num_stages: int, amd: bool) -> int:
+    """Bytes of shared memory that ``mix_kernel``/``chunk_kernel`` need for ``op`` with n streams,
+    a GEMM step of ``block_m`` tokens x ``block_h`` hidden elements (K = next_pow2(n) x block_h)
+    and ``num_stages``, on AMD (``amd``) or NVIDIA: an upper bound fitted to Triton 3.6's
+    allocations, which tests/test_triton_compile.py holds it to on sm90 and gfx942.
+
+    Tiles of one GEMM step: residual a = block_m x K x 2 B, fn b = K x max(16, N3P) x 4 B (fp32,
+    or bf16 hi + lo: 4 B a column either way, at least the MMA's narrowest N), and for
+    ``fused_post_pre`` the sublayer output x = block_m x block_h x 2 B. Unpipelined (one stage):
+    the larger of a and b. Pipelined, AMD keeps num_stages - 1 copies (fused_post_pre: of b
+    only, its residual tile comes from registers: exact on gfx942); NVIDIA keeps num_stages
+    copies of a + b, and for fused_post_pre it took up to 3.4x (a + b + x) at 3 stages (n = 8:
+    280 KB), so num_stages + 1 copies are counted there. Never less than
+    ``OTHER_PHASES_SHARED``."""
+    k = block_h * triton.next_power_of_2(n)
+    a = block_m * k * 2
+    b = k * max(16, _mix_columns(op, n)[1]) * 4
+    fused = op == "fused_post_pre"
+    if num_stages <= 1:  # not pipelined: the operands pass through one reused buffer in turn
+        gemm = max(a, b)
+    elif amd:
+        gemm = (num_stages - 1) * b + a if fused else (num_stages - 1) * (a + b)
+    else:
+        gemm = (num_stages + 1) * (a + b + block_m * block_h * 2) if fused else num_stages * (a + b)
+    return max(gemm, OTHER_PHASES_SHARED)
+
+
+def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None = None) -> Config:
     """The launch config of ``op`` for ``n`` streams, hidden size ``H``, ``T`` tokens (any n <= 8,
-    any H)."""
+    any H), on a GPU with shared memory ``smem`` (default: the H100's, ``SHARED_MEMORY["sm90"]``;
+    the launchers pass the input device's)."""
+    smem = smem or SHARED_MEMORY["sm90"]
     for max_t, row, fused_row in _TABLE:
         if max_t is None or T <= max_t:
             break
@@ -144,6 +215,12 @@ def configs(n: int, H: int, T: int, op: str = "pre") -> Config:
     np2 = triton.next_power_of_2(n)
     k_max = 128 if _mix_columns(op, n)[1] > 64 else 256
     bh = max(min(row.pop("block_h"), p2, k_max // np2), 16 // np2)
+    # Halve the K tile until the kernel fits the device's shared memory, which Triton checks only
+    # when it loads the kernel: at T > 1024, n >= 5 asked 80-160 KB on MI300X (64 KB of LDS), and
+    # fused_post_pre 280-308 KB on the H100 (227 KB). n = 4 keeps its tuned tiles everywhere.
+    while bh * np2 > 16 and shared_estimate(op, n, row["block_m"], bh, row["num_stages"],
+                                            smem.amd) > smem.limit:
+        bh //= 2
     splits = row.pop("splits")
     h_per_split = triton.cdiv(triton.cdiv(H, splits), bh) * bh
     row["block_c"] = max(16, min(row["block_c"], p2))  # 1-wide tiles (H=1) crash Triton 3.6's coalescing
@@ -229,7 +306,7 @@ def _prep_fn(fn, n3, n3p):
 def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
     T, n, H = residual.shape
     dev = residual.device
-    cfg = configs(n, H, T, op)
+    cfg = configs(n, H, T, op, device_shared_memory(dev))
     spec = mix_specialization(op, n, residual.dtype, cfg)
     n3p = spec["N3P"]
     out = empty((T, H), residual.dtype, dev)
