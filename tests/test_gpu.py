@@ -5,6 +5,7 @@ in the benchmarks (``python -m mhc bench``).
 - every backend that can serve x every op against the fp64 oracle (``mhc.checking``) at n = 4,
   H in {4096, 7168}, T in {0, 1, 7, 64, 513, 4096}; outputs are poisoned with NaN by conftest,
   inputs are random and never zero;
+- n = 6 and 8 at T = 2048 (pre, fused_post_pre): the widest tiles fit the GPU's shared memory;
 - CUDA graphs: capture, then replay on new input values, matches an eager call bitwise;
 - ``torch.compile(fullgraph=True)`` of a small mHC block (pre -> Linear -> post, twice) with the
   default inductor backend: no graph break (fullgraph raises on one), matches eager;
@@ -86,6 +87,22 @@ def test_matches_fp64_oracle_at_real_sizes(backend, op, H, T):
     outs = checking.call(op, args, kwargs, backend)
     torch.cuda.synchronize()
     _assert_correct(op, args, kwargs, outs, rows, refs, backend)
+
+
+@pytest.mark.parametrize("n", (6, 8))
+@pytest.mark.parametrize("op", ("pre", "fused_post_pre"))
+def test_wide_n_at_large_t_within_shared_memory(backend, op, n):
+    """n >= 5 at T > 1024 takes the widest fn tiles; fused_post_pre there once needed 280-308 KB
+    of shared memory, which the H100 refuses at load time (``launch.shared_estimate``)."""
+    T, H = 2048, 4096
+    why = registry.reasons_for(backend, registry.Problem(op, DEVICE, torch.bfloat16, n, H, T))
+    if why:
+        pytest.skip(f"backend {backend} cannot serve {op} at n={n}: " + "; ".join(why))
+    args, kwargs = bench.device_inputs(op, T, n, H, DEVICE, seed=90 + n)
+    rows = bench.sample_rows(T, DEVICE, k=256, seed=n)
+    outs = checking.call(op, args, kwargs, backend)
+    torch.cuda.synchronize()
+    _assert_correct(op, args, kwargs, outs, rows, bench.reference_rows(op, args, kwargs, rows), backend)
 
 
 @pytest.mark.parametrize("T", (1, 513))
