@@ -72,10 +72,10 @@ def _assert_correct(op, args, kwargs, outs, rows, refs, backend):
     assert chk.ok, f"{backend}.{op} T={res.shape[0]} H={res.shape[-1]}: {chk.text}"
 
 
-def _gpu_backend(backend: str, op: str = "pre", H: int = 4096, T: int = 64, device=None) -> None:
-    why = registry.reasons_for(backend, registry.Problem(op, device or DEVICE, torch.bfloat16, N, H, T))
+def _gpu_backend(backend: str, op: str = "pre", H: int = 4096, T: int = 64, device=None, n: int = N) -> None:
+    why = registry.reasons_for(backend, registry.Problem(op, device or DEVICE, torch.bfloat16, n, H, T))
     if why:
-        pytest.skip(f"backend {backend} cannot serve {op} at H={H}, T={T}: " + "; ".join(why))
+        pytest.skip(f"backend {backend} cannot serve {op} at n={n}, H={H}, T={T}: " + "; ".join(why))
 
 
 @pytest.mark.parametrize("T", T_VALUES)
@@ -95,9 +95,7 @@ def test_wide_n_at_large_t_within_shared_memory(backend, op, n):
     """n >= 5 at T > 1024 takes the widest fn tiles; fused_post_pre there once needed 280-308 KB
     of shared memory, which the H100 refuses at load time (``launch.shared_estimate``)."""
     T, H = 2048, 4096
-    why = registry.reasons_for(backend, registry.Problem(op, DEVICE, torch.bfloat16, n, H, T))
-    if why:
-        pytest.skip(f"backend {backend} cannot serve {op} at n={n}: " + "; ".join(why))
+    _gpu_backend(backend, op, H, T, n=n)
     args, kwargs = bench.device_inputs(op, T, n, H, DEVICE, seed=90 + n)
     rows = bench.sample_rows(T, DEVICE, k=256, seed=n)
     outs = checking.call(op, args, kwargs, backend)

@@ -139,9 +139,8 @@ def _jobs(arch: str = "sm90"):
                     if key not in seen:
                         seen.add(key)
                         yield job
-                    mcfg = launch.configs(4, H, T, op, launch.SHARED_MEMORY[arch])
                     spec = job[3]
-                    if mcfg.prep:
+                    if spec["PREP"]:
                         n3 = spec["N3"]
                         pspec = dict(N3=n3, N3P=spec["N3P"], BK=launch.PREP_BK, EMULATE_RNE=False)
                         key = ("prep", tuple(sorted(pspec.items())))
