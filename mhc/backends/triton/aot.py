@@ -8,7 +8,8 @@ shape mismatch between the arms of a runtime ``if`` that the compiler rejects), 
 --dump-resource-usage`` on the cubin, as Triton's metadata fills them only when loading on a GPU;
 AMD: the VGPR/SGPR and spill counts that the AMDGCN assembly carries, and the LDS bytes) and
 returns non-zero if any build fails or needs more shared memory than the arch has
-(``launch.SHARED_MEMORY``; Triton itself checks that only when a GPU loads the kernel). ``python -m mhc aot --backend triton --arch sm90,gfx942,gfx950`` calls it.
+(``launch.SHARED_MEMORY``; Triton itself checks that only when a GPU loads the kernel).
+``python -m mhc aot --backend triton --arch sm90,gfx942,gfx950`` calls it.
 """
 
 from __future__ import annotations
@@ -184,12 +185,6 @@ def _amd_resources(asm: str) -> str:
             f"scratch {scratch.group(1) if scratch else '?'}B")
 
 
-def _shared_limit(arch: str) -> int:
-    from mhc.backends.triton import launch
-
-    return launch.SHARED_MEMORY[arch].limit
-
-
 def _build(job) -> tuple[str, bool, str]:
     arch, (label, kname, signature, constexprs, num_warps, num_stages, *rest) = job
     h_aligned = rest[0] if rest else True
@@ -222,7 +217,9 @@ def _build(job) -> tuple[str, bool, str]:
         line = f"{arch:<7} {label}  warps {num_warps} stages {num_stages}  {res}  ({dt:.1f}s)"
         # Triton checks this only when it loads the kernel on a GPU ("out of resource: shared
         # memory"): a build that does not fit is a failure here, not on the user's machine.
-        limit = _shared_limit(arch)
+        from mhc.backends.triton import launch
+
+        limit = launch.SHARED_MEMORY[arch].limit
         if compiled.metadata.shared > limit:
             return f"{line}  FAILED: needs {compiled.metadata.shared} B of shared memory, {arch} has {limit}", False, ""
         return line, True, ""

@@ -208,10 +208,10 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
             chunk = min(chunk, triton.cdiv(max_t, m) * m)
         row["chunk"] = chunk
     p2 = triton.next_power_of_2(H)
-    # A GEMM step's K tile (n streams x block_h): >= 16 for tl.dot (tiny H, e.g. H=1), <= 256 so
-    # that n=8 keeps the fn tiles within shared memory, and <= 128 where the fn tile is 128 columns
-    # wide (pre/fused at n >= 8): at K=256 and 2 stages chunk_kernel needs 288 KB of the H100's
-    # 227 KB (sm90 AOT, tests/test_triton_compile.py; the contract tests hit it on the H100).
+    # A GEMM step's K tile (n streams x block_h): >= 16 for tl.dot (tiny H, e.g. H=1), <= 256, and
+    # <= 128 where the fn tile is 128 columns wide (pre/fused at n = 8). The shared-memory rule
+    # below would reach the same tiles at T > 1024; the 128 cap still decides n = 8's unpipelined
+    # small-T rows, which ran that way in the H100 contract tests (256 is unmeasured there).
     np2 = triton.next_power_of_2(n)
     k_max = 128 if _mix_columns(op, n)[1] > 64 else 256
     bh = max(min(row.pop("block_h"), p2, k_max // np2), 16 // np2)
