@@ -551,7 +551,7 @@ def mix_kernel(
     ROWWISE: tl.constexpr,
     DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr, PREP: tl.constexpr = False,
     SK_ELEM: tl.constexpr = False, TAIL: tl.constexpr = False, RB: tl.constexpr = 1, PF: tl.constexpr = 0,
-    PF_EARLY: tl.constexpr = False,
+    PF_EARLY: tl.constexpr = False, S_FAST: tl.constexpr = False,
 ):
     """``pre`` (HEAD=False, FUSED=False), ``head`` (HEAD=True) or ``fused_post_pre`` (FUSED=True).
 
@@ -569,11 +569,16 @@ def mix_kernel(
     from PF prefetched chunks of BC, Sinkhorn in-thread, written last); ``PF_EARLY`` (not FUSED):
     every program prefetches those chunks before its atomic, so the last one finds them in
     registers.
-    Grid: (cdiv(T, BM), n_splits); split s takes hidden elements [s, s+1) * STEPS*BH;
+    Grid: (cdiv(T, BM), n_splits), or (n_splits, cdiv(T, BM)) with ``S_FAST`` (consecutive
+    programs take the splits of one token block); split s takes hidden elements [s, s+1) * STEPS*BH;
     ``n_splits <= SP``; ``RC`` divides BM*N3P.
     """
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    if S_FAST:
+        pid_s = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
     row0 = pid_m * BM
     n_rows = T - row0
     K = N * H
@@ -786,24 +791,40 @@ def chunk_kernel(
 
 @triton.jit
 def post_kernel(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, T, H,
-                N: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, EMULATE_RNE: tl.constexpr):
+                N: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                BT: tl.constexpr = 1, H_FAST: tl.constexpr = True, EVICT: tl.constexpr = ""):
     """``out[t, j, h] = pm[t, j] * x[t, h] + sum_i cm[t, i, j] * res[t, i, h]`` (fp32 math).
 
     ``x`` (T, H), ``res`` and ``out`` (T, N, H) in the residual dtype; ``pm`` (T, N), ``cm``
-    (T, N, N) fp32. Grid: (T, cdiv(H, BH)). ``EMULATE_RNE``: under the interpreter (see
-    :func:`_to_act`).
+    (T, N, N) fp32. Grid: (cdiv(T, BT) * cdiv(H, BH),), one program per BT tokens x BH hidden
+    columns of every stream. ``H_FAST``: consecutive programs take consecutive hidden blocks of
+    the same tokens, so that the programs in flight at once read and write contiguous memory
+    (else consecutive tokens of one hidden block, 2*N*H bytes apart). ``EVICT``: the
+    ``eviction_policy`` of the streamed loads ("" = default). ``EMULATE_RNE``: under the
+    interpreter (see :func:`_to_act`).
     """
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * BH + tl.arange(0, BH)
-    h_ok = h < H
+    pid = tl.program_id(0)
+    n_hb = tl.cdiv(H, BH)
+    if H_FAST:
+        tb = pid // n_hb
+        hb = pid % n_hb
+    else:
+        n_tb = tl.cdiv(T, BT)
+        tb = pid % n_tb
+        hb = pid // n_tb
+    t = tb.to(tl.int64) * BT + tl.arange(0, BT)
+    h = hb * BH + tl.arange(0, BH)
+    ok = (t < T)[:, None] & (h < H)[None, :]
     j = tl.arange(0, NP)
-    j_ok = j < N
-    x = tl.load(x_ptr + t * H + h, mask=h_ok, other=0.0).to(tl.float32)
-    pm = tl.load(pm_ptr + t * N + j, mask=j_ok, other=0.0)
-    acc = pm[:, None] * x[None, :]
+    jm = (t < T)[:, None] & (j < N)[None, :]
+    x = tl.load(x_ptr + t[:, None] * H + h[None, :], mask=ok, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    pm = tl.load(pm_ptr + t[:, None] * N + j[None, :], mask=jm, other=0.0)
+    acc = pm[:, :, None] * x[:, None, :]
     for i in tl.static_range(N):
-        r = tl.load(res_ptr + (t * N + i) * H + h, mask=h_ok, other=0.0).to(tl.float32)
-        cw = tl.load(cm_ptr + (t * N + i) * N + j, mask=j_ok, other=0.0)
-        acc += cw[:, None] * r[None, :]
-    tl.store(out_ptr + (t * N + j[:, None]) * H + h[None, :], _to_act(acc, out_ptr.dtype.element_ty, EMULATE_RNE),
-             mask=j_ok[:, None] & h_ok[None, :])
+        r = tl.load(res_ptr + (t[:, None] * N + i) * H + h[None, :], mask=ok, other=0.0,
+                    eviction_policy=EVICT).to(tl.float32)
+        cw = tl.load(cm_ptr + (t[:, None] * N + i) * N + j[None, :], mask=jm, other=0.0)
+        acc += cw[:, :, None] * r[:, None, :]
+    tl.store(out_ptr + (t[:, None, None] * N + j[None, :, None]) * H + h[None, None, :],
+             _to_act(acc, out_ptr.dtype.element_ty, EMULATE_RNE),
+             mask=jm[:, :, None] & (h < H)[None, None, :])

@@ -35,7 +35,11 @@ class Config:
     taking ``h_per_split`` hidden elements; ``block_c`` hidden elements per collapse step.
     Single launch: ``rowwise`` collapses one token at a time. Chunked: phase B programs take
     ``block_m_b`` tokens and ``c_steps * block_c`` hidden elements.
-    ``num_warps``/``num_stages`` as in Triton. ``post_block_h``/``post_warps``: ``post``'s tile.
+    ``num_warps``/``num_stages`` as in Triton. ``post_block_h``/``post_warps``/``post_block_t``:
+    ``post``'s tile (hidden columns, warps, tokens); ``post_h_fast``: its program order (hidden
+    blocks fastest, ``kernels.post_kernel``'s H_FAST). ``split_fast`` (single launch): the grid
+    is (splits, token blocks), so that consecutive programs read the same tokens
+    (``kernels.mix_kernel``'s S_FAST).
     ``prep``: split fn into bf16 hi/lo once per call (``kernels.prep_kernel``, one small launch)
     so that the GEMM does one bf16 dot per step with no conversion in the hot loop.
     ``sk_elem``: Sinkhorn with one tensor per matrix entry, in-thread (``kernels._sinkhorn_elems``).
@@ -68,14 +72,19 @@ class Config:
     tail_pf_bytes: int = 0
     pf_early: bool = False
     b_split: bool = False
+    post_block_t: int = 1
+    post_h_fast: bool = True
+    split_fast: bool = False
 
 
 # Per T bucket: (max T, Config fields for pre and head, Config fields for fused_post_pre or None
 # for the same); h_per_split is derived, chunk from chunk_mib. Everything compiled depends on the
 # bucket and H only (never on T itself), so a model compiles at most one variant per bucket and op.
 # Rows without chunk_mib run the single-launch kernel. Figures that chose these: TUNING.md.
+# post_h_fast: see TUNING.md, "post: program order" (T = 1: one token, nothing to order, and the
+# token-major form needs no division to find its block).
 _POST = (
-    dict(post_block_h=256, post_warps=1),
+    dict(post_block_h=256, post_warps=1, post_h_fast=False),
     dict(post_block_h=512, post_warps=2),
     dict(post_block_h=1024, post_warps=4),
     dict(post_block_h=1024, post_warps=4),
@@ -259,7 +268,7 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
     # The reduction reads [SP, RC] partials per step: 4K fp32 at most, RC divides BM*N3P.
     rc = max(1, min(cfg.block_m * n3p, 4096 // sp))
     return dict(common, RC=rc, ROWWISE=cfg.rowwise, SK_ELEM=cfg.sk_elem, TAIL=cfg.tail, RB=cfg.tail_rows,
-                PF=cfg.tail_pf, PF_EARLY=cfg.pf_early)
+                PF=cfg.tail_pf, PF_EARLY=cfg.pf_early, S_FAST=cfg.split_fast)
 
 
 class _Counters:
@@ -331,7 +340,10 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
         part = torch.empty(num_m * cfg.splits * cfg.block_m * n3p, dtype=torch.float32, device=dev)
         mix = torch.empty(num_m * cfg.block_m * n3p, dtype=torch.float32, device=dev)
         cnt = _COUNTERS.get(dev, num_m)
-        kernels.mix_kernel[(num_m, cfg.splits)](
+        if spec["S_FAST"] and num_m > 65535:
+            # Splits fastest puts the token blocks on grid axis 1, at most 65535 on CUDA.
+            spec = dict(spec, S_FAST=False)
+        kernels.mix_kernel[(cfg.splits, num_m) if spec["S_FAST"] else (num_m, cfg.splits)](
             residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
             post_mix, comb_mix, out, part, mix, cnt,
             T, H, cfg.splits, *scalars,
@@ -412,9 +424,9 @@ def post(x, residual, post_mix, comb_mix):
     cfg = configs(n, H, T)
     out = empty((T, n, H), residual.dtype, residual.device)
     with device_guard(residual.device):
-        kernels.post_kernel[(T, triton.cdiv(H, cfg.post_block_h))](
+        kernels.post_kernel[(triton.cdiv(T, cfg.post_block_t) * triton.cdiv(H, cfg.post_block_h),)](
             x, residual, post_mix, comb_mix, out, T, H,
             N=n, NP=triton.next_power_of_2(n), BH=cfg.post_block_h, EMULATE_RNE=INTERPRETED,
-            num_warps=cfg.post_warps,
+            BT=cfg.post_block_t, H_FAST=cfg.post_h_fast, num_warps=cfg.post_warps,
         )
     return out
