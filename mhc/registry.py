@@ -290,7 +290,9 @@ def auto_order(platform: str, op: str, T: int) -> tuple[str, ...]:
     CUDA, from the H100 run of 2026-11-23 (benchmarks/README.md; warm µs, H=4096 / 7168):
 
     - ``post``: TileLang, at or under Triton everywhere (T=1: 1.4 vs 1.5 µs; T=16384:
-      400 vs 421 / 699 vs 733 µs; both ~1.0x the floor).
+      400 vs 421 / 699 vs 733 µs; both ~1.0x the floor). Since Triton's program-order fix
+      (4c037f5, run of 16:40 UTC) the two tie at T >= 4096 (0.99-1.01x the floor), and TileLang
+      stays ahead at T <= 512 (T=8: 1.6 vs 1.9 µs, T=64: 2.2 vs 2.4 / 2.7 vs 3.1 µs).
     - ``pre``/``head``/``fused_post_pre`` with T <= 64 (bucket 0): Triton (pre T=1: 10.8 vs 20.5,
       T=64: 11.5 vs 21.6 / 16.2 vs 21.5; head T=1: 5.8 vs 9.8; fused T=1: 12.9 vs 22.1; after
       1425d29, run of d6fced2: pre T=1 7.1 vs 20.3, T=64 12.2 vs 22.0, head T=1 5.0 vs 9.8,

@@ -149,7 +149,8 @@ def _jobs(arch: str = "sm90"):
                             seen.add(key)
                             yield (f"{'prep':<14} N3={n3:<3}", "prep_kernel",
                                    {"fn_ptr": "*fp32", "out_ptr": "*bf16", "K": "i32"}, pspec, 4, 1)
-                spec = dict(N=4, NP=4, BH=cfg.post_block_h, EMULATE_RNE=False)
+                spec = dict(N=4, NP=4, BH=cfg.post_block_h, EMULATE_RNE=False, BT=cfg.post_block_t,
+                            H_FAST=cfg.post_h_fast, EVICT="")
                 key = ("post", _TYPE[dtype], tuple(sorted(spec.items())), cfg.post_warps)
                 if key not in seen:
                     seen.add(key)

@@ -37,9 +37,7 @@ class Config:
     ``block_m_b`` tokens and ``c_steps * block_c`` hidden elements.
     ``num_warps``/``num_stages`` as in Triton. ``post_block_h``/``post_warps``/``post_block_t``:
     ``post``'s tile (hidden columns, warps, tokens); ``post_h_fast``: its program order (hidden
-    blocks fastest, ``kernels.post_kernel``'s H_FAST). ``split_fast`` (single launch): the grid
-    is (splits, token blocks), so that consecutive programs read the same tokens
-    (``kernels.mix_kernel``'s S_FAST).
+    blocks fastest, ``kernels.post_kernel``'s H_FAST).
     ``prep``: split fn into bf16 hi/lo once per call (``kernels.prep_kernel``, one small launch)
     so that the GEMM does one bf16 dot per step with no conversion in the hot loop.
     ``sk_elem``: Sinkhorn with one tensor per matrix entry, in-thread (``kernels._sinkhorn_elems``).
@@ -74,7 +72,6 @@ class Config:
     b_split: bool = False
     post_block_t: int = 1
     post_h_fast: bool = True
-    split_fast: bool = False
 
 
 # Per T bucket: (max T, Config fields for pre and head, Config fields for fused_post_pre or None
@@ -268,7 +265,7 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
     # The reduction reads [SP, RC] partials per step: 4K fp32 at most, RC divides BM*N3P.
     rc = max(1, min(cfg.block_m * n3p, 4096 // sp))
     return dict(common, RC=rc, ROWWISE=cfg.rowwise, SK_ELEM=cfg.sk_elem, TAIL=cfg.tail, RB=cfg.tail_rows,
-                PF=cfg.tail_pf, PF_EARLY=cfg.pf_early, S_FAST=cfg.split_fast)
+                PF=cfg.tail_pf, PF_EARLY=cfg.pf_early)
 
 
 class _Counters:
@@ -340,10 +337,7 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
         part = torch.empty(num_m * cfg.splits * cfg.block_m * n3p, dtype=torch.float32, device=dev)
         mix = torch.empty(num_m * cfg.block_m * n3p, dtype=torch.float32, device=dev)
         cnt = _COUNTERS.get(dev, num_m)
-        if spec["S_FAST"] and num_m > 65535:
-            # Splits fastest puts the token blocks on grid axis 1, at most 65535 on CUDA.
-            spec = dict(spec, S_FAST=False)
-        kernels.mix_kernel[(cfg.splits, num_m) if spec["S_FAST"] else (num_m, cfg.splits)](
+        kernels.mix_kernel[(num_m, cfg.splits)](
             residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
             post_mix, comb_mix, out, part, mix, cnt,
             T, H, cfg.splits, *scalars,
