@@ -205,7 +205,7 @@ def test_post_kernel_forms(bt, h_fast, evict, T, n, H, dtype):
 
 
 def test_post_program_order_by_bucket():
-    """The measured choice (TUNING.md, "post: program order"): hidden blocks fastest wherever
+    """The measured choice (TUNING.md, "Program order: post"): hidden blocks fastest wherever
     there is more than one token."""
     from mhc.backends.triton import launch
 

@@ -572,7 +572,7 @@ def mix_kernel(
     registers.
     Grid: (cdiv(T, BM), n_splits); split s takes hidden elements [s, s+1) * STEPS*BH;
     ``n_splits <= SP``; ``RC`` divides BM*N3P. (Token blocks fastest: the splits-major order
-    measured 19% slower at T = 4096, TUNING.md "Program order".)
+    measured 19% slower at T = 4096, TUNING.md "Program order: mix_kernel".)
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)

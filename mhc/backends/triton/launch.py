@@ -78,7 +78,7 @@ class Config:
 # for the same); h_per_split is derived, chunk from chunk_mib. Everything compiled depends on the
 # bucket and H only (never on T itself), so a model compiles at most one variant per bucket and op.
 # Rows without chunk_mib run the single-launch kernel. Figures that chose these: TUNING.md.
-# post_h_fast: see TUNING.md, "post: program order" (T = 1: one token, nothing to order, and the
+# post_h_fast: see TUNING.md, "Program order: post" (T = 1: one token, nothing to order, and the
 # token-major form needs no division to find its block).
 _POST = (
     dict(post_block_h=256, post_warps=1, post_h_fast=False),
