@@ -786,6 +786,106 @@ def chunk_kernel(
                  mask=(rows < n_rows)[:, None])
 
 
+@triton.jit(do_not_specialize=["T"])
+def prenorm_kernel(x_ptr, w_ptr, part_ptr, T, K, sstride,
+                   N3: tl.constexpr, N3P: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                   STEPS: tl.constexpr, PREC: tl.constexpr, EXACT_BF16: tl.constexpr,
+                   EVEN_K: tl.constexpr, SPLIT_FAST: tl.constexpr):
+    """The prenorm GEMM with its sum of squares, and nothing else (the first of the two passes).
+
+    ``x_ptr`` (T, K) residual rows (K = n*H, the residual's dtype); split s of the K axis
+    (``STEPS*BK`` columns) writes ``part[s, t, c] = sum_k x[t, k] * fn[c, k]`` for c < N3 and
+    ``part[s, t, N3] = sum_k x[t, k]**2`` (fp32; ``part_ptr + s*sstride + t*N3P + c``; the
+    columns past N3 are 0). ``w_ptr``: ``PREC == "hilo"``: fn split by :func:`prep_kernel`,
+    (2*N3P, K) bf16 hi then lo rows, two bf16 dots per step (~16 mantissa bits of fn; the
+    residual is exact in bf16, an fp16 one is split in two bf16 terms unless ``EXACT_BF16``);
+    ``"tf32"``/``"ieee"``: fn itself, (N3, K) fp32, one dot of that input precision ("ieee"
+    under the interpreter). ``EVEN_K``: K is a multiple of STEPS*BK (no K mask).
+    Grid: (cdiv(T, BM) * n_splits,), n_splits = cdiv(K, STEPS*BK); ``SPLIT_FAST``: the splits
+    of one token block on consecutive programs (else the token blocks of one split).
+    """
+    pid = tl.program_id(0)
+    n_splits = tl.cdiv(K, STEPS * BK)
+    if SPLIT_FAST:
+        m = pid // n_splits
+        s = pid % n_splits
+    else:
+        num_m = tl.cdiv(T, BM)
+        m = pid % num_m
+        s = pid // num_m
+    rows = m * BM + tl.arange(0, BM)
+    r_ok = rows < T
+    col = tl.arange(0, N3P)
+    kk = tl.arange(0, BK)
+    k0 = s * (STEPS * BK)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
+    acc = tl.zeros([BM, N3P], dtype=tl.float32)
+    ssq = tl.zeros([BM], dtype=tl.float32)
+    for step in range(0, STEPS):
+        k = k0 + step * BK + kk
+        if EVEN_K:
+            k_ok = kk < BK
+        else:
+            k_ok = k < K
+        xt = tl.load(x_rows + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        xf = xt.to(tl.float32)
+        ssq += tl.sum(xf * xf, axis=1)
+        if PREC == "hilo":
+            w_off = col[None, :] * K + k[:, None]
+            w_hi = tl.load(w_ptr + w_off, mask=k_ok[:, None], other=0.0)
+            w_lo = tl.load(w_ptr + N3P * K + w_off, mask=k_ok[:, None], other=0.0)
+            x_hi = xt.to(tl.bfloat16)
+            acc = tl.dot(x_hi, w_hi, acc)
+            acc = tl.dot(x_hi, w_lo, acc)
+            if not EXACT_BF16:
+                acc = tl.dot((xf - x_hi.to(tl.float32)).to(tl.bfloat16), w_hi, acc)
+        else:
+            w = tl.load(w_ptr + col[None, :] * K + k[:, None], mask=k_ok[:, None] & (col < N3)[None, :],
+                        other=0.0)
+            acc = tl.dot(xf, w, acc, input_precision=PREC)
+    out = tl.where(col[None, :] == N3, ssq[:, None], acc)
+    tl.store(part_ptr + s * sstride + rows[:, None] * N3P + col[None, :], out, mask=r_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "n_pc"])
+def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr,
+                    T, H, n_splits, sstride, n_pc,
+                    rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
+                    N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
+                    SP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BMB: tl.constexpr,
+                    HEAD: tl.constexpr, SK_ELEM: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """The second pass of ``pre``/``head``/``fused_post_pre`` over T tokens whose partials
+    :func:`prenorm_kernel` wrote (``part_ptr``, split stride ``sstride``, ``n_splits`` of them).
+
+    Programs [0, n_pc) (not ``HEAD``; n_pc = 0 for ``head``): BMB tokens each, reduce their partials and write
+    ``post_mix`` (T, N) and the Sinkhorn-normalised ``comb_mix`` (T, N, N) fp32. The rest: BT
+    tokens x BC hidden columns each, hidden blocks of a token on consecutive programs (as
+    ``post_kernel``): the residual tile ``src_ptr`` (T, N, H) is loaded first, then the collapse
+    weights from the partials (:func:`_pre_weights`, every program reducing its own tokens'
+    partials), then ``out_ptr`` (T, H) in the residual's dtype. Run right after the first pass
+    over an L2-sized chunk of tokens, the residual re-read comes from L2.
+    """
+    pid = tl.program_id(0)
+    K = N * H
+    if pid < n_pc:
+        if not HEAD:
+            row0 = pid * BMB
+            blk = row0.to(tl.int64)
+            _post_comb(part_ptr + blk * N3P, scale_ptr, base_ptr, post_ptr + blk * N, comb_ptr + blk * (N * N),
+                       T - row0, K, rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits,
+                       N, NP, N3, N3P, BMB, SP, SK_ELEM)
+    else:
+        p = pid - n_pc
+        n_hb = tl.cdiv(H, BC)
+        tb = p // n_hb
+        hb = p % n_hb
+        row0 = tb * BT
+        blk = row0.to(tl.int64)
+        _b_collapse(src_ptr + blk * K, out_ptr + blk * H, part_ptr + blk * N3P, scale_ptr, base_ptr,
+                    T - row0, H, hb, rms_eps, pre_eps, sstride, n_splits,
+                    N, NP, N3, N3P, BT, SP, BC, 1, EMULATE_RNE)
+
+
 @triton.jit
 def post_kernel(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, T, H,
                 N: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, EMULATE_RNE: tl.constexpr,

@@ -370,6 +370,95 @@ def _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, p
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class TwoPass:
+    """Launch plan of the two-pass path (``kernels.prenorm_kernel`` then ``kernels.finalize_kernel``,
+    one pair per chunk of ``chunk`` tokens, so that the second pass re-reads a chunk's residual
+    from L2; ``fused_post_pre`` runs ``post_kernel`` on the chunk first).
+
+    First pass: ``block_m`` tokens x ``steps * block_k`` columns of K = n*H per program,
+    ``warps``/``stages``, ``prec`` ("hilo" or "tf32", see the kernel), ``split_fast`` program
+    order. Second pass: ``bt`` tokens x ``bc`` hidden columns per collapse program, ``bmb``
+    tokens per post/comb program (``sk_elem``: Sinkhorn in-thread), ``fin_warps``.
+    """
+
+    chunk: int
+    block_m: int
+    block_k: int
+    steps: int
+    warps: int
+    stages: int
+    prec: str = "hilo"
+    split_fast: bool = True
+    bt: int = 1
+    bc: int = 1024
+    bmb: int = 16
+    fin_warps: int = 4
+    sk_elem: bool = True
+
+
+def _post_into(x, residual, post_mix, comb_mix, out):
+    """``post_kernel`` writing ``out`` (T, n, H), the other arguments as :func:`post`."""
+    T, n, H = residual.shape
+    cfg = configs(n, H, T)
+    kernels.post_kernel[(triton.cdiv(T, cfg.post_block_t) * triton.cdiv(H, cfg.post_block_h),)](
+        x, residual, post_mix, comb_mix, out, T, H,
+        N=n, NP=triton.next_power_of_2(n), BH=cfg.post_block_h, EMULATE_RNE=INTERPRETED,
+        BT=cfg.post_block_t, H_FAST=cfg.post_h_fast, num_warps=cfg.post_warps,
+    )
+
+
+def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
+    """``op`` in {"pre", "head", "fused_post_pre"} by :class:`TwoPass` ``plan``; returns
+    ``(layer_input, post_mix, comb_mix, new_residual)`` (the ones ``op`` does not make are
+    placeholders)."""
+    T, n, H = residual.shape
+    K = n * H
+    dev = residual.device
+    head = op == "head"
+    n3, n3p = _mix_columns(op, n)
+    prec = "ieee" if INTERPRETED else plan.prec
+    out = empty((T, H), residual.dtype, dev)
+    if head:
+        post_mix = comb_mix = out  # not written
+    else:
+        post_mix = empty((T, n, 1), torch.float32, dev)
+        comb_mix = empty((T, n, n), torch.float32, dev)
+    new = residual
+    if fused_inputs is not None:
+        new = empty((T, n, H), residual.dtype, dev)
+    k_split = plan.steps * plan.block_k
+    splits = triton.cdiv(K, k_split)
+    rows_max = min(plan.chunk, T)
+    sstride = rows_max * n3p
+    with device_guard(dev):
+        w = _prep_fn(fn, n3, n3p) if prec == "hilo" else fn
+        part = torch.empty(splits * sstride, dtype=torch.float32, device=dev)
+        for r0 in range(0, T, plan.chunk):
+            r1 = min(T, r0 + plan.chunk)
+            rows = r1 - r0
+            if fused_inputs is not None:
+                x, pm_in, cm_in = fused_inputs
+                _post_into(x[r0:r1], residual[r0:r1], pm_in[r0:r1], cm_in[r0:r1], new[r0:r1])
+            src = new[r0:r1]
+            kernels.prenorm_kernel[(triton.cdiv(rows, plan.block_m) * splits,)](
+                src, w, part, rows, K, sstride,
+                N3=n3, N3P=n3p, BM=plan.block_m, BK=plan.block_k, STEPS=plan.steps, PREC=prec,
+                EXACT_BF16=residual.dtype == torch.bfloat16, EVEN_K=K % k_split == 0,
+                SPLIT_FAST=plan.split_fast, num_warps=plan.warps, num_stages=plan.stages,
+            )
+            n_pc = 0 if head else triton.cdiv(rows, plan.bmb)
+            bc = min(plan.bc, triton.next_power_of_2(H))
+            kernels.finalize_kernel[(n_pc + triton.cdiv(rows, plan.bt) * triton.cdiv(H, bc),)](
+                src, out[r0:r1], part, hc_scale, hc_base, post_mix[r0:r1], comb_mix[r0:r1],
+                rows, H, splits, sstride, n_pc, *scalars,
+                N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, SP=triton.next_power_of_2(splits),
+                BT=plan.bt, BC=bc, BMB=plan.bmb, HEAD=head, SK_ELEM=plan.sk_elem,
+                EMULATE_RNE=INTERPRETED, num_warps=plan.fin_warps,
+            )
+    return out, post_mix, comb_mix, new
+
+
 def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
         hc_post_mult_value, sinkhorn_repeat):
     """mHC ``pre`` (math: ``mhc.reference.pre``).
