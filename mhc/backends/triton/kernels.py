@@ -786,34 +786,13 @@ def chunk_kernel(
                  mask=(rows < n_rows)[:, None])
 
 
-@triton.jit(do_not_specialize=["T"])
-def prenorm_kernel(x_ptr, w_ptr, part_ptr, T, K, sstride,
+@triton.jit
+def _prenorm_block(x_ptr, w_ptr, part_ptr, row0, s, T, K, sstride,
                    N3: tl.constexpr, N3P: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                   STEPS: tl.constexpr, PREC: tl.constexpr, EXACT_BF16: tl.constexpr,
-                   EVEN_K: tl.constexpr, SPLIT_FAST: tl.constexpr):
-    """The prenorm GEMM with its sum of squares, and nothing else (the first of the two passes).
-
-    ``x_ptr`` (T, K) residual rows (K = n*H, the residual's dtype); split s of the K axis
-    (``STEPS*BK`` columns) writes ``part[s, t, c] = sum_k x[t, k] * fn[c, k]`` for c < N3 and
-    ``part[s, t, N3] = sum_k x[t, k]**2`` (fp32; ``part_ptr + s*sstride + t*N3P + c``; the
-    columns past N3 are 0). ``w_ptr``: ``PREC == "hilo"``: fn split by :func:`prep_kernel`,
-    (2*N3P, K) bf16 hi then lo rows, two bf16 dots per step (~16 mantissa bits of fn; the
-    residual is exact in bf16, an fp16 one is split in two bf16 terms unless ``EXACT_BF16``);
-    ``"tf32"``/``"ieee"``: fn itself, (N3, K) fp32, one dot of that input precision ("ieee"
-    under the interpreter). ``EVEN_K``: K is a multiple of STEPS*BK (no K mask).
-    Grid: (cdiv(T, BM) * n_splits,), n_splits = cdiv(K, STEPS*BK); ``SPLIT_FAST``: the splits
-    of one token block on consecutive programs (else the token blocks of one split).
-    """
-    pid = tl.program_id(0)
-    n_splits = tl.cdiv(K, STEPS * BK)
-    if SPLIT_FAST:
-        m = pid // n_splits
-        s = pid % n_splits
-    else:
-        num_m = tl.cdiv(T, BM)
-        m = pid % num_m
-        s = pid // num_m
-    rows = m * BM + tl.arange(0, BM)
+                   STEPS: tl.constexpr, PREC: tl.constexpr, EXACT_BF16: tl.constexpr, EVEN_K: tl.constexpr):
+    """Rows [row0, row0 + BM) (those < T) x split s of the K axis of the prenorm GEMM and sum of
+    squares, stored as partials (see :func:`prenorm_kernel`, which documents the arguments)."""
+    rows = row0 + tl.arange(0, BM)
     r_ok = rows < T
     col = tl.arange(0, N3P)
     kk = tl.arange(0, BK)
@@ -845,6 +824,37 @@ def prenorm_kernel(x_ptr, w_ptr, part_ptr, T, K, sstride,
             acc = tl.dot(xf, w, acc, input_precision=PREC)
     out = tl.where(col[None, :] == N3, ssq[:, None], acc)
     tl.store(part_ptr + s * sstride + rows[:, None] * N3P + col[None, :], out, mask=r_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["T"])
+def prenorm_kernel(x_ptr, w_ptr, part_ptr, T, K, sstride,
+                   N3: tl.constexpr, N3P: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                   STEPS: tl.constexpr, PREC: tl.constexpr, EXACT_BF16: tl.constexpr,
+                   EVEN_K: tl.constexpr, SPLIT_FAST: tl.constexpr):
+    """The prenorm GEMM with its sum of squares, and nothing else (the first of the two passes).
+
+    ``x_ptr`` (T, K) residual rows (K = n*H, the residual's dtype); split s of the K axis
+    (``STEPS*BK`` columns) writes ``part[s, t, c] = sum_k x[t, k] * fn[c, k]`` for c < N3 and
+    ``part[s, t, N3] = sum_k x[t, k]**2`` (fp32; ``part_ptr + s*sstride + t*N3P + c``; the
+    columns past N3 are 0). ``w_ptr``: ``PREC == "hilo"``: fn split by :func:`prep_kernel`,
+    (2*N3P, K) bf16 hi then lo rows, two bf16 dots per step (~16 mantissa bits of fn; the
+    residual is exact in bf16, an fp16 one is split in two bf16 terms unless ``EXACT_BF16``);
+    ``"tf32"``/``"ieee"``: fn itself, (N3, K) fp32, one dot of that input precision ("ieee"
+    under the interpreter). ``EVEN_K``: K is a multiple of STEPS*BK (no K mask).
+    Grid: (cdiv(T, BM) * n_splits,), n_splits = cdiv(K, STEPS*BK); ``SPLIT_FAST``: the splits
+    of one token block on consecutive programs (else the token blocks of one split).
+    """
+    pid = tl.program_id(0)
+    n_splits = tl.cdiv(K, STEPS * BK)
+    if SPLIT_FAST:
+        m = pid // n_splits
+        s = pid % n_splits
+    else:
+        num_m = tl.cdiv(T, BM)
+        m = pid % num_m
+        s = pid // num_m
+    _prenorm_block(x_ptr, w_ptr, part_ptr, m * BM, s, T, K, sstride,
+                   N3, N3P, BM, BK, STEPS, PREC, EXACT_BF16, EVEN_K)
 
 
 @triton.jit(do_not_specialize=["T", "n_pc"])
@@ -909,7 +919,17 @@ def post_kernel(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, T, H,
         n_tb = tl.cdiv(T, BT)
         tb = pid % n_tb
         hb = pid // n_tb
-    t = tb.to(tl.int64) * BT + tl.arange(0, BT)
+    _post_tile(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, tb.to(tl.int64) * BT, hb, T, H,
+               N, NP, BH, BT, EVICT, EMULATE_RNE)
+
+
+@triton.jit
+def _post_tile(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, t0, hb, T, H,
+               N: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, EVICT: tl.constexpr,
+               EMULATE_RNE: tl.constexpr):
+    """``post`` of tokens [t0, t0 + BT) (those < T) x hidden block ``hb`` (BH wide) of every
+    stream (arguments as :func:`post_kernel`)."""
+    t = t0 + tl.arange(0, BT)
     h = hb * BH + tl.arange(0, BH)
     ok = (t < T)[:, None] & (h < H)[None, :]
     j = tl.arange(0, NP)
@@ -925,3 +945,112 @@ def post_kernel(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, T, H,
     tl.store(out_ptr + (t[:, None, None] * N + j[None, :, None]) * H + h[None, None, :],
              _to_act(acc, out_ptr.dtype.element_ty, EMULATE_RNE),
              mask=jm[:, :, None] & (h < H)[None, None, :])
+
+
+@triton.jit
+def _wait_count(cnt_ptr, target):
+    """Spin until the int32 counter at ``cnt_ptr`` reaches ``target`` (acquire: the writes that
+    the counting programs released before their increments are visible after)."""
+    cur = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    while cur < target:
+        cur = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _count_in(cnt_ptr):
+    """Release this program's stores, then add one to the counter at ``cnt_ptr``."""
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit(do_not_specialize=["T", "n_chunks"])
+def stream_kernel(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, w_ptr, part_ptr, cnt_ptr,
+                  scale_ptr, base_ptr, post_ptr, comb_ptr, out_ptr,
+                  T, H, n_chunks, rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
+                  N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
+                  HEAD: tl.constexpr, FUSED: tl.constexpr, CH: tl.constexpr,
+                  BM: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PREC: tl.constexpr,
+                  EXACT_BF16: tl.constexpr, EVEN_K: tl.constexpr, SP: tl.constexpr,
+                  BT: tl.constexpr, BC: tl.constexpr, BMB: tl.constexpr, SK_ELEM: tl.constexpr,
+                  PBH: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """``pre``/``head``/``fused_post_pre`` in one launch that streams the residual from memory once:
+    tokens go in chunks of CH, and each chunk passes through up to three kinds of programs,
+    each a round behind the one before, so that a chunk's residual is re-read from L2.
+
+    The grid is rounds of ``n_p + n_g + n_f`` programs; round r holds
+    - (FUSED) P programs: ``post`` of chunk r, one token x PBH hidden columns each
+      (:func:`_post_tile`), into ``new_ptr``;
+    - G programs: the prenorm GEMM of chunk r - FUSED, BM tokens x one K split each
+      (:func:`_prenorm_block`), into the partials ``part_ptr`` [n_splits, n_chunks*CH, N3P];
+    - F programs: chunk r - FUSED - 1: first post/comb programs of BMB tokens (not HEAD), then
+      collapse programs of BT tokens x all H (:func:`_collapse`).
+    A G program of chunk c waits until the P programs of c have counted in (``cnt_ptr[n_chunks +
+    c]``), an F program until the G programs of c have (``cnt_ptr[c]``); the counters are zero
+    on entry (the launcher zeroes them every call). Programs only wait on programs of lower
+    index, which start first: CUDA and ROCm dispatch a grid's blocks in index order, so the
+    programs waited on hold their SMs and finish (the argument of CUB's single-pass scan).
+    Slots past the last chunk or past T do nothing but count in.
+    """
+    pid = tl.program_id(0)
+    K = N * H
+    n_splits = tl.cdiv(K, STEPS * BK)
+    n_g = tl.cdiv(CH, BM) * n_splits
+    n_pb = tl.cdiv(H, PBH)
+    n_p = 0
+    if FUSED:
+        n_p = CH * n_pb
+    n_pc = 0
+    if not HEAD:
+        n_pc = tl.cdiv(CH, BMB)
+    n_f = n_pc + tl.cdiv(CH, BT)
+    per_round = n_p + n_g + n_f
+    r = pid // per_round
+    i = pid % per_round
+    sstride = n_chunks * (CH * N3P)
+    if i < n_p:
+        if r < n_chunks:
+            tok = r * CH + i // n_pb
+            _post_tile(x_ptr, res_ptr, pm_in_ptr, cm_in_ptr, new_ptr, tok.to(tl.int64), i % n_pb, T, H,
+                       N, NP, PBH, 1, "", EMULATE_RNE)
+            _count_in(cnt_ptr + n_chunks + r)
+    elif i < n_p + n_g:
+        c = r
+        if FUSED:
+            c = r - 1
+        if (c >= 0) & (c < n_chunks):
+            j = i - n_p
+            if FUSED:
+                _wait_count(cnt_ptr + n_chunks + c, n_p)
+                src = new_ptr
+            else:
+                src = res_ptr
+            _prenorm_block(src, w_ptr, part_ptr, c * CH + (j // n_splits) * BM, j % n_splits, T, K, sstride,
+                           N3, N3P, BM, BK, STEPS, PREC, EXACT_BF16, EVEN_K)
+            _count_in(cnt_ptr + c)
+    else:
+        c = r - 1
+        if FUSED:
+            c = r - 2
+        if (c >= 0) & (c < n_chunks):
+            _wait_count(cnt_ptr + c, n_g)
+            j = i - n_p - n_g
+            if FUSED:
+                src = new_ptr
+            else:
+                src = res_ptr
+            if j < n_pc:
+                if not HEAD:
+                    row0 = c * CH + j * BMB
+                    blk = row0.to(tl.int64)
+                    _post_comb(part_ptr + blk * N3P, scale_ptr, base_ptr, post_ptr + blk * N,
+                               comb_ptr + blk * (N * N), T - row0, K, rms_eps, sk_eps, post_mult, sk_repeat,
+                               sstride, n_splits, N, NP, N3, N3P, BMB, SP, SK_ELEM)
+            else:
+                row0 = c * CH + (j - n_pc) * BT
+                if row0 < T:
+                    blk = row0.to(tl.int64)
+                    wts = _pre_weights(part_ptr + blk * N3P, scale_ptr, base_ptr, T - row0, K, rms_eps, pre_eps,
+                                       sstride, n_splits, N, NP, N3, N3P, BT, SP)
+                    _collapse(src + blk * K, out_ptr + blk * H, wts, T - row0, H, N, NP, BT, BC, False,
+                              EMULATE_RNE)

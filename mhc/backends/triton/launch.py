@@ -395,6 +395,7 @@ class TwoPass:
     bmb: int = 16
     fin_warps: int = 4
     sk_elem: bool = True
+    pbh: int = 1024
 
 
 def _post_into(x, residual, post_mix, comb_mix, out):
@@ -456,6 +457,53 @@ def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=N
                 BT=plan.bt, BC=bc, BMB=plan.bmb, HEAD=head, SK_ELEM=plan.sk_elem,
                 EMULATE_RNE=INTERPRETED, num_warps=plan.fin_warps,
             )
+    return out, post_mix, comb_mix, new
+
+
+def _stream(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
+    """``op`` in one ``kernels.stream_kernel`` launch (plus fn's split), chunks of ``plan.chunk``
+    tokens; returns as :func:`_two_pass`."""
+    T, n, H = residual.shape
+    K = n * H
+    dev = residual.device
+    head = op == "head"
+    fused = fused_inputs is not None
+    n3, n3p = _mix_columns(op, n)
+    prec = "ieee" if INTERPRETED else plan.prec
+    out = empty((T, H), residual.dtype, dev)
+    if head:
+        post_mix = comb_mix = out  # not written
+    else:
+        post_mix = empty((T, n, 1), torch.float32, dev)
+        comb_mix = empty((T, n, n), torch.float32, dev)
+    if fused:
+        x, pm_in, cm_in = fused_inputs
+        new = empty((T, n, H), residual.dtype, dev)
+    else:
+        x = pm_in = cm_in = new = residual  # not read or written
+    ch = plan.chunk
+    n_chunks = triton.cdiv(T, ch)
+    k_split = plan.steps * plan.block_k
+    splits = triton.cdiv(K, k_split)
+    n_g = triton.cdiv(ch, plan.block_m) * splits
+    pbh = min(plan.pbh, triton.next_power_of_2(H))
+    n_p = ch * triton.cdiv(H, pbh) if fused else 0
+    n_f = (0 if head else triton.cdiv(ch, plan.bmb)) + triton.cdiv(ch, plan.bt)
+    rounds = n_chunks + (2 if fused else 1)
+    bc = min(plan.bc, triton.next_power_of_2(H))
+    with device_guard(dev):
+        w = _prep_fn(fn, n3, n3p) if prec == "hilo" else fn
+        part = torch.empty(splits * n_chunks * ch * n3p, dtype=torch.float32, device=dev)
+        cnt = torch.zeros(2 * n_chunks, dtype=torch.int32, device=dev)
+        kernels.stream_kernel[(rounds * (n_p + n_g + n_f),)](
+            residual, x, pm_in, cm_in, new, w, part, cnt, hc_scale, hc_base, post_mix, comb_mix, out,
+            T, H, n_chunks, *scalars,
+            N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, HEAD=head, FUSED=fused, CH=ch,
+            BM=plan.block_m, BK=plan.block_k, STEPS=plan.steps, PREC=prec,
+            EXACT_BF16=residual.dtype == torch.bfloat16, EVEN_K=K % k_split == 0,
+            SP=triton.next_power_of_2(splits), BT=plan.bt, BC=bc, BMB=plan.bmb, SK_ELEM=plan.sk_elem,
+            PBH=pbh, EMULATE_RNE=INTERPRETED, num_warps=plan.warps, num_stages=plan.stages,
+        )
     return out, post_mix, comb_mix, new
 
 
