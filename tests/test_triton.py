@@ -84,9 +84,10 @@ def d64(t):
     return {k: v.double() for k, v in t.items()}
 
 
-# (T, n, H): T=1/2 take the single-launch kernel with the short-block row-wise collapse, 5/40/3
-# the chunked kernel's small-T bucket (one chunk, partial blocks), 300 the single-launch mid
-# bucket; H not a multiple of the tiles, n from 1 to 8.
+# (T, n, H): T=1 takes the single-launch kernel's register tail, 2/5/40/3 the chunked kernel's
+# small-T bucket (one chunk, partial blocks), 300 the two-pass path (prenorm_kernel then
+# finalize_kernel; T not a multiple of its 128-token blocks); H not a multiple of the tiles, n
+# from 1 to 8.
 SHAPES = [(1, 4, 64), (5, 3, 100), (40, 4, 72), (300, 2, 48), (2, 8, 40), (3, 1, 33)]
 
 
@@ -108,7 +109,7 @@ def test_sinkhorn_repeat_is_runtime(L, repeat):
 # A test-only chunked row: chunk_mib 0.01 gives 32-token chunks at n=4, H=40 (320 B a token),
 # 3 GEMM splits of 16 hidden elements, phase B in blocks of 8 tokens and 2 hidden chunks of 2x16.
 _SMALL_CHUNKS = dict(chunk_mib=0.01, block_m=16, block_h=16, splits=3, block_m_b=8, block_c=16, c_steps=2,
-                     rowwise=False, num_warps=4, num_stages=1, post_block_h=64, post_warps=1)
+                     rowwise=False, num_warps=4, num_stages=1)
 
 
 @pytest.mark.parametrize("T", [33, 70])
@@ -123,29 +124,11 @@ def test_chunked_across_chunk_boundaries(L, monkeypatch, T):
     check_all_ops(L, T, 4, 40, torch.bfloat16, seed=T)
     check_all_ops(L, T, 4, 40, torch.float16, seed=T + 1)
 
-_PREP_ROWS = {
-    "chunked": dict(_SMALL_CHUNKS, prep=True),
-    "single": dict(block_m=16, block_h=16, splits=3, block_c=16, rowwise=False, num_warps=4, num_stages=1,
-                   post_block_h=64, post_warps=1, prep=True),
-}
-
-
-@pytest.mark.parametrize("kind", sorted(_PREP_ROWS))
-@pytest.mark.parametrize("T,n,dtype", [(33, 4, torch.bfloat16), (19, 8, torch.float16), (5, 3, torch.bfloat16)])
-def test_prep_split_fn(L, monkeypatch, kind, T, n, dtype):
-    """fn split once into bf16 hi/lo (prep_kernel) and one dot per GEMM step, in both kernels:
-    every op, H=40 (masked tiles), n up to 8, bf16 and fp16."""
-    from mhc.backends.triton import launch
-
-    monkeypatch.setattr(launch, "_TABLE", ((None, _PREP_ROWS[kind], None),))
-    assert launch.configs(n, 40, T).prep
-    check_all_ops(L, T, n, 40, dtype, seed=T + n)
-
 # The small-T paths: the single-launch kernel's register tail (T <= tail_rows; some hidden chunks
 # prefetched, the rest loaded after, early prefetch or not) and the chunked kernel with the in-thread
 # Sinkhorn and the separate post/comb program (b_split); H=40 masks the tiles, n from 1 to 8.
 _TAIL = dict(block_m=16, block_h=16, splits=3, block_c=16, rowwise=True, num_warps=4, num_stages=1,
-             post_block_h=64, post_warps=1, sk_elem=True, tail=True)
+             sk_elem=True, tail=True)
 _SMALL_T_ROWS = {
     "tail": (1, dict(_TAIL, tail_rows=1)),
     "tail-early": (1, dict(_TAIL, tail_rows=1, pf_early=True)),
@@ -209,16 +192,15 @@ def test_post_program_order_by_bucket():
     there is more than one token."""
     from mhc.backends.triton import launch
 
-    assert not launch.configs(4, 4096, 1).post_h_fast
-    assert all(launch.configs(4, H, T).post_h_fast for H in (4096, 7168) for T in (2, 64, 512, 4096, 16384))
+    assert not launch.post_config(4096, 1).h_fast
+    assert all(launch.post_config(H, T).h_fast for H in (4096, 7168) for T in (2, 64, 512, 4096, 16384))
 
 
 def test_counters_left_zero_and_calls_repeat(L, monkeypatch):
     """The arrival counters must be zero after a launch (the next call relies on it)."""
     from mhc.backends.triton import launch
 
-    monkeypatch.setattr(launch, "_TABLE", launch._SINGLE_LAUNCH_TABLE)  # the kernel with counters
-    t = make(20, 4, 64, torch.bfloat16, seed=3)
+    t = make(1, 4, 64, torch.bfloat16, seed=3)  # T = 1: mix_kernel, the kernel with counters
     first = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, 2)
     second = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, 2)
     for a, b in zip(first, second):
@@ -228,11 +210,13 @@ def test_counters_left_zero_and_calls_repeat(L, monkeypatch):
 
 
 def test_configs_depend_on_bucket_not_T():
-    """What gets compiled (the constexprs) is fixed within a T bucket, so T does not recompile."""
+    """What gets compiled (the constexprs) is fixed within a T bucket, so T does not recompile:
+    configs() up to SMALL_T, plan() above (whose chunk only stream_kernel compiles in)."""
     from mhc.backends.triton import launch
 
     bounds = [row[0] for row in launch._TABLE]
-    buckets = list(zip([1] + [b + 1 for b in bounds[:-1]], bounds[:-1] + [70000]))
+    assert bounds[-1] == launch.SMALL_T
+    buckets = list(zip([1] + [b + 1 for b in bounds[:-1]], bounds))
     for op in ("pre", "head", "fused_post_pre"):
         for H in (4096, 7168, 1000):
             for lo, hi in buckets:
@@ -244,6 +228,33 @@ def test_configs_depend_on_bucket_not_T():
                 assert cfg.splits * cfg.h_per_split >= H > (cfg.splits - 1) * cfg.h_per_split
                 if cfg.chunk:
                     assert cfg.chunk % cfg.block_m == 0 and cfg.chunk % cfg.block_m_b == 0
+            for lo, hi in ((launch.SMALL_T + 1, 1024), (1025, 70000)):
+                plans = {launch.plan(op, 4, H, T) for T in (lo, hi)}
+                assert len(plans) == 1, (op, H, lo, hi)
+    with pytest.raises(ValueError, match="plan"):
+        launch.configs(4, 4096, launch.SMALL_T + 1)
+
+
+def test_plan_fits_each_arch_shared_memory():
+    """Every plan's GEMM pipeline fits the shared memory of the arch it is made for (n <= 8, any
+    H), keeps tl.dot's minimum tile (16), and n = 4 at the models' H keeps the tuned tiles on the
+    H100/H200; MI300X's 64 KB of LDS gets 2 stages."""
+    from mhc.backends.triton import launch
+
+    for arch, smem in launch.SHARED_MEMORY.items():
+        for n in range(1, 9):
+            for H in (1, 7, 40, 4096, 7168):
+                for T in (200, 2000):
+                    for op in ("pre", "head", "fused_post_pre"):
+                        p = launch.plan(op, n, H, T, smem)
+                        n3p = launch._mix_columns(op, n)[1]
+                        assert launch.gemm_shared(n3p, p.block_m, p.block_k, p.stages, smem.amd) <= smem.limit
+                        assert p.block_m >= 16 and p.block_k >= 16
+                        assert p.steps * p.block_k * (16 if T <= 1024 else 8) >= n * H
+    p = launch.plan("pre", 4, 4096, 4096)
+    assert (p.block_m, p.block_k, p.stages, p.single_launch) == (128, 64, 4, False)
+    assert launch.plan("pre", 4, 7168, 4096).single_launch
+    assert launch.plan("pre", 4, 4096, 4096, launch.SHARED_MEMORY["gfx942"]).stages == 2
 
 
 def test_probe_reasons_on_cpu(monkeypatch):
@@ -262,10 +273,10 @@ def test_aot_rejects_unknown_arch():
 
 
 def test_configs_fit_each_arch_shared_memory_and_keep_the_h100_rows():
-    """Every (n <= 8, H, T bucket, op) config fits the shared memory of the arch it is made for by
-    launch.shared_estimate (the bound that tests/test_triton_compile.py holds the compiler to);
-    the H100's configs are the default ones, and n = 4 (the models' n) gets the same config on
-    every arch (MI300X's 64 KB fits it as tuned)."""
+    """Every (n <= 8, H, small-T bucket, op) config fits the shared memory of the arch it is made
+    for by launch.shared_estimate (the bound that tests/test_triton_compile.py holds the compiler
+    to); the H100's configs are the default ones, and n = 4 (the models' n) gets the same config
+    on every arch (MI300X's 64 KB fits it as tuned)."""
     from triton import next_power_of_2
 
     from mhc.backends.triton import launch
@@ -273,7 +284,7 @@ def test_configs_fit_each_arch_shared_memory_and_keep_the_h100_rows():
     for arch, smem in launch.SHARED_MEMORY.items():
         for n in range(1, 9):
             for H in (1, 7, 40, 4096, 7168):
-                for T in (1, 5, 200, 2000):
+                for T in (1, 5, 100):
                     for op in ("pre", "head", "fused_post_pre"):
                         cfg = launch.configs(n, H, T, op, smem)
                         assert cfg.block_h * next_power_of_2(n) >= 16, (arch, n, H, T, op)  # tl.dot's minimum K
@@ -283,29 +294,50 @@ def test_configs_fit_each_arch_shared_memory_and_keep_the_h100_rows():
                             assert cfg == launch.configs(n, H, T, op)
                         if n == 4 and arch != "sm90":
                             assert cfg == launch.configs(n, H, T, op), (arch, H, T, op)
-    # The rule bites where the compiler said it must: n = 8 pre at T > 1024 on MI300X, and
-    # fused_post_pre at n >= 5, T > 1024 on the H100 too (280-308 KB at the old K tiles).
-    assert (launch.configs(8, 4096, 2000, "pre", launch.SHARED_MEMORY["gfx942"]).block_h
-            == launch.configs(8, 4096, 2000, "pre").block_h // 2)
-    assert launch.configs(6, 4096, 2000, "fused_post_pre").block_h == 16  # was 32 (K 256)
 
 
 def test_launch_uses_the_device_shared_memory(L, monkeypatch):
     """The launchers size their tiles for the input's device (``device_shared_memory``), and the
-    smaller K tiles that a 64 KB GPU gets compute the same ops (n = 6 and 8, T > 1024: the rows
-    that change on MI300X; under the interpreter, H kept small)."""
+    smaller tiles that a 64 KB GPU gets compute the same ops (n = 6 and 8 above SMALL_T; under
+    the interpreter, H kept small)."""
     from mhc.backends.triton import launch
 
     if DEV.type == "cpu":
         assert launch.device_shared_memory(torch.device("cpu")) == launch.SHARED_MEMORY["sm90"]
     seen = []
-    real_configs = launch.configs
+    real_plan = launch.plan
     monkeypatch.setattr(launch, "device_shared_memory", lambda dev: launch.SHARED_MEMORY["gfx942"])
-    monkeypatch.setattr(launch, "configs", lambda *a, **k: seen.append(a + tuple(k.values())) or real_configs(*a, **k))
-    small = dict(launch._TABLE[-1][1], chunk_mib=0.05)  # the T > 1024 row, several chunks at H=64
-    monkeypatch.setattr(launch, "_TABLE", ((None, small, dict(launch._TABLE[-1][2])),))
+    monkeypatch.setattr(launch, "plan", lambda *a, **k: seen.append(a + tuple(k.values())) or real_plan(*a, **k))
     for n in (6, 8):
-        assert real_configs(n, 64, 1100, "pre", launch.SHARED_MEMORY["gfx942"]).block_h < real_configs(n, 64, 1100, "pre").block_h
-        check_all_ops(L, 1100, n, 64, torch.bfloat16, seed=n, repeat=3)
-    assert seen and all(s[-1] == launch.SHARED_MEMORY["gfx942"] for s in seen if len(s) == 5)
-    assert any(len(s) == 5 for s in seen)
+        check_all_ops(L, 200, n, 64, torch.bfloat16, seed=n, repeat=3)
+    assert seen and all(s[-1] == launch.SHARED_MEMORY["gfx942"] for s in seen)
+
+
+@pytest.mark.parametrize("op_T_n_H", [(200, 4, 72), (300, 3, 40), (260, 8, 24)])
+def test_stream_kernel_across_chunks(L, monkeypatch, op_T_n_H):
+    """stream_kernel (one launch; rounds of post, GEMM and finalize programs ordered by counters)
+    with several chunks, T not a multiple of the chunk or the blocks, K not a multiple of the
+    split: every op, bf16 and fp16."""
+    from mhc.backends.triton import launch
+
+    T, n, H = op_T_n_H
+    real_plan = launch.plan
+
+    def small_chunks(op, n_, H_, T_, smem=None):
+        assert real_plan(op, n_, H_, T_, smem).block_m >= 16
+        return launch.TwoPass(16, 16, 2, 4, 2, single_launch=True, chunk=48, bt=4, bc=16, bmb=16, pbh=32)
+
+    monkeypatch.setattr(launch, "plan", small_chunks)
+    check_all_ops(L, T, n, H, torch.bfloat16, seed=T + n, repeat=3)
+    check_all_ops(L, T, n, H, torch.float16, seed=T + n + 1, repeat=3)
+
+
+def test_two_pass_small_tiles(L, monkeypatch):
+    """prenorm_kernel + finalize_kernel with several K splits, uneven K and multi-token collapse
+    programs (bt 4, bc narrower than H), bf16 and fp16."""
+    from mhc.backends.triton import launch
+
+    monkeypatch.setattr(launch, "plan", lambda op, n, H, T, smem=None: launch.TwoPass(
+        16, 16, 3, 4, 2, bt=4, bc=32, bmb=16))
+    check_all_ops(L, 150, 3, 40, torch.bfloat16, seed=5, repeat=3)
+    check_all_ops(L, 150, 4, 72, torch.float16, seed=6, repeat=3)

@@ -26,7 +26,7 @@ import torch
 
 ARCHS = ("sm90", "gfx942", "gfx950")
 H_VALUES = (4096, 7168)
-T_BUCKETS = (1, 64, 512, 4096)  # one T per row of launch._TABLE
+T_BUCKETS = (1, 64, 512, 4096)  # launch._TABLE's rows, then plan()'s (T <= 1024 and above)
 DTYPES = (torch.bfloat16,)  # the models' dtype; fp16 builds the same code paths but doubles the time
 MIX_OPS = ("pre", "head", "fused_post_pre")
 
@@ -43,7 +43,7 @@ def _target(arch: str):
     raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
 
 
-def _mix_signature(op: str, dtype: torch.dtype, prep: bool = False) -> dict[str, str]:
+def _mix_signature(op: str, dtype: torch.dtype) -> dict[str, str]:
     """Argument types of ``mix_kernel`` as ``launch._mix`` passes them (unused pointers are the
     residual or the output, hence the residual dtype)."""
     act = "*" + _TYPE[dtype]
@@ -52,7 +52,7 @@ def _mix_signature(op: str, dtype: torch.dtype, prep: bool = False) -> dict[str,
         "res_ptr": act, "x_ptr": act, "new_ptr": act, "out_ptr": act,
         "pm_in_ptr": "*fp32" if fused else act, "cm_in_ptr": "*fp32" if fused else act,
         "post_ptr": act if op == "head" else "*fp32", "comb_ptr": act if op == "head" else "*fp32",
-        "fn_ptr": "*bf16" if prep else "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
+        "fn_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
         "part_ptr": "*fp32", "mix_ptr": "*fp32", "cnt_ptr": "*i32",
         "T": "i32", "H": "i32", "n_splits": "i32", "sk_repeat": "i32",
         "c_a": "i32", "c_b": "i32", "n_b": "i32",
@@ -120,8 +120,54 @@ def mix_job(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str) -> t
     kname = "chunk_kernel" if cfg.chunk else "mix_kernel"
     key = (kname, op, _TYPE[dtype], tuple(sorted(spec.items())), cfg.num_warps, cfg.num_stages, H % 16 == 0)
     label = f"{op:<14} n={n} H={H:<5} T<={T:<5} {_TYPE[dtype]} {kname}"
-    return key, (label, kname, _mix_signature(op, dtype, cfg.prep), spec, cfg.num_warps, cfg.num_stages,
+    return key, (label, kname, _mix_signature(op, dtype), spec, cfg.num_warps, cfg.num_stages,
                  H % 16 == 0)
+
+
+def two_pass_jobs(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str):
+    """(dedup key, build job) pairs of the kernels that serve ``op`` at (n, H, T > SMALL_T) on
+    ``arch``, with the plan the launcher picks there (``launch.plan``): fn's split, then either
+    ``stream_kernel`` or ``prenorm_kernel`` and ``finalize_kernel``."""
+    from mhc.backends.triton import launch
+
+    p = launch.plan(op, n, H, T, launch.SHARED_MEMORY[arch])
+    act, t = "*" + _TYPE[dtype], _TYPE[dtype]
+    head, fused = op == "head", op == "fused_post_pre"
+    n3, n3p = launch._mix_columns(op, n)
+    K = n * H
+    splits = -(-K // (p.steps * p.block_k))
+    sp = 1 << (splits - 1).bit_length()
+    mix_ty = act if head else "*fp32"
+    common = dict(N3=n3, N3P=n3p, BM=p.block_m, BK=p.block_k, STEPS=p.steps, PREC=p.prec,
+                  EXACT_BF16=dtype == torch.bfloat16, EVEN_K=K % (p.steps * p.block_k) == 0)
+    pspec = dict(N3=n3, N3P=n3p, BK=launch.PREP_BK, EMULATE_RNE=False)
+    yield ("prep", tuple(sorted(pspec.items()))), (f"{'prep':<14} N3={n3:<3}", "prep_kernel",
+                                                  {"fn_ptr": "*fp32", "out_ptr": "*bf16", "K": "i32"}, pspec, 4, 1)
+    label = f"{op:<14} n={n} H={H:<5} T<={T:<5} {t}"
+    if p.single_launch:
+        spec = dict(common, N=n, NP=1 << (n - 1).bit_length(), HEAD=head, FUSED=fused, CH=p.chunk, SP=sp,
+                    BT=p.bt, BC=p.bc, BMB=p.bmb, SK_ELEM=p.sk_elem,
+                    PBH=min(p.pbh, 1 << (H - 1).bit_length()), EMULATE_RNE=False)
+        sig = {"res_ptr": act, "x_ptr": act, "pm_in_ptr": "*fp32" if fused else act,
+               "cm_in_ptr": "*fp32" if fused else act, "new_ptr": act, "w_ptr": "*bf16", "part_ptr": "*fp32",
+               "cnt_ptr": "*i32", "scale_ptr": "*fp32", "base_ptr": "*fp32", "post_ptr": mix_ty,
+               "comb_ptr": mix_ty, "out_ptr": act, "T": "i32", "H": "i32", "n_chunks": "i32",
+               "rms_eps": "fp32", "pre_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32", "sk_repeat": "i32"}
+        yield (("stream", op, t, tuple(sorted(spec.items())), p.warps, p.stages),
+               (f"{label} stream_kernel", "stream_kernel", sig, spec, p.warps, p.stages))
+        return
+    spec = dict(common, SPLIT_FAST=p.split_fast)
+    sig = {"x_ptr": act, "w_ptr": "*bf16", "part_ptr": "*fp32", "T": "i32", "K": "i32", "sstride": "i32"}
+    yield (("prenorm", t, tuple(sorted(spec.items())), p.warps, p.stages),
+           (f"{label} prenorm_kernel", "prenorm_kernel", sig, spec, p.warps, p.stages))
+    fspec = dict(N=n, NP=1 << (n - 1).bit_length(), N3=n3, N3P=n3p, SP=sp, BT=p.bt, BC=p.bc, BMB=p.bmb,
+                 HEAD=head, SK_ELEM=p.sk_elem, EMULATE_RNE=False)
+    fsig = {"src_ptr": act, "out_ptr": act, "part_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
+            "post_ptr": mix_ty, "comb_ptr": mix_ty, "T": "i32", "H": "i32", "n_splits": "i32", "sstride": "i32",
+            "n_pc": "i32", "rms_eps": "fp32", "pre_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32",
+            "sk_repeat": "i32"}
+    yield (("finalize", t, tuple(sorted(fspec.items())), p.fin_warps),
+           (f"{label} finalize_kernel", "finalize_kernel", fsig, fspec, p.fin_warps, 1))
 
 
 def _jobs(arch: str = "sm90"):
@@ -133,29 +179,23 @@ def _jobs(arch: str = "sm90"):
     seen = set()
     for H in H_VALUES:
         for T in T_BUCKETS:
-            cfg = launch.configs(4, H, T, smem=launch.SHARED_MEMORY[arch])
             for dtype in DTYPES:
                 for op in MIX_OPS:
-                    key, job = mix_job(op, 4, H, T, dtype, arch)
-                    if key not in seen:
-                        seen.add(key)
-                        yield job
-                    spec = job[3]
-                    if spec["PREP"]:
-                        n3 = spec["N3"]
-                        pspec = dict(N3=n3, N3P=spec["N3P"], BK=launch.PREP_BK, EMULATE_RNE=False)
-                        key = ("prep", tuple(sorted(pspec.items())))
+                    if T <= launch.SMALL_T:
+                        pairs = [mix_job(op, 4, H, T, dtype, arch)]
+                    else:
+                        pairs = list(two_pass_jobs(op, 4, H, T, dtype, arch))
+                    for key, job in pairs:
                         if key not in seen:
                             seen.add(key)
-                            yield (f"{'prep':<14} N3={n3:<3}", "prep_kernel",
-                                   {"fn_ptr": "*fp32", "out_ptr": "*bf16", "K": "i32"}, pspec, 4, 1)
-                spec = dict(N=4, NP=4, BH=cfg.post_block_h, EMULATE_RNE=False, BT=cfg.post_block_t,
-                            H_FAST=cfg.post_h_fast, EVICT="")
-                key = ("post", _TYPE[dtype], tuple(sorted(spec.items())), cfg.post_warps)
+                            yield job
+                pc = launch.post_config(H, T)
+                spec = dict(N=4, NP=4, BH=pc.block_h, EMULATE_RNE=False, BT=1, H_FAST=pc.h_fast, EVICT="")
+                key = ("post", _TYPE[dtype], tuple(sorted(spec.items())), pc.warps)
                 if key not in seen:
                     seen.add(key)
                     yield (f"{'post':<14} H=any   T<={T:<5} {_TYPE[dtype]}", "post_kernel",
-                           _post_signature(dtype), spec, cfg.post_warps, 1)
+                           _post_signature(dtype), spec, pc.warps, 1)
     yield from _backward_jobs()
 
 

@@ -46,31 +46,16 @@ def _to_act(v, ty: tl.constexpr, EMULATE_RNE: tl.constexpr):
 
 
 @triton.jit
-def _prenorm_tile(acc, ssq, x, x_raw, w, w_lo, DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr, PREP: tl.constexpr):
-    """One K-step of the prenorm GEMM: ``acc += x @ w``, ``ssq += sum(x*x, 1)``.
+def _prenorm_tile(acc, ssq, x, w, DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr):
+    """One K-step of the small-T kernels' prenorm GEMM: ``acc += x @ w``, ``ssq += sum(x*x, 1)``.
 
     ``acc`` [BM, N3P] fp32; ``ssq`` [BM] fp32; ``x`` [BM, K] fp32 holding residual-dtype values;
-    ``x_raw``: the same tile as loaded (the residual dtype; PREP only); ``w`` [K, N3P] fp32 (``fn``
-    transposed). ``EXACT_BF16``: x is exactly representable in bf16 (a bf16 residual); otherwise
-    (fp16) x is split into two bf16 terms.
-    ``PREP``: ``w`` and ``w_lo`` are the [K, N3P] bf16 hi and lo parts of fn from
-    :func:`prep_kernel` (fp32 under the interpreter): no conversion in the loop. (One dot with
-    N = 2*N3P and the halves added after the loop, through tl.reshape + tl.sum, gave wrong mixes
-    on the H100 for some tile shapes: TUNING.md, run 6.)
+    ``w`` [K, N3P] fp32 (``fn`` transposed), split here into bf16 hi + lo. ``EXACT_BF16``: x is
+    exactly representable in bf16 (a bf16 residual); otherwise (fp16) x is split into two bf16
+    terms. ``DOT_F32``: the interpreter, one fp32 dot.
     """
     ssq += tl.sum(x * x, axis=1)
-    if PREP:
-        if DOT_F32:
-            acc += tl.dot(x, w, input_precision="ieee")
-            acc += tl.dot(x, w_lo, input_precision="ieee")
-        else:
-            x_hi = x_raw.to(tl.bfloat16)
-            acc = tl.dot(x_hi, w, acc)
-            acc = tl.dot(x_hi, w_lo, acc)
-            if not EXACT_BF16:
-                x_lo = (x - x_hi.to(tl.float32)).to(tl.bfloat16)
-                acc = tl.dot(x_lo, w, acc)
-    elif DOT_F32:
+    if DOT_F32:
         acc += tl.dot(x, w, input_precision="ieee")
     else:
         w_hi = w.to(tl.bfloat16)
@@ -89,7 +74,8 @@ def prep_kernel(fn_ptr, out_ptr, K, N3: tl.constexpr, N3P: tl.constexpr, BK: tl.
                 EMULATE_RNE: tl.constexpr):
     """``fn`` (N3, K) fp32 -> ``out`` (2*N3P, K) bf16: rows [0, N3) the bf16 hi parts
     (round-to-nearest-even), rows [N3P, N3P+N3) the lo parts ``bf16(fn - hi)``, the padding rows
-    0. Run once per call before the GEMM (``PREP``): hi + lo carries ~16 mantissa bits of fn.
+    0. Run once per call before ``prenorm_kernel``/``stream_kernel``: hi + lo carries ~16 mantissa
+    bits of fn.
     Grid: (cdiv(K, BK),)."""
     r = tl.arange(0, N3P)
     k = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK)
@@ -374,13 +360,12 @@ def _collapse(src_ptr, out_ptr, w, n_rows, H,
 def _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H, h_lo,
                 N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
                 FUSED: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr,
-                DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr, PREP: tl.constexpr):
+                DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr):
     """One program's slice of the prenorm GEMM: rows [0, n_rows) of a token block (pointers
     already offset to the block), hidden elements [h_lo, h_lo + STEPS*BH) of every stream.
     Returns [BM, N3P] fp32: ``x . fn^T`` in columns < N3, the sum of squares in column N3.
     FUSED: the residual is ``post`` of the previous sublayer, computed here, rounded, stored to
-    ``new_ptr`` and fed to the GEMM from registers. PREP: ``fn_ptr`` is the (2*N3P, K) bf16 hi/lo
-    split of :func:`prep_kernel`."""
+    ``new_ptr`` and fed to the GEMM from registers."""
     K = N * H
     rows = tl.arange(0, BM)
     row_ok = rows < n_rows
@@ -420,24 +405,12 @@ def _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H
             tl.store(new_ptr + off3, v, mask=m3)
             # pre reads the new residual as stored: rounded to the residual dtype.
             x = tl.reshape(tl.where(m3, v.to(tl.float32), 0.0), [BM, NP * BH])
-            x_raw = x
         else:
-            x_raw = tl.load(res_ptr + rows[:, None] * K + ((kk // BH) * H + hk)[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            x = x_raw.to(tl.float32)
-        if PREP:
-            # hi rows [0, N3P), lo rows [N3P, 2*N3P); the padding rows are 0, so column N3 stays 0.
-            w_off = col[None, :] * K + ((kk // BH) * H + hk)[:, None]
-            w = tl.load(fn_ptr + w_off, mask=k_ok[:, None], other=0.0)
-            w_lo = tl.load(fn_ptr + N3P * K + w_off, mask=k_ok[:, None], other=0.0)
-            if DOT_F32:
-                w = w.to(tl.float32)
-                w_lo = w_lo.to(tl.float32)
-        else:
-            w = tl.load(fn_ptr + col[None, :] * K + ((kk // BH) * H + hk)[:, None],
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            w_lo = w
-        acc, ssq = _prenorm_tile(acc, ssq, x, x_raw, w, w_lo, DOT_F32, EXACT_BF16, PREP)
+            x = tl.load(res_ptr + rows[:, None] * K + ((kk // BH) * H + hk)[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(fn_ptr + col[None, :] * K + ((kk // BH) * H + hk)[:, None],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc, ssq = _prenorm_tile(acc, ssq, x, w, DOT_F32, EXACT_BF16)
     # The sum of squares rides in column N3 of the partials, which the GEMM leaves at 0.
     return tl.where(col[None, :] == N3, ssq[:, None], acc)
 
@@ -550,7 +523,7 @@ def mix_kernel(
     HEAD: tl.constexpr, FUSED: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr, RC: tl.constexpr, BC: tl.constexpr,
     ROWWISE: tl.constexpr,
-    DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr, PREP: tl.constexpr = False,
+    DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr,
     SK_ELEM: tl.constexpr = False, TAIL: tl.constexpr = False, RB: tl.constexpr = 1, PF: tl.constexpr = 0,
     PF_EARLY: tl.constexpr = False,
 ):
@@ -564,7 +537,6 @@ def mix_kernel(
     (num_m, n_splits, BM, N3P) fp32 partials, ``mix_ptr`` (num_m, BM, N3P) fp32 reduced logits,
     ``cnt_ptr`` (num_m,) int32 counters that are zero on entry and left zero on exit.
     ``DOT_F32``: interpreter mode (fp32 GEMM, bf16 rounding emulated, see :func:`_to_act`).
-    ``PREP``: ``fn_ptr`` is fn split by :func:`prep_kernel`, (2*N3P, N*H) bf16: no conversion in the loop.
     ``SK_ELEM``: Sinkhorn in-thread (:func:`_sinkhorn_elems`). ``TAIL`` (blocks of at most RB
     valid rows, i.e. T <= RB): the last program runs :func:`_tail` (no mix scratch, collapse
     from PF prefetched chunks of BC, Sinkhorn in-thread, written last); ``PF_EARLY`` (not FUSED):
@@ -596,7 +568,7 @@ def mix_kernel(
 
     # Phase 1: this split's slice of the prenorm GEMM and of the sum of squares.
     acc = _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H, pid_s * (STEPS * BH),
-                      N, NP, N3, N3P, FUSED, BM, BH, STEPS, DOT_F32, EXACT_BF16, PREP)
+                      N, NP, N3, N3P, FUSED, BM, BH, STEPS, DOT_F32, EXACT_BF16)
     if TAIL:
         prm = _tail_params(scale_ptr, base_ptr, N3, HEAD)
         if PF_EARLY:
@@ -707,7 +679,7 @@ def chunk_kernel(
     HEAD: tl.constexpr, FUSED: tl.constexpr, CHUNK: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr,
     BMB: tl.constexpr, BC: tl.constexpr, CSTEPS: tl.constexpr,
-    DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr, PREP: tl.constexpr = False,
+    DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr,
     SK_ELEM: tl.constexpr = False, BSPLIT: tl.constexpr = False,
 ):
     """The chunked two-role form of ``mix_kernel``: tokens go in chunks of CHUNK, and each launch
@@ -779,7 +751,7 @@ def chunk_kernel(
         blk = row0.to(tl.int64)
         acc = _gemm_slice(res_ptr + blk * K, x_ptr + blk * H, pm_in_ptr + blk * N, cm_in_ptr + blk * (N * N),
                           new_ptr + blk * K, fn_ptr, n_rows, H, s * (STEPS * BH),
-                          N, NP, N3, N3P, FUSED, BM, BH, STEPS, DOT_F32, EXACT_BF16, PREP)
+                          N, NP, N3, N3P, FUSED, BM, BH, STEPS, DOT_F32, EXACT_BF16)
         rows = tl.arange(0, BM)
         col = tl.arange(0, N3P)
         tl.store(part_ptr + s.to(tl.int64) * T * N3P + (blk + rows[:, None]) * N3P + col[None, :], acc,

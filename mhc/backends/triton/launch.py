@@ -35,11 +35,7 @@ class Config:
     taking ``h_per_split`` hidden elements; ``block_c`` hidden elements per collapse step.
     Single launch: ``rowwise`` collapses one token at a time. Chunked: phase B programs take
     ``block_m_b`` tokens and ``c_steps * block_c`` hidden elements.
-    ``num_warps``/``num_stages`` as in Triton. ``post_block_h``/``post_warps``/``post_block_t``:
-    ``post``'s tile (hidden columns, warps, tokens); ``post_h_fast``: its program order (hidden
-    blocks fastest, ``kernels.post_kernel``'s H_FAST).
-    ``prep``: split fn into bf16 hi/lo once per call (``kernels.prep_kernel``, one small launch)
-    so that the GEMM does one bf16 dot per step with no conversion in the hot loop.
+    ``num_warps``/``num_stages`` as in Triton.
     ``sk_elem``: Sinkhorn with one tensor per matrix entry, in-thread (``kernels._sinkhorn_elems``).
     Single launch only: ``tail`` runs ``kernels._tail`` in the last program (for T <= ``tail_rows``:
     partials reduced into registers, collapse from ``tail_pf`` prefetched chunks of ``block_c``
@@ -57,12 +53,9 @@ class Config:
     rowwise: bool
     num_warps: int
     num_stages: int
-    post_block_h: int
-    post_warps: int
     chunk: int = 0
     block_m_b: int = 16
     c_steps: int = 1
-    prep: bool = False
     sk_elem: bool = False
     tail: bool = False
     tail_rows: int = 1
@@ -70,52 +63,47 @@ class Config:
     tail_pf_bytes: int = 0
     pf_early: bool = False
     b_split: bool = False
-    post_block_t: int = 1
-    post_h_fast: bool = True
 
 
-# Per T bucket: (max T, Config fields for pre and head, Config fields for fused_post_pre or None
-# for the same); h_per_split is derived, chunk from chunk_mib. Everything compiled depends on the
-# bucket and H only (never on T itself), so a model compiles at most one variant per bucket and op.
-# Rows without chunk_mib run the single-launch kernel. Figures that chose these: TUNING.md.
-# post_h_fast: see TUNING.md, "Program order: post" (T = 1: one token, nothing to order, and the
-# token-major form needs no division to find its block).
-_POST = (
-    dict(post_block_h=256, post_warps=1, post_h_fast=False),
-    dict(post_block_h=512, post_warps=2),
-    dict(post_block_h=1024, post_warps=4),
-    dict(post_block_h=1024, post_warps=4),
-)
+# Per T bucket up to SMALL_T: (max T, Config fields for pre and head, Config fields for
+# fused_post_pre or None for the same); h_per_split is derived, chunk from chunk_mib. Everything
+# compiled depends on the bucket and H only (never on T itself), so a model compiles at most one
+# variant per bucket and op. Rows without chunk_mib run the single-launch kernel. Figures that
+# chose these: TUNING.md. Above SMALL_T, :func:`plan` (the two-pass path) serves the mix ops.
 _SL_TINY = dict(block_m=16, block_h=64, splits=128, block_c=2048, rowwise=True, num_warps=4, num_stages=1)
-_SL_SMALL = dict(block_m=16, block_h=64, splits=32, block_c=128, rowwise=False, num_warps=4, num_stages=1)
-_SL_MID = dict(block_m=16, block_h=64, splits=8, block_c=128, rowwise=False, num_warps=4, num_stages=1)
-_SL_LARGE = dict(block_m=64, block_h=64, splits=4, block_c=64, rowwise=False, num_warps=8, num_stages=2)
 _CHUNK_SMALL = dict(chunk_mib=64, block_m=16, block_h=64, splits=32, block_m_b=4, block_c=256, c_steps=1,
                     rowwise=False, num_warps=4, num_stages=1)
-_CHUNK_MID = dict(_CHUNK_SMALL, splits=16)
-_CHUNK_LARGE = dict(chunk_mib=32, block_m=64, block_h=64, splits=16, block_m_b=16, block_c=128, c_steps=4,
-                    rowwise=False, num_warps=4, num_stages=2)
 _TABLE = (
-    (1, dict(_SL_TINY, block_c=1024, sk_elem=True, tail=True, tail_rows=1, **_POST[0]), None),
-    (128, dict(_CHUNK_SMALL, splits=64, sk_elem=True, b_split=True, **_POST[1]), None),
-    (1024, dict(_CHUNK_MID, **_POST[2]), dict(_SL_MID, **_POST[2])),
-    (None, dict(_CHUNK_LARGE, **_POST[3]), dict(_SL_LARGE, block_h=32, num_stages=3, prep=True, **_POST[3])),
+    (1, dict(_SL_TINY, block_c=1024, sk_elem=True, tail=True, tail_rows=1), None),
+    (128, dict(_CHUNK_SMALL, splits=64, sk_elem=True, b_split=True), None),
 )
 
-#: The table as committed before the small-T work (882b5cb): the benchmark's baseline ("old").
-_COMMITTED_TABLE = (
-    (2, dict(_SL_TINY, **_POST[0]), None),
-    (128, dict(_CHUNK_SMALL, **_POST[1]), None),
-) + _TABLE[2:]
+#: Above this many tokens ``pre``, ``head`` and ``fused_post_pre`` take the two-pass path
+#: (:func:`plan`); at or below it, :func:`configs`.
+SMALL_T = 128
 
-#: The single-launch table as committed before the chunked path (e706bba): the benchmark's
-#: baseline ("old"), and the configs the single-launch kernel was tuned with.
-_SINGLE_LAUNCH_TABLE = (
-    (16, dict(_SL_TINY, **_POST[0]), None),
-    (128, dict(_SL_SMALL, **_POST[1]), None),
-    (1024, dict(_SL_MID, **_POST[2]), None),
-    (None, dict(_SL_LARGE, **_POST[3]), None),
-)
+
+@dataclasses.dataclass(frozen=True)
+class PostConfig:
+    """``post_kernel``'s tile: ``block_h`` hidden columns of every stream per program, ``warps``,
+    and ``h_fast`` its program order (hidden blocks of a token on consecutive programs)."""
+
+    block_h: int
+    warps: int
+    h_fast: bool = True
+
+
+def post_config(H: int, T: int) -> PostConfig:
+    """The tile of ``post`` (and of ``fused_post_pre``'s post step) for hidden size H, T tokens.
+    T = 1 runs token-major: one token has nothing to order, and that form needs no division to
+    find its block (TUNING.md, "Program order: post")."""
+    if T <= 1:
+        bh, warps, h_fast = 256, 1, False
+    elif T <= 128:
+        bh, warps, h_fast = 512, 2, True
+    else:
+        bh, warps, h_fast = 1024, 4, True
+    return PostConfig(min(bh, triton.next_power_of_2(H)), warps, h_fast)
 
 
 def _mix_columns(op: str, n: int) -> tuple[int, int]:
@@ -195,13 +183,15 @@ def shared_estimate(op: str, n: int, block_m: int, block_h: int, num_stages: int
 
 
 def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None = None) -> Config:
-    """The launch config of ``op`` for ``n`` streams, hidden size ``H``, ``T`` tokens (any n <= 8,
-    any H), on a GPU with shared memory ``smem`` (default: the H100's, ``SHARED_MEMORY["sm90"]``;
+    """The launch config of ``op`` for ``n`` streams, hidden size ``H``, ``T <= SMALL_T`` tokens
+    (any n <= 8, any H), on a GPU with shared memory ``smem`` (default: the H100's, ``SHARED_MEMORY["sm90"]``;
     the launchers pass the input device's)."""
     smem = smem or SHARED_MEMORY["sm90"]
     for max_t, row, fused_row in _TABLE:
         if max_t is None or T <= max_t:
             break
+    else:
+        raise ValueError(f"configs() covers T <= {_TABLE[-1][0]}; plan() serves T = {T}")
     row = dict(fused_row if op == "fused_post_pre" and fused_row is not None else row)
     chunk_mib = row.pop("chunk_mib", 0)
     if chunk_mib:
@@ -230,7 +220,6 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
     splits = row.pop("splits")
     h_per_split = triton.cdiv(triton.cdiv(H, splits), bh) * bh
     row["block_c"] = max(16, min(row["block_c"], p2))  # 1-wide tiles (H=1) crash Triton 3.6's coalescing
-    row["post_block_h"] = min(row["post_block_h"], p2)
     if row.get("chunk", 0):
         # Phase B's hidden chunk never wider than H needs.
         row["c_steps"] = max(1, min(row.get("c_steps", 1), triton.cdiv(H, row["block_c"])))
@@ -257,7 +246,7 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
         N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p,
         HEAD=head, FUSED=op == "fused_post_pre",
         BM=cfg.block_m, BH=cfg.block_h, STEPS=cfg.h_per_split // cfg.block_h, SP=sp, BC=cfg.block_c,
-        DOT_F32=INTERPRETED, EXACT_BF16=dtype == torch.bfloat16, PREP=cfg.prep,
+        DOT_F32=INTERPRETED, EXACT_BF16=dtype == torch.bfloat16,
     )
     if cfg.chunk:
         return dict(common, CHUNK=cfg.chunk, BMB=cfg.block_m_b, CSTEPS=cfg.c_steps, SK_ELEM=cfg.sk_elem,
@@ -312,6 +301,10 @@ def _prep_fn(fn, n3, n3p):
 def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
     T, n, H = residual.shape
     dev = residual.device
+    if T > SMALL_T:
+        p = plan(op, n, H, T, device_shared_memory(dev))
+        run = _stream if p.single_launch else _two_pass
+        return run(op, p, residual, fn, hc_scale, hc_base, scalars, fused_inputs)
     cfg = configs(n, H, T, op, device_shared_memory(dev))
     spec = mix_specialization(op, n, residual.dtype, cfg)
     n3p = spec["N3P"]
@@ -327,8 +320,6 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
         x, pm_in, cm_in = fused_inputs
         new = empty((T, n, H), residual.dtype, dev)
     with device_guard(dev):
-        if cfg.prep:
-            fn = _prep_fn(fn, spec["N3"], n3p)
         if cfg.chunk:
             _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
                      post_mix, comb_mix, out, T, H, scalars)
@@ -347,17 +338,13 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
 
 
 def _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix,
-             out, T, H, scalars, schedule=None):
+             out, T, H, scalars):
     """``chunk_kernel`` launches: (A 0), (A 1, B 0), ..., (B last). The chunk count depends on T
-    only (a shape), so this is capturable; the partials [splits, T, N3P] fp32 are ~0.4 KB/token.
-    ``schedule`` (benchmark diagnostics only): another list of (A chunk, B chunk) launches, an
-    index out of range leaving that role out."""
+    only (a shape), so this is capturable; the partials are [splits, T, N3P] fp32."""
     n_chunks = triton.cdiv(T, cfg.chunk)
     part = torch.empty(cfg.splits * T * spec["N3P"], dtype=torch.float32, device=residual.device)
     n_hc = triton.cdiv(H, cfg.c_steps * cfg.block_c) + (1 if cfg.b_split and not spec["HEAD"] else 0)
-    if schedule is None:
-        schedule = [(c, c - 1) for c in range(n_chunks + 1)]
-    for a, b in schedule:
+    for a, b in [(c, c - 1) for c in range(n_chunks + 1)]:
         rows_a = min(cfg.chunk, T - a * cfg.chunk) if 0 <= a < n_chunks else 0
         rows_b = min(cfg.chunk, T - b * cfg.chunk) if 0 <= b < n_chunks else 0
         n_a = triton.cdiv(rows_a, cfg.block_m) * cfg.splits
@@ -372,24 +359,28 @@ def _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, p
 
 @dataclasses.dataclass(frozen=True)
 class TwoPass:
-    """Launch plan of the two-pass path (``kernels.prenorm_kernel`` then ``kernels.finalize_kernel``,
-    one pair per chunk of ``chunk`` tokens, so that the second pass re-reads a chunk's residual
-    from L2; ``fused_post_pre`` runs ``post_kernel`` on the chunk first).
+    """Launch plan of ``pre``/``head``/``fused_post_pre`` above ``SMALL_T`` tokens.
 
-    First pass: ``block_m`` tokens x ``steps * block_k`` columns of K = n*H per program,
-    ``warps``/``stages``, ``prec`` ("hilo" or "tf32", see the kernel), ``split_fast`` program
-    order. Second pass: ``bt`` tokens x ``bc`` hidden columns per collapse program, ``bmb``
-    tokens per post/comb program (``sk_elem``: Sinkhorn in-thread), ``fin_warps``.
+    ``single_launch`` False: ``kernels.prenorm_kernel`` over all tokens, then
+    ``kernels.finalize_kernel`` (``fused_post_pre`` runs ``post_kernel`` first); True:
+    ``kernels.stream_kernel``, the same work in one launch by chunks of ``chunk`` tokens whose
+    residual the second pass re-reads from L2. Both split fn into bf16 hi/lo first (``prec``
+    "hilo"; the interpreter runs "ieee").
+    GEMM: ``block_m`` tokens x ``steps * block_k`` columns of K = n*H per program, ``warps``,
+    ``stages``, ``split_fast`` program order. Second pass: ``bt`` tokens x ``bc`` hidden columns
+    per collapse program (all of H in ``stream_kernel``), ``bmb`` tokens per post/comb program,
+    ``fin_warps`` (``prenorm_kernel``'s own launch only).
     """
 
-    chunk: int
     block_m: int
     block_k: int
     steps: int
     warps: int
     stages: int
+    single_launch: bool = False
+    chunk: int = 0
     prec: str = "hilo"
-    split_fast: bool = True
+    split_fast: bool = False
     bt: int = 1
     bc: int = 1024
     bmb: int = 16
@@ -398,71 +389,115 @@ class TwoPass:
     pbh: int = 1024
 
 
+#: Residual bytes per chunk of ``stream_kernel``: about half the H200's 60 MB of L2, so that the
+#: second pass finds a chunk there while the GEMM streams the next one.
+STREAM_CHUNK_BYTES = 29 << 20
+
+
+def gemm_shared(n3p: int, block_m: int, block_k: int, stages: int, amd: bool) -> int:
+    """Shared memory of ``prenorm_kernel``'s pipeline: a residual tile (block_m x block_k bf16)
+    and fn's hi and lo tiles (block_k x n3p bf16) per stage; AMD's pipeliner keeps stages - 1
+    copies (both as the AOT builds report; the kernels' other phases need far less)."""
+    copies = max(1, stages - 1) if amd else stages
+    return copies * (block_m * block_k * 2 + 2 * block_k * max(16, n3p) * 2)
+
+
+def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> TwoPass:
+    """The :class:`TwoPass` plan of ``op`` in {"pre", "head", "fused_post_pre"} for ``T >
+    SMALL_T`` tokens, n streams, hidden size H (any), on a GPU with shared memory ``smem``.
+
+    From the H200 sweeps (benchmarks/prenorm_dev.py; results/prenorm-dev-h200-run*.log): GEMM
+    tiles of 128 tokens x 64 columns, 8 warps, 4 stages, each program ~K/8 columns (K/16 up to
+    1024 tokens, so that every SM has work); ``stream_kernel`` for ``pre`` at H > 4096 and T >
+    1024, where it beat the two launches by 13-16 %; the two launches elsewhere.
+    """
+    smem = smem or SHARED_MEMORY["sm90"]
+    K = n * H
+    n3p = _mix_columns(op, n)[1]
+    bm, bk, stages = 128, 64, (2 if smem.amd else 4)
+    bk = max(16, min(bk, triton.next_power_of_2(K)))
+    single = op == "pre" and H > 4096 and T > 1024
+    if single:
+        stages = min(stages, 3)
+    while stages > 2 and gemm_shared(n3p, bm, bk, stages, smem.amd) > smem.limit:
+        stages -= 1
+    while bk > 16 and gemm_shared(n3p, bm, bk, stages, smem.amd) > smem.limit:
+        bk //= 2
+    while bm > 16 and gemm_shared(n3p, bm, bk, stages, smem.amd) > smem.limit:
+        bm //= 2
+    splits = 16 if T <= 1024 else 8
+    steps = max(1, triton.cdiv(triton.cdiv(K, splits), bk))
+    if single:
+        chunk = max(bm, STREAM_CHUNK_BYTES // (K * 2) // bm * bm)
+        return TwoPass(bm, bk, steps, 8, stages, single_launch=True, chunk=chunk, bt=4,
+                       bc=min(512, triton.next_power_of_2(H)))
+    return TwoPass(bm, bk, steps, 8, stages, bc=min(1024, triton.next_power_of_2(H)))
+
+
 def _post_into(x, residual, post_mix, comb_mix, out):
     """``post_kernel`` writing ``out`` (T, n, H), the other arguments as :func:`post`."""
     T, n, H = residual.shape
-    cfg = configs(n, H, T)
-    kernels.post_kernel[(triton.cdiv(T, cfg.post_block_t) * triton.cdiv(H, cfg.post_block_h),)](
+    cfg = post_config(H, T)
+    kernels.post_kernel[(T * triton.cdiv(H, cfg.block_h),)](
         x, residual, post_mix, comb_mix, out, T, H,
-        N=n, NP=triton.next_power_of_2(n), BH=cfg.post_block_h, EMULATE_RNE=INTERPRETED,
-        BT=cfg.post_block_t, H_FAST=cfg.post_h_fast, num_warps=cfg.post_warps,
+        N=n, NP=triton.next_power_of_2(n), BH=cfg.block_h, EMULATE_RNE=INTERPRETED,
+        H_FAST=cfg.h_fast, num_warps=cfg.warps,
     )
 
 
-def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
-    """``op`` in {"pre", "head", "fused_post_pre"} by :class:`TwoPass` ``plan``; returns
-    ``(layer_input, post_mix, comb_mix, new_residual)`` (the ones ``op`` does not make are
-    placeholders)."""
+def _outputs(op, residual, fused):
+    """The outputs of a mix op: ``(layer_input, post_mix, comb_mix, new_residual)``, with the
+    layer input standing in for what ``op`` does not make (never written)."""
     T, n, H = residual.shape
-    K = n * H
     dev = residual.device
-    head = op == "head"
-    n3, n3p = _mix_columns(op, n)
-    prec = "ieee" if INTERPRETED else plan.prec
     out = empty((T, H), residual.dtype, dev)
-    if head:
-        post_mix = comb_mix = out  # not written
+    if op == "head":
+        post_mix = comb_mix = out
     else:
         post_mix = empty((T, n, 1), torch.float32, dev)
         comb_mix = empty((T, n, n), torch.float32, dev)
-    new = residual
-    if fused_inputs is not None:
-        new = empty((T, n, H), residual.dtype, dev)
+    new = empty((T, n, H), residual.dtype, dev) if fused else out
+    return out, post_mix, comb_mix, new
+
+
+def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
+    """``op`` in {"pre", "head", "fused_post_pre"} by a :class:`TwoPass` ``plan`` with
+    ``single_launch`` False; returns ``(layer_input, post_mix, comb_mix, new_residual)`` (the
+    ones ``op`` does not make are placeholders)."""
+    T, n, H = residual.shape
+    K = n * H
+    head = op == "head"
+    n3, n3p = _mix_columns(op, n)
+    prec = "ieee" if INTERPRETED else plan.prec
+    out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs is not None)
     k_split = plan.steps * plan.block_k
     splits = triton.cdiv(K, k_split)
-    rows_max = min(plan.chunk, T)
-    sstride = rows_max * n3p
-    with device_guard(dev):
+    with device_guard(residual.device):
+        if fused_inputs is not None:
+            _post_into(*fused_inputs[:1], residual, *fused_inputs[1:], new)
+        src = new if fused_inputs is not None else residual
         w = _prep_fn(fn, n3, n3p) if prec == "hilo" else fn
-        part = torch.empty(splits * sstride, dtype=torch.float32, device=dev)
-        for r0 in range(0, T, plan.chunk):
-            r1 = min(T, r0 + plan.chunk)
-            rows = r1 - r0
-            if fused_inputs is not None:
-                x, pm_in, cm_in = fused_inputs
-                _post_into(x[r0:r1], residual[r0:r1], pm_in[r0:r1], cm_in[r0:r1], new[r0:r1])
-            src = new[r0:r1]
-            kernels.prenorm_kernel[(triton.cdiv(rows, plan.block_m) * splits,)](
-                src, w, part, rows, K, sstride,
-                N3=n3, N3P=n3p, BM=plan.block_m, BK=plan.block_k, STEPS=plan.steps, PREC=prec,
-                EXACT_BF16=residual.dtype == torch.bfloat16, EVEN_K=K % k_split == 0,
-                SPLIT_FAST=plan.split_fast, num_warps=plan.warps, num_stages=plan.stages,
-            )
-            n_pc = 0 if head else triton.cdiv(rows, plan.bmb)
-            bc = min(plan.bc, triton.next_power_of_2(H))
-            kernels.finalize_kernel[(n_pc + triton.cdiv(rows, plan.bt) * triton.cdiv(H, bc),)](
-                src, out[r0:r1], part, hc_scale, hc_base, post_mix[r0:r1], comb_mix[r0:r1],
-                rows, H, splits, sstride, n_pc, *scalars,
-                N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, SP=triton.next_power_of_2(splits),
-                BT=plan.bt, BC=bc, BMB=plan.bmb, HEAD=head, SK_ELEM=plan.sk_elem,
-                EMULATE_RNE=INTERPRETED, num_warps=plan.fin_warps,
-            )
+        part = torch.empty(splits * T * n3p, dtype=torch.float32, device=residual.device)
+        kernels.prenorm_kernel[(triton.cdiv(T, plan.block_m) * splits,)](
+            src, w, part, T, K, T * n3p,
+            N3=n3, N3P=n3p, BM=plan.block_m, BK=plan.block_k, STEPS=plan.steps, PREC=prec,
+            EXACT_BF16=residual.dtype == torch.bfloat16, EVEN_K=K % k_split == 0,
+            SPLIT_FAST=plan.split_fast, num_warps=plan.warps, num_stages=plan.stages,
+        )
+        n_pc = 0 if head else triton.cdiv(T, plan.bmb)
+        kernels.finalize_kernel[(n_pc + triton.cdiv(T, plan.bt) * triton.cdiv(H, plan.bc),)](
+            src, out, part, hc_scale, hc_base, post_mix, comb_mix,
+            T, H, splits, T * n3p, n_pc, *scalars,
+            N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, SP=triton.next_power_of_2(splits),
+            BT=plan.bt, BC=plan.bc, BMB=plan.bmb, HEAD=head, SK_ELEM=plan.sk_elem,
+            EMULATE_RNE=INTERPRETED, num_warps=plan.fin_warps,
+        )
     return out, post_mix, comb_mix, new
 
 
 def _stream(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
-    """``op`` in one ``kernels.stream_kernel`` launch (plus fn's split), chunks of ``plan.chunk``
-    tokens; returns as :func:`_two_pass`."""
+    """``op`` in one ``kernels.stream_kernel`` launch (after fn's split and zeroing its counters),
+    chunks of ``plan.chunk`` tokens; returns as :func:`_two_pass`."""
     T, n, H = residual.shape
     K = n * H
     dev = residual.device
@@ -470,17 +505,8 @@ def _stream(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=Non
     fused = fused_inputs is not None
     n3, n3p = _mix_columns(op, n)
     prec = "ieee" if INTERPRETED else plan.prec
-    out = empty((T, H), residual.dtype, dev)
-    if head:
-        post_mix = comb_mix = out  # not written
-    else:
-        post_mix = empty((T, n, 1), torch.float32, dev)
-        comb_mix = empty((T, n, n), torch.float32, dev)
-    if fused:
-        x, pm_in, cm_in = fused_inputs
-        new = empty((T, n, H), residual.dtype, dev)
-    else:
-        x = pm_in = cm_in = new = residual  # not read or written
+    out, post_mix, comb_mix, new = _outputs(op, residual, fused)
+    x, pm_in, cm_in = fused_inputs if fused else (residual,) * 3  # not read unless fused
     ch = plan.chunk
     n_chunks = triton.cdiv(T, ch)
     k_split = plan.steps * plan.block_k
@@ -490,7 +516,7 @@ def _stream(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=Non
     n_p = ch * triton.cdiv(H, pbh) if fused else 0
     n_f = (0 if head else triton.cdiv(ch, plan.bmb)) + triton.cdiv(ch, plan.bt)
     rounds = n_chunks + (2 if fused else 1)
-    bc = min(plan.bc, triton.next_power_of_2(H))
+    bc = plan.bc
     with device_guard(dev):
         w = _prep_fn(fn, n3, n3p) if prec == "hilo" else fn
         part = torch.empty(splits * n_chunks * ch * n3p, dtype=torch.float32, device=dev)
@@ -551,13 +577,7 @@ def post(x, residual, post_mix, comb_mix):
     ``x`` (T, H) and ``residual`` (T, n, H) bf16/fp16; ``post_mix`` (T, n, 1), ``comb_mix``
     (T, n, n) fp32. Returns (T, n, H) in the residual's dtype.
     """
-    T, n, H = residual.shape
-    cfg = configs(n, H, T)
-    out = empty((T, n, H), residual.dtype, residual.device)
+    out = empty(residual.shape, residual.dtype, residual.device)
     with device_guard(residual.device):
-        kernels.post_kernel[(triton.cdiv(T, cfg.post_block_t) * triton.cdiv(H, cfg.post_block_h),)](
-            x, residual, post_mix, comb_mix, out, T, H,
-            N=n, NP=triton.next_power_of_2(n), BH=cfg.post_block_h, EMULATE_RNE=INTERPRETED,
-            BT=cfg.post_block_t, H_FAST=cfg.post_h_fast, num_warps=cfg.post_warps,
-        )
+        _post_into(x, residual, post_mix, comb_mix, out)
     return out
