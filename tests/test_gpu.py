@@ -209,14 +209,14 @@ _SANITIZED = """
 import torch
 from mhc import checking, registry
 
-# One call of every Triton kernel: each op at DeepSeek-V4's width, T=64 (pre and head run the
-# prenorm GEMM and the mix/collapse kernel, post its kernel, fused_post_pre its fused path).
-for op in registry.OPS:
-    args, kw = checking.make_inputs(op, (64,), 4, 4096, torch.bfloat16, "cuda", seed=90)
+# One call of every Triton kernel: each op at DeepSeek-V4's widths; T=64 runs the small-T kernels,
+# T=300 the two-pass path (prenorm_kernel, finalize_kernel), pre at T=1100, H=7168 stream_kernel.
+for op, T, H in [(op, T, 4096) for op in registry.OPS for T in (64, 300)] + [("pre", 1100, 7168)]:
+    args, kw = checking.make_inputs(op, (T,), 4, H, torch.bfloat16, "cuda", seed=90)
     outs = checking.call(op, args, kw, "triton")
     torch.cuda.synchronize()
     for name, err, tol in checking.compare(op, outs, checking.oracle(op, args, kw), torch.bfloat16):
-        assert err <= tol, (op, name, err, tol)
+        assert err <= tol, (op, T, H, name, err, tol)
 print("SANITIZED-SCRIPT-OK")
 """
 
