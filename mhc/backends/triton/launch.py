@@ -407,7 +407,9 @@ def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> T
     SMALL_T`` tokens, n streams, hidden size H (any), on a GPU with shared memory ``smem``.
 
     From the H200 sweeps (benchmarks/prenorm_dev.py; results/prenorm-dev-h200-run*.log): GEMM
-    tiles of 128 tokens x 64 columns, 8 warps, 4 stages, each program ~K/8 columns (K/16 up to
+    tiles of 128 tokens x 64 columns, 4 warps (8 warps streamed 2 % faster, but Triton 3.6's
+    pipelined dot at 8 warps and N3P = 32 gave partials that differ from run to run on the H200:
+    benchmarks/determinism_diag.py), 4 stages, each program ~K/8 columns (K/16 up to
     1024 tokens, so that every SM has work); ``stream_kernel`` for ``pre`` at H > 4096 and T >
     1024, where it beat the two launches by 13-16 %; the two launches elsewhere.
     """
@@ -429,9 +431,9 @@ def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> T
     steps = max(1, triton.cdiv(triton.cdiv(K, splits), bk))
     if single:
         chunk = max(bm, STREAM_CHUNK_BYTES // (K * 2) // bm * bm)
-        return TwoPass(bm, bk, steps, 8, stages, single_launch=True, chunk=chunk, bt=4,
+        return TwoPass(bm, bk, steps, 4, stages, single_launch=True, chunk=chunk, bt=4,
                        bc=min(512, triton.next_power_of_2(H)))
-    return TwoPass(bm, bk, steps, 8, stages, bc=min(1024, triton.next_power_of_2(H)))
+    return TwoPass(bm, bk, steps, 4, stages, bc=min(1024, triton.next_power_of_2(H)))
 
 
 def _post_into(x, residual, post_mix, comb_mix, out):
