@@ -211,7 +211,7 @@ def test_counters_left_zero_and_calls_repeat(L, monkeypatch):
 
 def test_configs_depend_on_bucket_not_T():
     """What gets compiled (the constexprs) is fixed within a T bucket, so T does not recompile:
-    configs() up to SMALL_T, plan() above (whose chunk only stream_kernel compiles in)."""
+    configs() up to SMALL_T, plan() above."""
     from mhc.backends.triton import launch
 
     bounds = [row[0] for row in launch._TABLE]
@@ -252,8 +252,7 @@ def test_plan_fits_each_arch_shared_memory():
                         assert p.block_m >= 16 and p.block_k >= 16
                         assert p.steps * p.block_k * (16 if T <= 1024 else 8) >= n * H
     p = launch.plan("pre", 4, 4096, 4096)
-    assert (p.block_m, p.block_k, p.stages, p.single_launch) == (128, 64, 4, False)
-    assert launch.plan("pre", 4, 7168, 4096).single_launch
+    assert (p.block_m, p.block_k, p.stages, p.warps, p.steps) == (128, 64, 4, 4, 32)
     assert launch.plan("pre", 4, 4096, 4096, launch.SHARED_MEMORY["gfx942"]).stages == 2
 
 
@@ -311,25 +310,6 @@ def test_launch_uses_the_device_shared_memory(L, monkeypatch):
     for n in (6, 8):
         check_all_ops(L, 200, n, 64, torch.bfloat16, seed=n, repeat=3)
     assert seen and all(s[-1] == launch.SHARED_MEMORY["gfx942"] for s in seen)
-
-
-@pytest.mark.parametrize("op_T_n_H", [(200, 4, 72), (300, 3, 40), (260, 8, 24)])
-def test_stream_kernel_across_chunks(L, monkeypatch, op_T_n_H):
-    """stream_kernel (one launch; rounds of post, GEMM and finalize programs ordered by counters)
-    with several chunks, T not a multiple of the chunk or the blocks, K not a multiple of the
-    split: every op, bf16 and fp16."""
-    from mhc.backends.triton import launch
-
-    T, n, H = op_T_n_H
-    real_plan = launch.plan
-
-    def small_chunks(op, n_, H_, T_, smem=None):
-        assert real_plan(op, n_, H_, T_, smem).block_m >= 16
-        return launch.TwoPass(16, 16, 2, 4, 2, single_launch=True, chunk=48, bt=4, bc=16, bmb=16, pbh=32)
-
-    monkeypatch.setattr(launch, "plan", small_chunks)
-    check_all_ops(L, T, n, H, torch.bfloat16, seed=T + n, repeat=3)
-    check_all_ops(L, T, n, H, torch.float16, seed=T + n + 1, repeat=3)
 
 
 def test_two_pass_small_tiles(L, monkeypatch):

@@ -1,9 +1,9 @@
 """Ahead-of-time builds of every kernel configuration that n=4, H in {4096, 7168} uses, with no GPU.
 
-``main(["sm90", "gfx942", "gfx950"])`` compiles ``mix_kernel`` or ``chunk_kernel`` (whichever the
-bucket's config uses; pre, head, fused_post_pre; ``prep_kernel`` where the config splits fn
-first) and ``post_kernel`` for every T bucket of :func:`mhc.backends.triton.launch.configs`, and
-the backward kernels of ``backward.py`` (which the interpreter cannot vouch for: it accepted a
+``main(["sm90", "gfx942", "gfx950"])`` compiles, for pre, head and fused_post_pre, ``mix_kernel``
+or ``chunk_kernel`` (whichever :func:`mhc.backends.triton.launch.configs` picks, T <= SMALL_T) and
+``prep_kernel``, ``prenorm_kernel`` and ``finalize_kernel`` (:func:`mhc.backends.triton.launch.plan`,
+above), ``post_kernel`` for every T bucket, and the backward kernels of ``backward.py`` (which the interpreter cannot vouch for: it accepted a
 shape mismatch between the arms of a runtime ``if`` that the compiler rejects), bf16, for each arch; prints registers and spills per kernel (CUDA: from ``cuobjdump
 --dump-resource-usage`` on the cubin, as Triton's metadata fills them only when loading on a GPU;
 AMD: the VGPR/SGPR and spill counts that the AMDGCN assembly carries, and the LDS bytes) and
@@ -126,13 +126,13 @@ def mix_job(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str) -> t
 
 def two_pass_jobs(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str):
     """(dedup key, build job) pairs of the kernels that serve ``op`` at (n, H, T > SMALL_T) on
-    ``arch``, with the plan the launcher picks there (``launch.plan``): fn's split, then either
-    ``stream_kernel`` or ``prenorm_kernel`` and ``finalize_kernel``."""
+    ``arch``, with the plan the launcher picks there (``launch.plan``): fn's split,
+    ``prenorm_kernel`` and ``finalize_kernel``."""
     from mhc.backends.triton import launch
 
     p = launch.plan(op, n, H, T, launch.SHARED_MEMORY[arch])
     act, t = "*" + _TYPE[dtype], _TYPE[dtype]
-    head, fused = op == "head", op == "fused_post_pre"
+    head = op == "head"
     n3, n3p = launch._mix_columns(op, n)
     K = n * H
     splits = -(-K // (p.steps * p.block_k))
@@ -144,18 +144,6 @@ def two_pass_jobs(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str
     yield ("prep", tuple(sorted(pspec.items()))), (f"{'prep':<14} N3={n3:<3}", "prep_kernel",
                                                   {"fn_ptr": "*fp32", "out_ptr": "*bf16", "K": "i32"}, pspec, 4, 1)
     label = f"{op:<14} n={n} H={H:<5} T<={T:<5} {t}"
-    if p.single_launch:
-        spec = dict(common, N=n, NP=1 << (n - 1).bit_length(), HEAD=head, FUSED=fused, CH=p.chunk, SP=sp,
-                    BT=p.bt, BC=p.bc, BMB=p.bmb, SK_ELEM=p.sk_elem,
-                    PBH=min(p.pbh, 1 << (H - 1).bit_length()), EMULATE_RNE=False)
-        sig = {"res_ptr": act, "x_ptr": act, "pm_in_ptr": "*fp32" if fused else act,
-               "cm_in_ptr": "*fp32" if fused else act, "new_ptr": act, "w_ptr": "*bf16", "part_ptr": "*fp32",
-               "cnt_ptr": "*i32", "scale_ptr": "*fp32", "base_ptr": "*fp32", "post_ptr": mix_ty,
-               "comb_ptr": mix_ty, "out_ptr": act, "T": "i32", "H": "i32", "n_chunks": "i32",
-               "rms_eps": "fp32", "pre_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32", "sk_repeat": "i32"}
-        yield (("stream", op, t, tuple(sorted(spec.items())), p.warps, p.stages),
-               (f"{label} stream_kernel", "stream_kernel", sig, spec, p.warps, p.stages))
-        return
     spec = dict(common, SPLIT_FAST=p.split_fast)
     sig = {"x_ptr": act, "w_ptr": "*bf16", "part_ptr": "*fp32", "T": "i32", "K": "i32", "sstride": "i32"}
     yield (("prenorm", t, tuple(sorted(spec.items())), p.warps, p.stages),

@@ -1,22 +1,23 @@
 """Triton kernels for the mHC ops (the math is ``mhc/reference.py``; shapes are flattened to T tokens).
 
-Three kernels (``launch.configs`` picks ``mix_kernel`` or ``chunk_kernel`` per op and T bucket):
+Above ``launch.SMALL_T`` tokens, ``pre``, ``head`` and ``fused_post_pre`` take two passes
+(``launch.plan``): :func:`prep_kernel` splits fn into bf16 hi/lo; :func:`prenorm_kernel` does the
+prenorm GEMM and the sum of squares, nothing else, split over K into partials; then
+:func:`finalize_kernel` reduces the partials, writes ``post_mix``/``comb_mix`` (Sinkhorn) and
+collapses the streams into ``layer_input``, re-reading the residual. ``fused_post_pre`` runs
+:func:`post_kernel` first and feeds the new residual to the two passes.
 
-``chunk_kernel`` serves ``pre``, ``head`` and ``fused_post_pre`` in token chunks, one launch per
-chunk plus one, each launch running phase B (finish + collapse) of chunk c-1 beside phase A (the
-prenorm GEMM slices) of chunk c: see its docstring. No counters or atomics.
+At or below ``SMALL_T`` (``launch.configs``), latency decides:
 
-``mix_kernel`` serves ``pre``, ``head`` and ``fused_post_pre``. The grid is (token blocks, splits of
-H). Program (m, s) takes BLOCK_M tokens and the hidden slice ``[s*h_per_split, (s+1)*h_per_split)``
-of every stream, and accumulates the prenorm GEMM ``x . fn^T`` and the sum of squares over it
-(:func:`_prenorm_tile`). It writes those partials to a workspace and bumps a per-token-block
-counter; the program that brings the counter to ``n_splits`` (the last one of its block) sums the
-partials, applies the RMS scale, the activations and Sinkhorn (:func:`_pre_activations`,
-:func:`_head_activations`), resets the counter, and collapses the streams into ``layer_input``
-(:func:`_collapse`). The collapse re-reads the token block's residual right after the splits read
-it, so it hits L2: only a few token blocks are in flight at once, a few MB, far under the 50 MB L2.
-In ``fused_post_pre`` the residual each split reads is computed on the fly as ``post`` of the
-previous sublayer, rounded to the residual dtype, stored once, and fed to the GEMM from registers.
+``mix_kernel`` (T = 1): the grid is (token blocks, splits of H); each program accumulates its
+slice of the GEMM and the sum of squares (:func:`_gemm_slice`), writes the partials and bumps a
+per-token-block counter; the program that brings the counter to ``n_splits`` reduces the
+partials in registers, applies the activations and Sinkhorn in-thread, resets the counter and
+collapses (:func:`_tail`). In ``fused_post_pre`` the residual each split reads is computed on the
+fly as ``post`` of the previous sublayer, stored once and fed to the GEMM from registers.
+
+``chunk_kernel`` (T <= SMALL_T): one launch per token chunk plus one, each running phase B
+(finish + collapse) of chunk c-1 beside phase A (the GEMM slices) of chunk c. No counters.
 
 ``post_kernel``: elementwise plus an n x n mix, BT tokens and BH hidden elements per program, the
 hidden blocks of a token on consecutive programs (above T = 1; see its docstring).
@@ -24,8 +25,8 @@ hidden blocks of a token on consecutive programs (above T = 1; see its docstring
 Every load is cast to fp32 right after ``tl.load`` (the interpreter mishandles bf16 in reductions).
 GEMM precision: the residual values are exact in bf16 (fp16 residuals are split into two bf16
 terms, exactly) and ``fn`` is split into bf16 hi + lo, so the bf16 tensor-core products carry
-about 16 mantissa bits of ``fn`` with fp32 accumulation: IEEE-like accuracy (mixes ~1e-5 relative
-error), no TF32 anywhere. Under the interpreter the dot runs in fp32 directly (``DOT_F32``).
+about 16 mantissa bits of ``fn`` with fp32 accumulation: the GEMM's partials are within 4-6e-8
+(relative) of fp64 at H = 4096 and 7168 on the H200 (benchmarks/prenorm_dev.py), no TF32 anywhere. Under the interpreter the dot runs in fp32 directly (``DOT_F32``).
 """
 
 from __future__ import annotations
@@ -74,8 +75,7 @@ def prep_kernel(fn_ptr, out_ptr, K, N3: tl.constexpr, N3P: tl.constexpr, BK: tl.
                 EMULATE_RNE: tl.constexpr):
     """``fn`` (N3, K) fp32 -> ``out`` (2*N3P, K) bf16: rows [0, N3) the bf16 hi parts
     (round-to-nearest-even), rows [N3P, N3P+N3) the lo parts ``bf16(fn - hi)``, the padding rows
-    0. Run once per call before ``prenorm_kernel``/``stream_kernel``: hi + lo carries ~16 mantissa
-    bits of fn.
+    0. Run once per call before ``prenorm_kernel``: hi + lo carries ~16 mantissa bits of fn.
     Grid: (cdiv(K, BK),)."""
     r = tl.arange(0, N3P)
     k = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK)
@@ -918,111 +918,3 @@ def _post_tile(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, t0, hb, T, H,
              _to_act(acc, out_ptr.dtype.element_ty, EMULATE_RNE),
              mask=jm[:, :, None] & (h < H)[None, None, :])
 
-
-@triton.jit
-def _wait_count(cnt_ptr, target):
-    """Spin until the int32 counter at ``cnt_ptr`` reaches ``target`` (acquire: the writes that
-    the counting programs released before their increments are visible after)."""
-    cur = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-    while cur < target:
-        cur = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _count_in(cnt_ptr):
-    """Release this program's stores, then add one to the counter at ``cnt_ptr``."""
-    tl.debug_barrier()
-    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
-
-
-@triton.jit(do_not_specialize=["T", "n_chunks"])
-def stream_kernel(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, w_ptr, part_ptr, cnt_ptr,
-                  scale_ptr, base_ptr, post_ptr, comb_ptr, out_ptr,
-                  T, H, n_chunks, rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
-                  N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
-                  HEAD: tl.constexpr, FUSED: tl.constexpr, CH: tl.constexpr,
-                  BM: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PREC: tl.constexpr,
-                  EXACT_BF16: tl.constexpr, EVEN_K: tl.constexpr, SP: tl.constexpr,
-                  BT: tl.constexpr, BC: tl.constexpr, BMB: tl.constexpr, SK_ELEM: tl.constexpr,
-                  PBH: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """``pre``/``head``/``fused_post_pre`` in one launch that streams the residual from memory once:
-    tokens go in chunks of CH, and each chunk passes through up to three kinds of programs,
-    each a round behind the one before, so that a chunk's residual is re-read from L2.
-
-    The grid is rounds of ``n_p + n_g + n_f`` programs; round r holds
-    - (FUSED) P programs: ``post`` of chunk r, one token x PBH hidden columns each
-      (:func:`_post_tile`), into ``new_ptr``;
-    - G programs: the prenorm GEMM of chunk r - FUSED, BM tokens x one K split each
-      (:func:`_prenorm_block`), into the partials ``part_ptr`` [n_splits, n_chunks*CH, N3P];
-    - F programs: chunk r - FUSED - 1: first post/comb programs of BMB tokens (not HEAD), then
-      collapse programs of BT tokens x all H (:func:`_collapse`).
-    A G program of chunk c waits until the P programs of c have counted in (``cnt_ptr[n_chunks +
-    c]``), an F program until the G programs of c have (``cnt_ptr[c]``); the counters are zero
-    on entry (the launcher zeroes them every call). Programs only wait on programs of lower
-    index, which start first: CUDA and ROCm dispatch a grid's blocks in index order, so the
-    programs waited on hold their SMs and finish (the argument of CUB's single-pass scan).
-    Slots past the last chunk or past T do nothing but count in.
-    """
-    pid = tl.program_id(0)
-    K = N * H
-    n_splits = tl.cdiv(K, STEPS * BK)
-    n_g = tl.cdiv(CH, BM) * n_splits
-    n_pb = tl.cdiv(H, PBH)
-    n_p = 0
-    if FUSED:
-        n_p = CH * n_pb
-    n_pc = 0
-    if not HEAD:
-        n_pc = tl.cdiv(CH, BMB)
-    n_f = n_pc + tl.cdiv(CH, BT)
-    per_round = n_p + n_g + n_f
-    r = pid // per_round
-    i = pid % per_round
-    sstride = n_chunks * (CH * N3P)
-    if i < n_p:
-        if r < n_chunks:
-            tok = r * CH + i // n_pb
-            _post_tile(x_ptr, res_ptr, pm_in_ptr, cm_in_ptr, new_ptr, tok.to(tl.int64), i % n_pb, T, H,
-                       N, NP, PBH, 1, "", EMULATE_RNE)
-            _count_in(cnt_ptr + n_chunks + r)
-    elif i < n_p + n_g:
-        c = r
-        if FUSED:
-            c = r - 1
-        if (c >= 0) & (c < n_chunks):
-            j = i - n_p
-            if FUSED:
-                _wait_count(cnt_ptr + n_chunks + c, n_p)
-                src = new_ptr
-            else:
-                src = res_ptr
-            _prenorm_block(src, w_ptr, part_ptr, c * CH + (j // n_splits) * BM, j % n_splits, T, K, sstride,
-                           N3, N3P, BM, BK, STEPS, PREC, EXACT_BF16, EVEN_K)
-            _count_in(cnt_ptr + c)
-    else:
-        c = r - 1
-        if FUSED:
-            c = r - 2
-        if (c >= 0) & (c < n_chunks):
-            _wait_count(cnt_ptr + c, n_g)
-            j = i - n_p - n_g
-            if FUSED:
-                src = new_ptr
-            else:
-                src = res_ptr
-            if j < n_pc:
-                if not HEAD:
-                    row0 = c * CH + j * BMB
-                    blk = row0.to(tl.int64)
-                    _post_comb(part_ptr + blk * N3P, scale_ptr, base_ptr, post_ptr + blk * N,
-                               comb_ptr + blk * (N * N), T - row0, K, rms_eps, sk_eps, post_mult, sk_repeat,
-                               sstride, n_splits, N, NP, N3, N3P, BMB, SP, SK_ELEM)
-            else:
-                row0 = c * CH + (j - n_pc) * BT
-                if row0 < T:
-                    blk = row0.to(tl.int64)
-                    wts = _pre_weights(part_ptr + blk * N3P, scale_ptr, base_ptr, T - row0, K, rms_eps, pre_eps,
-                                       sstride, n_splits, N, NP, N3, N3P, BT, SP)
-                    _collapse(src + blk * K, out_ptr + blk * H, wts, T - row0, H, N, NP, BT, BC, False,
-                              EMULATE_RNE)

@@ -302,9 +302,8 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
     T, n, H = residual.shape
     dev = residual.device
     if T > SMALL_T:
-        p = plan(op, n, H, T, device_shared_memory(dev))
-        run = _stream if p.single_launch else _two_pass
-        return run(op, p, residual, fn, hc_scale, hc_base, scalars, fused_inputs)
+        return _two_pass(op, plan(op, n, H, T, device_shared_memory(dev)), residual, fn, hc_scale, hc_base,
+                         scalars, fused_inputs)
     cfg = configs(n, H, T, op, device_shared_memory(dev))
     spec = mix_specialization(op, n, residual.dtype, cfg)
     n3p = spec["N3P"]
@@ -359,17 +358,15 @@ def _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, p
 
 @dataclasses.dataclass(frozen=True)
 class TwoPass:
-    """Launch plan of ``pre``/``head``/``fused_post_pre`` above ``SMALL_T`` tokens.
+    """Launch plan of ``pre``/``head``/``fused_post_pre`` above ``SMALL_T`` tokens: fn split into
+    bf16 hi/lo (``kernels.prep_kernel``; ``prec`` "hilo", the interpreter runs "ieee"), then
+    ``kernels.prenorm_kernel`` over all tokens, then ``kernels.finalize_kernel``
+    (``fused_post_pre`` runs ``post_kernel`` first).
 
-    ``single_launch`` False: ``kernels.prenorm_kernel`` over all tokens, then
-    ``kernels.finalize_kernel`` (``fused_post_pre`` runs ``post_kernel`` first); True:
-    ``kernels.stream_kernel``, the same work in one launch by chunks of ``chunk`` tokens whose
-    residual the second pass re-reads from L2. Both split fn into bf16 hi/lo first (``prec``
-    "hilo"; the interpreter runs "ieee").
     GEMM: ``block_m`` tokens x ``steps * block_k`` columns of K = n*H per program, ``warps``,
     ``stages``, ``split_fast`` program order. Second pass: ``bt`` tokens x ``bc`` hidden columns
-    per collapse program (all of H in ``stream_kernel``), ``bmb`` tokens per post/comb program,
-    ``fin_warps`` (``prenorm_kernel``'s own launch only).
+    per collapse program, ``bmb`` tokens per post/comb program (``sk_elem``: Sinkhorn
+    in-thread), ``fin_warps``.
     """
 
     block_m: int
@@ -377,8 +374,6 @@ class TwoPass:
     steps: int
     warps: int
     stages: int
-    single_launch: bool = False
-    chunk: int = 0
     prec: str = "hilo"
     split_fast: bool = False
     bt: int = 1
@@ -386,12 +381,6 @@ class TwoPass:
     bmb: int = 16
     fin_warps: int = 4
     sk_elem: bool = True
-    pbh: int = 1024
-
-
-#: Residual bytes per chunk of ``stream_kernel``: about half the H200's 60 MB of L2, so that the
-#: second pass finds a chunk there while the GEMM streams the next one.
-STREAM_CHUNK_BYTES = 29 << 20
 
 
 def gemm_shared(n3p: int, block_m: int, block_k: int, stages: int, amd: bool) -> int:
@@ -406,21 +395,17 @@ def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> T
     """The :class:`TwoPass` plan of ``op`` in {"pre", "head", "fused_post_pre"} for ``T >
     SMALL_T`` tokens, n streams, hidden size H (any), on a GPU with shared memory ``smem``.
 
-    From the H200 sweeps (benchmarks/prenorm_dev.py; results/prenorm-dev-h200-run*.log): GEMM
-    tiles of 128 tokens x 64 columns, 4 warps (8 warps streamed 2 % faster, but Triton 3.6's
-    pipelined dot at 8 warps and N3P = 32 gave partials that differ from run to run on the H200:
-    benchmarks/determinism_diag.py), 4 stages, each program ~K/8 columns (K/16 up to
-    1024 tokens, so that every SM has work); ``stream_kernel`` for ``pre`` at H > 4096 and T >
-    1024, where it beat the two launches by 13-16 %; the two launches elsewhere.
+    From the H200 sweeps (benchmarks/prenorm_dev.py, benchmarks/determinism_diag.py; figures in
+    TUNING.md, "Two-pass path"): GEMM tiles of 128 tokens x 64 columns, 4 warps (8 streamed 2 %
+    faster, but Triton 3.6's pipelined dot at 8 warps and N3P = 32 gave partials that differ from
+    run to run), 4 stages (2 on AMD, whose pipeliner failed to build some kernels at 4), each
+    program K/8 columns (K/16 up to 1024 tokens, so that every SM has work).
     """
     smem = smem or SHARED_MEMORY["sm90"]
     K = n * H
     n3p = _mix_columns(op, n)[1]
-    bm, bk, stages = 128, 64, (2 if smem.amd else 4)
-    bk = max(16, min(bk, triton.next_power_of_2(K)))
-    single = op == "pre" and H > 4096 and T > 1024
-    if single:
-        stages = min(stages, 3)
+    bm, stages = 128, (2 if smem.amd else 4)
+    bk = max(16, min(64, triton.next_power_of_2(K)))
     while stages > 2 and gemm_shared(n3p, bm, bk, stages, smem.amd) > smem.limit:
         stages -= 1
     while bk > 16 and gemm_shared(n3p, bm, bk, stages, smem.amd) > smem.limit:
@@ -429,10 +414,6 @@ def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> T
         bm //= 2
     splits = 16 if T <= 1024 else 8
     steps = max(1, triton.cdiv(triton.cdiv(K, splits), bk))
-    if single:
-        chunk = max(bm, STREAM_CHUNK_BYTES // (K * 2) // bm * bm)
-        return TwoPass(bm, bk, steps, 4, stages, single_launch=True, chunk=chunk, bt=4,
-                       bc=min(512, triton.next_power_of_2(H)))
     return TwoPass(bm, bk, steps, 4, stages, bc=min(1024, triton.next_power_of_2(H)))
 
 
@@ -463,8 +444,7 @@ def _outputs(op, residual, fused):
 
 
 def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
-    """``op`` in {"pre", "head", "fused_post_pre"} by a :class:`TwoPass` ``plan`` with
-    ``single_launch`` False; returns ``(layer_input, post_mix, comb_mix, new_residual)`` (the
+    """``op`` in {"pre", "head", "fused_post_pre"} by a :class:`TwoPass` ``plan``; returns ``(layer_input, post_mix, comb_mix, new_residual)`` (the
     ones ``op`` does not make are placeholders)."""
     T, n, H = residual.shape
     K = n * H
@@ -493,44 +473,6 @@ def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=N
             N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, SP=triton.next_power_of_2(splits),
             BT=plan.bt, BC=plan.bc, BMB=plan.bmb, HEAD=head, SK_ELEM=plan.sk_elem,
             EMULATE_RNE=INTERPRETED, num_warps=plan.fin_warps,
-        )
-    return out, post_mix, comb_mix, new
-
-
-def _stream(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
-    """``op`` in one ``kernels.stream_kernel`` launch (after fn's split and zeroing its counters),
-    chunks of ``plan.chunk`` tokens; returns as :func:`_two_pass`."""
-    T, n, H = residual.shape
-    K = n * H
-    dev = residual.device
-    head = op == "head"
-    fused = fused_inputs is not None
-    n3, n3p = _mix_columns(op, n)
-    prec = "ieee" if INTERPRETED else plan.prec
-    out, post_mix, comb_mix, new = _outputs(op, residual, fused)
-    x, pm_in, cm_in = fused_inputs if fused else (residual,) * 3  # not read unless fused
-    ch = plan.chunk
-    n_chunks = triton.cdiv(T, ch)
-    k_split = plan.steps * plan.block_k
-    splits = triton.cdiv(K, k_split)
-    n_g = triton.cdiv(ch, plan.block_m) * splits
-    pbh = min(plan.pbh, triton.next_power_of_2(H))
-    n_p = ch * triton.cdiv(H, pbh) if fused else 0
-    n_f = (0 if head else triton.cdiv(ch, plan.bmb)) + triton.cdiv(ch, plan.bt)
-    rounds = n_chunks + (2 if fused else 1)
-    bc = plan.bc
-    with device_guard(dev):
-        w = _prep_fn(fn, n3, n3p) if prec == "hilo" else fn
-        part = torch.empty(splits * n_chunks * ch * n3p, dtype=torch.float32, device=dev)
-        cnt = torch.zeros(2 * n_chunks, dtype=torch.int32, device=dev)
-        kernels.stream_kernel[(rounds * (n_p + n_g + n_f),)](
-            residual, x, pm_in, cm_in, new, w, part, cnt, hc_scale, hc_base, post_mix, comb_mix, out,
-            T, H, n_chunks, *scalars,
-            N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, HEAD=head, FUSED=fused, CH=ch,
-            BM=plan.block_m, BK=plan.block_k, STEPS=plan.steps, PREC=prec,
-            EXACT_BF16=residual.dtype == torch.bfloat16, EVEN_K=K % k_split == 0,
-            SP=triton.next_power_of_2(splits), BT=plan.bt, BC=bc, BMB=plan.bmb, SK_ELEM=plan.sk_elem,
-            PBH=pbh, EMULATE_RNE=INTERPRETED, num_warps=plan.warps, num_stages=plan.stages,
         )
     return out, post_mix, comb_mix, new
 
