@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from mhc import registry, validation
-from mhc.ops import _c
+from mhc.ops import _c, register_no_autocast
 
 __all__ = ["SCHEMAS"]
 
@@ -187,6 +187,7 @@ for _name, _real, _fake in (("pre_backward", _pre_backward, _pre_backward_fake),
                             ("head_backward", _head_backward, _head_backward_fake)):
     _LIB.impl(_name, _real, "CompositeExplicitAutograd")
     torch.library.register_fake(f"mhc::{_name}", _fake, lib=_LIB)
+    register_no_autocast(_LIB, _name)  # backward under autocast: the same math as outside
 
 
 # --- register_autograd for the forward ops ---------------------------------------------------------

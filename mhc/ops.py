@@ -8,6 +8,11 @@ measures it). One
 returns empty outputs for T == 0 without touching a backend, flattens the leading dims, picks the
 backend (``mhc.registry.select``: a dict lookup once warm) and restores the leading dims.
 
+Autocast: every op (and every backward op, ``mhc.autograd``) also has a kernel at the autocast
+dispatch keys that runs the op with autocast switched off, so that ``torch.autocast`` changes
+neither the inputs nor the math inside: the ops compute in the dtypes DESIGN.md states whatever
+autocast region they are called in. It costs nothing outside autocast (the key is not visited).
+
 Each op takes a keyword-only ``backend`` (``None`` = the current selection, see
 ``mhc.registry``), so that a choice made in model code survives ``torch.compile``.
 """
@@ -128,7 +133,34 @@ def _fused_fake(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=
     return (residual.new_empty(residual.shape), *_pre_outputs(residual, lead, n, H))
 
 
+# --- autocast: run the op as if no autocast region were active ------------------------------------
+
+#: Every autocast dispatch key this torch build has (one per device type).
+_AUTOCAST_KEYS = tuple(k for k in dir(torch._C.DispatchKey) if k.startswith("Autocast"))
+_NO_AUTOCAST = torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)
+for _key in _AUTOCAST_KEYS:
+    _NO_AUTOCAST = _NO_AUTOCAST | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _key))
+
+
+def register_no_autocast(lib: torch.library.Library, name: str) -> None:
+    """Give ``mhc::<name>`` a kernel at every autocast key that redispatches with autocast off.
+
+    Without it, a call inside ``torch.autocast`` reaches the op's body with autocast on, and the
+    torch backend's matmul (the reference's) runs in bf16: mixes off by ~1e-3 and still labelled
+    fp32. Inputs are not cast: the op's own dtype rules apply (as ``register_autocast`` would
+    not allow: it casts every floating input to one dtype)."""
+    op = getattr(getattr(torch.ops.mhc, name), "default")
+
+    def run_without_autocast(*args, **kwargs):
+        with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
+            return op(*args, **kwargs)
+
+    for key in _AUTOCAST_KEYS:
+        lib.impl(name, run_without_autocast, key)
+
+
 for _name, _real, _fake in (("pre", pre, _pre_fake), ("post", post, _post_fake), ("head", head, _head_fake),
                             ("fused_post_pre", fused_post_pre, _fused_fake)):
     _LIB.impl(_name, _real, "CompositeExplicitAutograd")
     torch.library.register_fake(f"mhc::{_name}", _fake, lib=_LIB)
+    register_no_autocast(_LIB, _name)
