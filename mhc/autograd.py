@@ -17,8 +17,12 @@ Which backend serves the backward is decided when the forward runs (``registry.c
 for the backward op, see :mod:`mhc.registry`) and kept on ``ctx``: ``loss.backward()`` usually
 runs outside the ``use_backend`` block of the forward, and on CUDA in the autograd engine's own
 thread, where the block's context variable is not set. The forward's ``backend=`` argument names
-a forward kernel and gets no gradient. Double backward is not supported (the backward ops have no
-autograd of their own).
+a forward kernel and gets no gradient. The backward ops have no autograd kernel of their own:
+double backward (``create_graph=True``) works only where their body is made of differentiable
+torch ops (the torch backend, ``Capabilities.double_backward``), through PyTorch's autograd
+fallback (which warns); a backend whose backward kernels are not is refused for such a call with
+a reason (an explicit choice raises ``BackendError``, auto moves on to torch), instead of giving
+a second-order gradient of None.
 """
 
 from __future__ import annotations
@@ -116,6 +120,19 @@ def _check_post_backward(g, x, residual, post_mix, comb_mix, output_mask):
 # --- real kernels (every device): validate, T == 0, flatten, select, restore ---------------------
 
 
+def _create_graph(*tensors) -> bool:
+    """Whether this backward call must record autograd history: grad mode is on (the engine turns
+    it on for ``create_graph=True``) and an input requires grad. Selection then refuses backends
+    whose backward kernels cannot (``Capabilities.double_backward``), instead of letting them
+    return outputs whose own gradient is silently None."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 def _param_grads(fn, hc_scale, hc_base, mask):
     """Zero gradients for the parameters asked for (the T == 0 answer: a sum over no tokens)."""
     return tuple(torch.zeros_like(t) if want else None for t, want in zip((fn, hc_scale, hc_base), mask[1:]))
@@ -127,7 +144,9 @@ def _pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, 
                                               hc_scale, hc_base, sinkhorn_repeat, output_mask)
     if T == 0:
         return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask))
-    impl = registry.select("pre_backward", residual.device, residual.dtype, n, H, T, backend)
+    impl = registry.select("pre_backward", residual.device, residual.dtype, n, H, T, backend,
+                           _create_graph(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale,
+                                         hc_base))
     g_res, *rest = impl(_c(grad_post_mix, T, n, 1), _c(grad_comb_mix, T, n, n), _c(grad_layer_input, T, H),
                         _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
                         rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, mask)
@@ -138,7 +157,8 @@ def _head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, o
     lead, T, n, H, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, output_mask)
     if T == 0:
         return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask))
-    impl = registry.select("head_backward", residual.device, residual.dtype, n, H, T, backend)
+    impl = registry.select("head_backward", residual.device, residual.dtype, n, H, T, backend,
+                           _create_graph(grad_out, residual, fn, hc_scale, hc_base))
     g_res, *rest = impl(_c(grad_out, T, H), _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(),
                         hc_base.contiguous(), rms_eps, hc_eps, mask)
     return (None if g_res is None else g_res.view(residual.shape), *rest)
@@ -151,7 +171,8 @@ def _post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask, *, ba
         mdt = validation.mix_dtype(grad_out.dtype)
         dts = (grad_out.dtype, grad_out.dtype, mdt, mdt)
         return tuple(grad_out.new_empty(s, dtype=d) if want else None for s, d, want in zip(shapes, dts, mask))
-    impl = registry.select("post_backward", grad_out.device, grad_out.dtype, n, H, T, backend)
+    impl = registry.select("post_backward", grad_out.device, grad_out.dtype, n, H, T, backend,
+                           _create_graph(grad_out, x, residual, post_mix, comb_mix))
     flat = ((T, H), (T, n, H), (T, n, 1), (T, n, n))
     ins = [None if t is None else _c(t, *s) for t, s in zip((x, residual, post_mix, comb_mix), flat)]
     outs = impl(_c(grad_out, T, n, H), *ins, mask)

@@ -81,7 +81,9 @@ class Problem:
     """What a backend needs to know to say whether it can serve one call.
 
     ``op`` one of :data:`OPS`; ``device`` of the residual; ``dtype`` of the residual; ``n``
-    streams; ``H`` hidden size; ``T`` tokens (leading dims flattened).
+    streams; ``H`` hidden size; ``T`` tokens (leading dims flattened). ``create_graph``: a
+    backward op whose result must itself be differentiable (``create_graph=True``, double
+    backward).
     """
 
     op: str
@@ -90,10 +92,12 @@ class Problem:
     n: int
     H: int
     T: int
+    create_graph: bool = False
 
     def describe(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
-        return f"{self.op}(T={self.T}, n={self.n}, H={self.H}, {dt}, {self.device})"
+        graph = ", create_graph=True" if self.create_graph else ""
+        return f"{self.op}(T={self.T}, n={self.n}, H={self.H}, {dt}, {self.device}{graph})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +108,10 @@ class Capabilities:
     ``platforms``: subset of {"cuda", "rocm", "cpu", "other"} (see :func:`platform_of`).
     ``dtypes``: residual dtypes. ``n_values``: supported stream counts. ``h_multiple``: H must be
     a multiple of it. ``ops``: ops served; the default is the forward ops, so a backend serves a
-    backward op (:data:`BACKWARD_OPS`) only if it lists it explicitly.
+    backward op (:data:`BACKWARD_OPS`) only if it lists it explicitly. ``double_backward``: its
+    backward ops record autograd history (they are built from differentiable torch ops), so they
+    serve ``create_graph=True`` calls; kernels that do not would give a silently wrong (None)
+    second-order gradient, so they are refused there.
     """
 
     device_types: frozenset[str]
@@ -113,11 +120,15 @@ class Capabilities:
     n_values: frozenset[int] = frozenset(range(1, 9))
     h_multiple: int = 1
     ops: frozenset[str] = frozenset(OPS)
+    double_backward: bool = False
 
     def reasons(self, p: Problem) -> list[str]:
         out = []
         if p.op not in self.ops:
             out.append(f"does not implement {p.op}")
+        elif p.create_graph and not self.double_backward:
+            out.append(f"its {p.op} is not differentiable: no double backward (create_graph=True); "
+                       "the torch backend's is")
         if p.device.type not in self.device_types:
             out.append(f"does not run on {p.device.type} tensors (needs {'/'.join(sorted(self.device_types))})")
         elif platform_of(p.device) not in self.platforms:
@@ -446,19 +457,20 @@ def _decide(op: str, choice: str, p: Problem) -> tuple[str, Callable] | BackendE
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, n: int, H: int, T: int,
-           backend: str | None = None) -> Callable:
+           backend: str | None = None, create_graph: bool = False) -> Callable:
     """The callable that serves one call (hot path: one dict lookup once warm).
 
+    ``create_graph``: a backward op whose outputs must be differentiable (see :class:`Problem`).
     Raises :class:`BackendError` if the chosen backend (or, for auto, every backend) cannot
     serve, and ``ValueError`` for unknown names or a malformed ``MHC_BACKEND``.
     """
     choice = backend or current_choice(op)
-    key = (op, choice, device, dtype, n, H, t_bucket(T))
+    key = (op, choice, device, dtype, n, H, t_bucket(T), create_graph)
     hit = _STATE.decisions.get(key)
     if hit is None:
         if choice != "auto":
             get(choice)  # raises ValueError for an unknown name; not cached, so it is always raised
-        hit = _decide(op, choice, Problem(op, device, dtype, n, H, T))
+        hit = _decide(op, choice, Problem(op, device, dtype, n, H, T, create_graph))
         _STATE.decisions[key] = hit
     if isinstance(hit, BackendError):
         raise BackendError(str(hit))
