@@ -117,7 +117,7 @@ def _check_post_backward(g, x, residual, post_mix, comb_mix, output_mask):
     return lead, T, n, H, mask
 
 
-# --- real kernels (every device): validate, T == 0, flatten, select, restore ---------------------
+# --- real kernels (every device): validate, select, T == 0, flatten, restore ---------------------
 
 
 def _create_graph(*tensors) -> bool:
@@ -142,11 +142,11 @@ def _pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, 
                   hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *, backend=None):
     lead, T, n, H, mask = _check_pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn,
                                               hc_scale, hc_base, sinkhorn_repeat, output_mask)
-    if T == 0:
-        return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask))
     impl = registry.select("pre_backward", residual.device, residual.dtype, n, H, T, backend,
                            _create_graph(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale,
                                          hc_base))
+    if T == 0:  # selected first all the same: accepted or refused whatever T is
+        return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask))
     g_res, *rest = impl(_c(grad_post_mix, T, n, 1), _c(grad_comb_mix, T, n, n), _c(grad_layer_input, T, H),
                         _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
                         rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, mask)
@@ -155,10 +155,10 @@ def _pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, 
 
 def _head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask, *, backend=None):
     lead, T, n, H, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, output_mask)
-    if T == 0:
-        return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask))
     impl = registry.select("head_backward", residual.device, residual.dtype, n, H, T, backend,
                            _create_graph(grad_out, residual, fn, hc_scale, hc_base))
+    if T == 0:
+        return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask))
     g_res, *rest = impl(_c(grad_out, T, H), _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(),
                         hc_base.contiguous(), rms_eps, hc_eps, mask)
     return (None if g_res is None else g_res.view(residual.shape), *rest)
@@ -167,12 +167,12 @@ def _head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, o
 def _post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask, *, backend=None):
     lead, T, n, H, mask = _check_post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask)
     shapes = ((*lead, H), (*lead, n, H), (*lead, n, 1), (*lead, n, n))
+    impl = registry.select("post_backward", grad_out.device, grad_out.dtype, n, H, T, backend,
+                           _create_graph(grad_out, x, residual, post_mix, comb_mix))
     if T == 0:
         mdt = validation.mix_dtype(grad_out.dtype)
         dts = (grad_out.dtype, grad_out.dtype, mdt, mdt)
         return tuple(grad_out.new_empty(s, dtype=d) if want else None for s, d, want in zip(shapes, dts, mask))
-    impl = registry.select("post_backward", grad_out.device, grad_out.dtype, n, H, T, backend,
-                           _create_graph(grad_out, x, residual, post_mix, comb_mix))
     flat = ((T, H), (T, n, H), (T, n, 1), (T, n, n))
     ins = [None if t is None else _c(t, *s) for t, s in zip((x, residual, post_mix, comb_mix), flat)]
     outs = impl(_c(grad_out, T, n, H), *ins, mask)

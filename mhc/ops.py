@@ -5,8 +5,9 @@ Registration uses ``torch.library.Library.define`` + ``impl`` rather than
 for an empty body on CPU against about 2.6 µs of dispatch here; ``python -m mhc bench --overhead``
 measures it). One
 ``CompositeExplicitAutograd`` kernel serves every device: it validates (``mhc.validation``),
-returns empty outputs for T == 0 without touching a backend, flattens the leading dims, picks the
-backend (``mhc.registry.select``: a dict lookup once warm) and restores the leading dims.
+picks the backend (``mhc.registry.select``: a dict lookup once warm; also for T == 0, so that a
+call is accepted or refused the same way whatever T is), returns empty outputs for T == 0
+without calling it, flattens the leading dims and restores them.
 
 Autocast: every op (and every backward op, ``mhc.autograd``) also has a kernel at the autocast
 dispatch keys that runs the op with autocast switched off, so that ``torch.autocast`` changes
@@ -63,9 +64,9 @@ def _c(t: torch.Tensor, *shape: int) -> torch.Tensor:
 def pre(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6,
         hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
     lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat)
+    impl = registry.select("pre", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return _pre_outputs(residual, lead, n, H)
-    impl = registry.select("pre", residual.device, residual.dtype, n, H, T, backend)
     p, c, li = impl(_c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
                     rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
     if len(lead) == 1:
@@ -75,18 +76,18 @@ def pre(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkh
 
 def post(x, residual, post_mix, comb_mix, *, backend=None):
     lead, T, n, H = validation.check_post(x, residual, post_mix, comb_mix)
+    impl = registry.select("post", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return residual.new_empty(residual.shape)
-    impl = registry.select("post", residual.device, residual.dtype, n, H, T, backend)
     out = impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n))
     return out if len(lead) == 1 else out.view(*lead, n, H)
 
 
 def head(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, backend=None):
     lead, T, n, H = validation.check_head(residual, fn, hc_scale, hc_base)
+    impl = registry.select("head", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return residual.new_empty((*lead, H))
-    impl = registry.select("head", residual.device, residual.dtype, n, H, T, backend)
     out = impl(_c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
                rms_eps, hc_eps)
     return out if len(lead) == 1 else out.view(*lead, H)
@@ -96,9 +97,9 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
                    hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
     lead, T, n, H = validation.check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
                                            sinkhorn_repeat)
+    impl = registry.select("fused_post_pre", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return (residual.new_empty(residual.shape), *_pre_outputs(residual, lead, n, H))
-    impl = registry.select("fused_post_pre", residual.device, residual.dtype, n, H, T, backend)
     new, p, c, li = impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n),
                          fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps, hc_pre_eps,
                          hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)

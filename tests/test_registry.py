@@ -285,3 +285,39 @@ def test_entry_point_backends_register_and_broken_ones_become_reasons(tmp_path):
 def _repo_root():
     import pathlib
     return str(pathlib.Path(mhc.__file__).resolve().parent.parent)
+
+
+# --- a call is accepted or refused the same way whatever T is ------------------------------------
+
+
+def _refusal(fn):
+    try:
+        fn()
+    except Exception as e:  # the outcome to compare: the exception type, or None
+        return type(e)
+    return None
+
+
+@pytest.mark.parametrize("op", registry.OPS)
+@pytest.mark.parametrize("case", ["unknown name", "cannot serve", "malformed env"])
+def test_empty_batch_is_selected_like_any_other(monkeypatch, op, case):
+    """Regression: T == 0 returned empty outputs before selection, so backend="garbage", a backend
+    that cannot serve the call, or a malformed MHC_BACKEND were accepted at T == 0 only."""
+    dtype = torch.float32 if case == "cannot serve" else torch.bfloat16
+    backend = {"unknown name": "garbage", "cannot serve": "tilelang", "malformed env": None}[case]
+    if case == "malformed env":
+        monkeypatch.setenv("MHC_BACKEND", f"{op}:triton,{op}:torch")
+    outcomes = []
+    for T in (3, 0):
+        args, kw = checking.make_inputs(op, (T,), 4, 32, dtype, seed=71)
+        outcomes.append(_refusal(lambda: checking.call(op, args, kw, backend)))
+    want = ValueError if case != "cannot serve" else BackendError
+    assert outcomes == [want, want], outcomes
+
+
+def test_empty_backward_is_selected_like_any_other():
+    for T in (3, 0):
+        args, _ = checking.make_inputs("post", (T,), 4, 32, torch.bfloat16, seed=72)
+        g = torch.randn(T, 4, 32).bfloat16()
+        with pytest.raises(ValueError, match="garbage"):
+            torch.ops.mhc.post_backward(g, *args, [True] * 4, backend="garbage")
