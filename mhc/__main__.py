@@ -72,10 +72,13 @@ def cmd_info(args) -> int:
             label = "all ops" if len(ops) == len(registry.OPS) else ", ".join(ops)
             print(f"      {label}: {why}")
         try:
-            for note in registry.get(name).notes():
-                print(f"      note: {note}")
+            notes = list(registry.get(name).notes())
         except registry.BackendError:
-            pass
+            notes = []
+        except registry.CAUGHT as e:  # a plug-in's notes() must not end the report
+            notes = [f"its notes() raised {type(e).__name__}: {e}"]
+        for note in notes:
+            print(f"      note: {note}")
     return 0
 
 

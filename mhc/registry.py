@@ -72,6 +72,12 @@ _BUILTIN = {
 }
 
 
+#: What an optional import, a backend record, a plug-in's ``load()`` or ``probe()`` may raise
+#: that is turned into a reason: everything but KeyboardInterrupt. SystemExit included: a package
+#: that calls ``sys.exit()`` at import must not end ``python -m mhc info`` or a caller's process.
+CAUGHT = (Exception, SystemExit)
+
+
 class BackendError(RuntimeError):
     """No backend can serve a call: the one asked for cannot, or (auto) none can."""
 
@@ -213,7 +219,7 @@ def _records() -> dict[str, Backend]:
             for name, mod in _BUILTIN.items():
                 try:
                     recs[name] = importlib.import_module(mod).BACKEND
-                except Exception as e:  # a broken built-in must not break the others
+                except CAUGHT as e:  # a broken built-in must not break the others
                     _STATE.broken[name] = f"its record failed to import: {type(e).__name__}: {e}"
             for ep in _entry_points():
                 try:
@@ -223,7 +229,7 @@ def _records() -> dict[str, Backend]:
                     if rec.name in recs:
                         raise ValueError(f"name {rec.name!r} is already taken")
                     recs[rec.name] = rec
-                except Exception as e:
+                except CAUGHT as e:
                     _STATE.broken[ep.name] = f"entry point {ep.value!r} failed: {type(e).__name__}: {e}"
             _STATE.records = recs
     return _STATE.records
@@ -234,7 +240,7 @@ def _entry_points():
 
     try:
         return list(entry_points(group=ENTRY_POINT_GROUP))
-    except Exception:  # a corrupt metadata dir must not break mhc
+    except CAUGHT:  # a corrupt metadata dir must not break mhc
         return []
 
 
@@ -411,7 +417,7 @@ def _load(name: str) -> Any | None:
     with _STATE.lock:
         try:
             _STATE.loaded[name] = _records()[name].load()
-        except Exception as e:
+        except CAUGHT as e:
             _STATE.load_errors[name] = f"failed to load: {type(e).__name__}: {e}"
             return None
     return _STATE.loaded[name]
@@ -428,7 +434,7 @@ def reasons_for(name: str, p: Problem) -> list[str]:
         return why
     try:
         why = list(rec.probe(p))
-    except Exception as e:  # a probe must never take the caller down
+    except CAUGHT as e:  # a probe must never take the caller down
         why = [f"probe raised {type(e).__name__}: {e}"]
     if why:
         return why

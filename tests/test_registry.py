@@ -321,3 +321,57 @@ def test_empty_backward_is_selected_like_any_other():
         g = torch.randn(T, 4, 32).bfloat16()
         with pytest.raises(ValueError, match="garbage"):
             torch.ops.mhc.post_backward(g, *args, [True] * 4, backend="garbage")
+
+
+# --- plug-ins that exit, or lack an op --------------------------------------------------------------
+
+
+def _cpu_record(name, **kw):
+    return Backend(name, None, Capabilities(frozenset({"cpu"}), frozenset({torch.bfloat16})), **kw)
+
+
+def _exit(*a):
+    raise SystemExit(3)
+
+
+@pytest.mark.parametrize("where", ["load", "probe"])
+def test_a_plugin_that_calls_sys_exit_becomes_a_reason(where):
+    kw = {"load": _exit} if where == "load" else {"load": lambda: reference, "probe": _exit}
+    registry.register(_cpu_record("exits", **kw))
+    try:
+        a, kw_ = _pre_args()
+        with pytest.raises(BackendError, match="SystemExit"):
+            mhc.pre(*a, **kw_, backend="exits")
+        assert "SystemExit" in "; ".join(mhc.explain("pre", *a).reasons["exits"])
+    finally:
+        registry.unregister("exits")
+
+
+def test_keyboard_interrupt_is_not_swallowed():
+    def interrupted():
+        raise KeyboardInterrupt
+    registry.register(_cpu_record("ctrlc", load=interrupted))
+    try:
+        a, kw = _pre_args()
+        with pytest.raises(KeyboardInterrupt):
+            mhc.pre(*a, **kw, backend="ctrlc")
+    finally:
+        registry.unregister("ctrlc")
+
+
+def test_an_entry_point_that_calls_sys_exit_is_broken_not_fatal(tmp_path):
+    (tmp_path / "mhc_exits.py").write_text("raise SystemExit(3)\n")
+    dist = tmp_path / "mhc_exits-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mhc-exits\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mhc.backends]\nexits = mhc_exits:BACKEND\n")
+    code = textwrap.dedent("""
+        import mhc
+        from mhc import registry
+        assert 'exits' in mhc.list_backends()
+        print('BROKEN:', registry._STATE.broken['exits'])
+    """)
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{_repo_root()}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "BROKEN: entry point 'mhc_exits:BACKEND' failed: SystemExit: 3" in out.stdout
