@@ -438,8 +438,12 @@ def reasons_for(name: str, p: Problem) -> list[str]:
         why = [f"probe raised {type(e).__name__}: {e}"]
     if why:
         return why
-    if _load(name) is None:
+    loaded = _load(name)
+    if loaded is None:
         return [_STATE.load_errors[name]]
+    if not callable(getattr(loaded, p.op, None)):  # a plug-in whose load() lacks the op
+        return [f"its load() returned {type(loaded).__name__} {getattr(loaded, '__name__', '')!s}".rstrip()
+                + f" with no callable {p.op!r}"]
     return []
 
 

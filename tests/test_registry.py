@@ -375,3 +375,22 @@ def test_an_entry_point_that_calls_sys_exit_is_broken_not_fatal(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "BROKEN: entry point 'mhc_exits:BACKEND' failed: SystemExit: 3" in out.stdout
+
+
+def test_a_plugin_whose_load_lacks_an_op_gives_a_reason(monkeypatch):
+    """Regression: getattr(loaded, op) in registry.py raised AttributeError, not BackendError."""
+    registry.register(_cpu_record("lacking", load=lambda: types.SimpleNamespace(pre=reference.pre)))
+    try:
+        a, kw = checking.make_inputs("head", (3,), 4, 32, torch.bfloat16, seed=73)
+        with pytest.raises(BackendError, match="lacking.*no callable 'head'"):
+            mhc.head(*a, **kw, backend="lacking")
+        a_pre, kw_pre = _pre_args()
+        mhc.pre(*a_pre, **kw_pre, backend="lacking")  # the op it has still serves
+        monkeypatch.setattr(registry, "auto_order", lambda platform, op, T: ("lacking", "torch"))
+        registry._STATE.decisions.clear()
+        ex = mhc.explain("head", *a)
+        assert ex.chosen == "torch" and "no callable 'head'" in ex.reasons["lacking"][0]
+        want = reference.head(*a, **kw)
+        assert torch.equal(mhc.head(*a, **kw), want)
+    finally:
+        registry.unregister("lacking")
