@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from mhc import registry, validation
-from mhc.ops import _c, register_no_autocast
+from mhc.ops import _c, register_dense_only, register_no_autocast
 
 __all__ = ["SCHEMAS"]
 
@@ -75,8 +75,9 @@ def _mask(output_mask) -> list[bool]:
     return [bool(b) for b in output_mask]
 
 
-def _check_pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, sinkhorn_repeat, output_mask):
-    lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat)
+def _check_pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, scalars, output_mask):
+    """``scalars``: rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat."""
+    lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, scalars[4], *scalars[:4])
     mdt, dev = validation.mix_dtype(residual.dtype), residual.device
     _grad("grad_post_mix", g_pm, (*lead, n, 1), mdt, dev)
     _grad("grad_comb_mix", g_cm, (*lead, n, n), mdt, dev)
@@ -84,8 +85,8 @@ def _check_pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, sinkh
     return lead, T, n, H, _mask(output_mask)
 
 
-def _check_head_backward(g, residual, fn, hc_scale, hc_base, output_mask):
-    lead, T, n, H = validation.check_head(residual, fn, hc_scale, hc_base)
+def _check_head_backward(g, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask):
+    lead, T, n, H = validation.check_head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps)
     _grad("grad_out", g, (*lead, H), residual.dtype, residual.device)
     return lead, T, n, H, _mask(output_mask)
 
@@ -141,7 +142,8 @@ def _param_grads(fn, hc_scale, hc_base, mask):
 def _pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base, rms_eps,
                   hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *, backend=None):
     lead, T, n, H, mask = _check_pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn,
-                                              hc_scale, hc_base, sinkhorn_repeat, output_mask)
+                                              hc_scale, hc_base, (rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+                                                                  hc_post_mult_value, sinkhorn_repeat), output_mask)
     impl = registry.select("pre_backward", residual.device, residual.dtype, n, H, T, backend,
                            _create_graph(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale,
                                          hc_base))
@@ -154,7 +156,8 @@ def _pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, 
 
 
 def _head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask, *, backend=None):
-    lead, T, n, H, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, output_mask)
+    lead, T, n, H, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps,
+                                               output_mask)
     impl = registry.select("head_backward", residual.device, residual.dtype, n, H, T, backend,
                            _create_graph(grad_out, residual, fn, hc_scale, hc_base))
     if T == 0:
@@ -186,12 +189,13 @@ def _pre_backward_fake(grad_post_mix, grad_comb_mix, grad_layer_input, residual,
                        hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *,
                        backend=None):
     *_, mask = _check_pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale,
-                                   hc_base, sinkhorn_repeat, output_mask)
+                                   hc_base, (rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+                                             sinkhorn_repeat), output_mask)
     return tuple(t.new_empty(t.shape) if want else None for t, want in zip((residual, fn, hc_scale, hc_base), mask))
 
 
 def _head_backward_fake(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask, *, backend=None):
-    *_, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, output_mask)
+    *_, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask)
     return tuple(t.new_empty(t.shape) if want else None for t, want in zip((residual, fn, hc_scale, hc_base), mask))
 
 
@@ -209,6 +213,7 @@ for _name, _real, _fake in (("pre_backward", _pre_backward, _pre_backward_fake),
     _LIB.impl(_name, _real, "CompositeExplicitAutograd")
     torch.library.register_fake(f"mhc::{_name}", _fake, lib=_LIB)
     register_no_autocast(_LIB, _name)  # backward under autocast: the same math as outside
+    register_dense_only(_LIB, _name)
 
 
 # --- register_autograd for the forward ops ---------------------------------------------------------

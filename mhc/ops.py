@@ -63,7 +63,8 @@ def _c(t: torch.Tensor, *shape: int) -> torch.Tensor:
 
 def pre(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6,
         hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
-    lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat)
+    lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps, hc_pre_eps,
+                                                  hc_sinkhorn_eps, hc_post_mult_value)
     impl = registry.select("pre", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return _pre_outputs(residual, lead, n, H)
@@ -84,7 +85,7 @@ def post(x, residual, post_mix, comb_mix, *, backend=None):
 
 
 def head(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, backend=None):
-    lead, T, n, H = validation.check_head(residual, fn, hc_scale, hc_base)
+    lead, T, n, H = validation.check_head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps)
     impl = registry.select("head", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return residual.new_empty((*lead, H))
@@ -96,7 +97,8 @@ def head(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, backend=
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6,
                    hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
     lead, T, n, H = validation.check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
-                                           sinkhorn_repeat)
+                                           sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+                                           hc_post_mult_value)
     impl = registry.select("fused_post_pre", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return (residual.new_empty(residual.shape), *_pre_outputs(residual, lead, n, H))
@@ -113,7 +115,8 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
 
 def _pre_fake(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6,
               hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
-    lead, _, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat)
+    lead, _, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps, hc_pre_eps,
+                                                  hc_sinkhorn_eps, hc_post_mult_value)
     return _pre_outputs(residual, lead, n, H)
 
 
@@ -123,14 +126,15 @@ def _post_fake(x, residual, post_mix, comb_mix, *, backend=None):
 
 
 def _head_fake(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, backend=None):
-    lead, _, n, H = validation.check_head(residual, fn, hc_scale, hc_base)
+    lead, _, n, H = validation.check_head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps)
     return residual.new_empty((*lead, H))
 
 
 def _fused_fake(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6,
                 hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
     lead, _, n, H = validation.check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
-                                           sinkhorn_repeat)
+                                           sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+                                           hc_post_mult_value)
     return (residual.new_empty(residual.shape), *_pre_outputs(residual, lead, n, H))
 
 
@@ -160,8 +164,30 @@ def register_no_autocast(lib: torch.library.Library, name: str) -> None:
         lib.impl(name, run_without_autocast, key)
 
 
+# --- sparse and nested tensors: a TypeError naming the argument -------------------------------------
+
+#: The dispatch keys of sparse (COO, compressed) and nested tensors; the op's composite kernel
+#: would meet them as an unexplained "unsupported memory format" (sparse) or not at all (nested).
+_NON_DENSE_KEYS = tuple(k for kind in ("Sparse", "SparseCsr", "NestedTensor")
+                        for k in (kind + dev for dev in ("CPU", "CUDA", "Meta", "XPU"))
+                        if hasattr(torch._C.DispatchKey, k)) + ("AutogradNestedTensor",)
+
+
+def register_dense_only(lib: torch.library.Library, name: str) -> None:
+    """Give ``mhc::<name>`` a kernel at every sparse and nested dispatch key that raises the
+    ``TypeError`` of :func:`mhc.validation.non_dense` for the offending argument."""
+    names = [a.name for a in getattr(getattr(torch.ops.mhc, name), "default")._schema.arguments]
+
+    def refuse(*args, **kwargs):
+        raise validation.non_dense(names, args, kwargs) or TypeError(f"mhc::{name} takes dense (strided) tensors")
+
+    for key in _NON_DENSE_KEYS:
+        lib.impl(name, refuse, key)
+
+
 for _name, _real, _fake in (("pre", pre, _pre_fake), ("post", post, _post_fake), ("head", head, _head_fake),
                             ("fused_post_pre", fused_post_pre, _fused_fake)):
     _LIB.impl(_name, _real, "CompositeExplicitAutograd")
     torch.library.register_fake(f"mhc::{_name}", _fake, lib=_LIB)
     register_no_autocast(_LIB, _name)
+    register_dense_only(_LIB, _name)

@@ -474,7 +474,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype, n: int, H: int, T:
     Raises :class:`BackendError` if the chosen backend (or, for auto, every backend) cannot
     serve, and ``ValueError`` for unknown names or a malformed ``MHC_BACKEND``.
     """
-    choice = backend or current_choice(op)
+    choice = current_choice(op) if backend is None else backend  # "" is a (bad) name, not auto
     key = (op, choice, device, dtype, n, H, t_bucket(T), create_graph)
     hit = _STATE.decisions.get(key)
     if hit is None:
@@ -489,7 +489,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype, n: int, H: int, T:
 
 def explain_problem(p: Problem, backend: str | None = None) -> Explanation:
     """Which backend serves ``p`` under the current selection, and every backend's reasons."""
-    choice = backend or current_choice(p.op)
+    choice = current_choice(p.op) if backend is None else backend
     reasons = {}
     for name in backend_names():
         if name in _STATE.broken:
