@@ -137,24 +137,33 @@ for _f, _r in ((pre, reference.pre), (post, reference.post), (head, reference.he
     _f.__doc__ = _r.__doc__.rstrip() + "\n" + _BACKEND_DOC
 
 
-_CHECKS = {
-    "pre": lambda a: validation.check_pre(*a[:4], a[8] if len(a) > 8 else _D["sinkhorn_repeat"]),
-    "post": lambda a: validation.check_post(*a[:4]),
-    "head": lambda a: validation.check_head(*a[:4]),
-    "fused_post_pre": lambda a: validation.check_fused(*a[:7], a[11] if len(a) > 11 else _D["sinkhorn_repeat"]),
-}
+_CHECKS = {"pre": validation.check_pre, "post": validation.check_post, "head": validation.check_head,
+           "fused_post_pre": validation.check_fused}
+#: How many leading arguments of each op are tensors (the rest are scalars with defaults).
+_N_TENSORS = {"pre": 4, "post": 4, "head": 4, "fused_post_pre": 7}
 
 
 def explain(op: str, *args, backend: str | None = None) -> Explanation:
-    """Which backend would serve ``op`` called with ``args`` (the op's positional arguments), and
-    why every other backend would not. Runs no kernel. ``str()`` of the result is a report::
+    """Which backend would serve ``op`` called with ``args`` (the op's positional arguments: its
+    tensors, then optionally its scalars), and why every other backend would not. Runs no
+    kernel. ``str()`` of the result is a report::
 
         print(mhc.explain("pre", residual, fn, hc_scale, hc_base))
     """
     if op not in _CHECKS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(_CHECKS)}")
-    _, T, n, H = _CHECKS[op](args)
-    res = args[1] if op in ("post", "fused_post_pre") else args[0]
+    names = [a.name for a in getattr(torch.ops.mhc, op).default._schema.arguments if not a.kwarg_only]
+    n_tensors = _N_TENSORS[op]
+    if not n_tensors <= len(args) <= len(names):
+        optional = f"[, {', '.join(names[n_tensors:])}]" if len(names) > n_tensors else ""
+        raise TypeError(f"mhc.explain({op!r}, ...) takes {op}'s arguments: {', '.join(names[:n_tensors])}"
+                        f"{optional}; got {len(args)}")
+    validation.check_backend(backend)
+    given = dict(zip(names, args))
+    for name in names[n_tensors:]:  # the scalars left out take the API's defaults
+        given.setdefault(name, _D[name])
+    _, T, n, H = _CHECKS[op](**given)
+    res = given["residual"]
     from mhc import registry
 
     return registry.explain_problem(Problem(op, res.device, res.dtype, n, H, T), backend)

@@ -176,18 +176,27 @@ class Backend:
 
 @dataclasses.dataclass
 class Explanation:
-    """Which backend would serve a call and why each other would not."""
+    """Which backend would serve a call and why each other would not. ``choice``: the selection
+    in force (a name or "auto"); ``chosen``: the backend that serves, or None (the call raises
+    BackendError); ``auto_choice``: what auto would choose, where ``choice`` is a name."""
 
     problem: Problem
     choice: str
     chosen: str | None
     reasons: dict[str, list[str]]
+    auto_choice: str | None = None
 
     def __str__(self) -> str:
-        lines = [f"{self.problem.describe()} with backend={self.choice!r}: "
-                 + (f"served by {self.chosen!r}" if self.chosen else "no backend can serve")]
+        if self.chosen:
+            head = f"served by {self.chosen!r}"
+        elif self.choice == "auto":
+            head = "no backend can serve it"
+        else:  # an explicit choice does not fall back: say so, or "no backend" reads as false
+            head = (f"{self.choice!r} cannot serve it, and an explicit choice does not fall back (the call raises "
+                    "BackendError)" + (f"; auto would choose {self.auto_choice!r}" if self.auto_choice else ""))
+        lines = [f"{self.problem.describe()} with backend={self.choice!r}: {head}"]
         for name, why in self.reasons.items():
-            mark = "->" if name == self.chosen else "  "
+            mark = "->" if name == self.chosen else (" x" if name == self.choice else "  ")
             lines.append(f" {mark} {name}: " + ("can serve" if not why else "; ".join(why)))
         return "\n".join(lines)
 
@@ -496,11 +505,14 @@ def explain_problem(p: Problem, backend: str | None = None) -> Explanation:
             reasons[name] = [_STATE.broken[name]]
         else:
             reasons[name] = reasons_for(name, p)
+    auto_choice = None
     if choice != "auto":
         get(choice)
+        auto = _decide(p.op, "auto", p)
+        auto_choice = None if isinstance(auto, BackendError) else auto[0]
     hit = _decide(p.op, choice, p)
     chosen = None if isinstance(hit, BackendError) else hit[0]
-    return Explanation(p, choice, chosen, reasons)
+    return Explanation(p, choice, chosen, reasons, auto_choice)
 
 
 def _reset_for_tests() -> None:

@@ -179,9 +179,39 @@ def test_auto_skips_with_reasons_and_explain_reports_them(gpu_only):
 
 
 def test_explain_names_the_blocked_explicit_choice(gpu_only):
+    """Regression (issue 17): it said "no backend can serve", then listed "torch: can serve"."""
     a, kw = _pre_args()
     ex = mhc.explain("pre", *a, backend="gpuonly")
-    assert ex.chosen is None and "no backend can serve" in str(ex)
+    text = str(ex)
+    assert ex.chosen is None and ex.auto_choice == "torch"
+    assert "no backend can serve" not in text
+    assert "'gpuonly' cannot serve it, and an explicit choice does not fall back" in text
+    assert "auto would choose 'torch'" in text and " x gpuonly: " in text
+
+
+@pytest.mark.parametrize("op, n_args, names", [
+    ("pre", 1, "residual, fn, hc_scale, hc_base[, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, "
+               "sinkhorn_repeat]"),
+    ("head", 3, "residual, fn, hc_scale, hc_base[, rms_eps, hc_eps]"),
+    ("post", 5, "x, residual, post_mix, comb_mix;"),
+])
+def test_explain_with_the_wrong_number_of_arguments_names_the_op(op, n_args, names):
+    """Regression (issue 17): too few arguments named the internal check_pre() and asked for
+    sinkhorn_repeat, which has a default."""
+    a, _ = checking.make_inputs("pre", (3,), 4, 32, torch.bfloat16, seed=74)
+    args = (list(a) * 2)[:n_args]
+    with pytest.raises(TypeError) as e:
+        mhc.explain(op, *args)
+    msg = str(e.value)
+    assert f"mhc.explain({op!r}, ...) takes {op}'s arguments: {names}" in msg and f"got {n_args}" in msg
+    assert "check_" not in msg
+
+
+def test_explain_uses_the_scalars_it_is_given():
+    a, _ = _pre_args()
+    assert mhc.explain("pre", *a, 1e-6, 1e-6, 1e-6, 2.0, 5).chosen == "torch"
+    with pytest.raises(ValueError, match="sinkhorn_repeat"):
+        mhc.explain("pre", *a, 1e-6, 1e-6, 1e-6, 2.0, 0)
 
 
 def test_a_probe_that_raises_becomes_a_reason():
