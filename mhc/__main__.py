@@ -156,8 +156,9 @@ def _device_error(spec: str) -> str | None:
         return "--device meta: meta tensors hold no values to compare; use cpu or cuda[:index]"
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            return (f"--device {spec}: no GPU is visible to this torch build "
-                    f"({'CPU-only build' if torch.version.cuda is None and not torch.version.hip else 'no device found'})")
+            cpu_only = torch.version.cuda is None and not torch.version.hip
+            why = "CPU-only build" if cpu_only else "no device found"
+            return f"--device {spec}: no GPU is visible to this torch build ({why})"
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             return f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible (cuda:0 ...)"
         return None
