@@ -8,6 +8,8 @@ nothing optional: triton, tilelang and aiter load on first use of their backend.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from mhc import ops as _ops  # registers torch.ops.mhc.*
@@ -44,10 +46,22 @@ _BACKEND_DOC = """
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowADInplaceOrView
 
 
+def _type_error(op, msg: str) -> str:
+    """The dispatcher's argument-type error in one line: ``residual must be Tensor, got list``.
+    Its own message repeats the value (170 KB for a list the size of an 8 x 4 x 512 residual)."""
+    m = re.search(r"[Ee]xpected a value of type '([^']*)' for argument '(\w+)' but instead found type '([^']*)'",
+                  msg)
+    if m:
+        return f"mhc.{op._schema.name.split('::')[-1]}: {m[2]} must be {m[1]}, got {m[3]}"
+    return msg.split("\nValue:")[0].split("\nCast error")[0][:500]
+
+
 def _typed(op, n_tensors: int):
     """``op`` for the public wrappers: the dispatcher's argument-type errors (a RuntimeError naming
-    the argument) re-raised as ``TypeError``, and the autograd layer skipped when no gradient can
-    flow.
+    the argument) re-raised as a one-line ``TypeError``, sparse and nested tensors refused with a
+    ``TypeError`` naming the argument, ``backend`` checked (None or a non-empty str: the dispatcher
+    would take ``b"torch"`` as a str and ``""`` as no choice), and the autograd layer skipped when
+    no gradient can flow.
 
     ``torch.library.register_autograd`` puts a Python autograd kernel in front of every call,
     which redispatches in Python even when nothing requires grad: ~20 µs a call instead of ~13 on
@@ -55,7 +69,12 @@ def _typed(op, n_tensors: int):
     ``n_tensors`` (tensor) arguments requires grad, the call goes below autograd directly, as
     PyTorch's own C++ ops do. Under ``torch.compile`` the plain op is traced."""
 
+    names = [a.name for a in op._schema.arguments]
+
     def call(*args, **kwargs):
+        b = kwargs.get("backend")
+        if b is not None and (b.__class__ is not str or not b):
+            validation.check_backend(b)
         try:
             if not torch.compiler.is_compiling():
                 needs = False
@@ -68,9 +87,14 @@ def _typed(op, n_tensors: int):
                     with _BELOW_AUTOGRAD():
                         return op(*args, **kwargs)
             return op(*args, **kwargs)
+        except NotImplementedError:  # (a RuntimeError) a nested tensor's subclass: say which argument
+            err = validation.non_dense(names, args, kwargs)
+            if err is not None:
+                raise err from None
+            raise
         except RuntimeError as e:
-            if "Expected a value of type" in str(e) or "expected a value of type" in str(e):
-                raise TypeError(str(e).split("\nCast error")[0]) from None
+            if "xpected a value of type" in str(e):
+                raise TypeError(_type_error(op, str(e))) from None
             raise
 
     return call
@@ -85,6 +109,7 @@ _fused_op = _typed(torch.ops.mhc.fused_post_pre.default, 7)
 def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["hc_pre_eps"],
         hc_sinkhorn_eps=_D["hc_sinkhorn_eps"], hc_post_mult_value=_D["hc_post_mult_value"],
         sinkhorn_repeat=_D["sinkhorn_repeat"], *, backend=None):
+    validation.check_sinkhorn_repeat(sinkhorn_repeat)  # before dispatch, which takes True as 1
     return _pre_op(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
                    hc_post_mult_value, sinkhorn_repeat, backend=backend)
 
@@ -101,6 +126,7 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
                    hc_pre_eps=_D["hc_pre_eps"], hc_sinkhorn_eps=_D["hc_sinkhorn_eps"],
                    hc_post_mult_value=_D["hc_post_mult_value"], sinkhorn_repeat=_D["sinkhorn_repeat"], *,
                    backend=None):
+    validation.check_sinkhorn_repeat(sinkhorn_repeat)
     return _fused_op(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
                      hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, backend=backend)
 
@@ -111,24 +137,33 @@ for _f, _r in ((pre, reference.pre), (post, reference.post), (head, reference.he
     _f.__doc__ = _r.__doc__.rstrip() + "\n" + _BACKEND_DOC
 
 
-_CHECKS = {
-    "pre": lambda a: validation.check_pre(*a[:4], a[8] if len(a) > 8 else _D["sinkhorn_repeat"]),
-    "post": lambda a: validation.check_post(*a[:4]),
-    "head": lambda a: validation.check_head(*a[:4]),
-    "fused_post_pre": lambda a: validation.check_fused(*a[:7], a[11] if len(a) > 11 else _D["sinkhorn_repeat"]),
-}
+_CHECKS = {"pre": validation.check_pre, "post": validation.check_post, "head": validation.check_head,
+           "fused_post_pre": validation.check_fused}
+#: How many leading arguments of each op are tensors (the rest are scalars with defaults).
+_N_TENSORS = {"pre": 4, "post": 4, "head": 4, "fused_post_pre": 7}
 
 
 def explain(op: str, *args, backend: str | None = None) -> Explanation:
-    """Which backend would serve ``op`` called with ``args`` (the op's positional arguments), and
-    why every other backend would not. Runs no kernel. ``str()`` of the result is a report::
+    """Which backend would serve ``op`` called with ``args`` (the op's positional arguments: its
+    tensors, then optionally its scalars), and why every other backend would not. Runs no
+    kernel. ``str()`` of the result is a report::
 
         print(mhc.explain("pre", residual, fn, hc_scale, hc_base))
     """
     if op not in _CHECKS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(_CHECKS)}")
-    _, T, n, H = _CHECKS[op](args)
-    res = args[1] if op in ("post", "fused_post_pre") else args[0]
+    names = [a.name for a in getattr(torch.ops.mhc, op).default._schema.arguments if not a.kwarg_only]
+    n_tensors = _N_TENSORS[op]
+    if not n_tensors <= len(args) <= len(names):
+        optional = f"[, {', '.join(names[n_tensors:])}]" if len(names) > n_tensors else ""
+        raise TypeError(f"mhc.explain({op!r}, ...) takes {op}'s arguments: {', '.join(names[:n_tensors])}"
+                        f"{optional}; got {len(args)}")
+    validation.check_backend(backend)
+    given = dict(zip(names, args))
+    for name in names[n_tensors:]:  # the scalars left out take the API's defaults
+        given.setdefault(name, _D[name])
+    _, T, n, H = _CHECKS[op](**given)
+    res = given["residual"]
     from mhc import registry
 
     return registry.explain_problem(Problem(op, res.device, res.dtype, n, H, T), backend)

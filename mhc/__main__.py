@@ -3,10 +3,12 @@
 Subcommands (no subcommand = ``info`` then ``check``):
   info    versions, the device, and every backend with whether it can serve and why not
   check   run every backend that can serve on a small problem on the best device, compare each op
-          with the fp64 reference, print backend x op (relative error, median µs); exit 1 if any
-          backend disagrees
+          with the fp64 reference, print backend x op (the output nearest its tolerance, its relative
+          error, median µs); exit 1 if any backend disagrees or nothing could be checked
   bench   the benchmark grid (``mhc.bench``); ``--overhead`` measures host overhead per call
   aot     compile kernels ahead of time with no GPU (``--backend triton|tilelang --arch ...``)
+
+Argument errors (and a malformed MHC_BACKEND) are one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata as md
+import os
 import platform
 import sys
 
 import torch
 
 import mhc
-from mhc import bench, checking, registry
+from mhc import bench, checking, registry, validation
 from mhc.registry import Problem
 
 _DISTS = ("torch", "triton", "tilelang", "amd-aiter", "tile-kernels")
@@ -72,22 +75,31 @@ def cmd_info(args) -> int:
             label = "all ops" if len(ops) == len(registry.OPS) else ", ".join(ops)
             print(f"      {label}: {why}")
         try:
-            for note in registry.get(name).notes():
-                print(f"      note: {note}")
+            notes = list(registry.get(name).notes())
         except registry.BackendError:
-            pass
+            notes = []
+        except registry.CAUGHT as e:  # a plug-in's notes() must not end the report
+            notes = [f"its notes() raised {type(e).__name__}: {e}"]
+        for note in notes:
+            print(f"      note: {note}")
     return 0
+
+
+#: Width of one op's column in ``check``'s table ("FAIL new_residual=1.7e-03 12345.6us" fits).
+_CELL = 37
 
 
 def cmd_check(args) -> int:
     dev = torch.device(args.device) if args.device else best_device()
     dtype = getattr(torch, args.dtype)
     names = [args.backend] if args.backend else registry.backend_names()
-    print(f"\ncheck on {dev}: n={args.n}, H={args.H}, T={args.T}, {args.dtype}, vs fp64 reference "
-          f"(rel. Frobenius error; tolerance act {checking.TOLERANCES[dtype]['act']:g}, "
-          f"mix {checking.TOLERANCES[dtype]['mix']:g})")
-    print(f"{'backend':10s}" + "".join(f"{op:>26s}" for op in registry.OPS))
+    tol = checking.TOLERANCES[dtype]
+    print(f"\ncheck on {dev}: n={args.n}, H={args.H}, T={args.T}, {args.dtype}, vs fp64 reference. Each cell: "
+          f"the output nearest its tolerance (rel. Frobenius error; tolerance {tol['act']:g} for "
+          f"layer_input, new_residual and out, {tol['mix']:g} for post_mix and comb_mix), median µs")
+    print(f"{'backend':10s}" + "".join(f"{op:>{_CELL}s}" for op in registry.OPS))
     failed = []
+    checked = 0
     for name in names:
         cells = []
         for op in registry.OPS:
@@ -98,6 +110,7 @@ def cmd_check(args) -> int:
             if why:
                 cells.append("n/a")
                 continue
+            checked += 1
             a, kw = checking.make_inputs(op, (args.T,), args.n, args.H, dtype, dev, seed=args.seed)
             outs = checking.call(op, a, kw, name)
             errs = checking.compare(op, outs, checking.oracle(op, a, kw), dtype)
@@ -105,10 +118,13 @@ def cmd_check(args) -> int:
             if bad:
                 failed.append(f"{name}.{op}: " + ", ".join(bad))
             us = bench.median_us(lambda: checking.call(op, a, kw, name), dev, args.reps)
-            err = max(e for _, e, _ in errs)
-            cells.append(f"{'FAIL' if bad else 'ok'} {err:.1e} {us:9.1f}us")
-        print(f"{name:10s}" + "".join(f"{c:>26s}" for c in cells))
+            out, err, _ = max(errs, key=lambda e: e[1] / e[2])  # the output nearest its tolerance
+            cells.append(f"{'FAIL' if bad else 'ok'} {out}={err:.1e} {us:.1f}us")
+        print(f"{name:10s}" + "".join(f"{c:>{_CELL}s}" for c in cells))
     print("(n/a: cannot serve here, see `python -m mhc info`)")
+    if checked == 0:
+        print(f"\nNOTHING CHECKED: {' or '.join(names)} cannot serve n={args.n}, H={args.H}, {args.dtype} on {dev}")
+        return 1
     if failed:
         print("\nDISAGREES WITH THE REFERENCE:\n  " + "\n  ".join(failed))
         return 1
@@ -121,46 +137,141 @@ def cmd_bench(args) -> int:
 
 
 def cmd_aot(args) -> int:
-    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    mod = importlib.import_module(f"mhc.backends.{args.backend}.aot")
+    return int(mod.main(args.archs))
+
+
+# --- argument checks: a user error is one line and exit status 2, as argparse's own ----------------
+
+
+def _device_error(spec: str) -> str | None:
+    """Why ``check --device spec`` cannot run here, or None."""
     try:
-        mod = importlib.import_module(f"mhc.backends.{args.backend}.aot")
-    except ModuleNotFoundError as e:
-        print(f"aot: backend {args.backend!r} has no ahead-of-time compiler ({e})", file=sys.stderr)
-        return 2
-    return int(mod.main(archs))
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        return f"--device {spec!r} is not a torch device ({str(e).splitlines()[0]})"
+    if dev.type == "cpu":
+        return None
+    if dev.type == "meta":
+        return "--device meta: meta tensors hold no values to compare; use cpu or cuda[:index]"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            cpu_only = torch.version.cuda is None and not torch.version.hip
+            why = "CPU-only build" if cpu_only else "no device found"
+            return f"--device {spec}: no GPU is visible to this torch build ({why})"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible (cuda:0 ...)"
+        return None
+    mod = getattr(torch, dev.type, None)
+    if mod is None or not getattr(mod, "is_available", lambda: False)():
+        return f"--device {spec}: no {dev.type} device is available here; use cpu or cuda[:index]"
+    return None
+
+
+def _env_error() -> str | None:
+    """Why ``MHC_BACKEND`` is unusable (malformed, or an unknown name), or None."""
+    try:
+        for name in registry.parse_spec(os.environ.get(registry.ENV_VAR)).values():
+            if name != "auto":
+                registry.get(name)
+    except ValueError as e:
+        return str(e)
+    except registry.BackendError:  # a known but broken backend: `info` shows why
+        pass
+    return None
+
+
+def _arch_error(backend: str, archs: list[str]) -> str | None:
+    """Why ``aot --backend backend --arch ...`` names an architecture it cannot build for, or None."""
+    if not archs:
+        return "--arch names no architecture"
+    mod = importlib.import_module(f"mhc.backends.{backend}.aot")
+    if backend == "triton":
+        unknown = [a for a in archs if a not in mod.ARCHS]
+        if unknown:
+            return f"--arch {','.join(unknown)}: triton builds for {', '.join(mod.ARCHS)}"
+        return None
+    for a in archs:
+        try:
+            mod._arch(a)
+        except ValueError as e:
+            return f"--arch: {e}"
+        except registry.CAUGHT:  # tilelang itself missing or broken: the build reports it
+            return None
+    return None
+
+
+def _check_args(p: argparse.ArgumentParser, args) -> None:
+    """``p.error`` (usage, one line, exit 2) for the first argument that cannot work."""
+    if args.cmd == "aot":
+        args.archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+        why = _arch_error(args.backend, args.archs)
+        if why:
+            p.error(why)
+        return
+    if not 1 <= args.n <= validation.MAX_N:
+        p.error(f"--n must be in [1, {validation.MAX_N}] (the stream count), got {args.n}")
+    if args.H < 1:
+        p.error(f"--H must be >= 1 (the hidden size), got {args.H}")
+    if args.T < 1:
+        p.error(f"--T must be >= 1 (tokens), got {args.T}")
+    why = _env_error()
+    if why:
+        p.error(why)
+    if args.cmd != "check":
+        return
+    if args.reps < 1:
+        p.error(f"--reps must be >= 1, got {args.reps}")
+    if not 0 <= args.seed < 2**63:
+        p.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.backend is not None and args.backend not in registry.backend_names():
+        p.error(f"--backend {args.backend!r} is not a backend; known: {', '.join(registry.backend_names())}")
+    why = args.device and _device_error(args.device)
+    if why:
+        p.error(why)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mhc", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd")
+    sub = ap.add_subparsers(dest="cmd", metavar="{info,check,bench,aot}")
 
     def problem_args(p, T=64):
-        p.add_argument("--n", type=int, default=4)
-        p.add_argument("--H", type=int, default=512)
-        p.add_argument("--T", type=int, default=T)
-        p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+        p.add_argument("--n", type=int, default=4, help="streams per token, 1..8 (default: %(default)s)")
+        p.add_argument("--H", type=int, default=512, help="hidden size (default: %(default)s)")
+        p.add_argument("--T", type=int, default=T, help="tokens (default: %(default)s)")
+        p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                       help="residual dtype (default: %(default)s)")
 
+    helps = {"info": "versions, the device, and every backend: can it serve here, and why not",
+             "check": "each backend x op against the fp64 reference (error, median µs); exit 1 on a disagreement"}
+    parsers = {}
     for name in ("info", "check"):
-        p = sub.add_parser(name)
+        p = parsers[name] = sub.add_parser(name, help=helps[name], description=helps[name])
         problem_args(p)
         if name == "check":
-            p.add_argument("--backend", help="check only this backend")
+            p.add_argument("--backend", help="check only this backend (default: every backend)")
             p.add_argument("--device", help="e.g. cpu, cuda:1 (default: the best device)")
-            p.add_argument("--reps", type=int, default=20)
-            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--reps", type=int, default=20, help="timed calls per cell (default: %(default)s)")
+            p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
     pb = sub.add_parser("bench", help="benchmarks; `python -m mhc bench --help`")
     pb.add_argument("rest", nargs=argparse.REMAINDER)
-    pa = sub.add_parser("aot")
-    pa.add_argument("--backend", required=True, choices=["triton", "tilelang"])
-    pa.add_argument("--arch", required=True, help="comma list: sm90, gfx942, gfx950")
+    pa = parsers["aot"] = sub.add_parser(
+        "aot", help="compile the GPU kernels ahead of time, with no GPU",
+        description="compile the GPU kernels ahead of time, with no GPU")
+    pa.add_argument("--backend", required=True, choices=["triton", "tilelang"], help="whose kernels")
+    pa.add_argument("--arch", required=True, help="comma list: sm90, gfx942, gfx950 (tilelang: sm90, sm_90a, ...)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the benchmark parses its own options
         return cmd_bench(argparse.Namespace(rest=argv[1:]))
     if not argv or argv[0] not in sub.choices and argv[0] not in ("-h", "--help"):
         full = ap.parse_args(["check"] + argv)  # the main job: info, then check, same options
+        _check_args(parsers["check"], full)
         return cmd_info(full) or cmd_check(full)
     args = ap.parse_args(argv)
+    if args.cmd is None:
+        ap.error("no subcommand")
+    _check_args(parsers.get(args.cmd, ap), args)
     return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "aot": cmd_aot}[args.cmd](args)
 
 

@@ -17,8 +17,12 @@ Which backend serves the backward is decided when the forward runs (``registry.c
 for the backward op, see :mod:`mhc.registry`) and kept on ``ctx``: ``loss.backward()`` usually
 runs outside the ``use_backend`` block of the forward, and on CUDA in the autograd engine's own
 thread, where the block's context variable is not set. The forward's ``backend=`` argument names
-a forward kernel and gets no gradient. Double backward is not supported (the backward ops have no
-autograd of their own).
+a forward kernel and gets no gradient. The backward ops have no autograd kernel of their own:
+double backward (``create_graph=True``) works only where their body is made of differentiable
+torch ops (the torch backend, ``Capabilities.double_backward``), through PyTorch's autograd
+fallback (which warns); a backend whose backward kernels are not is refused for such a call with
+a reason (an explicit choice raises ``BackendError``, auto moves on to torch), instead of giving
+a second-order gradient of None.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from mhc import registry, validation
-from mhc.ops import _c
+from mhc.ops import _c, register_dense_only, register_no_autocast
 
 __all__ = ["SCHEMAS"]
 
@@ -71,8 +75,9 @@ def _mask(output_mask) -> list[bool]:
     return [bool(b) for b in output_mask]
 
 
-def _check_pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, sinkhorn_repeat, output_mask):
-    lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat)
+def _check_pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, scalars, output_mask):
+    """``scalars``: rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat."""
+    lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, scalars[4], *scalars[:4])
     mdt, dev = validation.mix_dtype(residual.dtype), residual.device
     _grad("grad_post_mix", g_pm, (*lead, n, 1), mdt, dev)
     _grad("grad_comb_mix", g_cm, (*lead, n, n), mdt, dev)
@@ -80,8 +85,8 @@ def _check_pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, sinkh
     return lead, T, n, H, _mask(output_mask)
 
 
-def _check_head_backward(g, residual, fn, hc_scale, hc_base, output_mask):
-    lead, T, n, H = validation.check_head(residual, fn, hc_scale, hc_base)
+def _check_head_backward(g, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask):
+    lead, T, n, H = validation.check_head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps)
     _grad("grad_out", g, (*lead, H), residual.dtype, residual.device)
     return lead, T, n, H, _mask(output_mask)
 
@@ -113,7 +118,20 @@ def _check_post_backward(g, x, residual, post_mix, comb_mix, output_mask):
     return lead, T, n, H, mask
 
 
-# --- real kernels (every device): validate, T == 0, flatten, select, restore ---------------------
+# --- real kernels (every device): validate, select, T == 0, flatten, restore ---------------------
+
+
+def _create_graph(*tensors) -> bool:
+    """Whether this backward call must record autograd history: grad mode is on (the engine turns
+    it on for ``create_graph=True``) and an input requires grad. Selection then refuses backends
+    whose backward kernels cannot (``Capabilities.double_backward``), instead of letting them
+    return outputs whose own gradient is silently None."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _param_grads(fn, hc_scale, hc_base, mask):
@@ -124,10 +142,13 @@ def _param_grads(fn, hc_scale, hc_base, mask):
 def _pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base, rms_eps,
                   hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *, backend=None):
     lead, T, n, H, mask = _check_pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn,
-                                              hc_scale, hc_base, sinkhorn_repeat, output_mask)
-    if T == 0:
+                                              hc_scale, hc_base, (rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+                                                                  hc_post_mult_value, sinkhorn_repeat), output_mask)
+    impl = registry.select("pre_backward", residual.device, residual.dtype, n, H, T, backend,
+                           _create_graph(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale,
+                                         hc_base))
+    if T == 0:  # selected first all the same: accepted or refused whatever T is
         return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask))
-    impl = registry.select("pre_backward", residual.device, residual.dtype, n, H, T, backend)
     g_res, *rest = impl(_c(grad_post_mix, T, n, 1), _c(grad_comb_mix, T, n, n), _c(grad_layer_input, T, H),
                         _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
                         rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, mask)
@@ -135,10 +156,12 @@ def _pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, 
 
 
 def _head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask, *, backend=None):
-    lead, T, n, H, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, output_mask)
+    lead, T, n, H, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps,
+                                               output_mask)
+    impl = registry.select("head_backward", residual.device, residual.dtype, n, H, T, backend,
+                           _create_graph(grad_out, residual, fn, hc_scale, hc_base))
     if T == 0:
         return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask))
-    impl = registry.select("head_backward", residual.device, residual.dtype, n, H, T, backend)
     g_res, *rest = impl(_c(grad_out, T, H), _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(),
                         hc_base.contiguous(), rms_eps, hc_eps, mask)
     return (None if g_res is None else g_res.view(residual.shape), *rest)
@@ -147,11 +170,12 @@ def _head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, o
 def _post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask, *, backend=None):
     lead, T, n, H, mask = _check_post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask)
     shapes = ((*lead, H), (*lead, n, H), (*lead, n, 1), (*lead, n, n))
+    impl = registry.select("post_backward", grad_out.device, grad_out.dtype, n, H, T, backend,
+                           _create_graph(grad_out, x, residual, post_mix, comb_mix))
     if T == 0:
         mdt = validation.mix_dtype(grad_out.dtype)
         dts = (grad_out.dtype, grad_out.dtype, mdt, mdt)
         return tuple(grad_out.new_empty(s, dtype=d) if want else None for s, d, want in zip(shapes, dts, mask))
-    impl = registry.select("post_backward", grad_out.device, grad_out.dtype, n, H, T, backend)
     flat = ((T, H), (T, n, H), (T, n, 1), (T, n, n))
     ins = [None if t is None else _c(t, *s) for t, s in zip((x, residual, post_mix, comb_mix), flat)]
     outs = impl(_c(grad_out, T, n, H), *ins, mask)
@@ -165,12 +189,13 @@ def _pre_backward_fake(grad_post_mix, grad_comb_mix, grad_layer_input, residual,
                        hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *,
                        backend=None):
     *_, mask = _check_pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale,
-                                   hc_base, sinkhorn_repeat, output_mask)
+                                   hc_base, (rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+                                             sinkhorn_repeat), output_mask)
     return tuple(t.new_empty(t.shape) if want else None for t, want in zip((residual, fn, hc_scale, hc_base), mask))
 
 
 def _head_backward_fake(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask, *, backend=None):
-    *_, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, output_mask)
+    *_, mask = _check_head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask)
     return tuple(t.new_empty(t.shape) if want else None for t, want in zip((residual, fn, hc_scale, hc_base), mask))
 
 
@@ -187,6 +212,8 @@ for _name, _real, _fake in (("pre_backward", _pre_backward, _pre_backward_fake),
                             ("head_backward", _head_backward, _head_backward_fake)):
     _LIB.impl(_name, _real, "CompositeExplicitAutograd")
     torch.library.register_fake(f"mhc::{_name}", _fake, lib=_LIB)
+    register_no_autocast(_LIB, _name)  # backward under autocast: the same math as outside
+    register_dense_only(_LIB, _name)
 
 
 # --- register_autograd for the forward ops ---------------------------------------------------------

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from mhc.reference import acc_dtype
+from mhc.reference import acc_dtype, rms_factor
 from mhc.validation import mix_dtype
 
 __all__ = ["sinkhorn_backward", "prenorm_backward", "pre_backward", "post_backward", "head_backward"]
@@ -65,7 +65,7 @@ def _prenorm(residual: torch.Tensor, fn: torch.Tensor, rms_eps: float):
     acc = acc_dtype(residual.dtype)
     T, n, H = residual.shape
     xf = residual.reshape(T, n * H).to(acc)
-    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + rms_eps)
+    r = rms_factor(xf.square().mean(-1, keepdim=True), rms_eps)
     return xf, r, (xf @ fn.to(acc).T) * r
 
 

@@ -5,8 +5,14 @@ Registration uses ``torch.library.Library.define`` + ``impl`` rather than
 for an empty body on CPU against about 2.6 µs of dispatch here; ``python -m mhc bench --overhead``
 measures it). One
 ``CompositeExplicitAutograd`` kernel serves every device: it validates (``mhc.validation``),
-returns empty outputs for T == 0 without touching a backend, flattens the leading dims, picks the
-backend (``mhc.registry.select``: a dict lookup once warm) and restores the leading dims.
+picks the backend (``mhc.registry.select``: a dict lookup once warm; also for T == 0, so that a
+call is accepted or refused the same way whatever T is), returns empty outputs for T == 0
+without calling it, flattens the leading dims and restores them.
+
+Autocast: every op (and every backward op, ``mhc.autograd``) also has a kernel at the autocast
+dispatch keys that runs the op with autocast switched off, so that ``torch.autocast`` changes
+neither the inputs nor the math inside: the ops compute in the dtypes DESIGN.md states whatever
+autocast region they are called in. It costs nothing outside autocast (the key is not visited).
 
 Each op takes a keyword-only ``backend`` (``None`` = the current selection, see
 ``mhc.registry``), so that a choice made in model code survives ``torch.compile``.
@@ -57,10 +63,11 @@ def _c(t: torch.Tensor, *shape: int) -> torch.Tensor:
 
 def pre(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6,
         hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
-    lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat)
+    lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps, hc_pre_eps,
+                                                  hc_sinkhorn_eps, hc_post_mult_value)
+    impl = registry.select("pre", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return _pre_outputs(residual, lead, n, H)
-    impl = registry.select("pre", residual.device, residual.dtype, n, H, T, backend)
     p, c, li = impl(_c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
                     rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
     if len(lead) == 1:
@@ -70,18 +77,18 @@ def pre(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkh
 
 def post(x, residual, post_mix, comb_mix, *, backend=None):
     lead, T, n, H = validation.check_post(x, residual, post_mix, comb_mix)
+    impl = registry.select("post", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return residual.new_empty(residual.shape)
-    impl = registry.select("post", residual.device, residual.dtype, n, H, T, backend)
     out = impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n))
     return out if len(lead) == 1 else out.view(*lead, n, H)
 
 
 def head(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, backend=None):
-    lead, T, n, H = validation.check_head(residual, fn, hc_scale, hc_base)
+    lead, T, n, H = validation.check_head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps)
+    impl = registry.select("head", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return residual.new_empty((*lead, H))
-    impl = registry.select("head", residual.device, residual.dtype, n, H, T, backend)
     out = impl(_c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
                rms_eps, hc_eps)
     return out if len(lead) == 1 else out.view(*lead, H)
@@ -90,10 +97,11 @@ def head(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, backend=
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6,
                    hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
     lead, T, n, H = validation.check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
-                                           sinkhorn_repeat)
+                                           sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+                                           hc_post_mult_value)
+    impl = registry.select("fused_post_pre", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return (residual.new_empty(residual.shape), *_pre_outputs(residual, lead, n, H))
-    impl = registry.select("fused_post_pre", residual.device, residual.dtype, n, H, T, backend)
     new, p, c, li = impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n),
                          fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps, hc_pre_eps,
                          hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
@@ -107,7 +115,8 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
 
 def _pre_fake(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6,
               hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
-    lead, _, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat)
+    lead, _, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps, hc_pre_eps,
+                                                  hc_sinkhorn_eps, hc_post_mult_value)
     return _pre_outputs(residual, lead, n, H)
 
 
@@ -117,18 +126,68 @@ def _post_fake(x, residual, post_mix, comb_mix, *, backend=None):
 
 
 def _head_fake(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, backend=None):
-    lead, _, n, H = validation.check_head(residual, fn, hc_scale, hc_base)
+    lead, _, n, H = validation.check_head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps)
     return residual.new_empty((*lead, H))
 
 
 def _fused_fake(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6,
                 hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
     lead, _, n, H = validation.check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
-                                           sinkhorn_repeat)
+                                           sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+                                           hc_post_mult_value)
     return (residual.new_empty(residual.shape), *_pre_outputs(residual, lead, n, H))
+
+
+# --- autocast: run the op as if no autocast region were active ------------------------------------
+
+#: Every autocast dispatch key this torch build has (one per device type).
+_AUTOCAST_KEYS = tuple(k for k in dir(torch._C.DispatchKey) if k.startswith("Autocast"))
+_NO_AUTOCAST = torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)
+for _key in _AUTOCAST_KEYS:
+    _NO_AUTOCAST = _NO_AUTOCAST | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _key))
+
+
+def register_no_autocast(lib: torch.library.Library, name: str) -> None:
+    """Give ``mhc::<name>`` a kernel at every autocast key that redispatches with autocast off.
+
+    Without it, a call inside ``torch.autocast`` reaches the op's body with autocast on, and the
+    torch backend's matmul (the reference's) runs in bf16: mixes off by ~1e-3 and still labelled
+    fp32. Inputs are not cast: the op's own dtype rules apply (as ``register_autocast`` would
+    not allow: it casts every floating input to one dtype)."""
+    op = getattr(getattr(torch.ops.mhc, name), "default")
+
+    def run_without_autocast(*args, **kwargs):
+        with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
+            return op(*args, **kwargs)
+
+    for key in _AUTOCAST_KEYS:
+        lib.impl(name, run_without_autocast, key)
+
+
+# --- sparse and nested tensors: a TypeError naming the argument -------------------------------------
+
+#: The dispatch keys of sparse (COO, compressed) and nested tensors; the op's composite kernel
+#: would meet them as an unexplained "unsupported memory format" (sparse) or not at all (nested).
+_NON_DENSE_KEYS = tuple(k for kind in ("Sparse", "SparseCsr", "NestedTensor")
+                        for k in (kind + dev for dev in ("CPU", "CUDA", "Meta", "XPU"))
+                        if hasattr(torch._C.DispatchKey, k)) + ("AutogradNestedTensor",)
+
+
+def register_dense_only(lib: torch.library.Library, name: str) -> None:
+    """Give ``mhc::<name>`` a kernel at every sparse and nested dispatch key that raises the
+    ``TypeError`` of :func:`mhc.validation.non_dense` for the offending argument."""
+    names = [a.name for a in getattr(getattr(torch.ops.mhc, name), "default")._schema.arguments]
+
+    def refuse(*args, **kwargs):
+        raise validation.non_dense(names, args, kwargs) or TypeError(f"mhc::{name} takes dense (strided) tensors")
+
+    for key in _NON_DENSE_KEYS:
+        lib.impl(name, refuse, key)
 
 
 for _name, _real, _fake in (("pre", pre, _pre_fake), ("post", post, _post_fake), ("head", head, _head_fake),
                             ("fused_post_pre", fused_post_pre, _fused_fake)):
     _LIB.impl(_name, _real, "CompositeExplicitAutograd")
     torch.library.register_fake(f"mhc::{_name}", _fake, lib=_LIB)
+    register_no_autocast(_LIB, _name)
+    register_dense_only(_LIB, _name)

@@ -13,11 +13,14 @@ leading dims (flattened to ``T`` tokens inside). Column ``k`` of a flattened res
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
     "DEFAULTS",
     "acc_dtype",
+    "rms_factor",
     "prenorm_mixes",
     "mix_activations",
     "head_activation",
@@ -45,18 +48,27 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def rms_factor(mean_sq: torch.Tensor, rms_eps: float) -> torch.Tensor:
+    """The per-token RMS factor ``rsqrt(mean_sq + rms_eps)`` from the mean of squares, except that
+    it is NaN where ``mean_sq`` is +inf (the token's sum of squares overflowed the accumulation
+    dtype), not ``rsqrt(inf) = 0``: a 0 would turn every mix of that token into a finite, wrong
+    value. Every backend follows this rule (DESIGN.md, "Numeric domain")."""
+    return torch.where(mean_sq == math.inf, math.nan, torch.rsqrt(mean_sq + rms_eps))
+
+
 def prenorm_mixes(residual: torch.Tensor, fn: torch.Tensor, rms_eps: float) -> torch.Tensor:
     """RMS-normalised mix logits.
 
     ``residual`` (T, n, H), any float dtype; ``fn`` (m, n*H). Returns ``mixes`` (T, m) in the
     accumulation dtype: ``(xf @ fn.T) * rsqrt(mean(xf**2, -1) + rms_eps)`` with
     ``xf = residual.view(T, n*H)``. The RMS factor is a per-token scalar, so applying it after
-    the matmul is exact; kernels compute the sum of squares in the same pass as the GEMM.
+    the matmul is exact; kernels compute the sum of squares in the same pass as the GEMM. A token
+    whose sum of squares overflows gets NaN mixes (:func:`rms_factor`).
     """
     acc = acc_dtype(residual.dtype)
     T = residual.shape[0]
     xf = residual.reshape(T, residual.shape[1] * residual.shape[2]).to(acc)
-    rms = torch.rsqrt(xf.square().mean(-1, keepdim=True) + rms_eps)
+    rms = rms_factor(xf.square().mean(-1, keepdim=True), rms_eps)
     return (xf @ fn.to(acc).T) * rms
 
 

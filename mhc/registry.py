@@ -72,6 +72,12 @@ _BUILTIN = {
 }
 
 
+#: What an optional import, a backend record, a plug-in's ``load()`` or ``probe()`` may raise
+#: that is turned into a reason: everything but KeyboardInterrupt. SystemExit included: a package
+#: that calls ``sys.exit()`` at import must not end ``python -m mhc info`` or a caller's process.
+CAUGHT = (Exception, SystemExit)
+
+
 class BackendError(RuntimeError):
     """No backend can serve a call: the one asked for cannot, or (auto) none can."""
 
@@ -81,7 +87,9 @@ class Problem:
     """What a backend needs to know to say whether it can serve one call.
 
     ``op`` one of :data:`OPS`; ``device`` of the residual; ``dtype`` of the residual; ``n``
-    streams; ``H`` hidden size; ``T`` tokens (leading dims flattened).
+    streams; ``H`` hidden size; ``T`` tokens (leading dims flattened). ``create_graph``: a
+    backward op whose result must itself be differentiable (``create_graph=True``, double
+    backward).
     """
 
     op: str
@@ -90,10 +98,12 @@ class Problem:
     n: int
     H: int
     T: int
+    create_graph: bool = False
 
     def describe(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
-        return f"{self.op}(T={self.T}, n={self.n}, H={self.H}, {dt}, {self.device})"
+        graph = ", create_graph=True" if self.create_graph else ""
+        return f"{self.op}(T={self.T}, n={self.n}, H={self.H}, {dt}, {self.device}{graph})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +114,10 @@ class Capabilities:
     ``platforms``: subset of {"cuda", "rocm", "cpu", "other"} (see :func:`platform_of`).
     ``dtypes``: residual dtypes. ``n_values``: supported stream counts. ``h_multiple``: H must be
     a multiple of it. ``ops``: ops served; the default is the forward ops, so a backend serves a
-    backward op (:data:`BACKWARD_OPS`) only if it lists it explicitly.
+    backward op (:data:`BACKWARD_OPS`) only if it lists it explicitly. ``double_backward``: its
+    backward ops record autograd history (they are built from differentiable torch ops), so they
+    serve ``create_graph=True`` calls; kernels that do not would give a silently wrong (None)
+    second-order gradient, so they are refused there.
     """
 
     device_types: frozenset[str]
@@ -113,11 +126,15 @@ class Capabilities:
     n_values: frozenset[int] = frozenset(range(1, 9))
     h_multiple: int = 1
     ops: frozenset[str] = frozenset(OPS)
+    double_backward: bool = False
 
     def reasons(self, p: Problem) -> list[str]:
         out = []
         if p.op not in self.ops:
             out.append(f"does not implement {p.op}")
+        elif p.create_graph and not self.double_backward:
+            out.append(f"its {p.op} is not differentiable: no double backward (create_graph=True); "
+                       "the torch backend's is")
         if p.device.type not in self.device_types:
             out.append(f"does not run on {p.device.type} tensors (needs {'/'.join(sorted(self.device_types))})")
         elif platform_of(p.device) not in self.platforms:
@@ -159,18 +176,27 @@ class Backend:
 
 @dataclasses.dataclass
 class Explanation:
-    """Which backend would serve a call and why each other would not."""
+    """Which backend would serve a call and why each other would not. ``choice``: the selection
+    in force (a name or "auto"); ``chosen``: the backend that serves, or None (the call raises
+    BackendError); ``auto_choice``: what auto would choose, where ``choice`` is a name."""
 
     problem: Problem
     choice: str
     chosen: str | None
     reasons: dict[str, list[str]]
+    auto_choice: str | None = None
 
     def __str__(self) -> str:
-        lines = [f"{self.problem.describe()} with backend={self.choice!r}: "
-                 + (f"served by {self.chosen!r}" if self.chosen else "no backend can serve")]
+        if self.chosen:
+            head = f"served by {self.chosen!r}"
+        elif self.choice == "auto":
+            head = "no backend can serve it"
+        else:  # an explicit choice does not fall back: say so, or "no backend" reads as false
+            head = (f"{self.choice!r} cannot serve it, and an explicit choice does not fall back (the call raises "
+                    "BackendError)" + (f"; auto would choose {self.auto_choice!r}" if self.auto_choice else ""))
+        lines = [f"{self.problem.describe()} with backend={self.choice!r}: {head}"]
         for name, why in self.reasons.items():
-            mark = "->" if name == self.chosen else "  "
+            mark = "->" if name == self.chosen else (" x" if name == self.choice else "  ")
             lines.append(f" {mark} {name}: " + ("can serve" if not why else "; ".join(why)))
         return "\n".join(lines)
 
@@ -202,7 +228,7 @@ def _records() -> dict[str, Backend]:
             for name, mod in _BUILTIN.items():
                 try:
                     recs[name] = importlib.import_module(mod).BACKEND
-                except Exception as e:  # a broken built-in must not break the others
+                except CAUGHT as e:  # a broken built-in must not break the others
                     _STATE.broken[name] = f"its record failed to import: {type(e).__name__}: {e}"
             for ep in _entry_points():
                 try:
@@ -212,7 +238,7 @@ def _records() -> dict[str, Backend]:
                     if rec.name in recs:
                         raise ValueError(f"name {rec.name!r} is already taken")
                     recs[rec.name] = rec
-                except Exception as e:
+                except CAUGHT as e:
                     _STATE.broken[ep.name] = f"entry point {ep.value!r} failed: {type(e).__name__}: {e}"
             _STATE.records = recs
     return _STATE.records
@@ -223,7 +249,7 @@ def _entry_points():
 
     try:
         return list(entry_points(group=ENTRY_POINT_GROUP))
-    except Exception:  # a corrupt metadata dir must not break mhc
+    except CAUGHT:  # a corrupt metadata dir must not break mhc
         return []
 
 
@@ -400,7 +426,7 @@ def _load(name: str) -> Any | None:
     with _STATE.lock:
         try:
             _STATE.loaded[name] = _records()[name].load()
-        except Exception as e:
+        except CAUGHT as e:
             _STATE.load_errors[name] = f"failed to load: {type(e).__name__}: {e}"
             return None
     return _STATE.loaded[name]
@@ -417,12 +443,16 @@ def reasons_for(name: str, p: Problem) -> list[str]:
         return why
     try:
         why = list(rec.probe(p))
-    except Exception as e:  # a probe must never take the caller down
+    except CAUGHT as e:  # a probe must never take the caller down
         why = [f"probe raised {type(e).__name__}: {e}"]
     if why:
         return why
-    if _load(name) is None:
+    loaded = _load(name)
+    if loaded is None:
         return [_STATE.load_errors[name]]
+    if not callable(getattr(loaded, p.op, None)):  # a plug-in whose load() lacks the op
+        return [f"its load() returned {type(loaded).__name__} {getattr(loaded, '__name__', '')!s}".rstrip()
+                + f" with no callable {p.op!r}"]
     return []
 
 
@@ -446,19 +476,20 @@ def _decide(op: str, choice: str, p: Problem) -> tuple[str, Callable] | BackendE
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, n: int, H: int, T: int,
-           backend: str | None = None) -> Callable:
+           backend: str | None = None, create_graph: bool = False) -> Callable:
     """The callable that serves one call (hot path: one dict lookup once warm).
 
+    ``create_graph``: a backward op whose outputs must be differentiable (see :class:`Problem`).
     Raises :class:`BackendError` if the chosen backend (or, for auto, every backend) cannot
     serve, and ``ValueError`` for unknown names or a malformed ``MHC_BACKEND``.
     """
-    choice = backend or current_choice(op)
-    key = (op, choice, device, dtype, n, H, t_bucket(T))
+    choice = current_choice(op) if backend is None else backend  # "" is a (bad) name, not auto
+    key = (op, choice, device, dtype, n, H, t_bucket(T), create_graph)
     hit = _STATE.decisions.get(key)
     if hit is None:
         if choice != "auto":
             get(choice)  # raises ValueError for an unknown name; not cached, so it is always raised
-        hit = _decide(op, choice, Problem(op, device, dtype, n, H, T))
+        hit = _decide(op, choice, Problem(op, device, dtype, n, H, T, create_graph))
         _STATE.decisions[key] = hit
     if isinstance(hit, BackendError):
         raise BackendError(str(hit))
@@ -467,18 +498,21 @@ def select(op: str, device: torch.device, dtype: torch.dtype, n: int, H: int, T:
 
 def explain_problem(p: Problem, backend: str | None = None) -> Explanation:
     """Which backend serves ``p`` under the current selection, and every backend's reasons."""
-    choice = backend or current_choice(p.op)
+    choice = current_choice(p.op) if backend is None else backend
     reasons = {}
     for name in backend_names():
         if name in _STATE.broken:
             reasons[name] = [_STATE.broken[name]]
         else:
             reasons[name] = reasons_for(name, p)
+    auto_choice = None
     if choice != "auto":
         get(choice)
+        auto = _decide(p.op, "auto", p)
+        auto_choice = None if isinstance(auto, BackendError) else auto[0]
     hit = _decide(p.op, choice, p)
     chosen = None if isinstance(hit, BackendError) else hit[0]
-    return Explanation(p, choice, chosen, reasons)
+    return Explanation(p, choice, chosen, reasons, auto_choice)
 
 
 def _reset_for_tests() -> None:

@@ -8,13 +8,20 @@ tensors too (the fake impls call them), so a bad call fails at trace time under
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["ACT_DTYPES", "MAX_N", "check_pre", "check_post", "check_head", "check_fused", "mix_dtype"]
+__all__ = ["ACT_DTYPES", "MAX_N", "MAX_SINKHORN_REPEAT", "check_pre", "check_post", "check_head", "check_fused",
+           "check_sinkhorn_repeat", "check_backend", "non_dense", "mix_dtype"]
 
 #: Residual / activation dtypes the op layer accepts; backends narrow this in their capabilities.
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 MAX_N = 8
+#: Largest ``sinkhorn_repeat`` accepted. DeepSeek-V4 uses 20 and the normalisation has converged
+#: to fp32 precision long before 1000; the bound keeps a typo (10**9) from running for minutes
+#: and every value inside a C int (the kernels' loop counter).
+MAX_SINKHORN_REPEAT = 1000
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -79,17 +86,69 @@ def _mixes(post_mix, comb_mix, lead: tuple[int, ...], n: int, mdt: torch.dtype) 
     _exact("comb_mix", comb_mix, (*lead, n, n), mdt, "residual's leading dims, n, n")
 
 
-def _pre_scalars(sinkhorn_repeat) -> None:
-    if isinstance(sinkhorn_repeat, bool) or not isinstance(sinkhorn_repeat, int) or sinkhorn_repeat < 1:
-        raise ValueError(f"sinkhorn_repeat must be an int >= 1, got {sinkhorn_repeat!r}")
+def check_sinkhorn_repeat(sinkhorn_repeat) -> None:
+    """``sinkhorn_repeat`` is an int (not a bool) in [1, MAX_SINKHORN_REPEAT]. The Python API
+    checks it before dispatch too, where the dispatcher would take ``True`` as 1 and reject
+    ``2**63`` with an unreadable message."""
+    if isinstance(sinkhorn_repeat, bool) or not isinstance(sinkhorn_repeat, int):
+        raise TypeError(f"sinkhorn_repeat must be an int in [1, {MAX_SINKHORN_REPEAT}], got {sinkhorn_repeat!r} "
+                        f"({type(sinkhorn_repeat).__name__})")
+    if not 1 <= sinkhorn_repeat <= MAX_SINKHORN_REPEAT:
+        raise ValueError(f"sinkhorn_repeat must be an int in [1, {MAX_SINKHORN_REPEAT}], got {sinkhorn_repeat!r}")
 
 
-def check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat) -> tuple[tuple[int, ...], int, int, int]:
-    """Validate ``pre``'s tensors; returns ``(lead_dims, T, n, H)``."""
+def _eps(name: str, value) -> None:
+    # Negative eps gave finite garbage (torch) or an all-NaN comb (Triton). Symbolic floats
+    # (torch.compile) are not checked here: they were checked where they were concrete.
+    if isinstance(value, (int, float)) and not 0.0 <= value < math.inf:  # NaN fails too
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _pre_scalars(sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value) -> None:
+    # Hot path: the usual call (an int and plain floats in range) in a few comparisons, ~0.4 µs
+    # instead of ~1.3 µs for the calls below, which find the argument to name otherwise.
+    if (sinkhorn_repeat.__class__ is int and 1 <= sinkhorn_repeat <= MAX_SINKHORN_REPEAT
+            and rms_eps.__class__ is float and 0.0 <= rms_eps < math.inf
+            and hc_pre_eps.__class__ is float and 0.0 <= hc_pre_eps < math.inf
+            and hc_sinkhorn_eps.__class__ is float and 0.0 <= hc_sinkhorn_eps < math.inf
+            and hc_post_mult_value.__class__ is float and -math.inf < hc_post_mult_value < math.inf):
+        return
+    check_sinkhorn_repeat(sinkhorn_repeat)
+    _eps("rms_eps", rms_eps)
+    _eps("hc_pre_eps", hc_pre_eps)
+    _eps("hc_sinkhorn_eps", hc_sinkhorn_eps)
+    if isinstance(hc_post_mult_value, (int, float)) and not -math.inf < hc_post_mult_value < math.inf:
+        raise ValueError(f"hc_post_mult_value must be finite, got {hc_post_mult_value!r}")
+
+
+def check_backend(backend) -> None:
+    """``backend`` is None (the current selection) or a non-empty str (a name, or "auto")."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str (a backend name or 'auto') or None, got {type(backend).__name__}")
+    if backend == "":
+        raise ValueError("backend='' names no backend: pass None for the current selection, 'auto', "
+                         "or a backend name (mhc.list_backends())")
+
+
+def non_dense(names, args, kwargs) -> TypeError | None:
+    """The ``TypeError`` for the first sparse or nested tensor among ``args`` (named by ``names``,
+    the schema's argument names) and ``kwargs``, or None. Used where such tensors are refused:
+    the op's kernels at the sparse and nested dispatch keys (``mhc.ops``), and the Python API."""
+    for name, t in (*zip(names, args), *kwargs.items()):
+        if isinstance(t, torch.Tensor) and (t.is_nested or t.layout != torch.strided):
+            kind = "a nested tensor" if t.is_nested else f"a tensor of layout {t.layout}"
+            return TypeError(f"{name} must be a dense (strided) torch.Tensor, got {kind}; convert it first "
+                             "(e.g. .to_dense() or .unbind())")
+    return None
+
+
+def check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps=1e-6, hc_pre_eps=1e-6,
+              hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0) -> tuple[tuple[int, ...], int, int, int]:
+    """Validate ``pre``'s arguments; returns ``(lead_dims, T, n, H)``."""
     lead, T, n, H = _residual(residual)
     _weights(fn, hc_scale, hc_base, n, H, 2 * n + n * n, 3, mix_dtype(residual.dtype))
     _same_device(residual, fn=fn, hc_scale=hc_scale, hc_base=hc_base)
-    _pre_scalars(sinkhorn_repeat)
+    _pre_scalars(sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value)
     return lead, T, n, H
 
 
@@ -102,19 +161,22 @@ def check_post(x, residual, post_mix, comb_mix) -> tuple[tuple[int, ...], int, i
     return lead, T, n, H
 
 
-def check_head(residual, fn, hc_scale, hc_base) -> tuple[tuple[int, ...], int, int, int]:
-    """Validate ``head``'s tensors; returns ``(lead_dims, T, n, H)``."""
+def check_head(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6) -> tuple[tuple[int, ...], int, int, int]:
+    """Validate ``head``'s arguments; returns ``(lead_dims, T, n, H)``."""
     lead, T, n, H = _residual(residual)
     _weights(fn, hc_scale, hc_base, n, H, n, 1, mix_dtype(residual.dtype))
     _same_device(residual, fn=fn, hc_scale=hc_scale, hc_base=hc_base)
+    _eps("rms_eps", rms_eps)
+    _eps("hc_eps", hc_eps)
     return lead, T, n, H
 
 
-def check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, sinkhorn_repeat):
-    """Validate ``fused_post_pre``'s tensors; returns ``(lead_dims, T, n, H)``."""
+def check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps=1e-6,
+                hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0):
+    """Validate ``fused_post_pre``'s arguments; returns ``(lead_dims, T, n, H)``."""
     out = check_post(x, residual, post_mix, comb_mix)
     n, H = out[2], out[3]
     _weights(fn, hc_scale, hc_base, n, H, 2 * n + n * n, 3, mix_dtype(residual.dtype))
     _same_device(residual, fn=fn, hc_scale=hc_scale, hc_base=hc_base)
-    _pre_scalars(sinkhorn_repeat)
+    _pre_scalars(sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value)
     return out

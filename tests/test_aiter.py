@@ -369,6 +369,14 @@ def test_aiter_detection_of_a_broken_mhc_module(install):
     assert found.module is None and "OSError: libmodule_mhc.so" in found.reasons[0]
 
 
+def test_aiter_detection_of_a_module_that_calls_sys_exit(install):
+    """detect() never raises: a sys.exit() at import is a reason too (regression: it escaped)."""
+    root = install("0.1.14")
+    (root / "aiter" / "ops" / "mhc.py").write_text("raise SystemExit('no GPU, bye')\n")
+    found = aiter_backend.detect()
+    assert found.module is None and "SystemExit: no GPU, bye" in found.reasons[0]
+
+
 def test_aiter_detection_of_a_module_without_mhc_post(install):
     root = install("0.1.14")
     (root / "aiter" / "ops" / "mhc.py").write_text("def mhc_pre(*a):\n    pass\n")

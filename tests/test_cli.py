@@ -62,3 +62,90 @@ def test_check_fails_loudly_when_a_backend_disagrees(tmp_path):
 def test_unknown_aot_backend_is_an_argument_error():
     out = _mhc("aot", "--backend", "nosuch", "--arch", "sm90")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+# --- user errors: one line, exit status 2 (issues 16 and 17) ----------------------------------------
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mhc.__main__ import main  # noqa: E402
+
+_NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["check", "--H", "0"], "--H must be >= 1"),                       # was ZeroDivisionError
+    (["check", "--T", "-1"], "--T must be >= 1"),                      # was RuntimeError
+    (["check", "--n", "0"], "--n must be in [1, 8]"),                  # exited 0, every cell n/a
+    (["--n", "9"], "--n must be in [1, 8]"),                           # the main job, no subcommand
+    (["info", "--H", "-3"], "--H must be >= 1"),
+    (["check", "--reps", "0"], "--reps must be >= 1"),
+    (["check", "--seed", "-1"], "--seed must be in [0, 2**63)"),
+    (["check", "--backend", "nope"], "--backend 'nope' is not a backend; known: "),  # was ValueError
+    (["check", "--backend", "bogus"], "--backend 'bogus' is not a backend"),
+    (["check", "--device", "meta"], "--device meta: meta tensors hold no values"),  # NotImplementedError
+    (["check", "--device", "foo"], "--device 'foo' is not a torch device"),
+    pytest.param(["check", "--device", "cuda"], "--device cuda: no GPU is visible", marks=_NO_GPU),  # assert
+    (["aot", "--backend", "triton", "--arch", "sm1"], "--arch sm1: triton builds for sm90, gfx942, gfx950"),
+    (["aot", "--backend", "triton", "--arch", "sm80"], "--arch sm80: triton builds for"),
+    (["aot", "--backend", "triton", "--arch", ","], "--arch names no architecture"),
+])
+def test_argument_errors_are_one_line_and_exit_2(capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("python -m mhc") and ": error: " in last and words in last, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("cmd", ["info", "check"])
+def test_a_malformed_mhc_backend_is_an_argument_error(capsys, monkeypatch, cmd):
+    monkeypatch.setenv("MHC_BACKEND", "pre:triton,pre:torch")
+    with pytest.raises(SystemExit) as e:
+        main([cmd])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "MHC_BACKEND='pre:triton,pre:torch': pre is given twice" in last
+
+
+def test_tilelang_arch_errors_are_argument_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["aot", "--backend", "tilelang", "--arch", "sm1"])
+    assert e.value.code == 2 and "unrecognised arch 'sm1'" in capsys.readouterr().err
+
+
+def test_subcommands_and_problem_options_have_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    for line in ("info                versions", "check               each backend", "aot                 compile"):
+        assert line in top, top
+    with pytest.raises(SystemExit):
+        main(["check", "--help"])
+    options = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
+    for opt, default in (("--n N", "4"), ("--H H", "512"), ("--T T", "64"), ("--reps REPS", "20"),
+                         ("--seed SEED", "0")):
+        described = options.split(opt + " ", 1)[1].split(" --", 1)[0]  # the text up to the next option
+        assert f"(default: {default})" in described and len(described) > len("(default: 0)") + 5, (opt, described)
+
+
+def test_check_cells_name_the_output_their_error_is_for(capsys):
+    """Regression (issue 17): one number per cell under two tolerances, so "1.7e-03 ok" read as
+    over the 1e-3 mix tolerance."""
+    assert main(["check", "--backend", "torch", "--device", "cpu", "--H", "32", "--T", "3", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tolerance 0.01 for layer_input, new_residual and out, 0.001 for post_mix and comb_mix" in out
+    row = next(line for line in out.splitlines() if line.startswith("torch "))
+    cells = row.split(" ok ")[1:]
+    assert len(cells) == 4
+    names = ("post_mix=", "comb_mix=", "layer_input=", "out=", "new_residual=")
+    for cell in cells:
+        assert cell.startswith(names), row
+
+
+def test_check_with_nothing_to_check_fails(capsys):
+    """A backend that cannot serve anything here is not a pass."""
+    rc = main(["check", "--backend", "aiter", "--device", "cpu", "--H", "32", "--T", "3", "--reps", "1"])
+    assert rc == 1 and "NOTHING CHECKED: aiter cannot serve" in capsys.readouterr().out

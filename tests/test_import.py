@@ -65,3 +65,30 @@ def test_import_with_the_unrelated_pypi_aiter(tmp_path):
     reasons = _run(tmp_path)
     if "aiter" in reasons:
         assert reasons["aiter"], "the PyPI async-iterator package was taken for AMD's AITER"
+
+
+def test_an_optional_library_that_calls_sys_exit_is_a_reason(tmp_path):
+    """Regression: SystemExit got through the import guards: `python -m mhc info` exited 3, and
+    backend="triton" and mhc.explain raised SystemExit."""
+    pkg = tmp_path / "triton"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise SystemExit(3)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}", "TRITON_INTERPRET": "1"}
+    info = subprocess.run([sys.executable, "-m", "mhc", "info"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert info.returncode == 0, info.stdout + info.stderr
+    assert "SystemExit" in info.stdout and "triton" in info.stdout
+    code = textwrap.dedent("""
+        import torch, mhc
+        from mhc import checking
+        a, kw = checking.make_inputs('pre', (2,), 4, 32, torch.bfloat16)
+        print('EXPLAIN', mhc.explain('pre', *a, backend='triton'))
+        try:
+            mhc.pre(*a, **kw, backend='triton')
+        except mhc.BackendError as e:
+            print('RAISED', e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "EXPLAIN" in out.stdout and "RAISED mhc backend 'triton' cannot serve" in out.stdout
+    assert "SystemExit" in out.stdout

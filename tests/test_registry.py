@@ -179,9 +179,39 @@ def test_auto_skips_with_reasons_and_explain_reports_them(gpu_only):
 
 
 def test_explain_names_the_blocked_explicit_choice(gpu_only):
+    """Regression (issue 17): it said "no backend can serve", then listed "torch: can serve"."""
     a, kw = _pre_args()
     ex = mhc.explain("pre", *a, backend="gpuonly")
-    assert ex.chosen is None and "no backend can serve" in str(ex)
+    text = str(ex)
+    assert ex.chosen is None and ex.auto_choice == "torch"
+    assert "no backend can serve" not in text
+    assert "'gpuonly' cannot serve it, and an explicit choice does not fall back" in text
+    assert "auto would choose 'torch'" in text and " x gpuonly: " in text
+
+
+@pytest.mark.parametrize("op, n_args, names", [
+    ("pre", 1, "residual, fn, hc_scale, hc_base[, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, "
+               "sinkhorn_repeat]"),
+    ("head", 3, "residual, fn, hc_scale, hc_base[, rms_eps, hc_eps]"),
+    ("post", 5, "x, residual, post_mix, comb_mix;"),
+])
+def test_explain_with_the_wrong_number_of_arguments_names_the_op(op, n_args, names):
+    """Regression (issue 17): too few arguments named the internal check_pre() and asked for
+    sinkhorn_repeat, which has a default."""
+    a, _ = checking.make_inputs("pre", (3,), 4, 32, torch.bfloat16, seed=74)
+    args = (list(a) * 2)[:n_args]
+    with pytest.raises(TypeError) as e:
+        mhc.explain(op, *args)
+    msg = str(e.value)
+    assert f"mhc.explain({op!r}, ...) takes {op}'s arguments: {names}" in msg and f"got {n_args}" in msg
+    assert "check_" not in msg
+
+
+def test_explain_uses_the_scalars_it_is_given():
+    a, _ = _pre_args()
+    assert mhc.explain("pre", *a, 1e-6, 1e-6, 1e-6, 2.0, 5).chosen == "torch"
+    with pytest.raises(ValueError, match="sinkhorn_repeat"):
+        mhc.explain("pre", *a, 1e-6, 1e-6, 1e-6, 2.0, 0)
 
 
 def test_a_probe_that_raises_becomes_a_reason():
@@ -285,3 +315,112 @@ def test_entry_point_backends_register_and_broken_ones_become_reasons(tmp_path):
 def _repo_root():
     import pathlib
     return str(pathlib.Path(mhc.__file__).resolve().parent.parent)
+
+
+# --- a call is accepted or refused the same way whatever T is ------------------------------------
+
+
+def _refusal(fn):
+    try:
+        fn()
+    except Exception as e:  # the outcome to compare: the exception type, or None
+        return type(e)
+    return None
+
+
+@pytest.mark.parametrize("op", registry.OPS)
+@pytest.mark.parametrize("case", ["unknown name", "cannot serve", "malformed env"])
+def test_empty_batch_is_selected_like_any_other(monkeypatch, op, case):
+    """Regression: T == 0 returned empty outputs before selection, so backend="garbage", a backend
+    that cannot serve the call, or a malformed MHC_BACKEND were accepted at T == 0 only."""
+    dtype = torch.float32 if case == "cannot serve" else torch.bfloat16
+    backend = {"unknown name": "garbage", "cannot serve": "tilelang", "malformed env": None}[case]
+    if case == "malformed env":
+        monkeypatch.setenv("MHC_BACKEND", f"{op}:triton,{op}:torch")
+    outcomes = []
+    for T in (3, 0):
+        args, kw = checking.make_inputs(op, (T,), 4, 32, dtype, seed=71)
+        outcomes.append(_refusal(lambda: checking.call(op, args, kw, backend)))
+    want = ValueError if case != "cannot serve" else BackendError
+    assert outcomes == [want, want], outcomes
+
+
+def test_empty_backward_is_selected_like_any_other():
+    for T in (3, 0):
+        args, _ = checking.make_inputs("post", (T,), 4, 32, torch.bfloat16, seed=72)
+        g = torch.randn(T, 4, 32).bfloat16()
+        with pytest.raises(ValueError, match="garbage"):
+            torch.ops.mhc.post_backward(g, *args, [True] * 4, backend="garbage")
+
+
+# --- plug-ins that exit, or lack an op --------------------------------------------------------------
+
+
+def _cpu_record(name, **kw):
+    return Backend(name, None, Capabilities(frozenset({"cpu"}), frozenset({torch.bfloat16})), **kw)
+
+
+def _exit(*a):
+    raise SystemExit(3)
+
+
+@pytest.mark.parametrize("where", ["load", "probe"])
+def test_a_plugin_that_calls_sys_exit_becomes_a_reason(where):
+    kw = {"load": _exit} if where == "load" else {"load": lambda: reference, "probe": _exit}
+    registry.register(_cpu_record("exits", **kw))
+    try:
+        a, kw_ = _pre_args()
+        with pytest.raises(BackendError, match="SystemExit"):
+            mhc.pre(*a, **kw_, backend="exits")
+        assert "SystemExit" in "; ".join(mhc.explain("pre", *a).reasons["exits"])
+    finally:
+        registry.unregister("exits")
+
+
+def test_keyboard_interrupt_is_not_swallowed():
+    def interrupted():
+        raise KeyboardInterrupt
+    registry.register(_cpu_record("ctrlc", load=interrupted))
+    try:
+        a, kw = _pre_args()
+        with pytest.raises(KeyboardInterrupt):
+            mhc.pre(*a, **kw, backend="ctrlc")
+    finally:
+        registry.unregister("ctrlc")
+
+
+def test_an_entry_point_that_calls_sys_exit_is_broken_not_fatal(tmp_path):
+    (tmp_path / "mhc_exits.py").write_text("raise SystemExit(3)\n")
+    dist = tmp_path / "mhc_exits-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mhc-exits\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mhc.backends]\nexits = mhc_exits:BACKEND\n")
+    code = textwrap.dedent("""
+        import mhc
+        from mhc import registry
+        assert 'exits' in mhc.list_backends()
+        print('BROKEN:', registry._STATE.broken['exits'])
+    """)
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{_repo_root()}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "BROKEN: entry point 'mhc_exits:BACKEND' failed: SystemExit: 3" in out.stdout
+
+
+def test_a_plugin_whose_load_lacks_an_op_gives_a_reason(monkeypatch):
+    """Regression: getattr(loaded, op) in registry.py raised AttributeError, not BackendError."""
+    registry.register(_cpu_record("lacking", load=lambda: types.SimpleNamespace(pre=reference.pre)))
+    try:
+        a, kw = checking.make_inputs("head", (3,), 4, 32, torch.bfloat16, seed=73)
+        with pytest.raises(BackendError, match="lacking.*no callable 'head'"):
+            mhc.head(*a, **kw, backend="lacking")
+        a_pre, kw_pre = _pre_args()
+        mhc.pre(*a_pre, **kw_pre, backend="lacking")  # the op it has still serves
+        monkeypatch.setattr(registry, "auto_order", lambda platform, op, T: ("lacking", "torch"))
+        registry._STATE.decisions.clear()
+        ex = mhc.explain("head", *a)
+        assert ex.chosen == "torch" and "no callable 'head'" in ex.reasons["lacking"][0]
+        want = reference.head(*a, **kw)
+        assert torch.equal(mhc.head(*a, **kw), want)
+    finally:
+        registry.unregister("lacking")

@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from mhc.backends import device_guard, empty
-from mhc.registry import Backend, Capabilities, Problem
+from mhc.registry import CAUGHT, Backend, Capabilities, Problem
 
 __all__ = ["BACKEND", "AiterAdapter", "PaddedHeadWeights", "HEAD_PAD_CACHE", "detect", "DISTRIBUTION",
            "MIN_GOOD_VERSION"]
@@ -86,14 +86,14 @@ def _dist_version(name: str) -> str | None:
         return md.version(name)
     except md.PackageNotFoundError:
         return None
-    except Exception:  # corrupt metadata must not take mhc down
+    except CAUGHT:  # corrupt metadata must not take mhc down
         return None
 
 
 def _module_findable(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
-    except Exception:  # a blocked (sys.modules[name] = None) or broken package
+    except CAUGHT:  # a blocked (sys.modules[name] = None) or broken package
         return False
 
 
@@ -140,7 +140,7 @@ def detect() -> _Install:
         return _Install(None, None, None, tuple(reasons))
     try:
         mod = importlib.import_module("aiter.ops.mhc")
-    except Exception as e:  # ImportError, or anything a broken install raises at import
+    except CAUGHT as e:  # ImportError, or anything a broken install raises at import (sys.exit too)
         why = [f"{DISTRIBUTION} {version} is installed but `import aiter.ops.mhc` failed "
                f"({type(e).__name__}: {e}): it has no mHC kernels or is broken; {_BUILD_HINT}"]
         return _Install(version, _parse_version(version), None, tuple(why + reasons))

@@ -29,6 +29,9 @@ BACKEND = Backend(
         device_types=frozenset({"cpu", "cuda", "mps", "xpu", "meta"}),
         dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64}),
         ops=frozenset(OPS + BACKWARD_OPS),
+        # Its backward ops are torch ops, which record history under create_graph=True (through
+        # PyTorch's autograd fallback for ops without an autograd kernel, which warns).
+        double_backward=True,
     ),
     load=_load,
     description="PyTorch reference math and its backward; every device, every float dtype",

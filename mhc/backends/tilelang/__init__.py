@@ -28,7 +28,7 @@ import tempfile
 
 import torch
 
-from mhc.registry import Backend, Capabilities, Problem
+from mhc.registry import CAUGHT, Backend, Capabilities, Problem
 
 __all__ = ["BACKEND", "TESTED_VERSION", "cache_dir", "find_compiler"]
 
@@ -71,7 +71,7 @@ def _installed_version() -> str | None:
         from importlib.metadata import version
 
         return version("tilelang")
-    except Exception:
+    except CAUGHT:
         return None
 
 
@@ -86,7 +86,7 @@ def _probe(p: Problem) -> list[str]:
         why.append("no nvcc found (set CUDA_HOME); TileLang compiles its kernels with it")
     try:
         cap = torch.cuda.get_device_capability(p.device)
-    except Exception as e:  # no driver, bad ordinal
+    except CAUGHT as e:  # no driver, bad ordinal
         why.append(f"cannot query {p.device}: {type(e).__name__}: {e}")
         return why
     if cap < MIN_CAPABILITY:

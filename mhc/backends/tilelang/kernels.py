@@ -62,6 +62,15 @@ def _ld_cg(elem):
     return T.call_extern("float32", "__ldcg", T.address_of(elem))
 
 
+def _rms_factor(ssq, inv_k, rms_eps):
+    """The RMS factor ``rsqrt(ssq / K + rms_eps)`` from a token's fp32 sum of squares, but NaN
+    (rsqrt of -1) where ``ssq`` overflowed to +inf, not 0, which would make every mix of that token
+    finite and wrong: ``mhc.reference.rms_factor``'s rule. A select, not arithmetic on inf
+    (``ssq * 0``), which the TIR simplifier may fold away. ``ssq`` is used twice: pass a bound
+    name (``ssq = load``), not a load expression, or the load is emitted twice."""
+    return T.rsqrt(T.if_then_else(ssq < T.infinity("float32"), ssq * inv_k + rms_eps, T.float32(-1.0)))
+
+
 def _round_up(a: int, b: int) -> int:
     return (a + b - 1) // b * b
 
@@ -291,10 +300,12 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
             # 5. RMS-scaled logits and collapse weights.
             for r, j in T.Parallel(BM, m):
                 if cfg.cg_loads:
-                    rs = T.rsqrt(_ld_cg(fin[b, r * MP + m]) * inv_k + rms_eps)
+                    ssq = _ld_cg(fin[b, r * MP + m])
+                    rs = _rms_factor(ssq, inv_k, rms_eps)
                     mix[r, j] = _ld_cg(fin[b, r * MP + j]) * rs
                 else:
-                    rs = T.rsqrt(T.atomic_load(fin[b, r * MP + m], memory_order="relaxed") * inv_k + rms_eps)
+                    ssq = T.atomic_load(fin[b, r * MP + m], memory_order="relaxed")
+                    rs = _rms_factor(ssq, inv_k, rms_eps)
                     mix[r, j] = T.atomic_load(fin[b, r * MP + j], memory_order="relaxed") * rs
             for r, i in T.Parallel(BM, n):
                 wsh[r, i] = T.sigmoid(mix[r, i] * hc_scale[0] + hc_base[i]) + w_eps
@@ -710,11 +721,13 @@ def build_mix_persistent(mode: str, n: int, H: int, cfg: PersistentConfig, dtype
                                 mraw[q, j] = v
                     T.sync_threads()
                     for r, i in T.Parallel(BM, n):
-                        rs = T.rsqrt(red[n, r] * inv_k + rms_eps)
+                        ssq = red[n, r]
+                        rs = _rms_factor(ssq, inv_k, rms_eps)
                         wsh[r, i] = T.sigmoid(red[i, r] * rs * hc_scale[0] + hc_base[i]) + w_eps
                     if has_sinkhorn:
                         for q, j in T.Parallel(Q, m):
-                            mix[q, j] = mraw[q, j] * T.rsqrt(mraw[q, m] * inv_k + rms_eps)
+                            ssq = mraw[q, m]
+                            mix[q, j] = mraw[q, j] * _rms_factor(ssq, inv_k, rms_eps)
                 else:
                     for e in T.Parallel(SH):
                         k = s * SH + e
@@ -732,7 +745,8 @@ def build_mix_persistent(mode: str, n: int, H: int, cfg: PersistentConfig, dtype
                             T.call_extern("handle", "__nanosleep", 32)
                     T.sync_threads()
                     for r, j in T.Parallel(BM, m):
-                        rs = T.rsqrt(_ld_cg(fin[b, r * MP + m]) * inv_k + rms_eps)
+                        ssq = _ld_cg(fin[b, r * MP + m])
+                        rs = _rms_factor(ssq, inv_k, rms_eps)
                         mix[r, j] = _ld_cg(fin[b, r * MP + j]) * rs
                     for r, i in T.Parallel(BM, n):
                         wsh[r, i] = T.sigmoid(mix[r, i] * hc_scale[0] + hc_base[i]) + w_eps

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from mhc.registry import BACKWARD_OPS, OPS, Backend, Capabilities, Problem
+from mhc.registry import BACKWARD_OPS, CAUGHT, OPS, Backend, Capabilities, Problem
 
 _KERNELS = "mhc.backends.triton.launch"
 
@@ -32,7 +32,7 @@ def _interpreted() -> bool:
 def _probe(p: Problem) -> list[str]:
     try:
         import triton  # noqa: F401
-    except Exception as e:  # a broken install is a reason, not a crash
+    except CAUGHT as e:  # a broken install is a reason, not a crash (a sys.exit() in it too)
         return [f"triton is not installed or fails to import ({type(e).__name__}: {e})"]
     if p.device.type == "cpu":
         if not _interpreted():
@@ -46,7 +46,7 @@ def _probe(p: Problem) -> list[str]:
         import triton
 
         target = triton.runtime.driver.active.get_current_target()
-    except Exception as e:
+    except CAUGHT as e:
         return [f"Triton finds no GPU driver ({type(e).__name__}: {e})"]
     if target.backend not in ("cuda", "hip"):
         return [f"Triton's active driver is {target.backend!r}, not cuda or hip"]

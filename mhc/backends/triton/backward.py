@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from mhc.backends import device_guard, empty
+from mhc.backends.triton.kernels import _rms_factor
 
 # --- Sinkhorn backward ------------------------------------------------------------------------------
 
@@ -129,7 +130,7 @@ def _mix_bwd_kernel(res_ptr, fn_ptr, gout_ptr, gpm_ptr, gcm_ptr, scale_ptr, base
             ssq += tl.sum(x * x, axis=1)
             gw += tl.where(streams == i, tl.sum(x * go, axis=1)[:, None], 0.0)
             h0 += BH
-    r = 1.0 / tl.sqrt(ssq / K + rms_eps)
+    r = _rms_factor(ssq, K, rms_eps)
     mixes = acc * r[:, None]
     # per-column scale: hc_scale[0] for the first N columns, [1] for the next N, [2] for comb
     group = tl.where(cols < N, 0, tl.where(cols < 2 * N, 1, 2))

@@ -238,12 +238,21 @@ def _ld(ptr, offs, mask, sstride, n_splits, SP: tl.constexpr):
 
 
 @triton.jit
+def _rms_factor(ssq, K, rms_eps):
+    """The RMS factor ``rsqrt(ssq / K + rms_eps)`` from a token's fp32 sum of squares ``ssq``, but
+    NaN where ``ssq`` overflowed to +inf (rsqrt would give 0, and every mix of the token a
+    finite wrong value): ``mhc.reference.rms_factor``'s rule, for every kernel that scales mixes."""
+    r = 1.0 / tl.sqrt(ssq / K + rms_eps)
+    return tl.where(ssq == float("inf"), float("nan"), r)
+
+
+@triton.jit
 def _rms(mix_ptr, rows, n_rows, K, rms_eps, sstride, n_splits,
          N3: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr):
     """Per-token RMS factor [BM] from the sum of squares (column N3 of the logits; rows past
     ``n_rows`` read as 0)."""
     ssq = _ld(mix_ptr, rows * N3P + N3, rows < n_rows, sstride, n_splits, SP)
-    return 1.0 / tl.sqrt(ssq / K + rms_eps)
+    return _rms_factor(ssq, K, rms_eps)
 
 
 @triton.jit
@@ -468,7 +477,7 @@ def _tail(part_blk, n_splits, src_ptr, out_ptr, post_ptr, comb_ptr, prm, xs, n_r
     p = tl.load(part_blk + s[:, None] * (BM * N3P) + e[None, :],
                 mask=(s < n_splits)[:, None] & (e < n_rows * N3P)[None, :], other=0.0, cache_modifier=".cg")
     m = _elems(tl.reshape(tl.sum(p, axis=0), [RB, N3P]), RB, N3P)
-    rms = 1.0 / tl.sqrt(m[N3] / K + rms_eps)
+    rms = _rms_factor(m[N3], K, rms_eps)
     B: tl.constexpr = 1 if HEAD else 3  # prm: scales, then hc_base from index B
     w = ()
     for i in tl.static_range(N):

@@ -258,25 +258,37 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
 
 
 class _Counters:
-    """Per-token-block arrival counters of ``mix_kernel``, one zeroed int32 buffer per (device,
-    stream). The kernel leaves them zero, so they are allocated and zeroed once, not per call
-    (no memset launch, CUDA-graph capturable); keying by stream keeps concurrent streams apart."""
+    """Per-token-block arrival counters of ``mix_kernel``: int32 buffers that the kernel leaves
+    zero, so they are zeroed once, not per call (no memset launch, CUDA-graph capturable).
+
+    A buffer serves one launch at a time: :meth:`take` removes it from the pool and :meth:`put`
+    returns it once the launch has returned. A call that fails or is interrupted in between (a
+    KeyboardInterrupt or a timeout in the middle of an interpreted launch, an exception between
+    the two) may leave non-zero counts in it; it never reaches the pool again, and the next call
+    gets a freshly zeroed buffer, so no state a failed call leaves can corrupt a later one.
+    Every buffer ever made stays referenced (``_all``), never freed: a captured CUDA graph may
+    still point at one. Pools are keyed by (device, stream), so concurrent streams never share
+    a buffer, nor do concurrent calls on one stream (the second finds the pool empty)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._bufs: dict[tuple, torch.Tensor] = {}
+        self._bufs: dict[tuple, torch.Tensor] = {}  # the pool: zeroed buffers, one per key
+        self._all: list[torch.Tensor] = []
 
-    def get(self, device: torch.device, count: int) -> torch.Tensor:
+    def take(self, device: torch.device, count: int) -> tuple[tuple, torch.Tensor]:
+        """``(key, buffer)``: a zeroed buffer of at least ``count`` counters, out of the pool."""
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         key = (device, stream)
-        buf = self._bufs.get(key)
+        buf = self._bufs.pop(key, None)  # atomic under the GIL: two callers never get one buffer
         if buf is None or buf.numel() < count:
+            buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
             with self._lock:
-                buf = self._bufs.get(key)
-                if buf is None or buf.numel() < count:
-                    buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-                    self._bufs[key] = buf
-        return buf
+                self._all.append(buf)
+        return key, buf
+
+    def put(self, key: tuple, buf: torch.Tensor) -> None:
+        """Return ``buf`` to the pool after a launch that returned (its kernel leaves it zero)."""
+        self._bufs[key] = buf
 
 
 _COUNTERS = _Counters()
@@ -326,13 +338,14 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
         num_m = triton.cdiv(T, cfg.block_m)
         part = torch.empty(num_m * cfg.splits * cfg.block_m * n3p, dtype=torch.float32, device=dev)
         mix = torch.empty(num_m * cfg.block_m * n3p, dtype=torch.float32, device=dev)
-        cnt = _COUNTERS.get(dev, num_m)
+        key, cnt = _COUNTERS.take(dev, num_m)
         kernels.mix_kernel[(num_m, cfg.splits)](
             residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
             post_mix, comb_mix, out, part, mix, cnt,
             T, H, cfg.splits, *scalars,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec,
         )
+        _COUNTERS.put(key, cnt)  # not reached if the launch raised: that buffer is dropped
     return out, post_mix, comb_mix, new
 
 
