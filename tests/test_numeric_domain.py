@@ -22,7 +22,7 @@ FLT_MAX = torch.finfo(torch.float32).max
 TARGETS = (None, 1.1, 0.9, 4.0, 0.25)
 N, H = 4, 32
 #: Token counts that take the Triton kernels' different paths: T = 1 (the last program's tail),
-#: T = 5 (chunked), T = 130 (fused_post_pre's single launch); TARGETS repeat over the tokens.
+#: T = 5 (chunked), T = 130 (the two-pass path); TARGETS repeat over the tokens.
 T_VALUES = (1, 5, 130)
 
 
