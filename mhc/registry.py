@@ -313,22 +313,21 @@ def auto_order(platform: str, op: str, T: int) -> tuple[str, ...]:
 
     ROCm: AITER's HIP kernels, then Triton, then torch. CPU and others: torch (the Triton
     interpreter serves CPU tensors only when asked for by name: it is a test tool).
-    CUDA, from the H100 run of 2026-11-23 (benchmarks/README.md; warm µs, H=4096 / 7168):
+    CUDA (warm µs, CUDA-graph replays, H=4096 / 7168; the files are in benchmarks/results/):
 
-    - ``post``: TileLang, at or under Triton everywhere (T=1: 1.4 vs 1.5 µs; T=16384:
-      400 vs 421 / 699 vs 733 µs; both ~1.0x the floor). Since Triton's program-order fix
-      (4c037f5, run of 16:40 UTC) the two tie at T >= 4096 (0.99-1.01x the floor), and TileLang
-      stays ahead at T <= 512 (T=8: 1.6 vs 1.9 µs, T=64: 2.2 vs 2.4 / 2.7 vs 3.1 µs).
-    - ``pre``/``head``/``fused_post_pre`` with T <= 64 (bucket 0): Triton (pre T=1: 10.8 vs 20.5,
-      T=64: 11.5 vs 21.6 / 16.2 vs 21.5; head T=1: 5.8 vs 9.8; fused T=1: 12.9 vs 22.1; after
-      1425d29, run of d6fced2: pre T=1 7.1 vs 20.3, T=64 12.2 vs 22.0, head T=1 5.0 vs 9.8,
-      fused T=1 9.8 vs 21.8 at H=4096; the
-      exceptions, fused at H=7168 with T=8 (23.9 vs 22.1) and T=64 (28.9 vs 23.6), are left to
-      the bucket: one bucket boundary keeps the decision cache small; on 0af5766 / 6b763db the
-      first is gone, 16.0 vs 22.1, and the second is within 4 %, 24.9 vs 24.0).
-    - the same ops with T > 64: TileLang (pre T=512: 27.7 vs 34.9 / 46.3 vs 64.0, T=16384:
-      556 vs 622 / 1073 vs 1119; head T=4096: 123 vs 142 / 222 vs 332; fused T=4096: 263 vs 422 /
-      509 vs 724).
+    - ``post``: TileLang, at or under Triton everywhere on the H100 (bench-post-hfast.md: the two
+      tie at T >= 4096, 0.99-1.01x the floor; TileLang is ahead at T <= 512, T=8: 1.6 vs 1.9 µs).
+    - ``pre``/``head``/``fused_post_pre`` with T <= 64 (bucket 0): Triton (H100,
+      bench-d6fced2-partial.md: pre T=1 7.1 vs 20.3, T=64 12.2 vs 22.0, head T=1 5.0 vs 9.8,
+      fused T=1 9.8 vs 21.8 at H=4096).
+    - the same ops with 64 < T < 2048 (bucket 1): TileLang, from the H100 (bench.md: pre T=512
+      27.7 vs 34.9, head 15.9 vs 26.1). Triton's two-pass path now takes 26.2 / 27.5 / 37.5 µs for
+      pre / head / fused at T=513, H=4096 on the H200 (two-pass-h200.md); TileLang was not
+      measured on the H200 at these T, so the bucket keeps its order until it is.
+    - the same ops with T >= 2048 (bucket 2): Triton's two-pass path (two-pass-h200.md: pre T=4096
+      92.9 vs TileLang's 142.8 / 181.4 vs 266.9, T=16384 351 vs 524 / 682 vs 1014; head T=16384
+      387 vs 437 / 673 vs 827; fused T=16384 639 vs 920 / 1086 vs 1829; TileLang's figures are
+      the H200 ones of the same day quoted in two-pass-h200.md, not of the same run).
     - Backward ops: TileLang has none (its reason), so Triton serves them, then torch.
 
     Third-party backends come after the built-ins unless named explicitly.
@@ -336,7 +335,7 @@ def auto_order(platform: str, op: str, T: int) -> tuple[str, ...]:
     if platform == "rocm":
         return ("aiter", "triton", "torch")
     if platform == "cuda":
-        if op == "post" or t_bucket(T) > 0:
+        if op == "post" or t_bucket(T) == 1:
             return ("tilelang", "triton", "torch")
         return ("triton", "tilelang", "torch")
     return ("torch",)
