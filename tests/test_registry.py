@@ -253,7 +253,9 @@ def test_auto_order_per_platform():
     assert registry.auto_order("cuda", "pre", 1) == ("triton", "tilelang", "torch")
     assert registry.auto_order("cuda", "head", 64) == ("triton", "tilelang", "torch")
     assert registry.auto_order("cuda", "pre", 65)[0] == "tilelang"
-    assert registry.auto_order("cuda", "fused_post_pre", 16384)[0] == "tilelang"
+    assert registry.auto_order("cuda", "fused_post_pre", 2047)[0] == "tilelang"
+    assert registry.auto_order("cuda", "fused_post_pre", 16384)[0] == "triton"
+    assert registry.auto_order("cuda", "post", 16384)[0] == "tilelang"
     assert registry.auto_order("cuda", "post", 1)[0] == "tilelang"
     assert registry.auto_order("cuda", "pre_backward", 4096)[-1] == "torch"
 
