@@ -1,14 +1,14 @@
 """Development sweep of the Triton two-pass path (issue 13): the prenorm GEMM alone, then the whole
-op (GEMM + finalize per L2-sized chunk), on one GPU in one call.
+op (GEMM + finalize), on one GPU in one call.
 
     python benchmarks/prenorm_dev.py [--budget-s 480] [--out DIR]
 
 Stage 1 times ``kernels.prenorm_kernel`` alone over a grid of tiles (bytes: the residual read once,
 reported as TB/s of residual) next to cuBLAS's bf16 ``x @ w`` of the same shape, and checks each
 config's partial sums against fp64. Stage 2 varies the best GEMM tiles' order, stages and
-precision. Stage 3 runs whole ops through ``launch._two_pass`` with several chunk sizes and second-
-pass tiles, checks every output against the fp64 oracle on sampled rows (outputs poisoned), and
-times the current Triton path in the same run. Times are CUDA-graph replay medians; the floor is
+precision. Stage 3 runs whole ops through ``launch._two_pass`` with several GEMM and second-pass
+tiles (its chunked forms, measured in runs 1-2, are gone: results/two-pass-h200.md), checks every
+output against the fp64 oracle on sampled rows (outputs poisoned), and times the current Triton path in the same run. Times are CUDA-graph replay medians; the floor is
 ``mhc.bench.floor_bytes`` over the copy bandwidth measured here. Results: ``OUT/prenorm_dev.json``
 and a table on stdout.
 """
@@ -142,9 +142,9 @@ def stage_gemm(results, budget_end):
     return top
 
 
-def plan_from(c, chunk, bt=1, bc=1024, bmb=16, fin_warps=4):
+def plan_from(c, bt=1, bc=1024, bmb=16, fin_warps=4):
     bm, bk, kps, warps, stages, prec, sf = c
-    return launch.TwoPass(chunk=chunk, block_m=bm, block_k=bk, steps=kps // bk, warps=warps, stages=stages,
+    return launch.TwoPass(block_m=bm, block_k=bk, steps=kps // bk, warps=warps, stages=stages,
                           prec=prec, split_fast=sf, bt=bt, bc=bc, bmb=bmb, fin_warps=fin_warps)
 
 
@@ -183,20 +183,13 @@ def stage_ops(results, top, copy_gbs, budget_end):
             rows = bench.sample_rows(T, DEV)
             refs = bench.reference_rows(op, args, kw, rows)
             floor_us = bench.floor_bytes(op, T, n, H) / (copy_gbs * 1e3)
-            tok_bytes = n * H * 2
-            cands = []
-            for c in top[:2]:
-                for mib in (16, 32, 48, 10 ** 6):
-                    chunk = max(c[0], min(T, (mib << 20) // tok_bytes // c[0] * c[0]))
-                    cands.append(plan_from(c, chunk))
-            c0 = top[0]
-            chunk0 = max(c0[0], min(T, (32 << 20) // tok_bytes // c0[0] * c0[0]))
+            cands = [plan_from(c) for c in top[:2]]
             for bt, bc, fw in ((2, 1024, 4), (1, 2048, 8), (4, 512, 4), (1, 512, 2)):
-                cands.append(plan_from(c0, chunk0, bt=bt, bc=bc, fin_warps=fw))
-            for c in top[:2]:  # fewer K per program: more programs per chunk
+                cands.append(plan_from(top[0], bt=bt, bc=bc, fin_warps=fw))
+            for c in top[:2]:  # fewer K per program: more programs
                 bm, bk, kps, warps, stages, prec, sf = c
                 if kps > bk * 2:
-                    cands.append(plan_from((bm, bk, kps // 2, warps, stages, prec, sf), chunk0))
+                    cands.append(plan_from((bm, bk, kps // 2, warps, stages, prec, sf)))
             seen = set()
             for plan in cands:
                 if plan in seen:
@@ -230,14 +223,14 @@ def stage_ops(results, top, copy_gbs, budget_end):
 
 
 def stage_split(results, top, budget_end):
-    """The two passes of pre alone on one chunk (hot: right after the GEMM; cold: after a flush)."""
+    """pre's two passes apart: the whole op, and the GEMM alone (the difference is the second pass)."""
     n = 4
     out = []
     for T, H in ((1024, 4096), (576, 7168), (4096, 4096)):
         if time.time() > budget_end:
             break
         args, kw = bench.device_inputs("pre", T, n, H, DEV, seed=1)
-        plan = plan_from(top[0], T)
+        plan = plan_from(top[0])
         run = op_runner("pre", args, kw, plan)
         full = graph_us(run)
         res = args[0]
@@ -255,78 +248,9 @@ def stage_split(results, top, budget_end):
     results["split"] = out
 
 
-STREAM_GEMM = (128, 64, 2048, 8, 3, "hilo", True)
-
-
-def stage_stream(results, copy_gbs, budget_end, shapes):
-    """stream_kernel (one launch per call) against the unchunked two-pass path, same run."""
-    n = 4
-    out = []
-
-    def measure(op, T, H, args, kw, rows, refs, floor_us, impl, plan, tag):
-        try:
-            run = op_runner(op, args, kw, plan, impl)
-            with bench.poisoned_outputs():
-                outs = run()
-            torch.cuda.synchronize()
-            chk = bench.check_outputs(op, outs, refs, rows, torch.bfloat16)
-            us = graph_us(run)
-        except Exception as e:  # noqa: BLE001
-            out.append(dict(op=op, T=T, H=H, impl=tag, plan=dataclasses.asdict(plan), error=f"{type(e).__name__}: {str(e)[:160]}"))
-            return None
-        r = dict(op=op, T=T, H=H, impl=tag, plan=dataclasses.asdict(plan), us=us, floor_us=floor_us,
-                 x=us / floor_us, ok=chk.ok, err=chk.max_err, text=chk.text)
-        out.append(r)
-        return r
-
-    for op in ("pre", "head", "fused_post_pre"):
-        for T, H in shapes:
-            if time.time() > budget_end:
-                break
-            args, kw = bench.device_inputs(op, T, n, H, DEV, seed=T + H)
-            rows = bench.sample_rows(T, DEV)
-            refs = bench.reference_rows(op, args, kw, rows)
-            floor_us = bench.floor_bytes(op, T, n, H) / (copy_gbs * 1e3)
-            tok_bytes = n * H * 2
-            base = measure(op, T, H, args, kw, rows, refs, floor_us, launch._two_pass,
-                           plan_from((128, 64, 2048, 8, 4, "hilo", False), T), "two_pass")
-            best = None
-            for mib in (8, 16, 24, 32):
-                chunk = max(128, min(triton.next_power_of_2(T), (mib << 20) // tok_bytes // 128 * 128))
-                r = measure(op, T, H, args, kw, rows, refs, floor_us, launch._stream,
-                            plan_from(STREAM_GEMM, chunk, bt=4, bc=1024, fin_warps=8), f"stream {mib}MiB")
-                if r and r["ok"] and (best is None or r["us"] < best["us"]):
-                    best = r
-            if best is None:
-                continue
-            ch = best["plan"]["chunk"]
-            for g in ((128, 64, 1024, 8, 3, "hilo", True), (64, 64, 2048, 4, 3, "hilo", True),
-                      (128, 64, 2048, 8, 2, "hilo", True), (128, 128, 2048, 8, 2, "hilo", True)):
-                measure(op, T, H, args, kw, rows, refs, floor_us, launch._stream, plan_from(g, ch, bt=4, bc=1024), "stream g")
-            for bt, bc in ((2, 1024), (8, 1024), (4, 512), (4, 2048), (1, 2048)):
-                measure(op, T, H, args, kw, rows, refs, floor_us, launch._stream,
-                        plan_from(STREAM_GEMM, ch, bt=bt, bc=bc), "stream f")
-            if op == "fused_post_pre":
-                for pbh in (512, 2048):
-                    p = dataclasses.replace(plan_from(STREAM_GEMM, ch, bt=4, bc=1024), pbh=pbh)
-                    measure(op, T, H, args, kw, rows, refs, floor_us, launch._stream, p, "stream p")
-            try:
-                fn_ = getattr(mhc, op)
-                us = graph_us(lambda: fn_(*args, **kw, backend="triton"))
-                out.append(dict(op=op, T=T, H=H, impl="current triton", us=us, floor_us=floor_us, x=us / floor_us, ok=True))
-            except Exception as e:  # noqa: BLE001
-                out.append(dict(op=op, T=T, H=H, impl="current triton", error=str(e)[:120]))
-            bst = min((r for r in out if r["op"] == op and r["T"] == T and r["H"] == H and "us" in r
-                       and r.get("ok") and r["impl"].startswith("stream")), key=lambda r: r["us"], default=None)
-            log(op, T, H, f"floor {floor_us:.1f}", "two_pass", f"{base['us']:.1f}" if base else None,
-                "stream best", f"{bst['us']:.1f} ({bst['x']:.2f}x) {bst['plan']}" if bst else None)
-    results["stream"] = out
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=480)
-    ap.add_argument("--stage", choices=("gemm", "stream"), default="stream")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/prenorm-dev"))
     a = ap.parse_args()
     outdir = pathlib.Path(a.out)
@@ -337,14 +261,10 @@ def main():
     results["copy_GBps"] = gbs
     log(f"copy bandwidth {gbs:.0f} GB/s {notes}")
     try:
-        if a.stage == "gemm":
-            top = stage_gemm(results, T0 + a.budget_s * 0.45)
-            json.dump(results, open(outdir / "prenorm_dev.json", "w"), indent=1, default=str)
-            stage_split(results, top, T0 + a.budget_s * 0.5)
-            stage_ops(results, top, gbs, end)
-        else:
-            stage_stream(results, gbs, end, [(4096, 4096), (16384, 4096), (4096, 7168), (16384, 7168),
-                                             (512, 4096), (512, 7168)])
+        top = stage_gemm(results, T0 + a.budget_s * 0.45)
+        json.dump(results, open(outdir / "prenorm_dev.json", "w"), indent=1, default=str)
+        stage_split(results, top, T0 + a.budget_s * 0.5)
+        stage_ops(results, top, gbs, end)
     finally:
         json.dump(results, open(outdir / "prenorm_dev.json", "w"), indent=1, default=str)
     print("\n== GEMM alone (TB/s of residual read) ==")
@@ -354,18 +274,10 @@ def main():
                   + (f" err {r['err']:.1e}" if "err" in r else ""))
     errs = [r for r in results.get("gemm", []) if "error" in r]
     print(f"({len(errs)} GEMM configs failed to build/run)", errs[:3])
-    print("\n== stream ==")
-    for r in results.get("stream", []):
-        p = r.get("plan")
-        p = "" if not isinstance(p, dict) else "chunk={chunk} bm={block_m} bk={block_k} st={steps} w={warps} s={stages} bt={bt} bc={bc} pbh={pbh}".format(**p)
-        if "us" in r:
-            print(f"{r['op']:15} T={r['T']:5} H={r['H']} {r['impl']:14} {r['us']:8.1f} us {r['x']:.2f}x {'ok' if r['ok'] else 'BAD ' + r.get('text', '')} {p}")
-        else:
-            print(r["op"], r["T"], r["H"], r["impl"], "ERROR", r.get("error"), p)
     print("\n== ops ==")
     for r in results.get("ops", []):
         if "us" in r:
-            p = r["plan"] if isinstance(r["plan"], str) else "chunk={chunk} bm={block_m} bk={block_k} st={steps} w={warps} s={stages} {prec} bt={bt} bc={bc} fw={fin_warps}".format(**r["plan"])
+            p = r["plan"] if isinstance(r["plan"], str) else "bm={block_m} bk={block_k} st={steps} w={warps} s={stages} {prec} bt={bt} bc={bc} fw={fin_warps}".format(**r["plan"])
             print(f"{r['op']:15} T={r['T']:5} H={r['H']} {r['us']:8.1f} us {r['x']:.2f}x {'ok' if r['ok'] else 'BAD ' + r.get('text', '')} {p}")
         else:
             print(r["op"], r["T"], r["H"], "ERROR", r.get("error"))
