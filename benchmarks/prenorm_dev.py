@@ -8,8 +8,8 @@ reported as TB/s of residual) next to cuBLAS's bf16 ``x @ w`` of the same shape,
 config's partial sums against fp64. Stage 2 varies the best GEMM tiles' order, stages and
 precision. Stage 3 runs whole ops through ``launch._two_pass`` with several GEMM and second-pass
 tiles (its chunked forms, measured in runs 1-2, are gone: results/two-pass-h200.md), checks every
-output against the fp64 oracle on sampled rows (outputs poisoned), and times the current Triton path in the same run. Times are CUDA-graph replay medians; the floor is
-``mhc.bench.floor_bytes`` over the copy bandwidth measured here. Results: ``OUT/prenorm_dev.json``
+output against the fp64 oracle on sampled rows (outputs poisoned), and times the current Triton
+path in the same run. Times are CUDA-graph replay medians; the floor is ``mhc.bench.floor_bytes`` over the copy bandwidth measured here. Results: ``OUT/prenorm_dev.json``
 and a table on stdout.
 """
 
