@@ -321,3 +321,9 @@ def test_two_pass_small_tiles(L, monkeypatch):
         16, 16, 3, 4, 2, bt=4, bc=32, bmb=16))
     check_all_ops(L, 150, 3, 40, torch.bfloat16, seed=5, repeat=3)
     check_all_ops(L, 150, 4, 72, torch.float16, seed=6, repeat=3)
+
+
+def test_two_pass_at_the_smallest_widths(L):
+    """The planned tiles at H = 1 and 7 (K below one GEMM step; collapse tiles wider than H)."""
+    check_all_ops(L, 140, 2, 1, torch.bfloat16, seed=7, repeat=2)
+    check_all_ops(L, 140, 1, 7, torch.float16, seed=8, repeat=2)

@@ -427,7 +427,8 @@ def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> T
         bm //= 2
     splits = 16 if T <= 1024 else 8
     steps = max(1, triton.cdiv(triton.cdiv(K, splits), bk))
-    return TwoPass(bm, bk, steps, 4, stages, bc=min(1024, triton.next_power_of_2(H)))
+    # Collapse tiles at least 16 wide: 1-wide tiles (H = 1) crash Triton 3.6's coalescing pass.
+    return TwoPass(bm, bk, steps, 4, stages, bc=max(16, min(1024, triton.next_power_of_2(H))))
 
 
 def _post_into(x, residual, post_mix, comb_mix, out):
