@@ -140,7 +140,7 @@ def two_pass_jobs(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str
     mix_ty = act if head else "*fp32"
     common = dict(N3=n3, N3P=n3p, BM=p.block_m, BK=p.block_k, STEPS=p.steps, PREC=p.prec,
                   EXACT_BF16=dtype == torch.bfloat16, EVEN_K=K % (p.steps * p.block_k) == 0)
-    pspec = dict(N3=n3, N3P=n3p, BK=launch.PREP_BK, EMULATE_RNE=False)
+    pspec = dict(N3=n3, N3P=n3p, BK=launch.prep_block(n3p), EMULATE_RNE=False)
     yield ("prep", tuple(sorted(pspec.items()))), (f"{'prep':<14} N3={n3:<3}", "prep_kernel",
                                                   {"fn_ptr": "*fp32", "out_ptr": "*bf16", "K": "i32"}, pspec, 4, 1)
     label = f"{op:<14} n={n} H={H:<5} T<={T:<5} {t}"

@@ -293,8 +293,11 @@ class _Counters:
 
 _COUNTERS = _Counters()
 
-#: Columns of fn per ``prep_kernel`` program.
-PREP_BK = 1024
+def prep_block(n3p: int) -> int:
+    """Columns of fn per ``prep_kernel`` program: 1024, fewer for wide fn (n3p x block <= 32K
+    elements, 256 a thread at 4 warps; n = 8's 128 x 1024 spilled 8 KB on sm90 and 242 VGPRs on
+    gfx942)."""
+    return min(1024, 32768 // n3p)
 
 #: Register budget of ``kernels._tail_prefetch`` (bytes of residual held per thread).
 TAIL_PF_BYTES = 256
@@ -305,8 +308,9 @@ def _prep_fn(fn, n3, n3p):
     every call (one ~1.5 MB launch at H=4096): no cache to invalidate, CUDA-graph capturable."""
     K = fn.shape[1]
     out = torch.empty((2 * n3p, K), dtype=torch.bfloat16, device=fn.device)
-    kernels.prep_kernel[(triton.cdiv(K, PREP_BK),)](
-        fn, out, K, N3=n3, N3P=n3p, BK=PREP_BK, EMULATE_RNE=INTERPRETED, num_warps=4)
+    bk = prep_block(n3p)
+    kernels.prep_kernel[(triton.cdiv(K, bk),)](
+        fn, out, K, N3=n3, N3P=n3p, BK=bk, EMULATE_RNE=INTERPRETED, num_warps=4)
     return out
 
 
