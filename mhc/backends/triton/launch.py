@@ -294,10 +294,10 @@ class _Counters:
 _COUNTERS = _Counters()
 
 def prep_block(n3p: int) -> int:
-    """Columns of fn per ``prep_kernel`` program: 1024, fewer for wide fn (n3p x block <= 32K
-    elements, 256 a thread at 4 warps; n = 8's 128 x 1024 spilled 8 KB on sm90 and 242 VGPRs on
-    gfx942)."""
-    return min(1024, 32768 // n3p)
+    """Columns of fn per ``prep_kernel`` program: 1024 up to n3p = 32 (n <= 4), else 16K elements
+    a program (n = 8's 128 x 1024 spilled 8 KB on sm90 and 242 VGPRs on gfx942, 128 x 256 still
+    128 B on sm90; 128 x 128 spills nothing)."""
+    return 1024 if n3p <= 32 else 16384 // n3p
 
 #: Register budget of ``kernels._tail_prefetch`` (bytes of residual held per thread).
 TAIL_PF_BYTES = 256
