@@ -120,9 +120,12 @@ def _grads(model, ids):
             if p.grad is not None and (n.endswith((".fn", ".base", ".scale")) or "hc_head" in n or "embed_tokens" in n)}
 
 
-def test_gradients_match():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_gradients_match(checkpointing):
     model, ids = _model().train(), _ids()
     want = _grads(model, ids)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     with mt.apply(model):
         got = _grads(model, ids)
     assert set(got) == set(want)
@@ -225,9 +228,15 @@ def test_refuses_instance_forward_hooks_and_double_apply():
 
 
 def test_without_transformers(monkeypatch):
+    """The module imports without transformers; apply says what is missing."""
+    import mhc.integrations
+
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(mt.UnsupportedModelError, match=r"needs transformers"):
-        mt.apply(torch.nn.Linear(4, 4))
+    monkeypatch.delitem(sys.modules, "mhc.integrations.transformers")
+    monkeypatch.setattr(mhc.integrations, "transformers", None)
+    fresh = importlib.import_module("mhc.integrations.transformers")
+    with pytest.raises(fresh.UnsupportedModelError, match=r"needs transformers"):
+        fresh.apply(torch.nn.Linear(4, 4))
 
 
 class _Recorder:
