@@ -1,0 +1,234 @@
+"""Run a Hugging Face transformers DeepSeek-V4 model's mHC through the mhc ops.
+
+::
+
+    model = DeepseekV4ForCausalLM.from_pretrained(...)
+    handle = mhc.integrations.transformers.apply(model)   # mHC now runs on mhc.pre/post/head/...
+    handle.remove()                                       # or mhc.integrations.transformers.undo(model)
+
+What :func:`apply` replaces (instance attributes ``forward``; the classes are not touched):
+
+- every ``DeepseekV4DecoderLayer.forward``: the attention site's ``attn_hc`` becomes
+  :func:`mhc.pre`; the attention site's post and the FFN site's ``ffn_hc`` become one
+  :func:`mhc.fused_post_pre`; the FFN site's post becomes :func:`mhc.post`. The FFN site's post
+  and the next layer's pre are *not* fused: ``DeepseekV4Model.forward`` hands only the residual
+  from one layer to the next (and records it as that layer's hidden state, and gradient
+  checkpointing cuts there), so fusing across that boundary would mean replacing the model's own
+  forward with a copy of it, or passing pre's outputs between layers on the side. Neither is
+  clean; the cost is one extra read of the residual per layer.
+- ``DeepseekV4Model.hc_head.forward``: :func:`mhc.head`.
+
+The math mapped (transformers 5.17.0, ``modeling_deepseek_v4.py``), per hyper-connection module
+``hc`` (``attn_hc``/``ffn_hc``):
+
+- ``rms_eps = hc.input_norm.eps`` (``config.rms_norm_eps``): the model RMS-normalises the
+  flattened streams before ``F.linear(fn)``; mhc scales the GEMM's result by the same per-token
+  factor (exact in real arithmetic, fp32 rounding apart).
+- ``hc_pre_eps = hc_sinkhorn_eps = hc.hc_eps``; ``hc_post_mult_value = 2.0`` (the source's
+  ``2 * torch.sigmoid``); ``sinkhorn_repeat = hc.hc_sinkhorn_iters`` (same Sinkhorn: softmax
+  over the last dim + eps, divide by column sums, then ``iters - 1`` row/column rounds; the model's
+  ``iters <= 0`` runs the same as 1, so it maps to 1).
+- post: the model computes ``post.to(dtype) * out + comb.to(dtype).T @ streams`` with
+  ``comb[..., i, j]`` from source stream ``i`` to destination ``j``, which is mhc's convention.
+  The model rounds ``post``, ``comb`` and every product and sum to the model dtype; mhc computes in
+  fp32 and rounds once. In fp32 the results agree to rounding; in bf16 mhc's is the more
+  accurate of the two, and they differ by a few bf16 ulps per site (the tests' table states the
+  logits' tolerance).
+- head: ``rms_eps = hc_head.input_norm.eps``, ``hc_eps = hc_head.eps``.
+- ``fn``, ``base``, ``scale`` are read from the modules on every call (no copies: an optimiser step
+  or ``load_state_dict`` is seen) and cast to fp32 when stored in another dtype, as the model's
+  ``self.fn.float()`` and type promotion do; gradients flow back through the cast.
+
+Refusals (:class:`UnsupportedModelError`, never a silent fallback to the model's own code): a
+model that is not a ``DeepseekV4ForCausalLM``/``DeepseekV4Model``; a transformers whose
+``DeepseekV4DecoderLayer``, ``DeepseekV4HyperConnection``, ``DeepseekV4HyperHead`` or
+``DeepseekV4UnweightedRMSNorm`` ``forward`` differs in source from the one mapped above (whatever
+its version string); a module whose ``forward`` was replaced on the instance or whose class
+overrides it; forward hooks on the modules the patched code bypasses (``attn_hc``, ``ffn_hc`` and
+the ``input_norm`` modules, whose hooks would silently stop running); a model already patched.
+Backend selection is mhc's (``MHC_BACKEND``, :func:`mhc.use_backend`, the registry): an op
+that cannot be served raises :class:`mhc.BackendError` from inside the model's forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import textwrap
+import types
+
+import torch
+
+import mhc
+from mhc.validation import MAX_SINKHORN_REPEAT, mix_dtype
+
+__all__ = ["apply", "undo", "Handle", "UnsupportedModelError", "TESTED_VERSION"]
+
+#: The transformers release whose DeepSeek-V4 code is mapped and tested (the ``transformers`` extra).
+TESTED_VERSION = "5.17.0"
+
+#: sha256 of each mapped ``forward``'s dedented source in transformers 5.17.0. A release whose
+#: source differs is refused even if its version string matches, and accepted if it does not.
+_SOURCE_SHA256 = {
+    "DeepseekV4DecoderLayer": "096ea78342e5dd25fdbdab3c5dabf2e1083453c78a6dd2347c866653b2ddd88a",
+    "DeepseekV4HyperConnection": "6b8e4235372258c8a02408734098b38e807c8a0530fccd8f70d211ff24720425",
+    "DeepseekV4HyperHead": "6529deb6189b5a514e694a2c2c3033245035c0b252d1c3140fcd451bcd83f0bd",
+    "DeepseekV4UnweightedRMSNorm": "60c6c36f6aceb4749e726893f18b3e81a7d7034e2815745f99321f4db967ff9c",
+}
+
+#: The source multiplies post's sigmoid by this literal (``2 * torch.sigmoid``), pinned by the hash.
+_POST_MULT = 2.0
+
+
+class UnsupportedModelError(TypeError):
+    """The model, or the transformers code it runs, is not the DeepSeek-V4 mHC code that
+    :func:`apply` maps onto the mhc ops."""
+
+
+def _modeling():
+    try:
+        import transformers
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4 as m
+    except ImportError as e:
+        raise UnsupportedModelError(
+            f"mhc.integrations.transformers needs transformers with DeepSeek-V4 "
+            f"(pip install 'mhc-kernels[transformers]', transformers=={TESTED_VERSION}): {e}") from e
+    return transformers.__version__, m
+
+
+def _source_sha256(fn) -> str | None:
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return None
+    return hashlib.sha256(textwrap.dedent(src).encode()).hexdigest()
+
+
+def _check_module(module: torch.nn.Module, name: str, cls, version: str, hooks_bypassed: bool) -> None:
+    """Refuse ``module`` unless it is a ``cls`` running ``cls``'s mapped ``forward``."""
+    if not isinstance(module, cls):
+        raise UnsupportedModelError(f"{name} is a {type(module).__qualname__}, not a {cls.__name__}")
+    if "forward" in module.__dict__:
+        raise UnsupportedModelError(
+            f"{name}.forward was replaced on the instance (by mhc.integrations.transformers.apply, "
+            f"or something else): undo that first")
+    got = _source_sha256(type(module).forward)
+    want = _SOURCE_SHA256[cls.__name__]
+    if got != want:
+        where = (cls.__name__ if type(module) is cls else f"{type(module).__qualname__} (a subclass of {cls.__name__})")
+        raise UnsupportedModelError(
+            f"{where}.forward in transformers {version} is not the mHC code mhc maps onto its ops "
+            f"(source sha256 {got and got[:12]}, expected {want[:12]} from transformers {TESTED_VERSION}); "
+            f"refusing rather than changing the model's output")
+    if hooks_bypassed and (module._forward_hooks or module._forward_pre_hooks):
+        raise UnsupportedModelError(
+            f"{name} has forward hooks; the patched layer computes {name}'s result without calling it, "
+            f"so they would stop running: remove them first")
+
+
+def _check_hc(hc, name: str, m, version: str) -> None:
+    _check_module(hc, name, m.DeepseekV4HyperConnection, version, hooks_bypassed=True)
+    _check_module(hc.input_norm, f"{name}.input_norm", m.DeepseekV4UnweightedRMSNorm, version, hooks_bypassed=True)
+    iters = hc.hc_sinkhorn_iters
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters > MAX_SINKHORN_REPEAT:
+        raise UnsupportedModelError(
+            f"{name}.hc_sinkhorn_iters = {iters!r}: mhc's Sinkhorn takes an int number of iterations, "
+            f"at most {MAX_SINKHORN_REPEAT}")
+
+
+def _mix_params(module, names, residual):
+    dt = mix_dtype(residual.dtype)
+    return [getattr(module, p).to(dt) for p in names]
+
+
+def _pre_scalars(hc) -> tuple:
+    """pre's scalars for a ``DeepseekV4HyperConnection`` (read per call, as the model does)."""
+    return (hc.input_norm.eps, hc.hc_eps, hc.hc_eps, _POST_MULT, max(1, hc.hc_sinkhorn_iters))
+
+
+def _layer_forward(self, hidden_states, input_ids=None, **kwargs):
+    """``DeepseekV4DecoderLayer.forward`` on the mhc ops (bound to the layer by :func:`apply`)."""
+    a, f = self.attn_hc, self.ffn_hc
+    post_mix, comb_mix, collapsed = mhc.pre(hidden_states, *_mix_params(a, ("fn", "scale", "base"), hidden_states),
+                                            *_pre_scalars(a))
+    attn_output, _ = self.self_attn(self.input_layernorm(collapsed), **kwargs)
+    hidden_states, post_mix, comb_mix, collapsed = mhc.fused_post_pre(
+        attn_output, hidden_states, post_mix, comb_mix,
+        *_mix_params(f, ("fn", "scale", "base"), hidden_states), *_pre_scalars(f))
+    mlp_output = self.mlp(self.post_attention_layernorm(collapsed), input_ids=input_ids)
+    return mhc.post(mlp_output, hidden_states, post_mix, comb_mix)
+
+
+def _head_forward(self, x):
+    """``DeepseekV4HyperHead.forward`` on :func:`mhc.head` (bound to the head by :func:`apply`)."""
+    return mhc.head(x, *_mix_params(self, ("hc_fn", "hc_scale", "hc_base"), x), self.input_norm.eps, self.eps)
+
+
+_OURS = (_layer_forward, _head_forward)
+
+
+class Handle:
+    """Returned by :func:`apply`; :meth:`remove` undoes it (same as :func:`undo`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def remove(self) -> None:
+        undo(self.model)
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _base_model(model, m):
+    if isinstance(model, m.DeepseekV4ForCausalLM):
+        return model.model, "model"
+    if isinstance(model, m.DeepseekV4Model):
+        return model, ""
+    raise UnsupportedModelError(
+        f"mhc.integrations.transformers.apply supports DeepseekV4ForCausalLM and DeepseekV4Model, "
+        f"got {type(model).__qualname__}")
+
+
+def _patched(module) -> bool:
+    fwd = module.__dict__.get("forward")
+    return isinstance(fwd, types.MethodType) and fwd.__func__ in _OURS
+
+
+def apply(model: torch.nn.Module) -> Handle:
+    """Make ``model`` (a ``DeepseekV4ForCausalLM`` or ``DeepseekV4Model``) run its mHC through
+    :func:`mhc.pre`, :func:`mhc.fused_post_pre`, :func:`mhc.post` and :func:`mhc.head`.
+
+    Mutates ``model``'s decoder layers and ``hc_head`` (their instance ``forward``); parameters
+    and buffers are untouched. Checks everything before changing anything: on
+    :class:`UnsupportedModelError` the model is left as it was. Returns a :class:`Handle` whose
+    ``remove()`` restores the model's own forwards (outputs bit for bit as before).
+    """
+    version, m = _modeling()
+    base, prefix = _base_model(model, m)
+    if any(_patched(mod) for mod in model.modules()):
+        raise UnsupportedModelError("mhc.integrations.transformers.apply: this model is already patched; "
+                                    "undo(model) first")
+    p = f"{prefix}." if prefix else ""
+    for i, layer in enumerate(base.layers):
+        name = f"{p}layers.{i}"
+        _check_module(layer, name, m.DeepseekV4DecoderLayer, version, hooks_bypassed=False)
+        _check_hc(layer.attn_hc, f"{name}.attn_hc", m, version)
+        _check_hc(layer.ffn_hc, f"{name}.ffn_hc", m, version)
+    _check_module(base.hc_head, f"{p}hc_head", m.DeepseekV4HyperHead, version, hooks_bypassed=False)
+    _check_module(base.hc_head.input_norm, f"{p}hc_head.input_norm", m.DeepseekV4UnweightedRMSNorm, version,
+                  hooks_bypassed=True)
+    for layer in base.layers:
+        layer.forward = types.MethodType(_layer_forward, layer)
+    base.hc_head.forward = types.MethodType(_head_forward, base.hc_head)
+    return Handle(model)
+
+
+def undo(model: torch.nn.Module) -> None:
+    """Restore the forwards :func:`apply` replaced in ``model`` (a no-op on an unpatched model)."""
+    for mod in model.modules():
+        if _patched(mod):
+            del mod.__dict__["forward"]
