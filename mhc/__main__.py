@@ -21,6 +21,7 @@ import torch
 
 import mhc
 from mhc import bench, checking, registry
+from mhc.progress import Progress, fmt_us
 from mhc.registry import Problem
 
 _DISTS = ("torch", "triton", "tilelang", "amd-aiter", "tile-kernels")
@@ -86,6 +87,11 @@ def cmd_check(args) -> int:
     print(f"\ncheck on {dev}: n={args.n}, H={args.H}, T={args.T}, {args.dtype}, vs fp64 reference "
           f"(rel. Frobenius error; tolerance act {checking.TOLERANCES[dtype]['act']:g}, "
           f"mix {checking.TOLERANCES[dtype]['mix']:g})")
+    slow = _interpreted_backends(names)
+    if slow:
+        print(f"TRITON_INTERPRET=1: {', '.join(slow)} runs in Triton's CPU interpreter, which is slow (minutes for "
+              "this check; the µs it shows are the interpreter's): progress goes to stderr", flush=True)
+    progress = Progress(len(slow) * len(registry.OPS))
     print(f"{'backend':10s}" + "".join(f"{op:>26s}" for op in registry.OPS))
     failed = []
     for name in names:
@@ -104,15 +110,25 @@ def cmd_check(args) -> int:
             bad = [f"{o} {e:.2e}>{t:g}" for o, e, t in errs if not e <= t]
             if bad:
                 failed.append(f"{name}.{op}: " + ", ".join(bad))
-            us = bench.median_us(lambda: checking.call(op, a, kw, name), dev, args.reps)
+            us = bench.median_us(lambda: checking.call(op, a, kw, name), dev, min(args.reps, 2) if name in slow else args.reps)
             err = max(e for _, e, _ in errs)
-            cells.append(f"{'FAIL' if bad else 'ok'} {err:.1e} {us:9.1f}us")
+            cells.append(f"{'FAIL' if bad else 'ok'} {err:.1e} {fmt_us(us):>11s}")
+            if name in slow:
+                progress.step()
+                print(f"{progress.prefix()}{name}.{op}: {cells[-1]}", file=sys.stderr, flush=True)
         print(f"{name:10s}" + "".join(f"{c:>26s}" for c in cells))
     print("(n/a: cannot serve here, see `python -m mhc info`)")
     if failed:
         print("\nDISAGREES WITH THE REFERENCE:\n  " + "\n  ".join(failed))
         return 1
     return 0
+
+
+def _interpreted_backends(names: list[str]) -> list[str]:
+    """The backends of ``names`` that run in an interpreter here (Triton under TRITON_INTERPRET=1)."""
+    import os
+
+    return [n for n in names if n == "triton" and os.environ.get("TRITON_INTERPRET") == "1"]
 
 
 def cmd_bench(args) -> int:

@@ -236,12 +236,19 @@ def main(archs: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("TRITON_INTERPRET=1 is set: AOT needs compiled kernels; unset it", file=sys.stderr)
         return 1
+    from mhc.progress import Progress
+
     jobs = [(a, j) for a in archs for j in _jobs(a)]
     failed = 0
     t0 = time.time()
-    with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    print(f"triton aot: {len(jobs)} builds for {', '.join(archs)} on {workers} worker(s); each takes seconds to "
+          "a minute of one core", flush=True)
+    progress = Progress(len(jobs))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
         for line, ok, detail in pool.map(_build, jobs):
-            print(line, flush=True)
+            progress.step()
+            print(progress.prefix() + line, flush=True)
             if not ok:
                 failed += 1
                 print("   " + detail[:2000], file=sys.stderr)
