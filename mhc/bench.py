@@ -560,7 +560,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, rep_ms: int) -> tuple[floa
             grid = (triton_cdiv(numel, block),)
 
             def run():
-                kern[grid](src, dst, numel, BLOCK=block, num_warps=8)
+                kern[grid](src, dst, numel, BLOCK=block, num_warps=8, enable_fp_fusion=True)
 
             with torch.cuda.device(device):
                 run()

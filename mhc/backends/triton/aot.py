@@ -206,6 +206,8 @@ def compile_kernel(kname: str, signature: dict[str, str], constexprs: dict, num_
 
     import triton
 
+    from mhc.backends.triton.launch import COMPILE_OPTIONS
+
     mod, _, name = kname.rpartition(".")
     fn = getattr(importlib.import_module(f"mhc.backends.triton.{mod or 'kernels'}"), name)
     sig = {a: t for a, t in signature.items() if a in fn.arg_names}
@@ -222,7 +224,7 @@ def compile_kernel(kname: str, signature: dict[str, str], constexprs: dict, num_
     src = triton.compiler.ASTSource(fn=fn, signature={a: sig[a] for a in fn.arg_names},
                                     constexprs=dict(constexprs), attrs=attrs)
     return triton.compile(src, target=target,
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, **COMPILE_OPTIONS))
 
 
 def compile_mix(op: str, n: int, dtype: torch.dtype, cfg, target, h_aligned: bool):

@@ -19,6 +19,11 @@ import triton
 from mhc.backends import device_guard, empty
 from mhc.backends.triton import kernels
 
+#: Compile options that every launch (and every build of ``aot.py``) passes: Triton 3.9 warns when
+#: fp fusion is left to its default, which 3.10 turns off; the kernels were tuned and checked with
+#: it on, as 3.6 does by default.
+COMPILE_OPTIONS = dict(enable_fp_fusion=True)
+
 #: True when ``TRITON_INTERPRET=1`` was set before the kernels were defined: they then run on CPU
 #: tensors, the GEMM runs in fp32 (the interpreter mishandles bf16 dots) and bf16 rounding is
 #: done in integer arithmetic (the interpreter truncates).
@@ -356,7 +361,7 @@ def _prep_fn(fn, n3, n3p):
     K = fn.shape[1]
     out = torch.empty((2 * n3p, K), dtype=torch.bfloat16, device=fn.device)
     kernels.prep_kernel[(triton.cdiv(K, PREP_BK),)](
-        fn, out, K, N3=n3, N3P=n3p, BK=PREP_BK, EMULATE_RNE=INTERPRETED, num_warps=4)
+        fn, out, K, N3=n3, N3P=n3p, BK=PREP_BK, EMULATE_RNE=INTERPRETED, num_warps=4, **COMPILE_OPTIONS)
     return out
 
 
@@ -392,7 +397,7 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
             residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
             post_mix, comb_mix, out, part, mix, cnt,
             T, H, cfg.splits, *scalars,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec, **COMPILE_OPTIONS,
         )
     return out, post_mix, comb_mix, new
 
@@ -417,7 +422,7 @@ def _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, p
             residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
             post_mix, comb_mix, out, part,
             T, H, cfg.splits, a, b, n_b, *scalars,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec, **COMPILE_OPTIONS,
         )
 
 
@@ -472,6 +477,6 @@ def post(x, residual, post_mix, comb_mix):
         kernels.post_kernel[(triton.cdiv(T, cfg.post_block_t) * triton.cdiv(H, cfg.post_block_h),)](
             x, residual, post_mix, comb_mix, out, T, H,
             N=n, NP=triton.next_power_of_2(n), BH=cfg.post_block_h, EMULATE_RNE=INTERPRETED,
-            BT=cfg.post_block_t, H_FAST=cfg.post_h_fast, num_warps=cfg.post_warps,
+            BT=cfg.post_block_t, H_FAST=cfg.post_h_fast, num_warps=cfg.post_warps, **COMPILE_OPTIONS,
         )
     return out
