@@ -317,6 +317,7 @@ def test_configs_fit_the_measured_shared_memory():
     assert launch.device_config("pre", 8, 4096, 2000, torch.bfloat16, torch.device("cpu")) == launch.configs(8, 4096, 2000)
 
 
+@pytest.mark.slow  # about a minute of interpreter on 2 cores: the six largest contract calls of the suite
 def test_launch_uses_the_device_shared_memory(L, monkeypatch):
     """The launchers size their tiles for the input's device (``device_shared_memory``), and the
     smaller K tiles that a 64 KB GPU gets compute the same ops (n = 6 and 8, T > 1024: the rows

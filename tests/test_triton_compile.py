@@ -12,6 +12,9 @@ sets it for this process), with ``aot._build``, which fits the K tile to the com
 ``metadata.shared`` as the launcher does on a GPU (``launch.device_config``): a build fails on a
 compile error or on more shared memory than the arch has. Where ``launch.shared_estimate`` (the
 first guess) is below the real size, the line says so; that costs a compile, not correctness.
+
+Marked ``slow`` (about 100 builds: 10-20 minutes on 2 cores): ``python -m pytest -m slow``, which
+CI runs.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import pytest
 
 from subprocs import failure_report, run_python
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed"),
+              pytest.mark.slow]
 
 ROOT = str(pathlib.Path(__file__).resolve().parent.parent)
 
