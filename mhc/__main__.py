@@ -89,8 +89,9 @@ def cmd_check(args) -> int:
           f"mix {checking.TOLERANCES[dtype]['mix']:g})")
     slow = _interpreted_backends(names)
     if slow:
-        print(f"TRITON_INTERPRET=1: {', '.join(slow)} runs in Triton's CPU interpreter, which is slow (minutes for "
-              "this check; the µs it shows are the interpreter's): progress goes to stderr", flush=True)
+        print(f"TRITON_INTERPRET=1: {', '.join(slow)} runs in Triton's CPU interpreter, which is slow (tens of "
+              "seconds at the default sizes, minutes at larger --H/--T; the times it shows are the interpreter's): "
+              "progress goes to stderr", flush=True)
     progress = Progress(len(slow) * len(registry.OPS))
     print(f"{'backend':10s}" + "".join(f"{op:>26s}" for op in registry.OPS))
     failed = []
