@@ -24,6 +24,7 @@ import torch
 
 import mhc
 from mhc import bench, checking, registry, validation
+from mhc.progress import Progress, fmt_us
 from mhc.registry import Problem
 
 _DISTS = ("torch", "triton", "tilelang", "amd-aiter", "tile-kernels")
@@ -97,6 +98,12 @@ def cmd_check(args) -> int:
     print(f"\ncheck on {dev}: n={args.n}, H={args.H}, T={args.T}, {args.dtype}, vs fp64 reference. Each cell: "
           f"the output nearest its tolerance (rel. Frobenius error; tolerance {tol['act']:g} for "
           f"layer_input, new_residual and out, {tol['mix']:g} for post_mix and comb_mix), median µs")
+    slow = _interpreted_backends(names)
+    if slow:
+        print(f"TRITON_INTERPRET=1: {', '.join(slow)} runs in Triton's CPU interpreter, which is slow (tens of "
+              "seconds at the default sizes, minutes at larger --H/--T; the times it shows are the interpreter's): "
+              "progress goes to stderr", flush=True)
+    progress = Progress(len(slow) * len(registry.OPS))
     print(f"{'backend':10s}" + "".join(f"{op:>{_CELL}s}" for op in registry.OPS))
     failed = []
     checked = 0
@@ -117,9 +124,13 @@ def cmd_check(args) -> int:
             bad = [f"{o} {e:.2e}>{t:g}" for o, e, t in errs if not e <= t]
             if bad:
                 failed.append(f"{name}.{op}: " + ", ".join(bad))
-            us = bench.median_us(lambda: checking.call(op, a, kw, name), dev, args.reps)
+            us = bench.median_us(lambda: checking.call(op, a, kw, name), dev,
+                                 min(args.reps, 2) if name in slow else args.reps)
             out, err, _ = max(errs, key=lambda e: e[1] / e[2])  # the output nearest its tolerance
-            cells.append(f"{'FAIL' if bad else 'ok'} {out}={err:.1e} {us:.1f}us")
+            cells.append(f"{'FAIL' if bad else 'ok'} {out}={err:.1e} {fmt_us(us)}")
+            if name in slow:
+                progress.step()
+                print(f"{progress.prefix()}{name}.{op}: {cells[-1]}", file=sys.stderr, flush=True)
         print(f"{name:10s}" + "".join(f"{c:>{_CELL}s}" for c in cells))
     print("(n/a: cannot serve here, see `python -m mhc info`)")
     if checked == 0:
@@ -129,6 +140,13 @@ def cmd_check(args) -> int:
         print("\nDISAGREES WITH THE REFERENCE:\n  " + "\n  ".join(failed))
         return 1
     return 0
+
+
+def _interpreted_backends(names: list[str]) -> list[str]:
+    """The backends of ``names`` that run in an interpreter here (Triton under TRITON_INTERPRET=1)."""
+    import os
+
+    return [n for n in names if n == "triton" and os.environ.get("TRITON_INTERPRET") == "1"]
 
 
 def cmd_bench(args) -> int:

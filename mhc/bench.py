@@ -36,7 +36,8 @@ must come back finite everywhere, and the oracle is evaluated on a sample of tok
 them up to 64 tokens; every op is row-independent, so the sample's rows are compared exactly).
 A failure is printed with ``!!`` in the row, listed at the end, and makes the exit status 1.
 
-Outputs (``--out``, default ``benchmarks/results``): ``<prefix>.csv`` (rewritten after every
+Outputs (``--out``, default ``mhc-bench/`` in the current directory, which this repository's
+``.gitignore`` lists; results to keep go to ``--out benchmarks/results``): ``<prefix>.csv`` (rewritten after every
 row, so a run cut short keeps what it measured), ``<prefix>-latency.png`` (µs vs T per op and
 H), ``<prefix>-floor.png`` (fraction of the floor vs T) and ``<prefix>.md`` (the README table).
 ``--report CSV`` rebuilds the table and plots from a CSV without a device.
@@ -67,6 +68,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from mhc.progress import Progress
+
 OPS = ("pre", "post", "head", "fused_post_pre")
 GRID_T = (1, 8, 64, 512, 4096, 16384)
 GRID_H = (4096, 7168)
@@ -78,6 +81,9 @@ QUICK_H = (4096,)
 CPU_T = (1, 8)
 CPU_H = (256,)
 PEERS = ("eager", "compile", "tile-kernels")
+#: Where results go without ``--out``: a folder of the current directory (never the package's own
+#: tree), git-ignored in this repository.
+DEFAULT_OUT = "mhc-bench"
 CSV_FIELDS = ("date", "device", "op", "impl", "kind", "n", "H", "T", "dtype", "floor_bytes", "copy_GBps",
               "floor_us", "warm_us", "cold_us", "warm_GBps", "cold_GBps", "warm_ratio", "cold_ratio", "check",
               "max_rel_err", "warm_timer", "note")
@@ -554,7 +560,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, rep_ms: int) -> tuple[floa
             grid = (triton_cdiv(numel, block),)
 
             def run():
-                kern[grid](src, dst, numel, BLOCK=block, num_warps=8)
+                kern[grid](src, dst, numel, BLOCK=block, num_warps=8, enable_fp_fusion=True)
 
             with torch.cuda.device(device):
                 run()
@@ -597,9 +603,10 @@ def _fmt_row(r: dict) -> str:
     if r["warm_us"] == "":
         return (f"{r['op']:15s} {r['impl']:12s} H={r['H']:<5} T={r['T']:<6} !! {r['check']}")
     flag = "ok" if r["check"] == "ok" else f"!! FAIL {r['check']}"
+    # No GB/s or floor ratio on CPU: the floor is a GPU's memory bound (the fields are empty there).
+    rate = (f"{float(r['warm_GBps']):7.0f} GB/s {float(r['warm_ratio']):6.2f}x floor  " if r["warm_ratio"] else "")
     return (f"{r['op']:15s} {r['impl']:12s} H={r['H']:<5} T={r['T']:<6} warm {float(r['warm_us']):9.1f} us "
-            f"cold {float(r['cold_us']):9.1f} us {float(r['warm_GBps']):7.0f} GB/s {float(r['warm_ratio']):6.2f}x "
-            f"floor  {flag}")
+            f"cold {_num(r['cold_us']):9.1f} us {rate}{flag}")
 
 
 def run(ops: Sequence[str], impls: list[Impl], Ts: Sequence[int], Hs: Sequence[int], n: int,
@@ -617,6 +624,10 @@ def run(ops: Sequence[str], impls: list[Impl], Ts: Sequence[int], Hs: Sequence[i
     rows: list[dict] = []
     failures: list[str] = []
     skipped: dict[str, None] = {}  # insertion-ordered set of "impl op: reason" lines
+    # The floor (bytes over the copy bandwidth) bounds a GPU kernel; a CPU run is a smoke test of
+    # the harness, whose GB/s and floor ratios would mean nothing: they are left empty there.
+    rated = device.type == "cuda"
+    progress = Progress(len(Hs) * len(Ts) * len(ops) * len(impls))
     for H in Hs:
         for T in Ts:
             for op in ops:
@@ -626,6 +637,7 @@ def run(ops: Sequence[str], impls: list[Impl], Ts: Sequence[int], Hs: Sequence[i
                 fb = floor_bytes(op, T, n, H, act_bytes=torch.finfo(dtype).bits // 8)
                 floor_us = fb / (bw * 1e9) * 1e6
                 for impl in impls:
+                    progress.step()
                     why = impl.reasons(op, device, dtype, n, H, T)
                     if why:
                         line = f"{impl.name} {op}: cannot run: " + "; ".join(why)
@@ -635,7 +647,7 @@ def run(ops: Sequence[str], impls: list[Impl], Ts: Sequence[int], Hs: Sequence[i
                         continue
                     row = dict(date=date, device=dev_name, op=op, impl=impl.name, kind=impl.kind, n=n, H=H, T=T,
                                dtype=str(dtype).replace("torch.", ""), floor_bytes=fb, copy_GBps=f"{bw:.1f}",
-                               floor_us=f"{floor_us:.3f}", warm_us="", cold_us="", warm_GBps="", cold_GBps="",
+                               floor_us=f"{floor_us:.3f}" if rated else "", warm_us="", cold_us="", warm_GBps="", cold_GBps="",
                                warm_ratio="", cold_ratio="", check="", max_rel_err="", warm_timer="", note="")
                     t0 = time.perf_counter()
                     try:
@@ -659,23 +671,27 @@ def run(ops: Sequence[str], impls: list[Impl], Ts: Sequence[int], Hs: Sequence[i
                         try:
                             warm, timer = time_warm(fn, device, rep_ms)
                             row["warm_us"], row["warm_timer"] = f"{warm:.3f}", timer
-                            row["warm_GBps"] = f"{fb / (warm * 1e-6) / 1e9:.1f}"
-                            row["warm_ratio"] = f"{warm / floor_us:.3f}"
+                            if rated:
+                                row["warm_GBps"] = f"{fb / (warm * 1e-6) / 1e9:.1f}"
+                                row["warm_ratio"] = f"{warm / floor_us:.3f}"
                             if cold:
                                 c = time_cold(fn, device, rep_ms)
                                 row["cold_us"] = f"{c:.3f}"
-                                row["cold_GBps"] = f"{fb / (c * 1e-6) / 1e9:.1f}"
-                                row["cold_ratio"] = f"{c / floor_us:.3f}"
+                                if rated:
+                                    row["cold_GBps"] = f"{fb / (c * 1e-6) / 1e9:.1f}"
+                                    row["cold_ratio"] = f"{c / floor_us:.3f}"
                         except Exception as e:
                             row["note"] = f"timing failed: {type(e).__name__}: {str(e)[:160]}"
                             failures.append(f"{op} {impl.name} H={H} T={T}: timing failed ({type(e).__name__})")
                     if row["warm_us"] == "" and chk.ok:
                         row["check"] = "ok (" + row["note"] + ")"
                     if row["warm_us"] != "" and not row["cold_us"]:
-                        row["cold_us"] = row["cold_GBps"] = row["cold_ratio"] = "nan"
+                        row["cold_us"] = "nan"
+                        if rated:
+                            row["cold_GBps"] = row["cold_ratio"] = "nan"
                     rows.append(row)
                     _write_csv(out_csv, rows)
-                    log(_fmt_row(row))
+                    log(progress.prefix() + _fmt_row(row))
                 del args, kwargs, refs
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -733,10 +749,11 @@ def markdown(rows: list[dict], skipped: Sequence[str] = ()) -> str:
                     cells.append("!! " + r["check"][:40])
                 else:
                     bad = "" if r["check"] == "ok" else " !!FAIL"
-                    cells.append(f"{_num(r['warm_us']):.1f} · {_num(r['warm_GBps']):.0f} · "
-                                 f"{_num(r['warm_ratio']):.2f}×{bad}")
+                    rate = (f" · {_num(r['warm_GBps']):.0f} · {_num(r['warm_ratio']):.2f}×" if r["warm_ratio"]
+                            else "")
+                    cells.append(f"{_num(r['warm_us']):.1f}{rate}{bad}")
             floor = _num(by[next(k for k in by if k[:3] == (op, H, T))]["floor_us"])
-            lines.append(f"| {H} | {T} | {floor:.1f} | " + " | ".join(cells) + " |")
+            lines.append(f"| {H} | {T} | {'—' if math.isnan(floor) else f'{floor:.1f}'} | " + " | ".join(cells) + " |")
         lines.append("")
     if skipped:
         lines += ["Not run:", ""] + [f"- {s}" for s in skipped] + [""]
@@ -752,7 +769,8 @@ def plots(rows: list[dict], prefix: pathlib.Path) -> list[str] | str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception as e:
-        return f"no plots: matplotlib is not available ({type(e).__name__}: {e}); pip install matplotlib"
+        return (f"no plots: matplotlib is not available ({type(e).__name__}: {e}); "
+                "pip install 'mhc-kernels[bench]' (or matplotlib)")
     rows = [r for r in rows if _num(r["warm_us"]) == _num(r["warm_us"])]
     if not rows:
         return "no plots: no timed rows"
@@ -760,7 +778,8 @@ def plots(rows: list[dict], prefix: pathlib.Path) -> list[str] | str:
     ops = [op for op in OPS if any(r["op"] == op for r in rows)]
     Hs = sorted({int(r["H"]) for r in rows})
     written = []
-    for what in ("latency", "floor"):
+    rated = any(not math.isnan(_num(r["floor_us"])) for r in rows)  # CPU runs have no floor
+    for what in ("latency", "floor") if rated else ("latency",):
         fig, axes = plt.subplots(len(ops), len(Hs), figsize=(max(7.0, 5.5 * len(Hs)), 3.6 * len(ops)), squeeze=False)
         for i, op in enumerate(ops):
             for j, H in enumerate(Hs):
@@ -825,9 +844,10 @@ def summary(rows: list[dict]) -> str:
                 cells.append(f"{'-' if r is None else '!!':>19s}")
             else:
                 mark = "" if r["check"] == "ok" else "!"
-                cells.append(f"{_num(r['warm_us']):9.1f}us {_num(r['warm_ratio']):5.2f}x{mark:1s}")
+                ratio = f"{_num(r['warm_ratio']):5.2f}x" if r["warm_ratio"] else " " * 6
+                cells.append(f"{_num(r['warm_us']):9.1f}us {ratio}{mark:1s}")
         fl = _num(next(by[k] for k in by if k[:3] == (op, H, T))["floor_us"])
-        out.append(f"{op:15s}{H:>5s}{T:>6s}{fl:8.1f} " + "".join(cells))
+        out.append(f"{op:15s}{H:>5s}{T:>6s}{'-' if math.isnan(fl) else f'{fl:.1f}':>8s} " + "".join(cells))
     return "\n".join(out)
 
 
@@ -913,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cold", action="store_true", help="skip the L2-flushed timings")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the compile peer (default inductor; aot_eager for fast smoke tests)")
-    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
+    ap.add_argument("--out", default=None, help=f"output folder (default ./{DEFAULT_OUT})")
     ap.add_argument("--prefix", default=None, help="file name prefix (default bench, quick or cpu-quick)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", metavar="CSV", help="rebuild the markdown table and plots from a CSV and exit")
@@ -944,12 +964,13 @@ def main(argv: list[str] | None = None) -> int:
         if op not in OPS:
             ap.error(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     prefix_name = args.prefix or ("cpu-quick" if small else "quick" if args.quick else "bench")
-    out_dir = pathlib.Path(args.out or pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "results")
+    out_dir = pathlib.Path(args.out or DEFAULT_OUT)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / prefix_name
     dtype = getattr(torch, args.dtype)
     if small:
-        log("cpu: tiny sizes and perf_counter timings, a smoke test of the harness (no CUDA graphs, no L2 flush)")
+        log("cpu: tiny sizes and perf_counter timings, a smoke test of the harness (no CUDA graphs, no L2 flush; "
+            "no GB/s or floor ratios: the floor is a GPU's memory bound)")
     try:
         impls = implementations(args.impls, args.compile_backend, log)
     except ValueError as e:

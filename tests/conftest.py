@@ -8,6 +8,8 @@
   element a kernel forgets to write fails the comparison instead of passing as stale memory.
 - ``backend`` fixtures are parametrized over every registered backend; one that cannot serve on
   this machine is skipped with its reasons (shown by ``-ra``), never reported as passing.
+- Tests marked ``slow`` (long AOT builds and sweeps) are deselected by the default ``-m 'not
+  slow'`` (pyproject.toml); the summary says how many and how to run them.
 """
 
 from __future__ import annotations
@@ -66,3 +68,11 @@ def pytest_generate_tests(metafunc):
             marks = [pytest.mark.skip(reason=f"backend {name} cannot serve on {DEVICE}: " + "; ".join(why))] if why else []
             params.append(pytest.param(name, marks=marks, id=name))
         metafunc.parametrize("backend", params)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    deselected = terminalreporter.stats.get("deselected", [])
+    slow = sum(1 for item in deselected if item.get_closest_marker("slow") is not None)
+    if slow and "slow" not in (config.option.markexpr or "").replace("not slow", ""):
+        terminalreporter.write_line(f"{slow} slow test(s) deselected (long AOT builds and sweeps): "
+                                    "`python -m pytest -m slow` runs them")

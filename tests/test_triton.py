@@ -273,9 +273,9 @@ def test_aot_rejects_unknown_arch():
 
 def test_configs_fit_each_arch_shared_memory_and_keep_the_h100_rows():
     """Every (n <= 8, H, small-T bucket, op) config fits the shared memory of the arch it is made
-    for by launch.shared_estimate (the bound that tests/test_triton_compile.py holds the compiler
-    to); the H100's configs are the default ones, and n = 4 (the models' n) gets the same config
-    on every arch (MI300X's 64 KB fits it as tuned)."""
+    for by launch.shared_estimate (the first guess; on a GPU and in AOT the compiled size decides,
+    as tests/test_triton_compile.py checks); the H100's configs are the default ones, and n = 4
+    (the models' n) gets the same config on every arch (MI300X's 64 KB fits it as tuned)."""
     from triton import next_power_of_2
 
     from mhc.backends.triton import launch
@@ -295,6 +295,33 @@ def test_configs_fit_each_arch_shared_memory_and_keep_the_h100_rows():
                             assert cfg == launch.configs(n, H, T, op), (arch, H, T, op)
 
 
+def test_configs_fit_the_measured_shared_memory():
+    """With ``measure`` (the compiled kernel's real ``metadata.shared``, as on a GPU and in AOT),
+    the K tile is halved until the measured size fits, whatever the estimate said; where the
+    measured size fits, the estimate's config is kept."""
+    from triton import next_power_of_2
+
+    from mhc.backends.triton import launch
+
+    smem = launch.SHARED_MEMORY["gfx942"]
+    for n, op in ((8, "pre"), (6, "fused_post_pre"), (4, "head")):
+        est = launch.configs(n, 4096, 100, op, smem)
+        assert launch.configs(n, 4096, 100, op, smem, measure=lambda c: 0) == est
+        asked = []
+
+        def measure(c, n=n):  # a compiler that needs 4 KB per K-tile element: only K <= 16 fits
+            asked.append(c.block_h)
+            return c.block_h * next_power_of_2(n) * 4096
+
+        cfg = launch.configs(n, 4096, 100, op, smem, measure=measure)
+        assert cfg.block_h * next_power_of_2(n) == 16 and asked[0] == est.block_h
+        assert cfg.splits * cfg.h_per_split >= 4096 > (cfg.splits - 1) * cfg.h_per_split
+        assert cfg == launch.configs(n, 4096, 100, op, smem, _block_h_cap=cfg.block_h)
+    # On CPU tensors (the interpreter) nothing is compiled: the estimate's config runs.
+    assert launch.device_config("pre", 8, 4096, 100, torch.bfloat16, torch.device("cpu")) == launch.configs(8, 4096, 100)
+
+
+@pytest.mark.slow  # about a minute of interpreter on 2 cores: the six largest contract calls of the suite
 def test_launch_uses_the_device_shared_memory(L, monkeypatch):
     """The launchers size their tiles for the input's device (``device_shared_memory``), and the
     smaller tiles that a 64 KB GPU gets compute the same ops (n = 6 and 8 above SMALL_T; under

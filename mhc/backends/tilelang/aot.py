@@ -49,7 +49,10 @@ def main(archs: list[str]) -> int:
     except Exception as e:
         print(f"tilelang aot: cannot import tilelang: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    from mhc.progress import Progress
+
     failures = 0
+    progress = Progress(len(archs) * len(AOT_N) * len(AOT_H) * len(OPS))
     for a in archs:
         try:
             arch = _arch(a)
@@ -63,14 +66,16 @@ def main(archs: list[str]) -> int:
             for H in AOT_H:
                 for op in OPS:
                     t0 = time.perf_counter()
+                    progress.step()
                     try:
                         _, cfg = L.get_kernel(op, n, H, "bfloat16", target, sms)
                     except Exception:
                         failures += 1
-                        print(f"FAIL {arch} {op:5s} n={n} H={H}", flush=True)
+                        print(f"{progress.prefix()}FAIL {arch} {op:5s} n={n} H={H}", flush=True)
                         traceback.print_exc()
                         continue
-                    print(f"ok   {arch} {op:5s} n={n} H={H} {cfg} {time.perf_counter() - t0:.1f}s", flush=True)
+                    print(f"{progress.prefix()}ok   {arch} {op:5s} n={n} H={H} {cfg} {time.perf_counter() - t0:.1f}s",
+                          flush=True)
     print(f"tilelang aot: {failures} failure(s)", flush=True)
     return 1 if failures else 0
 

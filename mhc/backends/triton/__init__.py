@@ -36,8 +36,8 @@ def _probe(p: Problem) -> list[str]:
         return [f"triton is not installed or fails to import ({type(e).__name__}: {e})"]
     if p.device.type == "cpu":
         if not _interpreted():
-            return ["CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter), set before the "
-                    "kernels load"]
+            return ["CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter: a test tool, "
+                    "slow), set before the kernels load"]
         return []
     if _interpreted():
         return ["TRITON_INTERPRET=1 is set: the kernels were defined for the interpreter, which "

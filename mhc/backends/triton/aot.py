@@ -110,18 +110,29 @@ def _backward_jobs():
                        psig, pspec, cfg["num_warps"], 1)
 
 
+def mix_build(op: str, n: int, dtype: torch.dtype, cfg, h_aligned: bool) -> tuple:
+    """(kernel name, signature, constexprs, num_warps, num_stages, h_aligned) of the kernel that
+    serves ``op`` with launch config ``cfg``: what :func:`compile_kernel` takes."""
+    from mhc.backends.triton import launch
+
+    spec = launch.mix_specialization(op, n, dtype, cfg)
+    kname = "chunk_kernel" if cfg.chunk else "mix_kernel"
+    return kname, _mix_signature(op, dtype), spec, cfg.num_warps, cfg.num_stages, h_aligned
+
+
 def mix_job(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str) -> tuple[tuple, tuple]:
-    """(dedup key, build job) of the kernel that serves ``op`` at (n, H, T) on ``arch``, with the
-    config the launcher picks there; the job is what :func:`_build` takes after the arch."""
+    """(dedup key, build job) of the kernel that serves ``op`` at (n, H, T) on ``arch``; the job is
+    what :func:`_build` takes after the arch. The key and the label come from the config that
+    ``launch.configs`` picks by its estimate; :func:`_build` then fits the K tile to the compiled
+    kernel's real shared memory as the launcher does on a GPU (``launch.device_config``), so what
+    is built is what runs."""
     from mhc.backends.triton import launch
 
     cfg = launch.configs(n, H, T, op, launch.SHARED_MEMORY[arch])
-    spec = launch.mix_specialization(op, n, dtype, cfg)
-    kname = "chunk_kernel" if cfg.chunk else "mix_kernel"
-    key = (kname, op, _TYPE[dtype], tuple(sorted(spec.items())), cfg.num_warps, cfg.num_stages, H % 16 == 0)
+    kname, sig, spec, warps, stages, aligned = mix_build(op, n, dtype, cfg, H % 16 == 0)
+    key = (kname, op, _TYPE[dtype], tuple(sorted(spec.items())), warps, stages, aligned)
     label = f"{op:<14} n={n} H={H:<5} T<={T:<5} {_TYPE[dtype]} {kname}"
-    return key, (label, kname, _mix_signature(op, dtype), spec, cfg.num_warps, cfg.num_stages,
-                 H % 16 == 0)
+    return key, (label, kname, sig, spec, warps, stages, aligned, (op, n, H, T, dtype))
 
 
 def two_pass_jobs(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str):
@@ -214,40 +225,81 @@ def _amd_resources(asm: str) -> str:
             f"scratch {scratch.group(1) if scratch else '?'}B")
 
 
+def compile_kernel(kname: str, signature: dict[str, str], constexprs: dict, num_warps: int, num_stages: int,
+                   h_aligned: bool, target):
+    """``triton.compile`` of kernel ``kname`` (``module.name``, or a name in ``kernels.py``) for
+    ``target`` (a ``GPUTarget``) with no GPU; returns Triton's compiled kernel, whose
+    ``metadata.shared`` is the shared memory (LDS) it needs."""
+    import importlib
+
+    import triton
+
+    from mhc.backends.triton.launch import COMPILE_OPTIONS
+
+    mod, _, name = kname.rpartition(".")
+    fn = getattr(importlib.import_module(f"mhc.backends.triton.{mod or 'kernels'}"), name)
+    sig = {a: t for a, t in signature.items() if a in fn.arg_names}
+    for name in constexprs:
+        sig[name] = "constexpr"
+    missing = [a for a in fn.arg_names if a not in sig]
+    if missing:
+        raise KeyError(f"no AOT type for argument(s) {missing} of {kname}")
+    # The divisibility facts the JIT sees at run time for these shapes: 16-byte aligned
+    # pointers, H a multiple of 16. Without them the builds would not vectorize as the
+    # launched kernels do.
+    attrs = {(k,): [["tt.divisibility", 16]] for k, a in enumerate(fn.arg_names)
+             if sig[a].startswith("*") or (h_aligned and a in ("H", "K"))}
+    src = triton.compiler.ASTSource(fn=fn, signature={a: sig[a] for a in fn.arg_names},
+                                    constexprs=dict(constexprs), attrs=attrs)
+    return triton.compile(src, target=target,
+                          options=dict(num_warps=num_warps, num_stages=num_stages, **COMPILE_OPTIONS))
+
+
+def compile_mix(op: str, n: int, dtype: torch.dtype, cfg, target, h_aligned: bool):
+    """The compiled kernel that serves ``op`` with launch config ``cfg`` on ``target``."""
+    return compile_kernel(*mix_build(op, n, dtype, cfg, h_aligned), target=target)
+
+
+def _fit_and_compile(arch: str, fit: tuple):
+    """The config that the launcher runs for ``fit`` = (op, n, H, T, dtype) on ``arch`` (K tile
+    fitted to the measured shared memory) and its compiled kernel."""
+    from mhc.backends.triton import launch
+
+    op, n, H, T, dtype = fit
+    built: dict = {}
+
+    def measure(cfg) -> int:
+        if cfg not in built:
+            built[cfg] = compile_mix(op, n, dtype, cfg, _target(arch), H % 16 == 0)
+        return built[cfg].metadata.shared
+
+    cfg = launch.configs(n, H, T, op, launch.SHARED_MEMORY[arch], measure=measure)
+    measure(cfg)
+    return cfg, built[cfg]
+
+
 def _build(job) -> tuple[str, bool, str]:
     arch, (label, kname, signature, constexprs, num_warps, num_stages, *rest) = job
     h_aligned = rest[0] if rest else True
+    fit = rest[1] if len(rest) > 1 else None
     try:
-        import triton
+        from mhc.backends.triton import launch
 
-        import importlib
-
-        mod, _, name = kname.rpartition(".")
-        fn = getattr(importlib.import_module(f"mhc.backends.triton.{mod or 'kernels'}"), name)
-        sig = {a: t for a, t in signature.items() if a in fn.arg_names}
-        for name in constexprs:
-            sig[name] = "constexpr"
-        missing = [a for a in fn.arg_names if a not in sig]
-        if missing:
-            raise KeyError(f"no AOT type for argument(s) {missing} of {kname}")
-        # The divisibility facts the JIT sees at run time for these shapes: 16-byte aligned
-        # pointers, H a multiple of 16. Without them the builds would not vectorize as the
-        # launched kernels do.
-        attrs = {(k,): [["tt.divisibility", 16]] for k, a in enumerate(fn.arg_names)
-                 if sig[a].startswith("*") or (h_aligned and a in ("H", "K"))}
-        src = triton.compiler.ASTSource(fn=fn, signature={a: sig[a] for a in fn.arg_names},
-                                        constexprs=dict(constexprs), attrs=attrs)
         t0 = time.time()
-        compiled = triton.compile(src, target=_target(arch),
-                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        note = ""
+        if fit is None:
+            compiled = compile_kernel(kname, signature, constexprs, num_warps, num_stages, h_aligned, _target(arch))
+        else:
+            first = launch.configs(*fit[1:4], fit[0], launch.SHARED_MEMORY[arch])
+            cfg, compiled = _fit_and_compile(arch, fit)
+            if cfg != first:
+                note = f"  K tile {first.block_h}->{cfg.block_h} (fitted to the measured shared memory)"
         dt = time.time() - t0
         res = (_cuda_resources(compiled.asm["cubin"]) if arch == "sm90"
                else _amd_resources(compiled.asm["amdgcn"])) + f"  shared {compiled.metadata.shared}B"
-        line = f"{arch:<7} {label}  warps {num_warps} stages {num_stages}  {res}  ({dt:.1f}s)"
+        line = f"{arch:<7} {label}  warps {num_warps} stages {num_stages}  {res}{note}  ({dt:.1f}s)"
         # Triton checks this only when it loads the kernel on a GPU ("out of resource: shared
         # memory"): a build that does not fit is a failure here, not on the user's machine.
-        from mhc.backends.triton import launch
-
         limit = launch.SHARED_MEMORY[arch].limit
         if compiled.metadata.shared > limit:
             return f"{line}  FAILED: needs {compiled.metadata.shared} B of shared memory, {arch} has {limit}", False, ""
@@ -264,12 +316,19 @@ def main(archs: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("TRITON_INTERPRET=1 is set: AOT needs compiled kernels; unset it", file=sys.stderr)
         return 1
+    from mhc.progress import Progress
+
     jobs = [(a, j) for a in archs for j in _jobs(a)]
     failed = 0
     t0 = time.time()
-    with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    print(f"triton aot: {len(jobs)} builds for {', '.join(archs)} on {workers} worker(s); each takes seconds to "
+          "a minute of one core", flush=True)
+    progress = Progress(len(jobs))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
         for line, ok, detail in pool.map(_build, jobs):
-            print(line, flush=True)
+            progress.step()
+            print(progress.prefix() + line, flush=True)
             if not ok:
                 failed += 1
                 print("   " + detail[:2000], file=sys.stderr)

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from mhc.backends import device_guard, empty
 from mhc.backends.triton.kernels import _rms_factor
+from mhc.backends.triton.launch import COMPILE_OPTIONS
 
 # --- Sinkhorn backward ------------------------------------------------------------------------------
 
@@ -298,12 +299,12 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
             residual, fn, g_out, g_out if head else g_pm, g_out if head else g_cm, hc_scale, hc_base,
             gmix, r, coef, w, part, T, H, rms_eps, w_eps, sk_eps, post_mult, repeat,
             N=n, N3=m, N3P=n3p, NP=np_, HEAD=head, BM=bm, BH=cfg["bh"], DOT_PREC=_dot_prec(),
-            num_warps=cfg["num_warps"])
+            num_warps=cfg["num_warps"], **COMPILE_OPTIONS)
         if need_res or need_fn:
             _res_bwd_kernel[(n * triton.cdiv(H, cfg["bk"]),)](
                 residual, fn, g_out, gmix, r, coef, w, g_res if need_res else gmix, g_fn if need_fn else gmix,
                 T, H, N=n, N3=m, N3P=n3p, NEED_RES=need_res, NEED_FN=need_fn, BM=bm, BK=cfg["bk"],
-                DOT_PREC=_dot_prec(), num_warps=cfg["num_warps"])
+                DOT_PREC=_dot_prec(), num_warps=cfg["num_warps"], **COMPILE_OPTIONS)
         sums = part.sum(0)
     g_base = sums[:m].clone() if need_base else None
     g_scale = sums[m:m + hc_scale.shape[0]].clone() if need_scale else None
@@ -343,5 +344,5 @@ def post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask):
         _post_bwd_kernel[(T,)](
             grad_out, ptr(x), ptr(residual), ptr(post_mix), ptr(comb_mix), ptr(g_x), ptr(g_res), ptr(g_pm),
             ptr(g_cm), H, N=n, NP=max(2, triton.next_power_of_2(n)), NEED_X=need_x, NEED_RES=need_res,
-            NEED_PM=need_pm, NEED_CM=need_cm, BH=cfg["post_bh"], num_warps=cfg["num_warps"])
+            NEED_PM=need_pm, NEED_CM=need_cm, BH=cfg["post_bh"], num_warps=cfg["num_warps"], **COMPILE_OPTIONS)
     return g_x, g_res, g_pm, g_cm

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
+from collections.abc import Callable
 
 import torch
 import triton
 
 from mhc.backends import device_guard, empty
 from mhc.backends.triton import kernels
+
+#: Compile options that every launch (and every build of ``aot.py``) passes: Triton 3.9 warns when
+#: fp fusion is left to its default, which 3.10 turns off; the kernels were tuned and checked with
+#: it on, as 3.6 does by default.
+COMPILE_OPTIONS = dict(enable_fp_fusion=True)
 
 #: True when ``TRITON_INTERPRET=1`` was set before the kernels were defined: they then run on CPU
 #: tensors, the GEMM runs in fp32 (the interpreter mishandles bf16 dots) and bf16 rounding is
@@ -158,8 +165,11 @@ OTHER_PHASES_SHARED = 32768
 def shared_estimate(op: str, n: int, block_m: int, block_h: int, num_stages: int, amd: bool) -> int:
     """Bytes of shared memory that ``mix_kernel``/``chunk_kernel`` need for ``op`` with n streams,
     a GEMM step of ``block_m`` tokens x ``block_h`` hidden elements (K = next_pow2(n) x block_h)
-    and ``num_stages``, on AMD (``amd``) or NVIDIA: an upper bound fitted to Triton 3.6's
-    allocations, which tests/test_triton_compile.py holds it to on sm90 and gfx942.
+    and ``num_stages``, on AMD (``amd``) or NVIDIA: fitted to Triton 3.6's allocations, of which
+    it was an upper bound at the shapes of tests/test_triton_compile.py; Triton 3.9 asks 2-8 KB
+    more at n >= 6 (unpipelined pre: 73728 B at n = 6 against an estimate of 65536 B). It is the first guess of :func:`configs`, which needs no compiler (the
+    interpreter, the CPU tests); on a GPU and in ``aot.py`` the compiled kernel's real size
+    decides (``configs(..., measure=...)``).
 
     Tiles of one GEMM step: residual a = block_m x K x 2 B, fn b = K x max(16, N3P) x 4 B (fp32,
     or bf16 hi + lo: 4 B a column either way, at least the MMA's narrowest N), and for
@@ -182,10 +192,16 @@ def shared_estimate(op: str, n: int, block_m: int, block_h: int, num_stages: int
     return max(gemm, OTHER_PHASES_SHARED)
 
 
-def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None = None) -> Config:
+def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None = None,
+            measure: Callable[[Config], int] | None = None, _block_h_cap: int | None = None) -> Config:
     """The launch config of ``op`` for ``n`` streams, hidden size ``H``, ``T <= SMALL_T`` tokens
-    (any n <= 8, any H), on a GPU with shared memory ``smem`` (default: the H100's, ``SHARED_MEMORY["sm90"]``;
-    the launchers pass the input device's)."""
+    (any n <= 8, any H), on a GPU with shared memory ``smem`` (default: the H100's,
+    ``SHARED_MEMORY["sm90"]``; the launchers pass the input device's).
+
+    The K tile is first fitted by :func:`shared_estimate`. With ``measure`` (a config -> the
+    compiled kernel's ``metadata.shared`` in bytes, which a compiler update can change), it is
+    then halved until the compiled kernel really fits ``smem.limit``: the estimate only picks
+    where to start (:func:`device_config` and ``aot.py`` pass one)."""
     smem = smem or SHARED_MEMORY["sm90"]
     for max_t, row, fused_row in _TABLE:
         if max_t is None or T <= max_t:
@@ -210,7 +226,7 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
     # small-T rows, which ran that way in the H100 contract tests (256 is unmeasured there).
     np2 = triton.next_power_of_2(n)
     k_max = 128 if _mix_columns(op, n)[1] > 64 else 256
-    bh = max(min(row.pop("block_h"), p2, k_max // np2), 16 // np2)
+    bh = max(min(row.pop("block_h"), p2, k_max // np2, _block_h_cap or p2), 16 // np2)
     # Halve the K tile until the kernel fits the device's shared memory, which Triton checks only
     # when it loads the kernel: at T > 1024, n >= 5 asked 80-160 KB on MI300X (64 KB of LDS), and
     # fused_post_pre 280-308 KB on the H100 (227 KB). n = 4 keeps its tuned tiles everywhere.
@@ -232,7 +248,47 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
         # H == 1 is specialised to a constant, and the prefetch's tiles then crash Triton 3.6's
         # coalescing pass: nothing to prefetch at that size anyway.
         row["tail_pf"] = 0 if H == 1 else min(triton.cdiv(H, row["block_c"]), budget // per_chunk)
-    return Config(block_h=bh, splits=triton.cdiv(H, h_per_split), h_per_split=h_per_split, **row)
+    cfg = Config(block_h=bh, splits=triton.cdiv(H, h_per_split), h_per_split=h_per_split, **row)
+    if measure is not None and bh * np2 > 16 and measure(cfg) > smem.limit:
+        return configs(n, H, T, op, smem, measure, bh // 2)
+    return cfg
+
+
+_FITTED: dict[tuple, Config] = {}
+
+
+def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device) -> Config:
+    """:func:`configs` for a launch on ``device``, with its shared memory. On a GPU, the K tile is
+    checked against the compiled kernel's real shared memory (``aot.compile_mix`` for the
+    device's target reads ``metadata.shared``; Triton itself checks it only when it loads the
+    kernel, and its needs change between releases: 3.9 asks 2-8 KB more than 3.6 at n >= 6) and
+    halved while it does not fit. That costs one extra compile per config on its first use in a
+    process (Triton's on-disk cache serves later processes); the result is kept per device,
+    dtype and estimated config, so later calls pay a dict lookup. If that compile raises, the
+    estimate's config runs, with a warning (Triton's own load check still stands)."""
+    smem = device_shared_memory(device)
+    cfg = configs(n, H, T, op, smem)
+    if device.type != "cuda" or INTERPRETED:
+        return cfg
+    key = (device.index, op, n, dtype, H % 16 == 0, cfg)
+    got = _FITTED.get(key)
+    if got is None:
+        from mhc.backends.triton import aot
+
+        with torch.cuda.device(device):
+            target = triton.runtime.driver.active.get_current_target()
+
+        def measure(c: Config) -> int:
+            return aot.compile_mix(op, n, dtype, c, target, H % 16 == 0).metadata.shared
+
+        try:
+            got = configs(n, H, T, op, smem, measure=measure)
+        except Exception as e:
+            warnings.warn(f"mhc triton: could not measure the shared memory of the {op} kernel for n={n}, H={H} "
+                          f"({type(e).__name__}: {e}); using the estimated tiles", RuntimeWarning, stacklevel=3)
+            got = cfg
+        _FITTED[key] = got
+    return got
 
 
 def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict:
@@ -310,7 +366,7 @@ def _prep_fn(fn, n3, n3p):
     out = torch.empty((2 * n3p, K), dtype=torch.bfloat16, device=fn.device)
     bk = prep_block(n3p)
     kernels.prep_kernel[(triton.cdiv(K, bk),)](
-        fn, out, K, N3=n3, N3P=n3p, BK=bk, EMULATE_RNE=INTERPRETED, num_warps=4)
+        fn, out, K, N3=n3, N3P=n3p, BK=bk, EMULATE_RNE=INTERPRETED, num_warps=4, **COMPILE_OPTIONS)
     return out
 
 
@@ -320,7 +376,7 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
     if T > SMALL_T:
         return _two_pass(op, plan(op, n, H, T, device_shared_memory(dev)), residual, fn, hc_scale, hc_base,
                          scalars, fused_inputs)
-    cfg = configs(n, H, T, op, device_shared_memory(dev))
+    cfg = device_config(op, n, H, T, residual.dtype, dev)
     spec = mix_specialization(op, n, residual.dtype, cfg)
     n3p = spec["N3P"]
     out = empty((T, H), residual.dtype, dev)
@@ -347,7 +403,7 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
             residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
             post_mix, comb_mix, out, part, mix, cnt,
             T, H, cfg.splits, *scalars,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec, **COMPILE_OPTIONS,
         )
         _COUNTERS.put(key, cnt)  # not reached if the launch raised: that buffer is dropped
     return out, post_mix, comb_mix, new
@@ -369,7 +425,7 @@ def _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, p
             residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
             post_mix, comb_mix, out, part,
             T, H, cfg.splits, a, b, n_b, *scalars,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec, **COMPILE_OPTIONS,
         )
 
 
@@ -442,7 +498,7 @@ def _post_into(x, residual, post_mix, comb_mix, out):
     kernels.post_kernel[(T * triton.cdiv(H, cfg.block_h),)](
         x, residual, post_mix, comb_mix, out, T, H,
         N=n, NP=triton.next_power_of_2(n), BH=cfg.block_h, EMULATE_RNE=INTERPRETED,
-        H_FAST=cfg.h_fast, num_warps=cfg.warps,
+        H_FAST=cfg.h_fast, num_warps=cfg.warps, **COMPILE_OPTIONS,
     )
 
 
@@ -482,7 +538,7 @@ def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=N
             src, w, part, T, K, T * n3p,
             N3=n3, N3P=n3p, BM=plan.block_m, BK=plan.block_k, STEPS=plan.steps, PREC=prec,
             EXACT_BF16=residual.dtype == torch.bfloat16, EVEN_K=K % k_split == 0,
-            SPLIT_FAST=plan.split_fast, num_warps=plan.warps, num_stages=plan.stages,
+            SPLIT_FAST=plan.split_fast, num_warps=plan.warps, num_stages=plan.stages, **COMPILE_OPTIONS,
         )
         n_pc = 0 if head else triton.cdiv(T, plan.bmb)
         kernels.finalize_kernel[(n_pc + triton.cdiv(T, plan.bt) * triton.cdiv(H, plan.bc),)](
@@ -490,7 +546,7 @@ def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=N
             T, H, splits, T * n3p, n_pc, *scalars,
             N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, SP=triton.next_power_of_2(splits),
             BT=plan.bt, BC=plan.bc, BMB=plan.bmb, HEAD=head, SK_ELEM=plan.sk_elem,
-            EMULATE_RNE=INTERPRETED, num_warps=plan.fin_warps,
+            EMULATE_RNE=INTERPRETED, num_warps=plan.fin_warps, **COMPILE_OPTIONS,
         )
     return out, post_mix, comb_mix, new
 
