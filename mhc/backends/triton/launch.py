@@ -350,10 +350,11 @@ class _Counters:
 _COUNTERS = _Counters()
 
 def prep_block(n3p: int) -> int:
-    """Columns of fn per ``prep_kernel`` program: 1024 up to n3p = 32 (n <= 4), else 16K elements
-    a program (n = 8's 128 x 1024 spilled 8 KB on sm90 and 242 VGPRs on gfx942, 128 x 256 still
-    128 B on sm90; 128 x 128 spills nothing)."""
-    return 1024 if n3p <= 32 else 16384 // n3p
+    """Columns of fn per ``prep_kernel`` program: 16K elements of fn a program, at most 1024
+    columns (n3p = 32 at 1024 columns spilled 144 B on sm90 under Triton 3.9, and n = 8's
+    128 x 1024 spilled 8 KB on sm90 and 242 VGPRs on gfx942 under 3.6; none spill at 16K)."""
+    return min(1024, 16384 // n3p)
+
 
 #: Register budget of ``kernels._tail_prefetch`` (bytes of residual held per thread).
 TAIL_PF_BYTES = 256
