@@ -1,9 +1,10 @@
 """Launchers for the Triton kernels: flatten nothing (the op layer did), pick a config, allocate,
 launch under the input's device. Signatures are those of ``mhc/backends/__init__.py``.
 
-The one launch heuristic is :func:`configs`; :func:`mix_specialization` turns a config into the
-kernel's compile-time constants, and both the launchers and ``aot.py`` use it, so what AOT builds
-is what runs.
+Two launch heuristics, split at ``SMALL_T`` tokens: :func:`configs` (T <= SMALL_T: the latency-bound
+single-launch and chunked kernels; :func:`mix_specialization` turns a config into their
+compile-time constants) and :func:`plan` (above: the two-pass path), plus :func:`post_config` for
+``post``. The launchers and ``aot.py`` use the same functions, so what AOT builds is what runs.
 """
 
 from __future__ import annotations
@@ -577,12 +578,13 @@ def head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps):
 
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
                    hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat):
-    """``post`` then ``pre`` in one launch (math: ``mhc.reference.fused_post_pre``).
+    """``post`` then ``pre`` (math: ``mhc.reference.fused_post_pre``).
 
     ``x`` (T, H) and ``residual`` (T, n, H) bf16/fp16; ``post_mix`` (T, n, 1) and ``comb_mix``
     (T, n, n) fp32; the rest as :func:`pre`. Returns ``(new_residual (T, n, H), post_mix (T, n, 1),
-    comb_mix (T, n, n), layer_input (T, H))``; the new residual is written once and the GEMM reads
-    it from registers, the collapse from L2.
+    comb_mix (T, n, n), layer_input (T, H))``. Up to ``SMALL_T`` tokens the small-T kernels compute
+    the new residual inside the GEMM's tile loop, write it once and feed it to the GEMM from
+    registers; above, ``post_kernel`` writes it and the two passes read it back.
     """
     scalars = (rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, int(sinkhorn_repeat))
     out, pm, cm, new = _mix("fused_post_pre", residual, fn, hc_scale, hc_base, scalars,
