@@ -853,8 +853,8 @@ def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, c
     tokens x BC hidden columns each, hidden blocks of a token on consecutive programs (as
     ``post_kernel``): the residual tile ``src_ptr`` (T, N, H) is loaded first, then the collapse
     weights from the partials (:func:`_pre_weights`, every program reducing its own tokens'
-    partials), then ``out_ptr`` (T, H) in the residual's dtype. Run right after the first pass
-    over an L2-sized chunk of tokens, the residual re-read comes from L2.
+    partials), then ``out_ptr`` (T, H) in the residual's dtype. The residual is read a second time
+    here, from memory (L2-sized token chunks did not pay: benchmarks/results/two-pass-h200.md).
     """
     pid = tl.program_id(0)
     K = N * H
