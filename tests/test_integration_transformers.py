@@ -7,7 +7,6 @@ unpatched model's; the tolerances, and why, are in ``TOL``.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import sys
 import time
@@ -19,8 +18,9 @@ pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4",
                     reason="transformers with DeepSeek-V4 not installed (pip install -e '.[transformers]')")
 
 import mhc  # noqa: E402
-from mhc import reference, registry  # noqa: E402
+from mhc import registry  # noqa: E402
 from mhc.integrations import transformers as mt  # noqa: E402
+from recorders import Recorder  # noqa: E402
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as M  # noqa: E402
 
@@ -239,27 +239,10 @@ def test_without_transformers(monkeypatch):
         fresh.apply(torch.nn.Linear(4, 4))
 
 
-class _Recorder:
-    """A backend serving CPU tensors with the reference math, recording the ops it ran."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, op):
-        if op not in registry.OPS:
-            raise AttributeError(op)
-
-        def run(*a):
-            self.calls.append(op)
-            return getattr(reference, op)(*a)
-
-        return run
-
-
 def test_ops_go_through_the_registry():
     """use_backend is respected: every mHC site runs on the chosen backend, fused where stated,
     and a backend that cannot serve raises instead of falling back."""
-    rec = _Recorder()
+    rec = Recorder()
     caps = registry.Capabilities(frozenset({"cpu"}), frozenset({torch.float32}))
     registry.register(registry.Backend("recorder", None, caps, load=lambda: rec))
     try:

@@ -15,29 +15,12 @@ import torch
 import mhc
 from mhc import checking, reference, registry
 from mhc.registry import Backend, BackendError, Capabilities
-
-
-class _Recorder:
-    """A backend that serves CPU tensors with the reference math and records which op ran."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, op):
-        if op not in registry.OPS:
-            raise AttributeError(op)
-
-        def run(*a):
-            self.calls.append(op)
-            out = getattr(reference, op)(*a)
-            return out
-
-        return run
+from recorders import Recorder
 
 
 @pytest.fixture
 def fake():
-    rec = _Recorder()
+    rec = Recorder()
     b = Backend("fake", None, Capabilities(frozenset({"cpu"}), frozenset({torch.bfloat16})), load=lambda: rec)
     registry.register(b)
     yield rec

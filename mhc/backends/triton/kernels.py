@@ -768,6 +768,16 @@ def chunk_kernel(
 
 
 @triton.jit
+def _grid_order(pid, n_a, n_b, B_FAST: tl.constexpr):
+    """(a, b) of program ``pid`` on an ``n_a`` x ``n_b`` grid flattened to one axis: b fastest
+    (consecutive programs share a) if ``B_FAST``, else a fastest."""
+    if B_FAST:
+        return pid // n_b, pid % n_b
+    else:
+        return pid % n_a, pid // n_a
+
+
+@triton.jit
 def _prenorm_block(x_ptr, w_ptr, part_ptr, row0, s, T, K, sstride,
                    N3: tl.constexpr, N3P: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                    STEPS: tl.constexpr, PREC: tl.constexpr, EXACT_BF16: tl.constexpr, EVEN_K: tl.constexpr):
@@ -825,15 +835,7 @@ def prenorm_kernel(x_ptr, w_ptr, part_ptr, T, K, sstride,
     Grid: (cdiv(T, BM) * n_splits,), n_splits = cdiv(K, STEPS*BK); ``SPLIT_FAST``: the splits
     of one token block on consecutive programs (else the token blocks of one split).
     """
-    pid = tl.program_id(0)
-    n_splits = tl.cdiv(K, STEPS * BK)
-    if SPLIT_FAST:
-        m = pid // n_splits
-        s = pid % n_splits
-    else:
-        num_m = tl.cdiv(T, BM)
-        m = pid % num_m
-        s = pid // num_m
+    m, s = _grid_order(tl.program_id(0), tl.cdiv(T, BM), tl.cdiv(K, STEPS * BK), SPLIT_FAST)
     _prenorm_block(x_ptr, w_ptr, part_ptr, m * BM, s, T, K, sstride,
                    N3, N3P, BM, BK, STEPS, PREC, EXACT_BF16, EVEN_K)
 
@@ -891,15 +893,7 @@ def post_kernel(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, T, H,
     ``eviction_policy`` of the streamed loads ("" = default). ``EMULATE_RNE``: under the
     interpreter (see :func:`_to_act`).
     """
-    pid = tl.program_id(0)
-    n_hb = tl.cdiv(H, BH)
-    if H_FAST:
-        tb = pid // n_hb
-        hb = pid % n_hb
-    else:
-        n_tb = tl.cdiv(T, BT)
-        tb = pid % n_tb
-        hb = pid // n_tb
+    tb, hb = _grid_order(tl.program_id(0), tl.cdiv(T, BT), tl.cdiv(H, BH), H_FAST)
     _post_tile(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, tb.to(tl.int64) * BT, hb, T, H,
                N, NP, BH, BT, EVICT, EMULATE_RNE)
 
