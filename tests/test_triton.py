@@ -264,6 +264,22 @@ def test_probe_reasons_on_cpu(monkeypatch):
     assert why and "TRITON_INTERPRET=1" in why[0]
 
 
+def test_aot_counts_spills_and_their_waivers():
+    """A build line with stack bytes (CUDA), spilled VGPRs or scratch (AMD) is a spill; SGPR
+    spills are not; every waiver names a reason."""
+    from mhc.backends.triton import aot
+
+    assert aot.spilled("sm90 pre ... regs 255  spill/stack 128B local 0B  static smem 1024B")
+    assert not aot.spilled("sm90 pre ... regs 106  spill/stack 0B local 0B  static smem 1024B")
+    assert aot.spilled("gfx942 head ... vgpr 512 (spill 300)  sgpr 50 (spill 0)  scratch 1204B")
+    assert aot.spilled("gfx942 pre ... vgpr 349 (spill 1)  sgpr 106 (spill 346)  scratch 0B")
+    assert not aot.spilled("gfx942 pre ... vgpr  60 (spill 0)  sgpr 106 (spill 82)  scratch 0B  shared 4096B")
+    assert all(arch in aot.ARCHS and kernel.endswith("_kernel") and why for (arch, kernel), why
+               in aot.SPILL_WAIVERS.items())
+    assert not any(k in ("prenorm_kernel", "finalize_kernel", "prep_kernel", "post_kernel")
+                   for _, k in aot.SPILL_WAIVERS)
+
+
 def test_aot_rejects_unknown_arch():
     from mhc.backends.triton import aot
 

@@ -8,7 +8,8 @@ shape mismatch between the arms of a runtime ``if`` that the compiler rejects), 
 --dump-resource-usage`` on the cubin, as Triton's metadata fills them only when loading on a GPU;
 AMD: the VGPR/SGPR and spill counts that the AMDGCN assembly carries, and the LDS bytes) and
 returns non-zero if any build fails or needs more shared memory than the arch has
-(``launch.SHARED_MEMORY``; Triton itself checks that only when a GPU loads the kernel).
+(``launch.SHARED_MEMORY``; Triton itself checks that only when a GPU loads the kernel) or spills
+registers without a waiver in ``SPILL_WAIVERS``.
 ``python -m mhc aot --backend triton --arch sm90,gfx942,gfx950`` calls it.
 """
 
@@ -325,16 +326,51 @@ def main(archs: list[str]) -> int:
     print(f"triton aot: {len(jobs)} builds for {', '.join(archs)} on {workers} worker(s); each takes seconds to "
           "a minute of one core", flush=True)
     progress = Progress(len(jobs))
+    waived = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for line, ok, detail in pool.map(_build, jobs):
+        for (arch, job), (line, ok, detail) in zip(jobs, pool.map(_build, jobs)):
             progress.step()
+            if ok and spilled(line):
+                why = SPILL_WAIVERS.get((arch, job[1].rpartition(".")[2]))
+                if why is None:
+                    ok, line = False, f"{line}  FAILED: spills registers (no waiver in aot.SPILL_WAIVERS)"
+                else:
+                    waived.append(line)
+                    line = f"{line}  spill waived: {why}"
             print(progress.prefix() + line, flush=True)
             if not ok:
                 failed += 1
-                print("   " + detail[:2000], file=sys.stderr)
+                if detail:
+                    print("   " + detail[:2000], file=sys.stderr)
     print(f"{len(jobs) - failed}/{len(jobs)} builds succeeded in {time.time() - t0:.0f}s "
-          f"for {', '.join(archs)}")
+          f"for {', '.join(archs)}; {len(waived)} spill(s) waived (aot.SPILL_WAIVERS)")
     return failed
+
+
+#: Register spills that ``main`` lets pass, by (arch, kernel) with the reason; any other spill in a
+#: build of the model shapes fails it (on CDNA a VGPR spill goes to scratch memory, and over 256
+#: VGPRs means one wave per SIMD: the AOT build is our only window on AMD speed). All are in the
+#: small-T and backward kernels, which issue 13 has yet to rebuild; the two-pass kernels spill
+#: nothing on sm90, gfx942 or gfx950 (Triton 3.6 and 3.9).
+SPILL_WAIVERS = {
+    ("gfx942", "mix_kernel"): "T = 1 single-launch kernel (head: 512 VGPRs, about 300 spilled): to rebuild",
+    ("gfx942", "chunk_kernel"): "T <= 128 chunked kernel (head at H = 4096: 512 VGPRs, about 280 spilled): to rebuild",
+    ("gfx950", "chunk_kernel"): "T <= 128 chunked kernel (1 VGPR spilled at H = 7168): to rebuild",
+    ("sm90", "chunk_kernel"): "T <= 128 chunked kernel at H = 7168: 255 registers, 8-224 B of stack: to rebuild",
+    ("sm90", "_res_bwd_kernel"): "backward: 255 registers, 16-392 B of stack: not yet tuned",
+    ("sm90", "_mix_bwd_kernel"): "backward: 24 B of stack: not yet tuned",
+}
+
+
+def spilled(line: str) -> bool:
+    """Whether a build line of :func:`_build` reports spilled registers: stack bytes on CUDA
+    (``spill/stack``), spilled VGPRs or scratch memory on AMD. SGPR spills (to VGPR lanes, no
+    memory) are shown but do not count."""
+    for pattern in (r"spill/stack (\d+)B", r"vgpr +\d+ \(spill (\d+)\)", r"scratch (\d+)B"):
+        m = re.search(pattern, line)
+        if m and int(m.group(1)) > 0:
+            return True
+    return False
 
 
 if __name__ == "__main__":
