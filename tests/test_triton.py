@@ -109,7 +109,7 @@ def test_sinkhorn_repeat_is_runtime(L, repeat):
 # A test-only chunked row: chunk_mib 0.01 gives 32-token chunks at n=4, H=40 (320 B a token),
 # 3 GEMM splits of 16 hidden elements, phase B in blocks of 8 tokens and 2 hidden chunks of 2x16.
 _SMALL_CHUNKS = dict(chunk_mib=0.01, block_m=16, block_h=16, splits=3, block_m_b=8, block_c=16, c_steps=2,
-                     rowwise=False, num_warps=4, num_stages=1)
+                     num_warps=4, num_stages=1)
 
 
 @pytest.mark.parametrize("T", [33, 70])
@@ -127,13 +127,11 @@ def test_chunked_across_chunk_boundaries(L, monkeypatch, T):
 # The small-T paths: the single-launch kernel's register tail (T <= tail_rows; some hidden chunks
 # prefetched, the rest loaded after, early prefetch or not) and the chunked kernel with the in-thread
 # Sinkhorn and the separate post/comb program (b_split); H=40 masks the tiles, n from 1 to 8.
-_TAIL = dict(block_m=16, block_h=16, splits=3, block_c=16, rowwise=True, num_warps=4, num_stages=1,
-             sk_elem=True, tail=True)
+_TAIL = dict(block_m=16, block_h=16, splits=3, block_c=16, num_warps=4, num_stages=1)
 _SMALL_T_ROWS = {
     "tail": (1, dict(_TAIL, tail_rows=1)),
     "tail-early": (1, dict(_TAIL, tail_rows=1, pf_early=True)),
     "tail-2rows": (2, dict(_TAIL, tail_rows=2)),
-    "sk-elem-old-tail": (2, dict(_TAIL, tail=False)),
     "chunk-bsplit": (None, dict(_SMALL_CHUNKS, sk_elem=True, b_split=True, c_steps=1)),
     "chunk-bsplit-csteps": (None, dict(_SMALL_CHUNKS, sk_elem=True, b_split=True)),
 }
@@ -146,7 +144,7 @@ def test_small_t_paths(L, monkeypatch, kind, n, dtype):
 
     max_t, row = _SMALL_T_ROWS[kind]
     monkeypatch.setattr(launch, "_TABLE", ((max_t, row, None), (None, _SMALL_CHUNKS, None)))
-    if row.get("tail"):
+    if "chunk_mib" not in row:
         # A budget of 2 chunks a row: part of H prefetched, the rest loaded after the mixes.
         monkeypatch.setattr(launch, "TAIL_PF_BYTES", -(-2 * row["tail_rows"] * n * 16 * 2 // 128))
         assert launch.configs(n, 40, 1).tail_pf == 2 or n == 1

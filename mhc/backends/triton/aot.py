@@ -54,7 +54,7 @@ def _mix_signature(op: str, dtype: torch.dtype) -> dict[str, str]:
         "pm_in_ptr": "*fp32" if fused else act, "cm_in_ptr": "*fp32" if fused else act,
         "post_ptr": act if op == "head" else "*fp32", "comb_ptr": act if op == "head" else "*fp32",
         "fn_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
-        "part_ptr": "*fp32", "mix_ptr": "*fp32", "cnt_ptr": "*i32",
+        "part_ptr": "*fp32", "cnt_ptr": "*i32",
         "T": "i32", "H": "i32", "n_splits": "i32", "sk_repeat": "i32",
         "c_a": "i32", "c_b": "i32", "n_b": "i32",
         "rms_eps": "fp32", "pre_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32",

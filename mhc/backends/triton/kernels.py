@@ -326,46 +326,6 @@ def _post_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K,
 
 
 @triton.jit
-def _collapse(src_ptr, out_ptr, w, n_rows, H,
-              N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-              ROWWISE: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """``out[t, h] = sum_i w[t, i] * src[t, i, h]`` for one token block of ``n_rows`` valid rows;
-    ``w`` [BM, NP] fp32, ``src`` [BM, N, H] and ``out`` [BM, H] in the residual dtype, fp32
-    accumulation.
-
-    ``ROWWISE``: one valid row at a time with [NP, BC] tiles (short blocks, e.g. T=1: a wide tile
-    keeps many loads in flight and skips the padding rows); else [BM, NP, BC] tiles.
-    """
-    i = tl.arange(0, NP)
-    if ROWWISE:
-        rows = tl.arange(0, BM)
-        r = 0
-        while (r < n_rows) & (r < BM):
-            wr = tl.sum(tl.where(rows[:, None] == r, w, 0.0), axis=0)
-            h0 = 0
-            while h0 < H:
-                h = h0 + tl.arange(0, BC)
-                x = tl.load(src_ptr + r * (N * H) + i[:, None] * H + h[None, :],
-                            mask=(i < N)[:, None] & (h < H)[None, :], other=0.0)
-                y = tl.sum(x.to(tl.float32) * wr[:, None], axis=0)
-                tl.store(out_ptr + r * H + h, _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE), mask=h < H)
-                h0 += BC
-            r += 1
-    else:
-        rows = tl.arange(0, BM)
-        base_mask = (rows < n_rows)[:, None, None] & (i < N)[None, :, None]
-        src = src_ptr + rows[:, None, None] * (N * H) + i[None, :, None] * H
-        h0 = 0
-        while h0 < H:
-            h = h0 + tl.arange(0, BC)
-            x = tl.load(src + h[None, None, :], mask=base_mask & (h < H)[None, None, :], other=0.0)
-            y = tl.sum(x.to(tl.float32) * w[:, :, None], axis=1)
-            tl.store(out_ptr + rows[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE),
-                     mask=(rows < n_rows)[:, None] & (h < H)[None, :])
-            h0 += BC
-
-
-@triton.jit
 def _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H, h_lo,
                 N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
                 FUSED: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr,
@@ -464,7 +424,7 @@ def _tail(part_blk, n_splits, src_ptr, out_ptr, post_ptr, comb_ptr, prm, xs, n_r
           N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, HEAD: tl.constexpr,
           BM: tl.constexpr, SP: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, PF: tl.constexpr,
           EMULATE_RNE: tl.constexpr):
-    """The last program's work in ``mix_kernel`` with TAIL (blocks of at most RB valid rows):
+    """The last program's work in ``mix_kernel`` (blocks of at most RB valid rows):
     sums the splits' partials straight into registers, one tensor [RB] per mixes column
     (:func:`_elems`; no scratch round trip); ``prm``: :func:`_tail_params`; collapses into ``out_ptr`` from the prefetched tiles
     ``xs`` (:func:`_tail_prefetch`, then the chunks past PF), and writes ``post_mix`` and the
@@ -525,16 +485,14 @@ def mix_kernel(
     res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr,
     fn_ptr, scale_ptr, base_ptr,
     post_ptr, comb_ptr, out_ptr,
-    part_ptr, mix_ptr, cnt_ptr,
+    part_ptr, cnt_ptr,
     T, H, n_splits,
     rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
     N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
     HEAD: tl.constexpr, FUSED: tl.constexpr,
-    BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr, RC: tl.constexpr, BC: tl.constexpr,
-    ROWWISE: tl.constexpr,
+    BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr, BC: tl.constexpr,
     DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr,
-    SK_ELEM: tl.constexpr = False, TAIL: tl.constexpr = False, RB: tl.constexpr = 1, PF: tl.constexpr = 0,
-    PF_EARLY: tl.constexpr = False,
+    RB: tl.constexpr = 1, PF: tl.constexpr = 0, PF_EARLY: tl.constexpr = False,
 ):
     """``pre`` (HEAD=False, FUSED=False), ``head`` (HEAD=True) or ``fused_post_pre`` (FUSED=True).
 
@@ -543,17 +501,15 @@ def mix_kernel(
     ``new_ptr`` (T, N, H) output new residual. ``fn_ptr`` (N3, N*H) fp32, ``scale_ptr`` (3,) or
     (1,), ``base_ptr`` (N3,) fp32. Outputs: ``post_ptr`` (T, N) and ``comb_ptr`` (T, N, N) fp32
     (not for HEAD), ``out_ptr`` (T, H) in the residual dtype. Workspace: ``part_ptr``
-    (num_m, n_splits, BM, N3P) fp32 partials, ``mix_ptr`` (num_m, BM, N3P) fp32 reduced logits,
-    ``cnt_ptr`` (num_m,) int32 counters that are zero on entry and left zero on exit.
+    (num_m, n_splits, BM, N3P) fp32 partials, ``cnt_ptr`` (num_m,) int32 counters that are zero on
+    entry and left zero on exit.
     ``DOT_F32``: interpreter mode (fp32 GEMM, bf16 rounding emulated, see :func:`_to_act`).
-    ``SK_ELEM``: Sinkhorn in-thread (:func:`_sinkhorn_elems`). ``TAIL`` (blocks of at most RB
-    valid rows, i.e. T <= RB): the last program runs :func:`_tail` (no mix scratch, collapse
-    from PF prefetched chunks of BC, Sinkhorn in-thread, written last); ``PF_EARLY`` (not FUSED):
-    every program prefetches those chunks before its atomic, so the last one finds them in
-    registers.
+    Blocks of at most RB valid rows (T <= RB): the last program of a block runs :func:`_tail`
+    (partials reduced in registers, collapse from PF prefetched chunks of BC, Sinkhorn in-thread,
+    written last); ``PF_EARLY`` (not FUSED): every program prefetches those chunks before its
+    atomic, so the last one finds them in registers.
     Grid: (cdiv(T, BM), n_splits); split s takes hidden elements [s, s+1) * STEPS*BH;
-    ``n_splits <= SP``; ``RC`` divides BM*N3P. (Token blocks fastest: the splits-major order
-    measured 19% slower at T = 4096, TUNING.md "Program order: mix_kernel".)
+    ``n_splits <= SP``.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -578,11 +534,10 @@ def mix_kernel(
     # Phase 1: this split's slice of the prenorm GEMM and of the sum of squares.
     acc = _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H, pid_s * (STEPS * BH),
                       N, NP, N3, N3P, FUSED, BM, BH, STEPS, DOT_F32, EXACT_BF16)
-    if TAIL:
-        prm = _tail_params(scale_ptr, base_ptr, N3, HEAD)
-        if PF_EARLY:
-            if not FUSED:
-                xs = _tail_prefetch(res_ptr, n_rows, H, N, RB, BC, PF, DOT_F32)
+    prm = _tail_params(scale_ptr, base_ptr, N3, HEAD)
+    if PF_EARLY:
+        if not FUSED:
+            xs = _tail_prefetch(res_ptr, n_rows, H, N, RB, BC, PF, DOT_F32)
     part_blk = part_ptr + pid_m.to(tl.int64) * n_splits * (BM * N3P)
     tl.store(part_blk + pid_s * (BM * N3P) + rows[:, None] * N3P + col[None, :], acc,
              mask=row_ok[:, None])
@@ -590,44 +545,17 @@ def mix_kernel(
     # program of the token block acquires them all.
     tl.debug_barrier()
     done = tl.atomic_add(cnt_ptr + pid_m, 1, sem="acq_rel", scope="gpu")
-    if TAIL:
-        if done == n_splits - 1:
-            tl.debug_barrier()
-            if FUSED:
-                src = new_ptr
-            else:
-                src = res_ptr
-            if FUSED or not PF_EARLY:
-                xs = _tail_prefetch(src, n_rows, H, N, RB, BC, PF, DOT_F32)
-            _tail(part_blk, n_splits, src, out_ptr, post_ptr, comb_ptr, prm, xs, n_rows, H,
-                  rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, N, NP, N3, N3P, HEAD, BM, SP, RB, BC, PF, DOT_F32)
-            tl.atomic_xchg(cnt_ptr + pid_m, 0)
-    elif done == n_splits - 1:
+    if done == n_splits - 1:
         tl.debug_barrier()
-        # Phase 2 (last program of the block): reduce the splits of the valid rows into the mix
-        # scratch (a short token block, T=1 say, takes one step, not BM*N3P/RC).
-        mix = mix_ptr + pid_m.to(tl.int64) * (BM * N3P)
-        s = tl.arange(0, SP)
-        n_valid = n_rows * N3P
-        for e0 in tl.static_range(0, BM * N3P, RC):
-            if e0 < n_valid:
-                e = e0 + tl.arange(0, RC)
-                p = tl.load(part_blk + s[:, None] * (BM * N3P) + e[None, :],
-                            mask=(s < n_splits)[:, None] & (e < n_valid)[None, :], other=0.0,
-                            cache_modifier=".cg")
-                tl.store(mix + e, tl.sum(p, axis=0), mask=e < n_valid)
-        tl.atomic_xchg(cnt_ptr + pid_m, 0)
-        tl.debug_barrier()
-        # Phase 3: activations, then the collapse (its residual re-read hits L2).
-        if not HEAD:
-            _post_comb(mix, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K, rms_eps, sk_eps,
-                       post_mult, sk_repeat, 0, 1, N, NP, N3, N3P, BM, 1, SK_ELEM)
-        wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, 0, 1,
-                           N, NP, N3, N3P, BM, 1)
         if FUSED:
-            _collapse(new_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC, ROWWISE, DOT_F32)
+            src = new_ptr
         else:
-            _collapse(res_ptr, out_ptr, wts, n_rows, H, N, NP, BM, BC, ROWWISE, DOT_F32)
+            src = res_ptr
+        if FUSED or not PF_EARLY:
+            xs = _tail_prefetch(src, n_rows, H, N, RB, BC, PF, DOT_F32)
+        _tail(part_blk, n_splits, src, out_ptr, post_ptr, comb_ptr, prm, xs, n_rows, H,
+              rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, N, NP, N3, N3P, HEAD, BM, SP, RB, BC, PF, DOT_F32)
+        tl.atomic_xchg(cnt_ptr + pid_m, 0)
 
 
 @triton.jit

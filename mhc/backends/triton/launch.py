@@ -35,18 +35,16 @@ INTERPRETED = type(kernels.mix_kernel).__name__ == "InterpretedFunction"
 class Config:
     """Launch parameters of one call.
 
-    ``chunk``: 0 = the single-launch design (``mix_kernel``: the last program of each token block
-    collapses it); else tokens per chunk of ``chunk_kernel`` (phase A of chunk c runs beside phase
+    ``chunk``: 0 = the single-launch design (``mix_kernel``, T <= ``tail_rows``: the last program
+    of each token block finishes it, ``kernels._tail``); else tokens per chunk of ``chunk_kernel`` (phase A of chunk c runs beside phase
     B of chunk c-1, one launch per chunk plus one).
     ``block_m`` tokens per GEMM program (>= 16: the tl.dot minimum); ``block_h`` hidden elements
     per GEMM step (the step covers all n streams); ``splits`` GEMM programs per token block, each
     taking ``h_per_split`` hidden elements; ``block_c`` hidden elements per collapse step.
-    Single launch: ``rowwise`` collapses one token at a time. Chunked: phase B programs take
-    ``block_m_b`` tokens and ``c_steps * block_c`` hidden elements.
+    Chunked: phase B programs take ``block_m_b`` tokens and ``c_steps * block_c`` hidden elements.
     ``num_warps``/``num_stages`` as in Triton.
     ``sk_elem``: Sinkhorn with one tensor per matrix entry, in-thread (``kernels._sinkhorn_elems``).
-    Single launch only: ``tail`` runs ``kernels._tail`` in the last program (for T <= ``tail_rows``:
-    partials reduced into registers, collapse from ``tail_pf`` prefetched chunks of ``block_c``
+    Single launch only: the last program reduces the partials into registers, collapse from ``tail_pf`` prefetched chunks of ``block_c``
     (from a register budget of ``tail_pf_bytes`` per thread, default ``TAIL_PF_BYTES``), Sinkhorn
     in-thread); ``pf_early``: every program
     prefetches those chunks before its atomic (pre/head). Chunked only: ``b_split`` gives
@@ -58,14 +56,12 @@ class Config:
     splits: int
     h_per_split: int
     block_c: int
-    rowwise: bool
     num_warps: int
     num_stages: int
     chunk: int = 0
     block_m_b: int = 16
     c_steps: int = 1
     sk_elem: bool = False
-    tail: bool = False
     tail_rows: int = 1
     tail_pf: int = 0
     tail_pf_bytes: int = 0
@@ -78,11 +74,11 @@ class Config:
 # compiled depends on the bucket and H only (never on T itself), so a model compiles at most one
 # variant per bucket and op. Rows without chunk_mib run the single-launch kernel. Figures that
 # chose these: TUNING.md. Above SMALL_T, :func:`plan` (the two-pass path) serves the mix ops.
-_SL_TINY = dict(block_m=16, block_h=64, splits=128, block_c=2048, rowwise=True, num_warps=4, num_stages=1)
+_SL_TINY = dict(block_m=16, block_h=64, splits=128, block_c=2048, num_warps=4, num_stages=1)
 _CHUNK_SMALL = dict(chunk_mib=64, block_m=16, block_h=64, splits=32, block_m_b=4, block_c=256, c_steps=1,
-                    rowwise=False, num_warps=4, num_stages=1)
+                    num_warps=4, num_stages=1)
 _TABLE = (
-    (1, dict(_SL_TINY, block_c=1024, sk_elem=True, tail=True, tail_rows=1), None),
+    (1, dict(_SL_TINY, block_c=1024, tail_rows=1), None),
     (128, dict(_CHUNK_SMALL, splits=64, sk_elem=True, b_split=True), None),
 )
 
@@ -240,7 +236,7 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
     if row.get("chunk", 0):
         # Phase B's hidden chunk never wider than H needs.
         row["c_steps"] = max(1, min(row.get("c_steps", 1), triton.cdiv(H, row["block_c"])))
-    if row.get("tail"):
+    if not row.get("chunk", 0):  # the single-launch kernel: its tail serves T <= tail_rows only
         if max_t is None or max_t > row.get("tail_rows", 1) or row.get("tail_rows", 1) > row["block_m"]:
             raise ValueError(f"tail needs T <= tail_rows <= block_m (bucket up to T={max_t})")
         # Prefetched collapse chunks: as many as H needs, within TAIL_PF_BYTES per thread.
@@ -308,10 +304,7 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
     if cfg.chunk:
         return dict(common, CHUNK=cfg.chunk, BMB=cfg.block_m_b, CSTEPS=cfg.c_steps, SK_ELEM=cfg.sk_elem,
                     BSPLIT=cfg.b_split)
-    # The reduction reads [SP, RC] partials per step: 4K fp32 at most, RC divides BM*N3P.
-    rc = max(1, min(cfg.block_m * n3p, 4096 // sp))
-    return dict(common, RC=rc, ROWWISE=cfg.rowwise, SK_ELEM=cfg.sk_elem, TAIL=cfg.tail, RB=cfg.tail_rows,
-                PF=cfg.tail_pf, PF_EARLY=cfg.pf_early)
+    return dict(common, RB=cfg.tail_rows, PF=cfg.tail_pf, PF_EARLY=cfg.pf_early)
 
 
 class _Counters:
@@ -381,17 +374,8 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
     cfg = device_config(op, n, H, T, residual.dtype, dev)
     spec = mix_specialization(op, n, residual.dtype, cfg)
     n3p = spec["N3P"]
-    out = empty((T, H), residual.dtype, dev)
-    if op == "head":
-        post_mix = comb_mix = out  # not written: HEAD=True
-    else:
-        post_mix = empty((T, n, 1), torch.float32, dev)
-        comb_mix = empty((T, n, n), torch.float32, dev)
-    if fused_inputs is None:
-        x = pm_in = cm_in = new = residual  # not read or written: FUSED=False
-    else:
-        x, pm_in, cm_in = fused_inputs
-        new = empty((T, n, H), residual.dtype, dev)
+    out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs is not None)
+    x, pm_in, cm_in = fused_inputs if fused_inputs is not None else (residual,) * 3  # read only if FUSED
     with device_guard(dev):
         if cfg.chunk:
             _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
@@ -399,11 +383,10 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
             return out, post_mix, comb_mix, new
         num_m = triton.cdiv(T, cfg.block_m)
         part = torch.empty(num_m * cfg.splits * cfg.block_m * n3p, dtype=torch.float32, device=dev)
-        mix = torch.empty(num_m * cfg.block_m * n3p, dtype=torch.float32, device=dev)
         key, cnt = _COUNTERS.take(dev, num_m)
         kernels.mix_kernel[(num_m, cfg.splits)](
             residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
-            post_mix, comb_mix, out, part, mix, cnt,
+            post_mix, comb_mix, out, part, cnt,
             T, H, cfg.splits, *scalars,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec, **COMPILE_OPTIONS,
         )
@@ -520,8 +503,9 @@ def _outputs(op, residual, fused):
 
 
 def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
-    """``op`` in {"pre", "head", "fused_post_pre"} by a :class:`TwoPass` ``plan``; returns ``(layer_input, post_mix, comb_mix, new_residual)`` (the
-    ones ``op`` does not make are placeholders)."""
+    """``op`` in {"pre", "head", "fused_post_pre"} by a :class:`TwoPass` ``plan``; returns
+    ``(layer_input, post_mix, comb_mix, new_residual)`` (the ones ``op`` does not make are
+    placeholders)."""
     T, n, H = residual.shape
     K = n * H
     head = op == "head"
