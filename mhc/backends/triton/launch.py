@@ -439,6 +439,16 @@ class TwoPass:
     bmb: int = 16
     fin_warps: int = 4
     sk_elem: bool = True
+    min_cols: int = 16
+
+
+def gemm_columns(op: str, n: int, plan: TwoPass) -> tuple[int, int]:
+    """``op``'s GEMM output columns and their padded width in the two-pass path (``plan``): at
+    least ``plan.min_cols`` wide. head's 8 (n = 4) streamed the residual at 2.2 TB/s on the H200
+    where pre's 32 stream 3.7 TB/s (benchmarks/results/two-pass-h200.md, "ncu"); the zero
+    columns cost L2 reads of fn only."""
+    n3, n3p = _mix_columns(op, n)
+    return n3, max(n3p, plan.min_cols)
 
 
 def gemm_shared(n3p: int, block_m: int, block_k: int, stages: int, amd: bool) -> int:
@@ -461,7 +471,7 @@ def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> T
     """
     smem = smem or SHARED_MEMORY["sm90"]
     K = n * H
-    n3p = _mix_columns(op, n)[1]
+    n3p = max(_mix_columns(op, n)[1], TwoPass.min_cols)
     bm, stages = 128, (2 if smem.amd else 4)
     bk = max(16, min(64, triton.next_power_of_2(K)))
     while stages > 2 and gemm_shared(n3p, bm, bk, stages, smem.amd) > smem.limit:
@@ -509,7 +519,7 @@ def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=N
     T, n, H = residual.shape
     K = n * H
     head = op == "head"
-    n3, n3p = _mix_columns(op, n)
+    n3, n3p = gemm_columns(op, n, plan)
     prec = "ieee" if INTERPRETED else plan.prec
     out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs is not None)
     k_split = plan.steps * plan.block_k
