@@ -45,15 +45,18 @@ ENABLED = True
 _I32 = (-(2**31), 2**31)
 
 
+_TENSOR = torch.Tensor
+
+
 def _arg_spec(v):
     """What Triton specialises one runtime argument on (point 3 of the module docstring), or
-    something finer."""
+    something finer; plain tensors and floats are inlined in :func:`spec_key`."""
     c = v.__class__
-    if c is float:
-        return float
     if c is int:
-        return (_I32[0] <= v < _I32[1], v == 1, v & 15 == 0, v >= 0)
-    if isinstance(v, torch.Tensor):  # nn.Parameter too
+        if _I32[0] <= v < _I32[1]:
+            return 1 if v == 1 else 2 if v & 15 == 0 else 3
+        return (c, v == 1, v & 15 == 0, v >= 0)
+    if isinstance(v, torch.Tensor):  # nn.Parameter and other subclasses
         return (v.dtype, v.data_ptr() & 15 == 0)
     return (c, v)  # bool, None, anything else: by value (hashable, or the key cannot be built)
 
@@ -61,7 +64,8 @@ def _arg_spec(v):
 def spec_key(args) -> tuple:
     """A hashable key that determines Triton's specialisation of ``args`` (the runtime arguments
     of one launch): equal keys mean one compiled binary serves both launches."""
-    return tuple([_arg_spec(v) for v in args])
+    return tuple([(v.dtype, v.data_ptr() & 15 == 0) if v.__class__ is _TENSOR else
+                  float if v.__class__ is float else _arg_spec(v) for v in args])
 
 
 class DirectKernel:

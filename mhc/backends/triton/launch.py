@@ -462,6 +462,10 @@ def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> T
 # --- launch plans (mhc.plans.PLANS, keyed ("triton", op, n, H, t_bucket(T), dtype, device)) -------
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr function: ~3 µs a call from Python
+
+
 def _kernel(fn, constexprs: dict, **options) -> DirectKernel:
     return DirectKernel(fn, constexprs, dict(options, **COMPILE_OPTIONS), INTERPRETED)
 
@@ -506,7 +510,7 @@ class TwoPassPlan:
 def _post_plan(n: int, H: int, T: int) -> PostPlan:
     cfg = post_config(H, T)
     spec = dict(N=n, NP=triton.next_power_of_2(n), BH=cfg.block_h, EMULATE_RNE=INTERPRETED, H_FAST=cfg.h_fast)
-    return PostPlan(cfg, triton.cdiv(H, cfg.block_h), _kernel(kernels.post_kernel, spec, num_warps=cfg.warps))
+    return PostPlan(cfg, _cdiv(H, cfg.block_h), _kernel(kernels.post_kernel, spec, num_warps=cfg.warps))
 
 
 def _small_plan(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device) -> SmallPlan:
@@ -523,7 +527,7 @@ def _two_pass_plan(op: str, tp: TwoPass, n: int, H: int, T: int, dtype: torch.dt
     n3, n3p = _mix_columns(op, n)
     prec = "ieee" if INTERPRETED else tp.prec
     k_split = tp.steps * tp.block_k
-    splits = triton.cdiv(K, k_split)
+    splits = _cdiv(K, k_split)
     prep = bk = None
     if prec == "hilo":
         bk = prep_block(n3p)
@@ -537,7 +541,7 @@ def _two_pass_plan(op: str, tp: TwoPass, n: int, H: int, T: int, dtype: torch.dt
                             BT=tp.bt, BC=tp.bc, BMB=tp.bmb, HEAD=head, SK_ELEM=tp.sk_elem, EMULATE_RNE=INTERPRETED),
                        num_warps=tp.fin_warps)
     post = _post_plan(n, H, T) if op == "fused_post_pre" else None
-    return TwoPassPlan(tp, n3, n3p, splits, prep, (triton.cdiv(K, bk), 1, 1) if bk else (), prenorm, finalize, post)
+    return TwoPassPlan(tp, n3, n3p, splits, prep, (_cdiv(K, bk), 1, 1) if bk else (), prenorm, finalize, post)
 
 
 def plan_for(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device):
@@ -564,7 +568,7 @@ def _prep_fn(fn, n3, n3p, kernel: DirectKernel | None = None):
     bk = prep_block(n3p)
     if kernel is None:
         kernel = _kernel(kernels.prep_kernel, dict(N3=n3, N3P=n3p, BK=bk, EMULATE_RNE=INTERPRETED), num_warps=4)
-    kernel((triton.cdiv(K, bk), 1, 1), fn, out, K)
+    kernel((_cdiv(K, bk), 1, 1), fn, out, K)
     return out
 
 
@@ -598,7 +602,7 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
         if cfg.chunk:
             _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix, out, T, H, scalars)
             return out, post_mix, comb_mix, new
-        num_m = triton.cdiv(T, cfg.block_m)
+        num_m = _cdiv(T, cfg.block_m)
         part = torch.empty(num_m * cfg.splits * cfg.block_m * p.n3p, dtype=torch.float32, device=dev)
         key, cnt = _COUNTERS.take(dev, num_m)
         p.kernel((num_m, cfg.splits, 1), residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
@@ -611,14 +615,14 @@ def _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix,
     """``chunk_kernel`` launches: (A 0), (A 1, B 0), ..., (B last). The chunk count depends on T
     only (a shape), so this is capturable; the partials are [splits, T, N3P] fp32."""
     cfg = p.cfg
-    n_chunks = triton.cdiv(T, cfg.chunk)
+    n_chunks = _cdiv(T, cfg.chunk)
     part = torch.empty(cfg.splits * T * p.n3p, dtype=torch.float32, device=residual.device)
-    n_hc = triton.cdiv(H, cfg.c_steps * cfg.block_c) + (1 if cfg.b_split and not p.head else 0)
+    n_hc = _cdiv(H, cfg.c_steps * cfg.block_c) + (1 if cfg.b_split and not p.head else 0)
     for a, b in [(c, c - 1) for c in range(n_chunks + 1)]:
         rows_a = min(cfg.chunk, T - a * cfg.chunk) if 0 <= a < n_chunks else 0
         rows_b = min(cfg.chunk, T - b * cfg.chunk) if 0 <= b < n_chunks else 0
-        n_a = triton.cdiv(rows_a, cfg.block_m) * cfg.splits
-        n_b = triton.cdiv(rows_b, cfg.block_m_b) * n_hc
+        n_a = _cdiv(rows_a, cfg.block_m) * cfg.splits
+        n_b = _cdiv(rows_b, cfg.block_m_b) * n_hc
         p.kernel((n_b + n_a, 1, 1), residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
                  post_mix, comb_mix, out, part, T, H, cfg.splits, a, b, n_b, *scalars)
 
@@ -635,9 +639,9 @@ def _run_two_pass(op, p: TwoPassPlan, residual, fn, hc_scale, hc_base, scalars, 
         src = new if fused_inputs is not None else residual
         w = _prep_fn(fn, p.n3, p.n3p, p.prep) if p.prep is not None else fn
         part = torch.empty(p.splits * sstride, dtype=torch.float32, device=residual.device)
-        p.prenorm((triton.cdiv(T, tp.block_m) * p.splits, 1, 1), src, w, part, T, n * H, sstride)
-        n_pc = 0 if op == "head" else triton.cdiv(T, tp.bmb)
-        p.finalize((n_pc + triton.cdiv(T, tp.bt) * triton.cdiv(H, tp.bc), 1, 1),
+        p.prenorm((_cdiv(T, tp.block_m) * p.splits, 1, 1), src, w, part, T, n * H, sstride)
+        n_pc = 0 if op == "head" else _cdiv(T, tp.bmb)
+        p.finalize((n_pc + _cdiv(T, tp.bt) * _cdiv(H, tp.bc), 1, 1),
                    src, out, part, hc_scale, hc_base, post_mix, comb_mix, T, H, p.splits, sstride, n_pc, *scalars)
     return out, post_mix, comb_mix, new
 
