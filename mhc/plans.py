@@ -53,6 +53,10 @@ class PlanCache:
         """The stored keys (of one backend's plans if ``backend`` is given)."""
         return [k for k in list(self._plans) if backend is None or k[0] == backend]
 
+    def items(self, backend: str | None = None) -> list[tuple]:
+        """``(key, plan)`` pairs (of one backend's plans if ``backend`` is given)."""
+        return [(k, p) for k, p in list(self._plans.items()) if backend is None or k[0] == backend]
+
     def __len__(self) -> int:
         return len(self._plans)
 
