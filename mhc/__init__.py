@@ -67,9 +67,12 @@ def _typed(op, n_tensors: int):
     which redispatches in Python even when nothing requires grad: ~20 µs a call instead of ~13 on
     CPU (``python -m mhc bench --overhead``). When grad mode is off or none of the first
     ``n_tensors`` (tensor) arguments requires grad, the call goes below autograd directly, as
-    PyTorch's own C++ ops do. Under ``torch.compile`` the plain op is traced."""
+    PyTorch's own C++ ops do. When a gradient can flow, the call goes through
+    ``mhc.autograd.EAGER_FUNCTIONS`` (the op's backward, without ``register_autograd``'s
+    per-call cost). Under ``torch.compile`` the plain op is traced."""
 
     names = [a.name for a in op._schema.arguments]
+    recorded = _autograd.EAGER_FUNCTIONS[op._schema.name.split("::")[-1]].apply
 
     def call(*args, **kwargs):
         b = kwargs.get("backend")
@@ -86,6 +89,8 @@ def _typed(op, n_tensors: int):
                 if not needs:
                     with _BELOW_AUTOGRAD():
                         return op(*args, **kwargs)
+                if kwargs.keys() <= {"backend"}:
+                    return recorded(*args, kwargs.get("backend"))
             return op(*args, **kwargs)
         except NotImplementedError:  # (a RuntimeError) a nested tensor's subclass: say which argument
             err = validation.non_dense(names, args, kwargs)

@@ -3,8 +3,9 @@
 Subcommands (no subcommand = ``info`` then ``check``):
   info    versions, the device, and every backend with whether it can serve and why not
   check   run every backend that can serve on a small problem on the best device, compare each op
-          with the fp64 reference, print backend x op (the output nearest its tolerance, its relative
-          error, median µs); exit 1 if any backend disagrees or nothing could be checked
+          with the fp64 reference, print one line per backend x op (the output nearest its tolerance,
+          its relative error; kernel µs from CUDA-graph replays and eager µs per call, host overhead
+          included); exit 1 if any backend disagrees or nothing could be checked
   bench   the benchmark grid (``mhc.bench``); ``--overhead`` measures host overhead per call
   aot     compile kernels ahead of time with no GPU (``--backend triton|tilelang --arch ...``)
 
@@ -86,36 +87,40 @@ def cmd_info(args) -> int:
     return 0
 
 
-#: Width of one op's column in ``check``'s table ("FAIL new_residual=1.7e-03 12345.6us" fits).
-_CELL = 37
-
-
 def cmd_check(args) -> int:
     dev = torch.device(args.device) if args.device else best_device()
     dtype = getattr(torch, args.dtype)
     names = [args.backend] if args.backend else registry.backend_names()
     tol = checking.TOLERANCES[dtype]
-    print(f"\ncheck on {dev}: n={args.n}, H={args.H}, T={args.T}, {args.dtype}, vs fp64 reference. Each cell: "
+    kernel_label = ("kernel µs: median of CUDA-graph replays (the GPU's time)" if dev.type == "cuda" else
+                    "kernel µs: — (no CUDA graphs on this device)")
+    print(f"\ncheck on {dev}: n={args.n}, H={args.H}, T={args.T}, {args.dtype}, vs fp64 reference. Error: "
           f"the output nearest its tolerance (rel. Frobenius error; tolerance {tol['act']:g} for "
-          f"layer_input, new_residual and out, {tol['mix']:g} for post_mix and comb_mix), median µs")
+          f"layer_input, new_residual and out, {tol['mix']:g} for post_mix and comb_mix). {kernel_label}; "
+          f"eager µs: wall time per call of {args.reps} back-to-back calls synchronised once, median of "
+          "5 rounds (host overhead included)")
     slow = _interpreted_backends(names)
     if slow:
         print(f"TRITON_INTERPRET=1: {', '.join(slow)} runs in Triton's CPU interpreter, which is slow (tens of "
               "seconds at the default sizes, minutes at larger --H/--T; the times it shows are the interpreter's): "
               "progress goes to stderr", flush=True)
     progress = Progress(len(slow) * len(registry.OPS))
-    print(f"{'backend':10s}" + "".join(f"{op:>{_CELL}s}" for op in registry.OPS))
+    print(f"{'backend':10s} {'op':15s} {'result':34s} {'kernel µs':>10s} {'eager µs':>10s}")
     failed = []
     checked = 0
     for name in names:
-        cells = []
+        why = {}
         for op in registry.OPS:
             try:
-                why = registry.reasons_for(name, Problem(op, dev, dtype, args.n, args.H, args.T))
+                why[op] = registry.reasons_for(name, Problem(op, dev, dtype, args.n, args.H, args.T))
             except registry.BackendError as e:
-                why = [str(e)]
-            if why:
-                cells.append("n/a")
+                why[op] = [str(e)]
+        if all(why.values()):
+            print(f"{name:10s} {'(every op)':15s} n/a")
+            continue
+        for op in registry.OPS:
+            if why[op]:
+                print(f"{name:10s} {op:15s} n/a")
                 continue
             checked += 1
             a, kw = checking.make_inputs(op, (args.T,), args.n, args.H, dtype, dev, seed=args.seed)
@@ -124,15 +129,25 @@ def cmd_check(args) -> int:
             bad = [f"{o} {e:.2e}>{t:g}" for o, e, t in errs if not e <= t]
             if bad:
                 failed.append(f"{name}.{op}: " + ", ".join(bad))
-            us = bench.median_us(lambda: checking.call(op, a, kw, name), dev,
-                                 min(args.reps, 2) if name in slow else args.reps)
+
+            def call():
+                return checking.call(op, a, kw, name)
+
+            kernel = "—"
+            if dev.type == "cuda":
+                us, timer = bench.time_warm(call, dev, 20)
+                kernel = fmt_us(us) + ("" if timer == "cudagraph" else "*")  # *: no capture, event-timed
+            eager = fmt_us(bench.eager_us(call, dev, min(args.reps, 2) if name in slow else args.reps,
+                                          1 if name in slow else 5))
             out, err, _ = max(errs, key=lambda e: e[1] / e[2])  # the output nearest its tolerance
-            cells.append(f"{'FAIL' if bad else 'ok'} {out}={err:.1e} {fmt_us(us)}")
+            result = f"{'FAIL' if bad else 'ok'} {out}={err:.1e}"
+            line = f"{name:10s} {op:15s} {result:34s} {kernel:>10s} {eager:>10s}"
+            print(line, flush=True)
             if name in slow:
                 progress.step()
-                print(f"{progress.prefix()}{name}.{op}: {cells[-1]}", file=sys.stderr, flush=True)
-        print(f"{name:10s}" + "".join(f"{c:>{_CELL}s}" for c in cells))
-    print("(n/a: cannot serve here, see `python -m mhc info`)")
+                print(f"{progress.prefix()}{name}.{op}: {result} eager {eager}", file=sys.stderr, flush=True)
+    print("(n/a: cannot serve here, see `python -m mhc info`; *: could not be captured in a CUDA graph, "
+          "timed with events)")
     if checked == 0:
         print(f"\nNOTHING CHECKED: {' or '.join(names)} cannot serve n={args.n}, H={args.H}, {args.dtype} on {dev}")
         return 1
@@ -262,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="residual dtype (default: %(default)s)")
 
     helps = {"info": "versions, the device, and every backend: can it serve here, and why not",
-             "check": "each backend x op against the fp64 reference (error, median µs); exit 1 on a disagreement"}
+             "check": "each backend x op against the fp64 reference (error, kernel and eager µs); exit 1 on a disagreement"}
     parsers = {}
     for name in ("info", "check"):
         p = parsers[name] = sub.add_parser(name, help=helps[name], description=helps[name])
@@ -270,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "check":
             p.add_argument("--backend", help="check only this backend (default: every backend)")
             p.add_argument("--device", help="e.g. cpu, cuda:1 (default: the best device)")
-            p.add_argument("--reps", type=int, default=20, help="timed calls per cell (default: %(default)s)")
+            p.add_argument("--reps", type=int, default=200,
+                           help="back-to-back calls per round of the eager timing (default: %(default)s)")
             p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
     pb = sub.add_parser("bench", help="benchmarks; `python -m mhc bench --help`")
     pb.add_argument("rest", nargs=argparse.REMAINDER)

@@ -307,3 +307,46 @@ def _fused_bwd(ctx, g_new, g_pm, g_cm, g_li):
 for _name, _bwd, _setup in (("pre", _pre_bwd, _pre_setup), ("post", _post_bwd, _post_setup),
                             ("head", _head_bwd, _head_setup), ("fused_post_pre", _fused_bwd, _fused_setup)):
     torch.library.register_autograd(f"mhc::{_name}", _bwd, setup_context=_setup, lib=_LIB)
+
+
+# --- the public API's autograd: the same formulas, without register_autograd's per-call cost ----------
+
+
+def _eager_function(name: str, setup, bwd) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` that runs ``torch.ops.mhc.<name>`` below autograd and records the
+    same backward as the op's ``register_autograd`` (``setup``/``bwd`` above). The public
+    wrappers (``mhc.pre`` ...) call it when a gradient can flow and nothing is being compiled:
+    ``register_autograd``'s kernel re-fills the schema's defaults on every call
+    (``torch._library.utils.fill_defaults``: ~30 of its ~70 µs a call on CPU with a kernel that
+    does nothing, ``python -m mhc bench --overhead``). ``torch.ops.mhc.<name>`` itself keeps
+    ``register_autograd``, for ``torch.compile`` and direct callers.
+
+    ``apply(*args, backend)``: the op's positional arguments (its tensors and scalars), then the
+    ``backend`` keyword's value (None or a name), which gets no gradient."""
+    op = getattr(torch.ops.mhc, name).default
+
+    def forward(ctx, *args):
+        *inputs, backend = args
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*inputs, backend=backend)
+        setup(ctx, tuple(inputs), {"backend": backend}, out)
+        return out
+
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad
+        try:  # the formulas index the op's inputs: hide the backend argument, as register_autograd does
+            ctx.needs_input_grad = needs[:-1]
+            result = bwd(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        return (*result, None)
+
+    return type(f"Mhc_{name}_eager", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+#: The eager autograd of each forward op (see :func:`_eager_function`).
+EAGER_FUNCTIONS = {name: _eager_function(name, setup, bwd)
+                   for name, bwd, setup in (("pre", _pre_bwd, _pre_setup), ("post", _post_bwd, _post_setup),
+                                            ("head", _head_bwd, _head_setup),
+                                            ("fused_post_pre", _fused_bwd, _fused_setup))}

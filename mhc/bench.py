@@ -42,10 +42,17 @@ row, so a run cut short keeps what it measured), ``<prefix>-latency.png`` (µs v
 H), ``<prefix>-floor.png`` (fraction of the floor vs T) and ``<prefix>.md`` (the README table).
 ``--report CSV`` rebuilds the table and plots from a CSV without a device.
 
-``--overhead``: host-side cost of one op call, for the dispatch layers that sit above a kernel
-(torch.library dispatch, validation, backend selection), measured with a backend whose kernels
-return a preallocated tensor, next to ``torch.library.custom_op`` doing the same. This is the
-number that matters at decode sizes, where the kernels themselves take a few µs.
+``--overhead``: host-side cost of one op call on CPU tensors, for the dispatch layers that sit
+above a kernel (torch.library dispatch, validation, backend selection, autograd recording),
+measured with a backend whose kernels return preallocated outputs, next to
+``torch.library.custom_op`` doing the same, and the Triton launchers (plan lookup, allocations,
+specialisation keys) with their launches stubbed. This is the number that matters at decode
+sizes, where the kernels themselves take a few µs; CI prints it, so a regression shows in its log.
+
+``--eager`` adds the eager µs per call (:func:`eager_us`: 200 back-to-back calls synchronised
+once, median of 5 rounds) of every implementation, and of the mhc backends and the eager peer
+with inputs requiring grad: on a GPU, next to the graph replay µs (the kernels' time), it is
+what a model run without CUDA graphs pays, host overhead included.
 """
 
 from __future__ import annotations
@@ -86,7 +93,7 @@ PEERS = ("eager", "compile", "tile-kernels")
 DEFAULT_OUT = "mhc-bench"
 CSV_FIELDS = ("date", "device", "op", "impl", "kind", "n", "H", "T", "dtype", "floor_bytes", "copy_GBps",
               "floor_us", "warm_us", "cold_us", "warm_GBps", "cold_GBps", "warm_ratio", "cold_ratio", "check",
-              "max_rel_err", "warm_timer", "note")
+              "max_rel_err", "warm_timer", "note", "eager_us", "eager_grad_us")
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,6 +536,37 @@ def time_cold(fn, device: torch.device, rep_ms: int) -> float:
 
 
 @functools.lru_cache(maxsize=None)
+def eager_us(fn, device: torch.device, calls: int = 200, rounds: int = 5) -> float:
+    """Wall µs per call of ``fn()`` run eagerly: ``calls`` back-to-back calls synchronised once,
+    the median of ``rounds`` rounds, after one warm-up call. What a model run without CUDA graphs
+    pays per call: the host's time (op layer, launcher, launches) and the device's, whichever is
+    longer. Next to :func:`time_warm` (graph replays: the device's time alone) it shows the host
+    overhead; on the CPU it is the whole call."""
+    fn()
+    _sync(device)
+    per_call = []
+    for _ in range(rounds):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        per_call.append((time.perf_counter() - t) / calls * 1e6)
+    return statistics.median(per_call)
+
+
+def requiring_grad(args: tuple) -> tuple:
+    """``args`` with every floating-point tensor a leaf that requires grad (fresh, the same values):
+    timing a call with autograd recording."""
+    return tuple(a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in args)
+
+
+#: The implementations whose eager time with autograd recording is measured (``--eager``): the mhc
+#: backends and the eager reference. The compiled and tile-kernels peers record no backward.
+_GRAD_PEERS = ("eager",)
+
+
 def _triton_copy_kernel():
     import triton
     import triton.language as tl
@@ -605,14 +643,20 @@ def _fmt_row(r: dict) -> str:
     flag = "ok" if r["check"] == "ok" else f"!! FAIL {r['check']}"
     # No GB/s or floor ratio on CPU: the floor is a GPU's memory bound (the fields are empty there).
     rate = (f"{float(r['warm_GBps']):7.0f} GB/s {float(r['warm_ratio']):6.2f}x floor  " if r["warm_ratio"] else "")
+    eager = ""
+    if r.get("eager_us"):
+        eager = f"eager {_num(r['eager_us']):8.1f} us " + (
+            f"(grad {_num(r['eager_grad_us']):8.1f} us) " if r.get("eager_grad_us") else "")
     return (f"{r['op']:15s} {r['impl']:12s} H={r['H']:<5} T={r['T']:<6} warm {float(r['warm_us']):9.1f} us "
-            f"cold {_num(r['cold_us']):9.1f} us {rate}{flag}")
+            f"cold {_num(r['cold_us']):9.1f} us {eager}{rate}{flag}")
 
 
 def run(ops: Sequence[str], impls: list[Impl], Ts: Sequence[int], Hs: Sequence[int], n: int,
         device: torch.device, dtype: torch.dtype, out_csv: pathlib.Path, rep_ms: int, cold: bool,
-        seed: int, copy_bytes: int, log) -> tuple[list[dict], list[str], list[str]]:
-    """Check and time every (H, T, op, impl); returns ``(rows, failures, skipped)``."""
+        seed: int, copy_bytes: int, log, eager: bool = False) -> tuple[list[dict], list[str], list[str]]:
+    """Check and time every (H, T, op, impl); returns ``(rows, failures, skipped)``. ``eager``:
+    also the eager µs per call (:func:`eager_us`), without and (backends and the eager peer)
+    with inputs requiring grad."""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     dev_name = device_name(device)
     bw, bw_notes = copy_bandwidth(device, copy_bytes, rep_ms=max(rep_ms, 50))
@@ -648,7 +692,8 @@ def run(ops: Sequence[str], impls: list[Impl], Ts: Sequence[int], Hs: Sequence[i
                     row = dict(date=date, device=dev_name, op=op, impl=impl.name, kind=impl.kind, n=n, H=H, T=T,
                                dtype=str(dtype).replace("torch.", ""), floor_bytes=fb, copy_GBps=f"{bw:.1f}",
                                floor_us=f"{floor_us:.3f}" if rated else "", warm_us="", cold_us="", warm_GBps="", cold_GBps="",
-                               warm_ratio="", cold_ratio="", check="", max_rel_err="", warm_timer="", note="")
+                               warm_ratio="", cold_ratio="", check="", max_rel_err="", warm_timer="", note="",
+                               eager_us="", eager_grad_us="")
                     t0 = time.perf_counter()
                     try:
                         runner = impl.prepare(op, args, kwargs)
@@ -680,6 +725,11 @@ def run(ops: Sequence[str], impls: list[Impl], Ts: Sequence[int], Hs: Sequence[i
                                 if rated:
                                     row["cold_GBps"] = f"{fb / (c * 1e-6) / 1e9:.1f}"
                                     row["cold_ratio"] = f"{c / floor_us:.3f}"
+                            if eager:
+                                row["eager_us"] = f"{eager_us(fn, device):.3f}"
+                                if impl.kind == "backend" or impl.name in _GRAD_PEERS:
+                                    g = functools.partial(impl.prepare(op, requiring_grad(args), kwargs), False)
+                                    row["eager_grad_us"] = f"{eager_us(g, device):.3f}"
                         except Exception as e:
                             row["note"] = f"timing failed: {type(e).__name__}: {str(e)[:160]}"
                             failures.append(f"{op} {impl.name} H={H} T={T}: timing failed ({type(e).__name__})")
@@ -754,6 +804,23 @@ def markdown(rows: list[dict], skipped: Sequence[str] = ()) -> str:
                     cells.append(f"{_num(r['warm_us']):.1f}{rate}{bad}")
             floor = _num(by[next(k for k in by if k[:3] == (op, H, T))]["floor_us"])
             lines.append(f"| {H} | {T} | {'—' if math.isnan(floor) else f'{floor:.1f}'} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if any(r.get("eager_us") for r in rows):
+        lines += ["**Eager µs per call** (200 back-to-back calls synchronised once, median of 5 rounds; "
+                  "host and device together) next to the graph replay µs above: `graph / eager / eager with "
+                  "inputs requiring grad`", "", "| op | H | T | " + " | ".join(impls) + " |",
+                  "|---|---:|---:|" + "---:|" * len(impls)]
+        for op in OPS:
+            for H, T in sorted({(H, T) for (o, H, T, _) in by if o == op}):
+                cells = []
+                for impl in impls:
+                    r = by.get((op, H, T, impl))
+                    if r is None or not r.get("eager_us"):
+                        cells.append("—")
+                        continue
+                    grad = f" / {_num(r['eager_grad_us']):.1f}" if r.get("eager_grad_us") else ""
+                    cells.append(f"{_num(r['warm_us']):.1f} / {_num(r['eager_us']):.1f}{grad}")
+                lines.append(f"| {op} | {H} | {T} | " + " | ".join(cells) + " |")
         lines.append("")
     if skipped:
         lines += ["Not run:", ""] + [f"- {s}" for s in skipped] + [""]
@@ -867,17 +934,70 @@ def _best_us(fn, n: int = 2000, rounds: int = 7) -> float:
     return best
 
 
-def overhead() -> dict[str, float]:
-    """Host µs per call (best of 7 rounds of 2000) of each dispatch layer, on CPU tensors."""
+class _AnyKey(dict):
+    """A handle table that serves one stand-in handle for every key (``--overhead``)."""
+
+    def __init__(self, handle) -> None:
+        super().__init__()
+        self.handle = handle
+
+    def get(self, key, default=None):
+        return self.handle
+
+
+class _StubHandle:
+    """Stands in for a ``CompiledKernel``: ``h[grid](*args)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: None
+
+
+def _triton_launch_paths(res: dict) -> None:
+    """Host µs of the Triton launchers on CPU tensors with every kernel handle stubbed (Triton's
+    own launch, ~5-10 µs of C on a GPU host, not included): the plan lookup, the allocations,
+    the specialisation key of each launch."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        res["triton launchers"] = "skipped: TRITON_INTERPRET=1 (the interpreter runs the kernels)"
+        return
+    try:
+        from mhc.backends.triton import launch
+    except Exception as e:  # no triton here: say so, it is not a failure of this report
+        res["triton launchers"] = f"skipped: {type(e).__name__}: {e}"
+        return
+    from mhc import plans
+
+    dev, n, H = torch.device("cpu"), 4, 64
+    for op in OPS:
+        for T in (1, 64, 512):
+            if op == "post" and T == 64:
+                continue
+            args, kw = device_inputs(op, T, n, H, dev)
+            p = launch.plan_for(op, n, H, T, args[0].dtype if op != "post" else args[1].dtype, dev)
+            subs = (p.post, p) if isinstance(p, launch.TwoPassPlan) and p.post else (p,)
+            for k in [getattr(q, name, None) for q in subs for name in ("kernel", "prep", "prenorm", "finalize")]:
+                if isinstance(k, launch.DirectKernel):
+                    k.handles = _AnyKey(_StubHandle())
+            f = getattr(launch, op)
+            vals = tuple(kw.values())
+            res[f"triton launcher {op}, T={T} (launch stubbed)"] = _best_us(lambda: f(*args, *vals), n=500, rounds=5)
+    plans.PLANS.clear("triton")  # the stubs must not serve a later call
+
+
+def overhead() -> dict[str, float | str]:
+    """Host µs per call (best of 7 rounds of 2000) of each dispatch layer, on CPU tensors: with
+    a backend whose kernels return preallocated outputs (so only mhc's layers are timed), with
+    and without an input requiring grad, and the Triton launchers with their launches stubbed."""
     import mhc
     from mhc import checking, registry
 
-    (x, r, pm, cm), _ = checking.make_inputs("post", (1,), 4, 64)
+    inputs = {op: checking.make_inputs(op, (1,), 4, 64) for op in OPS}
+    (x, r, pm, cm), _ = inputs["post"]
     out = torch.empty_like(r)
-    fake = types.SimpleNamespace(post=lambda *a: out, pre=None, head=None, fused_post_pre=None)
+    outs = {"pre": (pm.clone(), cm.clone(), x.clone()), "post": out, "head": x.clone(),
+            "fused_post_pre": (out, pm.clone(), cm.clone(), x.clone())}
+    fake = types.SimpleNamespace(**{op: (lambda o: lambda *a: o)(outs[op]) for op in OPS})
     rec = registry.Backend("overhead_probe", None,
-                           registry.Capabilities(frozenset({"cpu"}), frozenset({r.dtype}), ops=frozenset({"post"})),
-                           load=lambda: fake)
+                           registry.Capabilities(frozenset({"cpu"}), frozenset({r.dtype})), load=lambda: fake)
     registry.register(rec, replace=True)
     lib = torch.library.Library("mhc_overhead", "FRAGMENT")
     try:
@@ -885,7 +1005,7 @@ def overhead() -> dict[str, float]:
         def _cop(x: torch.Tensor, r: torch.Tensor, pm: torch.Tensor, cm: torch.Tensor) -> torch.Tensor:
             return out.new_empty(out.shape)
 
-        res = {
+        res: dict[str, float | str] = {
             "python call of the kernel": _best_us(lambda: fake.post(x, r, pm, cm)),
             "torch.empty_like (an allocation)": _best_us(lambda: torch.empty_like(r)),
             "torch.library.custom_op, empty body": _best_us(lambda: _cop(x, r, pm, cm)),
@@ -893,11 +1013,17 @@ def overhead() -> dict[str, float]:
             "mhc.registry.select": _best_us(lambda: registry.select("post", r.device, r.dtype, 4, 64, 1, "overhead_probe")),
             "torch.ops.mhc.post (whole op layer)": _best_us(
                 lambda: torch.ops.mhc.post.default(x, r, pm, cm, backend="overhead_probe")),
-            "mhc.post (public wrapper)": _best_us(lambda: mhc.post(x, r, pm, cm, backend="overhead_probe")),
         }
+        for op in OPS:
+            a, kw = inputs[op]
+            f = getattr(mhc, op)
+            res[f"mhc.{op} (public wrapper)"] = _best_us(lambda: f(*a, **kw, backend="overhead_probe"))
+            g = requiring_grad(a)
+            res[f"mhc.{op}, inputs requiring grad"] = _best_us(lambda: f(*g, **kw, backend="overhead_probe"), n=500)
     finally:
         registry.unregister("overhead_probe")
         del lib
+    _triton_launch_paths(res)
     return res
 
 
@@ -931,6 +1057,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--rep-ms", type=int, default=None, help="timing budget per measurement (default 20, quick 10)")
     ap.add_argument("--no-cold", action="store_true", help="skip the L2-flushed timings")
+    ap.add_argument("--eager", action="store_true",
+                    help="also the eager µs per call (200 back-to-back calls synchronised once, median of 5 rounds), "
+                         "without and with inputs requiring grad, next to the graph replay µs")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the compile peer (default inductor; aot_eager for fast smoke tests)")
     ap.add_argument("--out", default=None, help=f"output folder (default ./{DEFAULT_OUT})")
@@ -944,7 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.overhead:
         for name, us in overhead().items():
-            print(f"{name:45s} {us:7.2f} us")
+            print(f"{name:50s} {us:7.2f} us" if isinstance(us, float) else f"{name:50s} {us}")
         return 0
     if args.report:
         src = pathlib.Path(args.report)
@@ -990,7 +1119,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     copy_bytes = (1 << 30) if device.type == "cuda" else (1 << 22)
     rows, failures, skipped = run(args.ops, impls, Ts, Hs, args.n, device, dtype, pathlib.Path(f"{prefix}.csv"),
-                                  rep_ms, not args.no_cold, args.seed, copy_bytes, log)
+                                  rep_ms, not args.no_cold, args.seed, copy_bytes, log, eager=args.eager)
     log(f"\n{len(rows)} rows in {time.perf_counter() - t0:.0f} s; wrote {prefix}.csv")
     report(rows, prefix, skipped, log)
     if skipped:

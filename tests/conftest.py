@@ -6,6 +6,9 @@
   ``MHC_HYPOTHESIS_PROFILE``.
 - Every output a backend allocates through ``mhc.backends.empty`` is filled with NaN first, so an
   element a kernel forgets to write fails the comparison instead of passing as stale memory.
+- Every test starts with no launch plan cached (``mhc.plans.PLANS``): tests monkeypatch the
+  launch heuristics that plans are built from, and a plan of an earlier test must not stand in
+  for them. A test that exercises the cache makes its own calls.
 - ``backend`` fixtures are parametrized over every registered backend; one that cannot serve on
   this machine is skipped with its reasons (shown by ``-ra``), never reported as passing.
 - Tests marked ``slow`` (long AOT builds and sweeps) are deselected by the default ``-m 'not
@@ -29,6 +32,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 import mhc  # noqa: E402
 import mhc.backends  # noqa: E402
+import mhc.plans  # noqa: E402
 from mhc import registry  # noqa: E402
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -50,6 +54,11 @@ def _nan_empty(shape, dtype, device):
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(mhc.backends, "_ALLOCATOR", _nan_empty)
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    mhc.plans.PLANS.clear()
 
 
 def backend_reasons(name: str, op: str = "pre", dtype=torch.bfloat16, n: int = 4, H: int = 256, T: int = 8):

@@ -22,8 +22,8 @@ def test_main_job_reports_backends_and_agrees_with_reference():
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     assert "torch     serves pre, post, head, fused_post_pre" in text
-    row = next(line for line in text.splitlines() if line.startswith("torch "))
-    assert row.count(" ok ") == 4 and "FAIL" not in row
+    rows = [line for line in text.splitlines() if line.startswith("torch ")]
+    assert len(rows) == 4 and all(" ok " in r for r in rows) and "FAIL" not in text
     for name in ("triton", "tilelang", "aiter"):
         assert f"  {name}" in text
 
@@ -125,7 +125,7 @@ def test_subcommands_and_problem_options_have_help(capsys):
     with pytest.raises(SystemExit):
         main(["check", "--help"])
     options = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
-    for opt, default in (("--n N", "4"), ("--H H", "512"), ("--T T", "64"), ("--reps REPS", "20"),
+    for opt, default in (("--n N", "4"), ("--H H", "512"), ("--T T", "64"), ("--reps REPS", "200"),
                          ("--seed SEED", "0")):
         described = options.split(opt + " ", 1)[1].split(" --", 1)[0]  # the text up to the next option
         assert f"(default: {default})" in described and len(described) > len("(default: 0)") + 5, (opt, described)
@@ -137,12 +137,15 @@ def test_check_cells_name_the_output_their_error_is_for(capsys):
     assert main(["check", "--backend", "torch", "--device", "cpu", "--H", "32", "--T", "3", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     assert "tolerance 0.01 for layer_input, new_residual and out, 0.001 for post_mix and comb_mix" in out
-    row = next(line for line in out.splitlines() if line.startswith("torch "))
-    cells = row.split(" ok ")[1:]
-    assert len(cells) == 4
+    rows = [line for line in out.splitlines() if line.startswith("torch ")]
+    assert [r.split()[1] for r in rows] == ["pre", "post", "head", "fused_post_pre"]
     names = ("post_mix=", "comb_mix=", "layer_input=", "out=", "new_residual=")
-    for cell in cells:
-        assert cell.startswith(names), row
+    for row in rows:
+        _, _, result, cell, kernel, eager = row.split()
+        assert result == "ok" and cell.startswith(names), row
+        # two labelled columns: kernel (graph replay; none on a CPU) and eager µs per call
+        assert kernel == "—" and eager.endswith(("us", "ms")), row
+    assert "kernel µs" in out and "eager µs" in out
 
 
 def test_check_with_nothing_to_check_fails(capsys):

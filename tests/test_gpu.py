@@ -12,7 +12,11 @@ in the benchmarks (``python -m mhc bench``).
 - determinism: 100 runs at T = 16384 are bitwise identical;
 - device scoping (2 GPUs): inputs on cuda:1 while cuda:0 is current give correct results on
   cuda:1 and leave ``torch.cuda.memory_allocated(0)`` unchanged;
-- compute-sanitizer memcheck and racecheck over one call of every Triton kernel.
+- compute-sanitizer memcheck and racecheck over one call of every Triton kernel;
+- the eager launch path (issue 14): Triton's direct launches equal the JIT path bitwise; graphs
+  captured after eager calls, replayed on two streams between eager calls, stay exact; two
+  threads on two streams, and calls alternating between two unsynchronised streams, agree with
+  serial calls.
 
 Inputs come from :func:`mhc.bench.device_inputs` (the distributions of
 ``mhc.checking.make_inputs``, drawn on the GPU: make_inputs draws fp64 on the CPU, which takes
@@ -251,3 +255,127 @@ def test_triton_kernels_are_clean_under_compute_sanitizer(tool, tmp_path):
     # displayed (0 errors, 0 warnings)".
     clean = re.search(r"ERROR SUMMARY: 0 errors|SUMMARY: 0 hazards displayed \(0 errors, 0 warnings\)", out)
     assert proc.returncode == 0 and clean, f"{tool} found errors:\n{out[-4000:]}"
+
+
+# --- the eager launch path (issue 14): cached plans, direct Triton launches, counters ---------------
+
+
+@pytest.mark.parametrize("T", (1, 64, 513))
+@pytest.mark.parametrize("op", OPS)
+def test_triton_direct_launch_equals_the_jit_path_bitwise(op, T):
+    """``DirectKernel`` launches the handle that ``JITFunction.run`` returned: the same binary,
+    so the outputs are bitwise those of the JIT path (``direct.ENABLED = False``), on the first
+    (JIT) call of a key and on the warm (direct) calls after it."""
+    _gpu_backend("triton", op, 4096, T)
+    from mhc import plans
+    from mhc.backends.triton import direct
+
+    args, kwargs = bench.device_inputs(op, T, N, 4096, DEVICE, seed=21)
+    direct.ENABLED = False
+    try:
+        plans.PLANS.clear("triton")
+        via_jit = checking.call(op, args, kwargs, "triton")
+    finally:
+        direct.ENABLED = True
+    plans.PLANS.clear("triton")
+    first, warm = (checking.call(op, args, kwargs, "triton") for _ in range(2))
+    torch.cuda.synchronize()
+    kernels = [k for _, p in plans.PLANS.items("triton") for k in _direct_kernels(p)]
+    assert kernels and all(k.handles for k in kernels), "a warm call did not go through a kept handle"
+    for (name, _), a, b, c in zip(checking.OUTPUTS[op], via_jit, first, warm):
+        assert torch.equal(a, b) and torch.equal(a, c), f"triton.{op}.{name}: direct launch differs from the JIT path"
+
+
+def _direct_kernels(plan):
+    from mhc.backends.triton import direct
+
+    subs = [plan, getattr(plan, "post", None)]
+    return [k for q in subs if q is not None for k in (getattr(q, a, None) for a in ("kernel", "prep", "prenorm", "finalize"))
+            if isinstance(k, direct.DirectKernel)]
+
+
+@pytest.mark.parametrize("T", (1, 64, 513))
+@pytest.mark.parametrize("op", OPS)
+def test_graphs_captured_after_eager_calls_stay_correct(backend, op, T):
+    """Eager calls first (they fill the plan cache and, at T = 1, Triton's counter pool), then
+    two graphs captured from the same inputs, then eager calls and replays of both graphs
+    interleaved on two streams: every replay still matches an eager call bitwise (a workspace
+    shared between a graph and eager calls, or between two graphs, would break this)."""
+    _gpu_backend(backend, op, 4096, T)
+    static, kwargs = bench.device_inputs(op, T, N, 4096, DEVICE, seed=31)
+    static = tuple(a.clone() for a in static)
+    for _ in range(3):
+        checking.call(op, static, kwargs, backend)
+    torch.cuda.synchronize()
+    graphs, outs = [], []
+    for _ in range(2):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs.append(checking.call(op, static, kwargs, backend))
+        graphs.append(g)
+    other = torch.cuda.Stream()
+    for round_ in range(3):
+        new, _ = bench.device_inputs(op, T, N, 4096, DEVICE, seed=40 + round_)
+        for s, v in zip(static, new):
+            s.copy_(v)
+        want = checking.call(op, new, kwargs, backend)
+        graphs[0].replay()
+        other.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(other):
+            graphs[1].replay()
+            eager_other = checking.call(op, new, kwargs, backend)
+        torch.cuda.current_stream().wait_stream(other)
+        torch.cuda.synchronize()
+        for (name, _), w, a, b, e in zip(checking.OUTPUTS[op], want, outs[0], outs[1], eager_other):
+            assert torch.equal(a, w) and torch.equal(b, w) and torch.equal(e, w), f"{backend}.{op}.{name} round {round_}"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_two_threads_on_two_streams_agree_with_serial_calls(backend, op):
+    """Two threads, each on a stream of its own, call the op at T = 1, 64 and 513 at once (the
+    plan cache, Triton's handles and counter pools shared): every result equals a serial call."""
+    _gpu_backend(backend, op, 4096, 64)
+    import threading
+
+    cases = {T: bench.device_inputs(op, T, N, 4096, DEVICE, seed=50 + T) for T in (1, 64, 513)}
+    serial = {T: checking.call(op, a, kw, backend) for T, (a, kw) in cases.items()}
+    torch.cuda.synchronize()
+    errors, gate = [], threading.Barrier(2)
+
+    def worker(order):
+        stream = torch.cuda.Stream()
+        gate.wait()
+        with torch.cuda.stream(stream):
+            got = [(T, checking.call(op, *cases[T], backend)) for T in order * 20]
+        stream.synchronize()
+        for T, outs in got:
+            if not all(torch.equal(a, b) for a, b in zip(outs, serial[T])):
+                errors.append(f"T={T}")
+
+    threads = [threading.Thread(target=worker, args=(o,)) for o in ((1, 64, 513), (513, 1, 64))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"{backend}.{op}: results differ from serial calls at {errors[:5]}"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_back_to_back_calls_on_two_streams_without_sync(backend, op):
+    """Calls alternating between two streams with no synchronisation between them (workspaces of
+    one stream's launch must not be another's): every output equals a serial call."""
+    _gpu_backend(backend, op, 4096, 1)
+    streams = (torch.cuda.Stream(), torch.cuda.Stream())
+    cases = [bench.device_inputs(op, T, N, 4096, DEVICE, seed=60 + T) for T in (1, 1, 64, 64)]
+    serial = [checking.call(op, a, kw, backend) for a, kw in cases]
+    torch.cuda.synchronize()
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    got = []
+    for rep in range(10):
+        for i, (a, kw) in enumerate(cases):
+            with torch.cuda.stream(streams[i % 2]):
+                got.append((i, checking.call(op, a, kw, backend)))
+    torch.cuda.synchronize()
+    for i, outs in got:
+        assert all(torch.equal(a, b) for a, b in zip(outs, serial[i])), f"{backend}.{op} case {i}"

@@ -4,21 +4,25 @@ Imported by ``BACKEND.load()`` only (it imports tilelang through :mod:`.kernels`
 functions take flattened, validated, contiguous tensors with T >= 1, exactly as documented in
 ``mhc/backends/__init__.py``; they allocate with :func:`mhc.backends.empty` on the residual's
 device and launch under :func:`mhc.backends.device_guard` on the current stream, with no host
-synchronisation (CUDA-graph capturable). The keyword-only ``_cfg`` of the mix launchers is a
+synchronisation (CUDA-graph capturable). Per call they look up a :class:`Plan` (kernel, config,
+workspace widths) in :data:`mhc.plans.PLANS`, keyed by op, n, H, dtype and device, and
+allocate. The keyword-only ``_cfg`` of the mix launchers is a
 tuning hook (a :class:`~mhc.backends.tilelang.kernels.MixConfig`), not part of the interface.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import torch
 
 from mhc.backends import device_guard, empty
 from mhc.backends.tilelang import kernels as K
+from mhc.plans import PLANS
 
-__all__ = ["KERNELS", "cuda_arch", "post_config", "mix_config", "get_kernel", "target_for", "pre", "post", "head",
-           "fused_post_pre"]
+__all__ = ["KERNELS", "Plan", "cuda_arch", "post_config", "mix_config", "get_kernel", "plan_for", "target_for", "pre",
+           "post", "head", "fused_post_pre"]
 
 _DTYPES = {torch.bfloat16: "bfloat16"}
 
@@ -128,33 +132,66 @@ def get_kernel(op: str, n: int, H: int, dtype: str, target: dict, num_sms: int, 
     return KERNELS.get((op, n, H, dtype, cfg, _target_key(target)), target, build), cfg
 
 
-def _setup(residual: torch.Tensor):
-    dev = residual.device
-    target = target_for(dev)
-    return dev, target, KERNELS.num_sms[dev], _DTYPES[residual.dtype]
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a launcher needs for one (op, n, H, dtype, device), kept in :data:`mhc.plans.PLANS`:
+    the compiled kernel, its config, and for the mix kernels the workspace's row width ``e``
+    (floats per token block and slice) and the column slices ``splits``. Nothing in it depends
+    on T (the workspaces are sized per call) or on tensor values."""
+
+    kernel: object
+    cfg: object
+    e: int = 0
+    splits: int = 0
 
 
-def _workspace(mode: str, n: int, H: int, T: int, cfg: K.MixConfig, device: torch.device):
+def plan_for(op: str, n: int, H: int, dtype: torch.dtype, device: torch.device) -> Plan:
+    """The :class:`Plan` of ``op`` in post/pre/head/fused on ``device``: a dict lookup once built."""
+
+    def build():
+        target = target_for(device)
+        kern, cfg = get_kernel(op, n, H, _DTYPES[dtype], target, KERNELS.num_sms[device])
+        if op == "post":
+            return Plan(kern, cfg)
+        m = K.mix_width(op, n)
+        return Plan(kern, cfg, cfg.BM * (-(-(m + 1) // 4) * 4), cfg.splits(H))
+
+    return PLANS.get(("tilelang", op, n, H, dtype, device), build)
+
+
+def _workspace(p: Plan, T: int, device: torch.device):
     """Partials (NB, S, BM*MP) and reduced partials (NB, BM*MP) fp32, uninitialised (every
-    element is written before it is read), and arrival counters (NB, 2) int32, zeroed."""
-    m = K.mix_width(mode, n)
-    e = cfg.BM * (-(-(m + 1) // 4) * 4)
-    nb = -(-T // cfg.BM)
-    parts = torch.empty((nb, cfg.splits(H), e), dtype=torch.float32, device=device)
-    fin = torch.empty((nb, e), dtype=torch.float32, device=device)
+    element is written before it is read), and arrival counters (NB, 2) int32, zeroed: the kernel
+    does not reset them, so they are fresh per call (one small memset, stream-ordered, captured
+    into a CUDA graph with the launch)."""
+    nb = -(-T // p.cfg.BM)
+    parts = torch.empty((nb, p.splits, p.e), dtype=torch.float32, device=device)
+    fin = torch.empty((nb, p.e), dtype=torch.float32, device=device)
     flags = torch.zeros((nb, 2), dtype=torch.int32, device=device)
     return parts, fin, flags
+
+
+def _mix_plan(op: str, residual: torch.Tensor, cfg) -> Plan:
+    T, n, H = residual.shape
+    if cfg is None:
+        return plan_for(op, n, H, residual.dtype, residual.device)
+    # a tuning override (benchmarks/tilelang_dev.py): compiled through the same kernel cache
+    dev = residual.device
+    target = target_for(dev)
+    kern, cfg = get_kernel(op, n, H, _DTYPES[residual.dtype], target, KERNELS.num_sms[dev], cfg)
+    m = K.mix_width(op, n)
+    return Plan(kern, cfg, cfg.BM * (-(-(m + 1) // 4) * 4), cfg.splits(H))
 
 
 def post(x, residual, post_mix, comb_mix):
     """``x`` (T, H), ``residual`` (T, n, H) bf16; ``post_mix`` (T, n, 1), ``comb_mix`` (T, n, n)
     fp32. Returns the new residual (T, n, H) bf16."""
     T, n, H = residual.shape
-    dev, target, sms, dt = _setup(residual)
-    kern, _ = get_kernel("post", n, H, dt, target, sms)
+    dev = residual.device
+    p = plan_for("post", n, H, residual.dtype, dev)
     out = empty((T, n, H), residual.dtype, dev)
     with device_guard(dev):
-        kern(x, residual, post_mix, comb_mix, out)
+        p.kernel(x, residual, post_mix, comb_mix, out)
     return out
 
 
@@ -163,16 +200,16 @@ def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, h
     """``residual`` (T, n, H) bf16, ``fn`` (2n+n*n, n*H), ``hc_scale`` (3,), ``hc_base`` (2n+n*n,)
     fp32. Returns ``post_mix`` (T, n, 1), ``comb_mix`` (T, n, n) fp32, ``layer_input`` (T, H)."""
     T, n, H = residual.shape
-    dev, target, sms, dt = _setup(residual)
-    kern, cfg = get_kernel("pre", n, H, dt, target, sms, _cfg)
+    dev = residual.device
+    p = _mix_plan("pre", residual, _cfg)
     post_mix = empty((T, n, 1), torch.float32, dev)
     comb_mix = empty((T, n, n), torch.float32, dev)
     layer_input = empty((T, H), residual.dtype, dev)
-    ws = _workspace("pre", n, H, T, cfg, dev)
+    ws = _workspace(p, T, dev)
     with device_guard(dev):
-        kern(residual, fn, hc_scale, hc_base, post_mix, comb_mix, layer_input, *ws,
-             float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
-             int(sinkhorn_repeat))
+        p.kernel(residual, fn, hc_scale, hc_base, post_mix, comb_mix, layer_input, *ws,
+                 float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
+                 int(sinkhorn_repeat))
     return post_mix, comb_mix, layer_input
 
 
@@ -180,12 +217,12 @@ def head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps, *, _cfg=None):
     """``residual`` (T, n, H) bf16, ``fn`` (n, n*H), ``hc_scale`` (1,), ``hc_base`` (n,) fp32.
     Returns (T, H) bf16."""
     T, n, H = residual.shape
-    dev, target, sms, dt = _setup(residual)
-    kern, cfg = get_kernel("head", n, H, dt, target, sms, _cfg)
+    dev = residual.device
+    p = _mix_plan("head", residual, _cfg)
     out = empty((T, H), residual.dtype, dev)
-    ws = _workspace("head", n, H, T, cfg, dev)
+    ws = _workspace(p, T, dev)
     with device_guard(dev):
-        kern(residual, fn, hc_scale, hc_base, out, *ws, float(rms_eps), float(hc_eps))
+        p.kernel(residual, fn, hc_scale, hc_base, out, *ws, float(rms_eps), float(hc_eps))
     return out
 
 
@@ -194,15 +231,15 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
     """``post`` then ``pre`` in one kernel; the new residual is written once, never re-read.
     Returns ``(new_residual (T, n, H), post_mix (T, n, 1), comb_mix (T, n, n), layer_input (T, H))``."""
     T, n, H = residual.shape
-    dev, target, sms, dt = _setup(residual)
-    kern, cfg = get_kernel("fused", n, H, dt, target, sms, _cfg)
+    dev = residual.device
+    p = _mix_plan("fused", residual, _cfg)
     new = empty((T, n, H), residual.dtype, dev)
     pm = empty((T, n, 1), torch.float32, dev)
     cm = empty((T, n, n), torch.float32, dev)
     li = empty((T, H), residual.dtype, dev)
-    ws = _workspace("fused", n, H, T, cfg, dev)
+    ws = _workspace(p, T, dev)
     with device_guard(dev):
-        kern(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, new, pm, cm, li, *ws,
-             float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
-             int(sinkhorn_repeat))
+        p.kernel(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, new, pm, cm, li, *ws,
+                 float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
+                 int(sinkhorn_repeat))
     return new, pm, cm, li

@@ -5,6 +5,13 @@ Two launch heuristics, split at ``SMALL_T`` tokens: :func:`configs` (T <= SMALL_
 single-launch and chunked kernels; :func:`mix_specialization` turns a config into their
 compile-time constants) and :func:`plan` (above: the two-pass path), plus :func:`post_config` for
 ``post``. The launchers and ``aot.py`` use the same functions, so what AOT builds is what runs.
+
+Per call, a launcher looks up its launch plan (:func:`plan_for`: config, tiles, the kernels as
+:class:`~mhc.backends.triton.direct.DirectKernel` handles; built once per op, n, H,
+:func:`t_bucket`, dtype and device, kept in :data:`mhc.plans.PLANS`), allocates its outputs and
+workspaces through PyTorch's caching allocator (``_COUNTERS`` pools the one workspace that must
+come zeroed) and launches: no heuristic runs and no kernel argument is re-specialised by Triton
+on a warm call.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import triton
 
 from mhc.backends import device_guard, empty
 from mhc.backends.triton import kernels
+from mhc.backends.triton.direct import DirectKernel
+from mhc.plans import PLANS
 
 #: Compile options that every launch (and every build of ``aot.py``) passes: Triton 3.9 warns when
 #: fp fusion is left to its default, which 3.10 turns off; the kernels were tuned and checked with
@@ -306,43 +315,6 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
                     BSPLIT=cfg.b_split)
     return dict(common, RB=cfg.tail_rows, PF=cfg.tail_pf, PF_EARLY=cfg.pf_early)
 
-
-class _Counters:
-    """Per-token-block arrival counters of ``mix_kernel``: int32 buffers that the kernel leaves
-    zero, so they are zeroed once, not per call (no memset launch, CUDA-graph capturable).
-
-    A buffer serves one launch at a time: :meth:`take` removes it from the pool and :meth:`put`
-    returns it once the launch has returned. A call that fails or is interrupted in between (a
-    KeyboardInterrupt or a timeout in the middle of an interpreted launch, an exception between
-    the two) may leave non-zero counts in it; it never reaches the pool again, and the next call
-    gets a freshly zeroed buffer, so no state a failed call leaves can corrupt a later one.
-    Every buffer ever made stays referenced (``_all``), never freed: a captured CUDA graph may
-    still point at one. Pools are keyed by (device, stream), so concurrent streams never share
-    a buffer, nor do concurrent calls on one stream (the second finds the pool empty)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._bufs: dict[tuple, torch.Tensor] = {}  # the pool: zeroed buffers, one per key
-        self._all: list[torch.Tensor] = []
-
-    def take(self, device: torch.device, count: int) -> tuple[tuple, torch.Tensor]:
-        """``(key, buffer)``: a zeroed buffer of at least ``count`` counters, out of the pool."""
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        key = (device, stream)
-        buf = self._bufs.pop(key, None)  # atomic under the GIL: two callers never get one buffer
-        if buf is None or buf.numel() < count:
-            buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-            with self._lock:
-                self._all.append(buf)
-        return key, buf
-
-    def put(self, key: tuple, buf: torch.Tensor) -> None:
-        """Return ``buf`` to the pool after a launch that returned (its kernel leaves it zero)."""
-        self._bufs[key] = buf
-
-
-_COUNTERS = _Counters()
-
 def prep_block(n3p: int) -> int:
     """Columns of fn per ``prep_kernel`` program: 16K elements of fn a program, at most 1024
     columns (n3p = 32 at 1024 columns spilled 144 B on sm90 under Triton 3.9, and n = 8's
@@ -354,64 +326,75 @@ def prep_block(n3p: int) -> int:
 TAIL_PF_BYTES = 256
 
 
-def _prep_fn(fn, n3, n3p):
-    """fn (n3, K) fp32 -> (2*n3p, K) bf16 hi rows then lo rows (``kernels.prep_kernel``). Run on
-    every call (one ~1.5 MB launch at H=4096): no cache to invalidate, CUDA-graph capturable."""
-    K = fn.shape[1]
-    out = torch.empty((2 * n3p, K), dtype=torch.bfloat16, device=fn.device)
-    bk = prep_block(n3p)
-    kernels.prep_kernel[(triton.cdiv(K, bk),)](
-        fn, out, K, N3=n3, N3P=n3p, BK=bk, EMULATE_RNE=INTERPRETED, num_warps=4, **COMPILE_OPTIONS)
-    return out
+def t_bucket(T: int) -> int:
+    """The T bucket of a launch plan: the token counts between which no heuristic here changes
+    (``_TABLE``'s rows and :func:`post_config`: T <= 1 and T <= SMALL_T; :func:`plan`'s splits:
+    T <= 1024). Everything a plan holds depends on T only through this."""
+    return 0 if T <= 1 else 1 if T <= SMALL_T else 2 if T <= 1024 else 3
 
 
-def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
-    T, n, H = residual.shape
-    dev = residual.device
-    if T > SMALL_T:
-        return _two_pass(op, plan(op, n, H, T, device_shared_memory(dev)), residual, fn, hc_scale, hc_base,
-                         scalars, fused_inputs)
-    cfg = device_config(op, n, H, T, residual.dtype, dev)
-    spec = mix_specialization(op, n, residual.dtype, cfg)
-    n3p = spec["N3P"]
-    out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs is not None)
-    x, pm_in, cm_in = fused_inputs if fused_inputs is not None else (residual,) * 3  # read only if FUSED
-    with device_guard(dev):
-        if cfg.chunk:
-            _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
-                     post_mix, comb_mix, out, T, H, scalars)
-            return out, post_mix, comb_mix, new
-        num_m = triton.cdiv(T, cfg.block_m)
-        part = torch.empty(num_m * cfg.splits * cfg.block_m * n3p, dtype=torch.float32, device=dev)
-        key, cnt = _COUNTERS.take(dev, num_m)
-        kernels.mix_kernel[(num_m, cfg.splits)](
-            residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
-            post_mix, comb_mix, out, part, cnt,
-            T, H, cfg.splits, *scalars,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec, **COMPILE_OPTIONS,
-        )
-        _COUNTERS.put(key, cnt)  # not reached if the launch raised: that buffer is dropped
-    return out, post_mix, comb_mix, new
+class _Counters:
+    """Per-token-block arrival counters of ``mix_kernel``: int32 buffers that the kernel leaves
+    zero, so they are zeroed once, not per call (no memset launch).
+
+    The rule that keeps them safe: a buffer is used by one stream's launches only, or by one
+    captured CUDA graph only, never by both and never by two of either.
+
+    - Eager launches: one pool per (device, stream). :meth:`take` removes a buffer from the
+      pool and :meth:`put` returns it once the launch has been issued; launches on one stream
+      run in order, so the next one finds it zero. Concurrent calls on one stream (two threads)
+      never share one: the second finds the pool empty and gets a new buffer. A call that fails
+      or is interrupted between the two (a KeyboardInterrupt in the middle of an interpreted
+      launch, an exception) may leave non-zero counts: that buffer never reaches the pool
+      again, so nothing a failed call leaves can corrupt a later one.
+    - Launches captured into a CUDA graph take a buffer of their own that nothing else ever
+      gets: the graph's replays use it (each leaves it zero, and replays of one graph run one
+      after the other), eager calls and other graphs cannot. It is a spare zeroed by an earlier
+      eager call (``torch.cuda.graph`` synchronises the device before capturing, so the zeros
+      are in memory), or, with no spare, zeroed inside the graph (a memset node per replay).
+
+    Every buffer ever made stays referenced (``_all``), never freed: a captured graph may
+    still point at one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bufs: dict[tuple, torch.Tensor] = {}  # the eager pools: zeroed buffers, one per key
+        self._spares: dict[torch.device, torch.Tensor] = {}  # zeroed, never used: for a capture
+        self._all: list[torch.Tensor] = []
+
+    def _new(self, device: torch.device, count: int) -> torch.Tensor:
+        buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        with self._lock:
+            self._all.append(buf)
+        return buf
+
+    def take(self, device: torch.device, count: int) -> tuple[tuple | None, torch.Tensor]:
+        """``(key, buffer)``: a zeroed buffer of at least ``count`` counters, out of the pool (key
+        None: owned by the graph being captured). Call it with ``device`` current."""
+        if device.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():
+                buf = self._spares.pop(device, None)
+                if buf is None or buf.numel() < count:
+                    buf = self._new(device, count)
+                return None, buf
+            key = (device, triton.runtime.driver.active.get_current_stream(device.index))
+        else:
+            key = (device, 0)
+        buf = self._bufs.pop(key, None)  # atomic under the GIL: two callers never get one buffer
+        if buf is None or buf.numel() < count:
+            buf = self._new(device, count)
+            if device.type == "cuda" and device not in self._spares:
+                self._spares[device] = self._new(device, count)
+        return key, buf
+
+    def put(self, key: tuple | None, buf: torch.Tensor) -> None:
+        """Return ``buf`` to its pool after a launch that was issued (its kernel leaves it zero);
+        a graph's buffer (key None) stays the graph's."""
+        if key is not None:
+            self._bufs[key] = buf
 
 
-def _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix,
-             out, T, H, scalars):
-    """``chunk_kernel`` launches: (A 0), (A 1, B 0), ..., (B last). The chunk count depends on T
-    only (a shape), so this is capturable; the partials are [splits, T, N3P] fp32."""
-    n_chunks = triton.cdiv(T, cfg.chunk)
-    part = torch.empty(cfg.splits * T * spec["N3P"], dtype=torch.float32, device=residual.device)
-    n_hc = triton.cdiv(H, cfg.c_steps * cfg.block_c) + (1 if cfg.b_split and not spec["HEAD"] else 0)
-    for a, b in [(c, c - 1) for c in range(n_chunks + 1)]:
-        rows_a = min(cfg.chunk, T - a * cfg.chunk) if 0 <= a < n_chunks else 0
-        rows_b = min(cfg.chunk, T - b * cfg.chunk) if 0 <= b < n_chunks else 0
-        n_a = triton.cdiv(rows_a, cfg.block_m) * cfg.splits
-        n_b = triton.cdiv(rows_b, cfg.block_m_b) * n_hc
-        kernels.chunk_kernel[(n_b + n_a,)](
-            residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
-            post_mix, comb_mix, out, part,
-            T, H, cfg.splits, a, b, n_b, *scalars,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec, **COMPILE_OPTIONS,
-        )
+_COUNTERS = _Counters()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,15 +469,117 @@ def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> T
     return TwoPass(bm, bk, steps, 4, stages, bc=max(16, min(1024, triton.next_power_of_2(H))))
 
 
-def _post_into(x, residual, post_mix, comb_mix, out):
-    """``post_kernel`` writing ``out`` (T, n, H), the other arguments as :func:`post`."""
-    T, n, H = residual.shape
+# --- launch plans (mhc.plans.PLANS, keyed ("triton", op, n, H, t_bucket(T), dtype, device)) -------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr function: ~3 µs a call from Python
+
+
+def _kernel(fn, constexprs: dict, **options) -> DirectKernel:
+    return DirectKernel(fn, constexprs, dict(options, **COMPILE_OPTIONS), INTERPRETED)
+
+
+@dataclasses.dataclass(frozen=True)
+class PostPlan:
+    """``post_kernel`` with its tile for one (n, H, T bucket, dtype, device)."""
+
+    cfg: PostConfig
+    h_blocks: int  # programs per token: cdiv(H, cfg.block_h)
+    kernel: DirectKernel
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallPlan:
+    """``pre``/``head``/``fused_post_pre`` at T <= SMALL_T: the config of :func:`device_config`
+    and its kernel (``mix_kernel``, or ``chunk_kernel`` if ``cfg.chunk``)."""
+
+    cfg: Config
+    n3p: int
+    head: bool
+    kernel: DirectKernel
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoPassPlan:
+    """``pre``/``head``/``fused_post_pre`` above SMALL_T: :func:`plan`'s tiles (``tp``) and the
+    kernels of both passes; ``prep`` is None where fn is read as fp32 (``prec`` "ieee", the
+    interpreter); ``post`` serves fused_post_pre's first step."""
+
+    tp: TwoPass
+    n3: int
+    n3p: int
+    splits: int  # K splits of the GEMM
+    prep: DirectKernel | None
+    prep_grid: tuple
+    prenorm: DirectKernel
+    finalize: DirectKernel
+    post: PostPlan | None
+
+
+def _post_plan(n: int, H: int, T: int) -> PostPlan:
     cfg = post_config(H, T)
-    kernels.post_kernel[(T * triton.cdiv(H, cfg.block_h),)](
-        x, residual, post_mix, comb_mix, out, T, H,
-        N=n, NP=triton.next_power_of_2(n), BH=cfg.block_h, EMULATE_RNE=INTERPRETED,
-        H_FAST=cfg.h_fast, num_warps=cfg.warps, **COMPILE_OPTIONS,
-    )
+    spec = dict(N=n, NP=triton.next_power_of_2(n), BH=cfg.block_h, EMULATE_RNE=INTERPRETED, H_FAST=cfg.h_fast)
+    return PostPlan(cfg, _cdiv(H, cfg.block_h), _kernel(kernels.post_kernel, spec, num_warps=cfg.warps))
+
+
+def _small_plan(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device) -> SmallPlan:
+    cfg = device_config(op, n, H, T, dtype, device)
+    spec = mix_specialization(op, n, dtype, cfg)
+    fn = kernels.chunk_kernel if cfg.chunk else kernels.mix_kernel
+    return SmallPlan(cfg, spec["N3P"], op == "head",
+                     _kernel(fn, spec, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def _two_pass_plan(op: str, tp: TwoPass, n: int, H: int, T: int, dtype: torch.dtype) -> TwoPassPlan:
+    K = n * H
+    head = op == "head"
+    n3, n3p = gemm_columns(op, n, tp)
+    prec = "ieee" if INTERPRETED else tp.prec
+    k_split = tp.steps * tp.block_k
+    splits = _cdiv(K, k_split)
+    prep = bk = None
+    if prec == "hilo":
+        bk = prep_block(n3p)
+        prep = _kernel(kernels.prep_kernel, dict(N3=n3, N3P=n3p, BK=bk, EMULATE_RNE=INTERPRETED), num_warps=4)
+    prenorm = _kernel(kernels.prenorm_kernel,
+                      dict(N3=n3, N3P=n3p, BM=tp.block_m, BK=tp.block_k, STEPS=tp.steps, PREC=prec,
+                           EXACT_BF16=dtype == torch.bfloat16, EVEN_K=K % k_split == 0, SPLIT_FAST=tp.split_fast),
+                      num_warps=tp.warps, num_stages=tp.stages)
+    finalize = _kernel(kernels.finalize_kernel,
+                       dict(N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, SP=triton.next_power_of_2(splits),
+                            BT=tp.bt, BC=tp.bc, BMB=tp.bmb, HEAD=head, SK_ELEM=tp.sk_elem, EMULATE_RNE=INTERPRETED),
+                       num_warps=tp.fin_warps)
+    post = _post_plan(n, H, T) if op == "fused_post_pre" else None
+    return TwoPassPlan(tp, n3, n3p, splits, prep, (_cdiv(K, bk), 1, 1) if bk else (), prenorm, finalize, post)
+
+
+def plan_for(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device):
+    """The launch plan of ``op`` (any of the four) for n streams, hidden size H, T tokens,
+    residual ``dtype`` on ``device``: built once per ``t_bucket(T)`` and kept in
+    :data:`mhc.plans.PLANS`. A :class:`PostPlan`, :class:`SmallPlan` or :class:`TwoPassPlan`."""
+    def build():
+        if op == "post":
+            return _post_plan(n, H, T)
+        if T <= SMALL_T:
+            return _small_plan(op, n, H, T, dtype, device)
+        return _two_pass_plan(op, plan(op, n, H, T, device_shared_memory(device)), n, H, T, dtype)
+
+    return PLANS.get(("triton", op, n, H, t_bucket(T), dtype, device), build)
+
+
+def _prep_fn(fn, n3, n3p, kernel: DirectKernel | None = None):
+    """fn (n3, K) fp32 -> (2*n3p, K) bf16 hi rows then lo rows (``kernels.prep_kernel``, launched
+    by ``kernel`` or, without one, through the JIT). Run on every call (one ~1.5 MB launch at
+    H=4096): no cache to invalidate (an in-place update of fn is always seen), CUDA-graph
+    capturable."""
+    K = fn.shape[1]
+    out = torch.empty((2 * n3p, K), dtype=torch.bfloat16, device=fn.device)
+    bk = prep_block(n3p)
+    if kernel is None:
+        kernel = _kernel(kernels.prep_kernel, dict(N3=n3, N3P=n3p, BK=bk, EMULATE_RNE=INTERPRETED), num_warps=4)
+    kernel((_cdiv(K, bk), 1, 1), fn, out, K)
+    return out
 
 
 def _outputs(op, residual, fused):
@@ -512,39 +597,74 @@ def _outputs(op, residual, fused):
     return out, post_mix, comb_mix, new
 
 
-def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
-    """``op`` in {"pre", "head", "fused_post_pre"} by a :class:`TwoPass` ``plan``; returns
-    ``(layer_input, post_mix, comb_mix, new_residual)`` (the ones ``op`` does not make are
-    placeholders)."""
+def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
+    """``op`` in {"pre", "head", "fused_post_pre"} by its plan; returns ``(layer_input, post_mix,
+    comb_mix, new_residual)`` (the ones ``op`` does not make are placeholders)."""
     T, n, H = residual.shape
-    K = n * H
-    head = op == "head"
-    n3, n3p = gemm_columns(op, n, plan)
-    prec = "ieee" if INTERPRETED else plan.prec
+    p = plan_for(op, n, H, T, residual.dtype, residual.device)
+    if T > SMALL_T:
+        return _run_two_pass(op, p, residual, fn, hc_scale, hc_base, scalars, fused_inputs)
+    cfg = p.cfg
+    dev = residual.device
     out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs is not None)
-    k_split = plan.steps * plan.block_k
-    splits = triton.cdiv(K, k_split)
+    x, pm_in, cm_in = fused_inputs if fused_inputs is not None else (residual,) * 3  # read only if FUSED
+    with device_guard(dev):
+        if cfg.chunk:
+            _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix, out, T, H, scalars)
+            return out, post_mix, comb_mix, new
+        num_m = _cdiv(T, cfg.block_m)
+        part = torch.empty(num_m * cfg.splits * cfg.block_m * p.n3p, dtype=torch.float32, device=dev)
+        key, cnt = _COUNTERS.take(dev, num_m)
+        p.kernel((num_m, cfg.splits, 1), residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
+                 post_mix, comb_mix, out, part, cnt, T, H, cfg.splits, *scalars)
+        _COUNTERS.put(key, cnt)  # not reached if the launch raised: that buffer is dropped
+    return out, post_mix, comb_mix, new
+
+
+def _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix, out, T, H, scalars):
+    """``chunk_kernel`` launches: (A 0), (A 1, B 0), ..., (B last). The chunk count depends on T
+    only (a shape), so this is capturable; the partials are [splits, T, N3P] fp32."""
+    cfg = p.cfg
+    n_chunks = _cdiv(T, cfg.chunk)
+    part = torch.empty(cfg.splits * T * p.n3p, dtype=torch.float32, device=residual.device)
+    n_hc = _cdiv(H, cfg.c_steps * cfg.block_c) + (1 if cfg.b_split and not p.head else 0)
+    for a, b in [(c, c - 1) for c in range(n_chunks + 1)]:
+        rows_a = min(cfg.chunk, T - a * cfg.chunk) if 0 <= a < n_chunks else 0
+        rows_b = min(cfg.chunk, T - b * cfg.chunk) if 0 <= b < n_chunks else 0
+        n_a = _cdiv(rows_a, cfg.block_m) * cfg.splits
+        n_b = _cdiv(rows_b, cfg.block_m_b) * n_hc
+        p.kernel((n_b + n_a, 1, 1), residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
+                 post_mix, comb_mix, out, part, T, H, cfg.splits, a, b, n_b, *scalars)
+
+
+def _run_two_pass(op, p: TwoPassPlan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
+    T, n, H = residual.shape
+    tp = p.tp
+    out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs is not None)
+    sstride = T * p.n3p
     with device_guard(residual.device):
         if fused_inputs is not None:
-            _post_into(*fused_inputs[:1], residual, *fused_inputs[1:], new)
+            x, pm_in, cm_in = fused_inputs
+            p.post.kernel((T * p.post.h_blocks, 1, 1), x, residual, pm_in, cm_in, new, T, H)
         src = new if fused_inputs is not None else residual
-        w = _prep_fn(fn, n3, n3p) if prec == "hilo" else fn
-        part = torch.empty(splits * T * n3p, dtype=torch.float32, device=residual.device)
-        kernels.prenorm_kernel[(triton.cdiv(T, plan.block_m) * splits,)](
-            src, w, part, T, K, T * n3p,
-            N3=n3, N3P=n3p, BM=plan.block_m, BK=plan.block_k, STEPS=plan.steps, PREC=prec,
-            EXACT_BF16=residual.dtype == torch.bfloat16, EVEN_K=K % k_split == 0,
-            SPLIT_FAST=plan.split_fast, num_warps=plan.warps, num_stages=plan.stages, **COMPILE_OPTIONS,
-        )
-        n_pc = 0 if head else triton.cdiv(T, plan.bmb)
-        kernels.finalize_kernel[(n_pc + triton.cdiv(T, plan.bt) * triton.cdiv(H, plan.bc),)](
-            src, out, part, hc_scale, hc_base, post_mix, comb_mix,
-            T, H, splits, T * n3p, n_pc, *scalars,
-            N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, SP=triton.next_power_of_2(splits),
-            BT=plan.bt, BC=plan.bc, BMB=plan.bmb, HEAD=head, SK_ELEM=plan.sk_elem,
-            EMULATE_RNE=INTERPRETED, num_warps=plan.fin_warps, **COMPILE_OPTIONS,
-        )
+        w = _prep_fn(fn, p.n3, p.n3p, p.prep) if p.prep is not None else fn
+        part = torch.empty(p.splits * sstride, dtype=torch.float32, device=residual.device)
+        p.prenorm((_cdiv(T, tp.block_m) * p.splits, 1, 1), src, w, part, T, n * H, sstride)
+        n_pc = 0 if op == "head" else _cdiv(T, tp.bmb)
+        p.finalize((n_pc + _cdiv(T, tp.bt) * _cdiv(H, tp.bc), 1, 1),
+                   src, out, part, hc_scale, hc_base, post_mix, comb_mix, T, H, p.splits, sstride, n_pc, *scalars)
     return out, post_mix, comb_mix, new
+
+
+def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
+    """``op`` in {"pre", "head", "fused_post_pre"} by the :class:`TwoPass` tiles ``plan`` (any
+    T; the launchers take :func:`plan`'s above SMALL_T, benchmarks/prenorm_dev.py sweeps others);
+    returns ``(layer_input, post_mix, comb_mix, new_residual)`` as :func:`_mix`."""
+    T, n, H = residual.shape
+    dtype, dev = residual.dtype, residual.device
+    p = PLANS.get(("triton", "two_pass", op, n, H, t_bucket(T), dtype, dev, plan),
+                  lambda: _two_pass_plan(op, plan, n, H, T, dtype))
+    return _run_two_pass(op, p, residual, fn, hc_scale, hc_base, scalars, fused_inputs)
 
 
 def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
@@ -555,7 +675,8 @@ def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
     fp32; ``hc_base`` (2n+n*n,) fp32; ``sinkhorn_repeat`` int >= 1. Returns ``post_mix``
     (T, n, 1) fp32, ``comb_mix`` (T, n, n) fp32, ``layer_input`` (T, H) in the residual's dtype.
     """
-    scalars = (rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, int(sinkhorn_repeat))
+    scalars = (float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
+               int(sinkhorn_repeat))
     out, post_mix, comb_mix, _ = _mix("pre", residual, fn, hc_scale, hc_base, scalars)
     return post_mix, comb_mix, out
 
@@ -566,7 +687,7 @@ def head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps):
     ``residual`` (T, n, H) bf16/fp16 contiguous; ``fn`` (n, n*H) fp32; ``hc_scale`` (1,) fp32;
     ``hc_base`` (n,) fp32. Returns (T, H) in the residual's dtype.
     """
-    scalars = (rms_eps, hc_eps, 0.0, 0.0, 1)
+    scalars = (float(rms_eps), float(hc_eps), 0.0, 0.0, 1)
     return _mix("head", residual, fn, hc_scale, hc_base, scalars)[0]
 
 
@@ -580,7 +701,8 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
     the new residual inside the GEMM's tile loop, write it once and feed it to the GEMM from
     registers; above, ``post_kernel`` writes it and the two passes read it back.
     """
-    scalars = (rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, int(sinkhorn_repeat))
+    scalars = (float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
+               int(sinkhorn_repeat))
     out, pm, cm, new = _mix("fused_post_pre", residual, fn, hc_scale, hc_base, scalars,
                             fused_inputs=(x, post_mix, comb_mix))
     return new, pm, cm, out
@@ -592,7 +714,9 @@ def post(x, residual, post_mix, comb_mix):
     ``x`` (T, H) and ``residual`` (T, n, H) bf16/fp16; ``post_mix`` (T, n, 1), ``comb_mix``
     (T, n, n) fp32. Returns (T, n, H) in the residual's dtype.
     """
-    out = empty(residual.shape, residual.dtype, residual.device)
+    T, n, H = residual.shape
+    p = plan_for("post", n, H, T, residual.dtype, residual.device)
+    out = empty((T, n, H), residual.dtype, residual.device)
     with device_guard(residual.device):
-        _post_into(x, residual, post_mix, comb_mix, out)
+        p.kernel((T * p.h_blocks, 1, 1), x, residual, post_mix, comb_mix, out, T, H)
     return out

@@ -1,0 +1,121 @@
+"""Launching a compiled Triton kernel without ``JITFunction.run`` on every call.
+
+``kernel[grid](*args, **constexprs)`` (``JITFunction.run``) binds and specialises every argument,
+hashes the result into its cache key, checks globals and parses the options on every launch.
+:class:`DirectKernel` does that once per *specialisation key* (below): the first launch with a
+new key goes through ``JITFunction.run``, which compiles (or loads) the kernel, launches it and
+returns the ``CompiledKernel``; later launches with the same key call that handle directly.
+
+What this relies on, identical in Triton 3.6 and 3.9 (the supported range; tests/test_triton_direct.py
+checks each point against the installed Triton, and CI runs it on both):
+
+1. ``JITFunction.run`` (``kernel[grid](...)``) returns the ``CompiledKernel`` it launched.
+2. ``CompiledKernel[grid](*args, stream=None)`` launches it on ``grid`` (a 3-tuple) with
+   ``args`` = *every* parameter of the kernel in declaration order, constexprs included (the
+   launcher skips their slots; their values are baked into the binary), on the current stream
+   of the current device when ``stream`` is None. It calls Triton's launch hooks as
+   ``JITFunction.run`` does (``knobs.runtime.launch_enter_hook``/``launch_exit_hook``).
+3. Triton specialises a launch on, per non-constexpr argument: a tensor's dtype and whether its
+   ``data_ptr()`` is a multiple of 16; an int's width class (i32 / i64 / u64), whether it equals 1
+   (then it becomes a constexpr) and whether it is a multiple of 16; a float, bool or None by
+   its type. :func:`spec_key` captures at least all of that, so two launches with one key can
+   share one binary (the test compares it with Triton's own ``native_specialize_impl``).
+
+The handle is per device (a ``CompiledKernel`` holds a function loaded into one device's
+context): a :class:`DirectKernel` serves one device, and the launcher keeps one per plan, whose
+key names the device. Under ``TRITON_INTERPRET=1`` (the CPU tests) there is no compiled kernel:
+every launch goes through ``kernel[grid](...)``, as it does where ``ENABLED`` is False.
+What the direct path skips per call: Triton's check that the kernel's globals did not change
+(ours are module constants) and a change of ``TRITON_DEBUG`` or instrumentation knobs after the
+first launch (they are part of ``JITFunction.run``'s key, not of ours).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+__all__ = ["DirectKernel", "spec_key", "ENABLED"]
+
+#: False turns the direct path off (every launch through ``JITFunction.run``): the GPU tests
+#: compare the two paths bitwise. The interpreter never takes it (see ``DirectKernel``).
+ENABLED = True
+
+_I32 = (-(2**31), 2**31)
+
+
+_TENSOR = torch.Tensor
+
+
+def _arg_spec(v):
+    """What Triton specialises one runtime argument on (point 3 of the module docstring), or
+    something finer; plain tensors and floats are inlined in :func:`spec_key`."""
+    c = v.__class__
+    if c is int:
+        if _I32[0] <= v < _I32[1]:
+            return 1 if v == 1 else 2 if v & 15 == 0 else 3
+        return (c, v == 1, v & 15 == 0, v >= 0)
+    if isinstance(v, torch.Tensor):  # nn.Parameter and other subclasses
+        return (v.dtype, v.data_ptr() & 15 == 0)
+    return (c, v)  # bool, None, anything else: by value (hashable, or the key cannot be built)
+
+
+def spec_key(args) -> tuple:
+    """A hashable key that determines Triton's specialisation of ``args`` (the runtime arguments
+    of one launch): equal keys mean one compiled binary serves both launches."""
+    return tuple([(v.dtype, v.data_ptr() & 15 == 0) if v.__class__ is _TENSOR else
+                  float if v.__class__ is float else _arg_spec(v) for v in args])
+
+
+class DirectKernel:
+    """``fn`` (a ``@triton.jit`` kernel) with fixed ``constexprs`` and launch ``options``
+    (num_warps, num_stages, compile options), launched as ``k(grid, *args)`` where ``args`` are
+    the kernel's runtime (non-constexpr) parameters in declaration order. One instance serves
+    one device (see the module docstring).
+
+    ``runtime_names`` lists those parameters; ``handles`` maps a :func:`spec_key` to the
+    ``CompiledKernel`` that serves it."""
+
+    def __init__(self, fn, constexprs: dict, options: dict, interpreted: bool) -> None:
+        self.fn = fn
+        self.constexprs = dict(constexprs)
+        self.options = dict(options)
+        self.kwargs = {**self.constexprs, **self.options}
+        self.interpreted = interpreted
+        self.handles: dict[tuple, object] = {}
+        self._lock = threading.Lock()
+        if interpreted:  # an InterpretedFunction: launched through fn[grid] only
+            self.runtime_names, self.tail = [a for a in fn.arg_names if a not in constexprs], ()
+            return
+        names = list(fn.arg_names)
+        unknown = set(constexprs) - set(names)
+        if unknown:
+            raise TypeError(f"{fn.__name__} has no parameter(s) {sorted(unknown)}")
+        declared = [p for p in fn.params if p.is_constexpr]
+        self.runtime_names = [p.name for p in fn.params if not p.is_constexpr]
+        missing = [p.name for p in declared if p.name not in constexprs and not p.has_default]
+        if missing:
+            raise TypeError(f"{fn.__name__}: no value for constexpr(s) {missing}")
+        # The tail of every direct launch: the constexpr slots (their values are ignored by the
+        # launcher, point 2), which follow the runtime parameters in all of our kernels.
+        n_rt = len(self.runtime_names)
+        if names[:n_rt] != self.runtime_names:
+            raise TypeError(f"{fn.__name__}: the direct launch needs its constexpr parameters after the runtime ones")
+        self.tail = tuple(self.constexprs.get(p.name, p.default) for p in declared)
+
+    def __call__(self, grid: tuple, *args) -> None:
+        if self.interpreted or not ENABLED:
+            self.fn[grid](*args, **self.kwargs)
+            return
+        key = spec_key(args)
+        h = self.handles.get(key)
+        if h is None:
+            h = self.fn[grid](*args, **self.kwargs)  # compiles (or loads), launches, returns the handle
+            if hasattr(h, "function") and hasattr(h, "packed_metadata"):  # a CompiledKernel
+                with self._lock:
+                    self.handles[key] = h
+            return
+        if len(grid) != 3:
+            grid = (*grid, 1, 1)[:3]
+        h[grid](*args, *self.tail)

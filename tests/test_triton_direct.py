@@ -1,0 +1,176 @@
+"""The direct launch of compiled Triton kernels (``mhc.backends.triton.direct``) against the
+installed Triton, with no GPU: CI runs this file under the oldest (3.6) and the newest (3.9)
+Triton of the supported range, so a Triton release that changes what the direct path relies on
+(the three points of ``direct``'s docstring) fails here, not in a user's call.
+
+- Point 3: :func:`direct.spec_key` separates every pair of arguments that Triton's own
+  specialiser (``native_specialize_impl``, what ``JITFunction.run`` calls) tells apart.
+- Points 1 and 2, end to end: a child Python without ``TRITON_INTERPRET`` installs a stand-in
+  GPU driver (``triton.runtime.driver.set_active``) whose launcher records its arguments, then
+  launches real kernels compiled for sm90 through ``JITFunction.run`` (the first call of a key)
+  and through the handle (later calls): both must hand the launcher the same arguments.
+- The arguments the launchers pass match each kernel's runtime parameters, for every plan
+  (every op, every T bucket).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+
+import pytest
+import torch
+
+from subprocs import failure_report, run_python
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+ROOT = str(pathlib.Path(__file__).resolve().parent.parent)
+
+
+def _specialise(backend, v):
+    from triton.runtime.jit import native_specialize_impl
+
+    return native_specialize_impl(backend, v, False, True, True)
+
+
+@pytest.mark.parametrize("arch", ["sm90", "gfx942"])
+def test_spec_key_separates_what_triton_specialises(arch):
+    from triton.compiler.compiler import make_backend
+
+    from mhc.backends.triton import aot, direct
+
+    backend = make_backend(aot._target(arch))
+    ints = [0, 1, 2, 3, 15, 16, 17, 31, 32, 48, 1000, 4096, 4097, 2**31 - 16, 2**31 - 1, 2**31, 2**32, 2**40,
+            2**63 - 16, -1, -16, -17, -(2**31), -(2**31) - 16]
+    base = {dt: torch.empty(64, dtype=dt) for dt in (torch.bfloat16, torch.float16, torch.float32, torch.int32)}
+    tensors = [t[off:] for t in base.values() for off in range(0, 9)]
+    values = ints + tensors + [0.0, 1.0, 1e-6, 16.0, True, False, None, torch.nn.Parameter(torch.empty(4))]
+    seen: dict = {}
+    for v in values:
+        key = direct.spec_key((v,))
+        got = _specialise(backend, v)
+        if key in seen:
+            assert seen[key][1] == got, f"spec_key puts {seen[key][0]!r} and {v!r} together; Triton: {seen[key][1]} vs {got}"
+        else:
+            seen[key] = (v, got)
+    # and the key is not so fine that a warm call misses: one per Triton specialisation of ints
+    assert direct.spec_key((4096,)) == direct.spec_key((32,)) and direct.spec_key((5,)) == direct.spec_key((7,))
+
+
+_SCRIPT = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+launched = []
+
+
+class Launcher:  # what a launch hands Triton's C launcher: grid, stream, function, metadata, hooks, args
+    def __init__(self, src, metadata):
+        self.n_params = len(src.signature)
+
+    def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
+        assert len(args) == self.n_params, (len(args), self.n_params)
+        launched.append(((gx, gy, gz), stream, function, packed_metadata, enter, exit_, args))
+
+
+class Utils:
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+    def load_binary(self, name, kernel, shared, device):
+        return object(), 4242, 32, 0, 1024
+
+
+class StandInDriver:
+    launcher_cls = Launcher
+    utils = Utils()
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device):
+        return 77
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+driver.set_active(StandInDriver())
+from mhc.backends.triton import direct, launch  # noqa: E402
+
+assert not launch.INTERPRETED
+
+
+def same(a, b):
+    return a is b or (type(a) is type(b) and (a.data_ptr() == b.data_ptr() if isinstance(a, torch.Tensor) else a == b))
+
+
+def check(kernel, grid, *args):
+    # first call of a key: JITFunction.run (compiles for sm90, launches); second: the handle
+    before = len(kernel.handles)
+    kernel(grid, *args)
+    assert len(kernel.handles) == before + 1, "JITFunction.run did not return a CompiledKernel"
+    kernel(grid, *args)
+    jit, handle = launched[-2], launched[-1]
+    assert jit[:6] == handle[:6], (jit[:6], handle[:6])
+    assert len(jit[6]) == len(handle[6]) and all(same(a, b) for a, b in zip(jit[6], handle[6])), (jit[6], handle[6])
+    print("OK", kernel.fn.__name__, len(args), "runtime args")
+
+
+n, H = 4, 256
+x, res = torch.zeros(4, H, dtype=torch.bfloat16), torch.zeros(4, n, H, dtype=torch.bfloat16)
+pm, cm, out = torch.zeros(4, n, 1), torch.zeros(4, n, n), torch.empty(4, n, H, dtype=torch.bfloat16)
+post = launch._post_plan(n, H, 4)
+check(post.kernel, (4, 1, 1), x, res, pm, cm, out, 4, H)
+check(post.kernel, (1, 1, 1), x, res, pm, cm, out, 1, H)  # T = 1: Triton makes it a constexpr, a new key
+x_odd = torch.zeros(4 * H + 1, dtype=torch.bfloat16)[1:].view(4, H)  # 2 bytes past a 16-byte boundary
+check(post.kernel, (4, 1, 1), x_odd, res, pm, cm, out, 4, H)  # a misaligned input: a new key
+assert len(post.kernel.handles) == 3
+fn = torch.randn(24, n * H)
+tp = launch.plan_for("pre", n, H, 500, torch.bfloat16, torch.device("cpu"))
+check(tp.prep, tp.prep_grid, fn, torch.empty(64, n * H, dtype=torch.bfloat16), n * H)
+
+# With the direct path off, every launch goes through JITFunction.run: no handle is kept.
+direct.ENABLED = False
+k = launch._post_plan(n, H, 4).kernel
+k((4, 1, 1), x, res, pm, cm, out, 4, H)
+assert not k.handles and launched[-1][6][:5] == (x, res, pm, cm, out)
+direct.ENABLED = True
+
+# Every plan's launches pass each kernel its runtime parameters, tensors where pointers go.
+calls = []
+direct.DirectKernel.__call__ = lambda self, grid, *args: calls.append((self, grid, args))
+launch.device_config = lambda op, n, H, T, dtype, dev: launch.configs(n, H, T, op)
+for T in (1, 64, 500, 2000):
+    for op in ("pre", "head", "fused_post_pre", "post"):
+        from mhc.bench import device_inputs
+        args, kw = device_inputs(op, T, n, H, torch.device("cpu"))
+        flat = [a.reshape(T, *a.shape[-2:]) if a.dim() == 3 else a.reshape(T, a.shape[-1]) if a.dim() == 2 and a.shape[0] == T else a for a in args]
+        getattr(launch, op)(*flat, *kw.values())
+for kernel, grid, args in calls:
+    assert len(grid) == 3 and len(args) == len(kernel.runtime_names), (kernel.fn.__name__, len(args), kernel.runtime_names)
+    for name, v in zip(kernel.runtime_names, args):
+        assert name.endswith("_ptr") == isinstance(v, torch.Tensor), (kernel.fn.__name__, name, type(v))
+        assert isinstance(v, (torch.Tensor, int, float)), (kernel.fn.__name__, name, type(v))
+print("OK", len(calls), "launches of", len({k.fn.__name__ for k, _, _ in calls}), "kernels")
+"""
+
+
+def test_direct_launch_hands_the_launcher_what_the_jit_does(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    script = tmp_path / "direct_contract.py"
+    script.write_text(_SCRIPT)
+    rc, out = run_python([str(script)], env)
+    assert rc == 0, failure_report(out, markers=("Error", "assert", "Traceback"))
+    assert out.count("OK") == 5, out
