@@ -18,7 +18,7 @@ import torch
 import triton
 
 from mhc.backends import device_guard, empty
-from mhc.backends.triton import kernels
+from mhc.backends.triton import NORM_MAX_H, kernels  # noqa: F401 (NORM_MAX_H: the docstrings' limit)
 
 #: Compile options that every launch (and every build of ``aot.py``) passes: Triton 3.9 warns when
 #: fp fusion is left to its default, which 3.10 turns off; the kernels were tuned and checked with
@@ -190,7 +190,8 @@ def shared_estimate(op: str, n: int, block_m: int, block_h: int, num_stages: int
 
 
 def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None = None,
-            measure: Callable[[Config], int] | None = None, _block_h_cap: int | None = None) -> Config:
+            measure: Callable[[Config], int] | None = None, _block_h_cap: int | None = None,
+            norm: bool = False) -> Config:
     """The launch config of ``op`` for ``n`` streams, hidden size ``H``, ``T <= SMALL_T`` tokens
     (any n <= 8, any H), on a GPU with shared memory ``smem`` (default: the H100's,
     ``SHARED_MEMORY["sm90"]``; the launchers pass the input device's).
@@ -206,6 +207,10 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
     else:
         raise ValueError(f"configs() covers T <= {_TABLE[-1][0]}; plan() serves T = {T}")
     row = dict(fused_row if op == "fused_post_pre" and fused_row is not None else row)
+    if norm and row.get("chunk_mib"):
+        # The fused RMSNorm: a collapse program owns whole rows (held in registers, NORM_MAX_H),
+        # one token each, in chunks of up to 1024 (few, so that the unrolled row stays short).
+        row.update(block_m_b=1, block_c=1024, c_steps=1)
     chunk_mib = row.pop("chunk_mib", 0)
     if chunk_mib:
         # Tokens per chunk: as many as keep one chunk's residual (bf16/fp16) under chunk_mib MiB,
@@ -247,14 +252,15 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
         row["tail_pf"] = 0 if H == 1 else min(triton.cdiv(H, row["block_c"]), budget // per_chunk)
     cfg = Config(block_h=bh, splits=triton.cdiv(H, h_per_split), h_per_split=h_per_split, **row)
     if measure is not None and bh * np2 > 16 and measure(cfg) > smem.limit:
-        return configs(n, H, T, op, smem, measure, bh // 2)
+        return configs(n, H, T, op, smem, measure, bh // 2, norm)
     return cfg
 
 
 _FITTED: dict[tuple, Config] = {}
 
 
-def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device) -> Config:
+def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device,
+                  norm: bool = False) -> Config:
     """:func:`configs` for a launch on ``device``, with its shared memory. On a GPU, the K tile is
     checked against the compiled kernel's real shared memory (``aot.compile_mix`` for the
     device's target reads ``metadata.shared``; Triton itself checks it only when it loads the
@@ -264,7 +270,7 @@ def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: t
     dtype and estimated config, so later calls pay a dict lookup. If that compile raises, the
     estimate's config runs, with a warning (Triton's own load check still stands)."""
     smem = device_shared_memory(device)
-    cfg = configs(n, H, T, op, smem)
+    cfg = configs(n, H, T, op, smem, norm=norm)
     if device.type != "cuda" or INTERPRETED:
         return cfg
     key = (device.index, op, n, dtype, H % 16 == 0, cfg)
@@ -279,7 +285,7 @@ def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: t
             return aot.compile_mix(op, n, dtype, c, target, H % 16 == 0).metadata.shared
 
         try:
-            got = configs(n, H, T, op, smem, measure=measure)
+            got = configs(n, H, T, op, smem, measure=measure, norm=norm)
         except Exception as e:
             warnings.warn(f"mhc triton: could not measure the shared memory of the {op} kernel for n={n}, H={H} "
                           f"({type(e).__name__}: {e}); using the estimated tiles", RuntimeWarning, stacklevel=3)
@@ -288,10 +294,11 @@ def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: t
     return got
 
 
-def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict:
+def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config, norm_chunks: int = 0) -> dict:
     """Compile-time constants of the kernel that serves ``op`` in {"pre", "head",
     "fused_post_pre"} with ``cfg`` (``kernels.mix_kernel`` if ``cfg.chunk == 0``, else
-    ``kernels.chunk_kernel``), ``n`` streams, residual ``dtype``."""
+    ``kernels.chunk_kernel``), ``n`` streams, residual ``dtype``. ``norm_chunks`` > 0: the fused
+    RMSNorm, the row's collapse held in that many chunks of ``cfg.block_c`` (:func:`norm_chunks`)."""
     head = op == "head"
     n3, n3p = _mix_columns(op, n)
     sp = triton.next_power_of_2(cfg.splits)
@@ -301,10 +308,17 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
         BM=cfg.block_m, BH=cfg.block_h, STEPS=cfg.h_per_split // cfg.block_h, SP=sp, BC=cfg.block_c,
         DOT_F32=INTERPRETED, EXACT_BF16=dtype == torch.bfloat16,
     )
+    if norm_chunks:
+        common.update(NORM=True, NCH=norm_chunks)
     if cfg.chunk:
         return dict(common, CHUNK=cfg.chunk, BMB=cfg.block_m_b, CSTEPS=cfg.c_steps, SK_ELEM=cfg.sk_elem,
                     BSPLIT=cfg.b_split)
     return dict(common, RB=cfg.tail_rows, PF=cfg.tail_pf, PF_EARLY=cfg.pf_early)
+
+
+def norm_chunks(H: int, block_c: int) -> int:
+    """Chunks of ``block_c`` that cover a row of H (the fused RMSNorm's NCH)."""
+    return triton.cdiv(H, block_c)
 
 
 class _Counters:
@@ -365,21 +379,23 @@ def _prep_fn(fn, n3, n3p):
     return out
 
 
-def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
+def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None, norm=None):
+    """``norm``: None, or ``(norm_weight, norm_eps)`` for the fused RMSNorm (pre and fused_post_pre)."""
     T, n, H = residual.shape
     dev = residual.device
     if T > SMALL_T:
         return _two_pass(op, plan(op, n, H, T, device_shared_memory(dev)), residual, fn, hc_scale, hc_base,
-                         scalars, fused_inputs)
-    cfg = device_config(op, n, H, T, residual.dtype, dev)
-    spec = mix_specialization(op, n, residual.dtype, cfg)
+                         scalars, fused_inputs, norm)
+    cfg = device_config(op, n, H, T, residual.dtype, dev, norm=norm is not None)
+    spec = mix_specialization(op, n, residual.dtype, cfg, norm_chunks(H, cfg.block_c) if norm is not None else 0)
+    norm_args = {} if norm is None else dict(nw_ptr=norm[0], norm_eps=norm[1])
     n3p = spec["N3P"]
     out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs is not None)
     x, pm_in, cm_in = fused_inputs if fused_inputs is not None else (residual,) * 3  # read only if FUSED
     with device_guard(dev):
         if cfg.chunk:
             _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
-                     post_mix, comb_mix, out, T, H, scalars)
+                     post_mix, comb_mix, out, T, H, scalars, norm_args)
             return out, post_mix, comb_mix, new
         num_m = triton.cdiv(T, cfg.block_m)
         part = torch.empty(num_m * cfg.splits * cfg.block_m * n3p, dtype=torch.float32, device=dev)
@@ -388,19 +404,23 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
             residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
             post_mix, comb_mix, out, part, cnt,
             T, H, cfg.splits, *scalars,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec, **COMPILE_OPTIONS,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec, **norm_args, **COMPILE_OPTIONS,
         )
         _COUNTERS.put(key, cnt)  # not reached if the launch raised: that buffer is dropped
     return out, post_mix, comb_mix, new
 
 
 def _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix,
-             out, T, H, scalars):
+             out, T, H, scalars, norm_args=None):
     """``chunk_kernel`` launches: (A 0), (A 1, B 0), ..., (B last). The chunk count depends on T
-    only (a shape), so this is capturable; the partials are [splits, T, N3P] fp32."""
+    only (a shape), so this is capturable; the partials are [splits, T, N3P] fp32. ``norm_args``:
+    ``dict(nw_ptr=norm_weight, norm_eps=...)`` with the fused RMSNorm (one collapse program per
+    token block)."""
+    norm_args = norm_args or {}
     n_chunks = triton.cdiv(T, cfg.chunk)
     part = torch.empty(cfg.splits * T * spec["N3P"], dtype=torch.float32, device=residual.device)
-    n_hc = triton.cdiv(H, cfg.c_steps * cfg.block_c) + (1 if cfg.b_split and not spec["HEAD"] else 0)
+    n_hc = (1 if norm_args else triton.cdiv(H, cfg.c_steps * cfg.block_c)) + (
+        1 if cfg.b_split and not spec["HEAD"] else 0)
     for a, b in [(c, c - 1) for c in range(n_chunks + 1)]:
         rows_a = min(cfg.chunk, T - a * cfg.chunk) if 0 <= a < n_chunks else 0
         rows_b = min(cfg.chunk, T - b * cfg.chunk) if 0 <= b < n_chunks else 0
@@ -410,7 +430,7 @@ def _chunked(cfg, spec, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, p
             residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
             post_mix, comb_mix, out, part,
             T, H, cfg.splits, a, b, n_b, *scalars,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec, **COMPILE_OPTIONS,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **spec, **norm_args, **COMPILE_OPTIONS,
         )
 
 
@@ -502,10 +522,11 @@ def _outputs(op, residual, fused):
     return out, post_mix, comb_mix, new
 
 
-def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
+def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None, norm=None):
     """``op`` in {"pre", "head", "fused_post_pre"} by a :class:`TwoPass` ``plan``; returns
     ``(layer_input, post_mix, comb_mix, new_residual)`` (the ones ``op`` does not make are
-    placeholders)."""
+    placeholders). ``norm``: ``(norm_weight, norm_eps)`` for the fused RMSNorm: the collapse
+    programs then take ``plan.bt`` whole rows each (``finalize_kernel``'s NORM)."""
     T, n, H = residual.shape
     K = n * H
     head = op == "head"
@@ -527,26 +548,36 @@ def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=N
             SPLIT_FAST=plan.split_fast, num_warps=plan.warps, num_stages=plan.stages, **COMPILE_OPTIONS,
         )
         n_pc = 0 if head else triton.cdiv(T, plan.bmb)
-        kernels.finalize_kernel[(n_pc + triton.cdiv(T, plan.bt) * triton.cdiv(H, plan.bc),)](
+        n_hb = 1 if norm is not None else triton.cdiv(H, plan.bc)
+        norm_spec = {} if norm is None else dict(nw_ptr=norm[0], norm_eps=norm[1], NORM=True,
+                                                 NCH=norm_chunks(H, plan.bc))
+        kernels.finalize_kernel[(n_pc + triton.cdiv(T, plan.bt) * n_hb,)](
             src, out, part, hc_scale, hc_base, post_mix, comb_mix,
             T, H, splits, T * n3p, n_pc, *scalars,
             N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, SP=triton.next_power_of_2(splits),
             BT=plan.bt, BC=plan.bc, BMB=plan.bmb, HEAD=head, SK_ELEM=plan.sk_elem,
-            EMULATE_RNE=INTERPRETED, num_warps=plan.fin_warps, **COMPILE_OPTIONS,
+            EMULATE_RNE=INTERPRETED, num_warps=plan.fin_warps, **norm_spec, **COMPILE_OPTIONS,
         )
     return out, post_mix, comb_mix, new
 
 
+def _norm(norm_weight, norm_eps):
+    return None if norm_weight is None else (norm_weight, float(norm_eps))
+
+
 def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-        hc_post_mult_value, sinkhorn_repeat):
+        hc_post_mult_value, sinkhorn_repeat, norm_weight=None, norm_eps=1e-6):
     """mHC ``pre`` (math: ``mhc.reference.pre``).
 
     ``residual`` (T, n, H) bf16/fp16 contiguous; ``fn`` (2n+n*n, n*H) fp32; ``hc_scale`` (3,)
-    fp32; ``hc_base`` (2n+n*n,) fp32; ``sinkhorn_repeat`` int >= 1. Returns ``post_mix``
-    (T, n, 1) fp32, ``comb_mix`` (T, n, n) fp32, ``layer_input`` (T, H) in the residual's dtype.
+    fp32; ``hc_base`` (2n+n*n,) fp32; ``sinkhorn_repeat`` int >= 1; ``norm_weight`` None or (H,)
+    in the residual's dtype or fp32, H <= ``NORM_MAX_H`` (the fused RMSNorm). Returns
+    ``post_mix`` (T, n, 1) fp32, ``comb_mix`` (T, n, n) fp32, ``layer_input`` (T, H) in the
+    residual's dtype.
     """
     scalars = (rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, int(sinkhorn_repeat))
-    out, post_mix, comb_mix, _ = _mix("pre", residual, fn, hc_scale, hc_base, scalars)
+    out, post_mix, comb_mix, _ = _mix("pre", residual, fn, hc_scale, hc_base, scalars,
+                                      norm=_norm(norm_weight, norm_eps))
     return post_mix, comb_mix, out
 
 
@@ -561,18 +592,19 @@ def head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps):
 
 
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
-                   hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat):
+                   hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_weight=None, norm_eps=1e-6):
     """``post`` then ``pre`` (math: ``mhc.reference.fused_post_pre``).
 
     ``x`` (T, H) and ``residual`` (T, n, H) bf16/fp16; ``post_mix`` (T, n, 1) and ``comb_mix``
     (T, n, n) fp32; the rest as :func:`pre`. Returns ``(new_residual (T, n, H), post_mix (T, n, 1),
     comb_mix (T, n, n), layer_input (T, H))``. Up to ``SMALL_T`` tokens the small-T kernels compute
     the new residual inside the GEMM's tile loop, write it once and feed it to the GEMM from
-    registers; above, ``post_kernel`` writes it and the two passes read it back.
+    registers; above, ``post_kernel`` writes it and the two passes read it back. ``norm_weight``,
+    ``norm_eps``: as :func:`pre`.
     """
     scalars = (rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, int(sinkhorn_repeat))
     out, pm, cm, new = _mix("fused_post_pre", residual, fn, hc_scale, hc_base, scalars,
-                            fused_inputs=(x, post_mix, comb_mix))
+                            fused_inputs=(x, post_mix, comb_mix), norm=_norm(norm_weight, norm_eps))
     return new, pm, cm, out
 
 
