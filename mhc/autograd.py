@@ -9,7 +9,9 @@ chains ``pre_backward`` (through the new residual) and ``post_backward``.
 Each backward op takes an ``output_mask`` (which gradients to compute: the autograd passes
 ``ctx.needs_input_grad``) and returns ``None`` for the gradients it was not asked for. The
 forward inputs it needs are saved, and nothing else: ``pre``/``head`` save their four tensor
-inputs (every gradient needs the mixes, recomputed from residual and fn); ``post`` saves, per
+inputs and the norm weight, if any (every gradient needs the mixes, recomputed from residual and
+fn; ``pre_backward`` takes ``norm_weight``/``norm_eps``/``norm_weight_grad`` and returns a fifth
+gradient, ``grad_norm_weight``, None without a norm weight); ``post`` saves, per
 gradient asked for, the one tensor it needs (grad_x: post_mix, grad_residual: comb_mix,
 grad_post_mix: x, grad_comb_mix: residual).
 
