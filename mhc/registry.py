@@ -89,7 +89,8 @@ class Problem:
     ``op`` one of :data:`OPS`; ``device`` of the residual; ``dtype`` of the residual; ``n``
     streams; ``H`` hidden size; ``T`` tokens (leading dims flattened). ``create_graph``: a
     backward op whose result must itself be differentiable (``create_graph=True``, double
-    backward).
+    backward). ``norm``: the call fuses the sublayer's RMSNorm (``norm_weight`` given to
+    ``pre``/``fused_post_pre``, or to ``pre_backward``).
     """
 
     op: str
@@ -99,11 +100,13 @@ class Problem:
     H: int
     T: int
     create_graph: bool = False
+    norm: bool = False
 
     def describe(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
         graph = ", create_graph=True" if self.create_graph else ""
-        return f"{self.op}(T={self.T}, n={self.n}, H={self.H}, {dt}, {self.device}{graph})"
+        norm = ", norm_weight" if self.norm else ""
+        return f"{self.op}(T={self.T}, n={self.n}, H={self.H}, {dt}, {self.device}{graph}{norm})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +120,9 @@ class Capabilities:
     backward op (:data:`BACKWARD_OPS`) only if it lists it explicitly. ``double_backward``: its
     backward ops record autograd history (they are built from differentiable torch ops), so they
     serve ``create_graph=True`` calls; kernels that do not would give a silently wrong (None)
-    second-order gradient, so they are refused there.
+    second-order gradient, so they are refused there. ``norm_ops``: the ops it serves with the
+    fused RMSNorm (``norm_weight``); none by default, so a backend that has not implemented it
+    gives that as its reason and ``auto`` moves on.
     """
 
     device_types: frozenset[str]
@@ -127,11 +132,14 @@ class Capabilities:
     h_multiple: int = 1
     ops: frozenset[str] = frozenset(OPS)
     double_backward: bool = False
+    norm_ops: frozenset[str] = frozenset()
 
     def reasons(self, p: Problem) -> list[str]:
         out = []
         if p.op not in self.ops:
             out.append(f"does not implement {p.op}")
+        elif p.norm and p.op not in self.norm_ops:
+            out.append(f"does not fuse the RMSNorm (norm_weight) into {p.op}")
         elif p.create_graph and not self.double_backward:
             out.append(f"its {p.op} is not differentiable: no double backward (create_graph=True); "
                        "the torch backend's is")
@@ -473,20 +481,21 @@ def _decide(op: str, choice: str, p: Problem) -> tuple[str, Callable] | BackendE
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, n: int, H: int, T: int,
-           backend: str | None = None, create_graph: bool = False) -> Callable:
+           backend: str | None = None, create_graph: bool = False, norm: bool = False) -> Callable:
     """The callable that serves one call (hot path: one dict lookup once warm).
 
-    ``create_graph``: a backward op whose outputs must be differentiable (see :class:`Problem`).
+    ``create_graph``: a backward op whose outputs must be differentiable; ``norm``: the call
+    passes ``norm_weight`` (see :class:`Problem`).
     Raises :class:`BackendError` if the chosen backend (or, for auto, every backend) cannot
     serve, and ``ValueError`` for unknown names or a malformed ``MHC_BACKEND``.
     """
     choice = current_choice(op) if backend is None else backend  # "" is a (bad) name, not auto
-    key = (op, choice, device, dtype, n, H, t_bucket(T), create_graph)
+    key = (op, choice, device, dtype, n, H, t_bucket(T), create_graph, norm)
     hit = _STATE.decisions.get(key)
     if hit is None:
         if choice != "auto":
             get(choice)  # raises ValueError for an unknown name; not cached, so it is always raised
-        hit = _decide(op, choice, Problem(op, device, dtype, n, H, T, create_graph))
+        hit = _decide(op, choice, Problem(op, device, dtype, n, H, T, create_graph, norm))
         _STATE.decisions[key] = hit
     if isinstance(hit, BackendError):
         raise BackendError(str(hit))

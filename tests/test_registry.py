@@ -174,7 +174,7 @@ def test_explain_names_the_blocked_explicit_choice(gpu_only):
 
 @pytest.mark.parametrize("op, n_args, names", [
     ("pre", 1, "residual, fn, hc_scale, hc_base[, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, "
-               "sinkhorn_repeat]"),
+               "sinkhorn_repeat, norm_weight, norm_eps]"),
     ("head", 3, "residual, fn, hc_scale, hc_base[, rms_eps, hc_eps]"),
     ("post", 5, "x, residual, post_mix, comb_mix;"),
 ])
