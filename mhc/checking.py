@@ -90,6 +90,7 @@ def _f64(t):
 def oracle(op: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
     """The reference in fp64 on CPU for ``mhc.<op>(*args, **kwargs)``; always a tuple."""
     a = [_f64(t) for t in args]
+    kwargs = {k: _f64(v) for k, v in kwargs.items()}  # norm_weight: on the inputs' device
     if op == "fused_post_pre":
         res_dtype = args[1].dtype
         new = reference.post(*a[:4])

@@ -473,22 +473,46 @@ def test_transformers_logits_match_on_cuda(dtype):
     assert ti._rel(step, ti._logits(model, ids[:, :1])) < ti.TOL[dtype]
 
 
+def _capture_forward(model, static):
+    """A CUDA graph of ``model(static).logits`` after two warm-up calls on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model(static, use_cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = model(static, use_cache=False).logits
+    return graph, captured
+
+
 def test_transformers_cuda_graph_capture_with_apply():
     """A forward of the patched bf16 model captured in a CUDA graph replays to the eager result
-    on new token ids, and matches the unpatched model."""
+    on new token ids, and matches the unpatched model.
+
+    transformers 5.17's DeepSeek-V4 runs eager attention only, and its mask builder copies a host
+    scalar to the GPU on every forward (``masking_utils.eager_mask``), which a capture refuses:
+    the unpatched model cannot be captured either (seen on the H200,
+    benchmarks/results/gpu-tests-h200-norm-rerun.log). The test captures the unpatched model
+    first; where that fails for this reason it is an expected failure, not ours, and says so
+    (mhc's ops in graphs: test_cuda_graph_replay_matches_eager and the norm_weight graph test).
+    """
     ti, model = _hf_model(torch.bfloat16)
     mt = ti.mt
     static = ti._ids(batch=2, seq=8).to(DEVICE)
+    with torch.no_grad():
+        try:
+            _capture_forward(model, static)
+        except RuntimeError as e:
+            if "during CUDA graph capture" not in str(e):
+                raise
+            import transformers
+
+            pytest.xfail(f"transformers {transformers.__version__}: the unpatched model cannot be "
+                         f"captured in a CUDA graph either ({str(e).splitlines()[0][:120]})")
     with mt.apply(model), torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(static, use_cache=False)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = model(static, use_cache=False).logits
+        graph, captured = _capture_forward(model, static)
         new = ti._ids(batch=2, seq=8, seed=5).to(DEVICE)
         static.copy_(new)
         graph.replay()
