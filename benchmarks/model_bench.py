@@ -255,7 +255,8 @@ def run(args) -> dict:
     def ids(b, t):
         return torch.randint(0, cfg.vocab_size, (b, t), generator=g).to(device)
 
-    caches = {b: prefill(model, ids(b, prompt)) for b in batches}  # one prompt per batch, shared by both runs
+    with experts(model, "grouped_mm"):  # one prompt per batch, shared by both runs
+        caches = {b: prefill(model, ids(b, prompt)) for b in batches}
     prefill_ids = ids(1, pre_tokens)
     for variant in ("unpatched", "mhc"):
         handle = mt.apply(model) if variant == "mhc" else None
@@ -286,7 +287,7 @@ def run(args) -> dict:
                 handle.remove()
     # the patched model's logits against the unpatched model's, on the prefill (a sanity line)
     check_ids = prefill_ids[:, :256]
-    with torch.no_grad():
+    with torch.no_grad(), experts(model, "grouped_mm"):
         ref = model(input_ids=check_ids).logits.float()
         with mt.apply(model):
             out = model(input_ids=check_ids).logits.float()
@@ -318,10 +319,27 @@ def _step_fn(model, cache, tok):
 
 def _prefill_fn(model, ids):
     def fn():
-        with torch.no_grad():
+        with torch.no_grad(), experts(model, "grouped_mm"):
             model(input_ids=ids, use_cache=False)
 
     return fn
+
+
+@contextlib.contextmanager
+def experts(model, impl: str):
+    """The MoE experts run as ``impl`` inside the block. Decode keeps ``batched_mm`` (capturable
+    in a CUDA graph); prefills take ``grouped_mm``: ``batched_mm`` gathers every token's expert
+    weights, 64 GiB for the 32 x 256-token prompt (the H200 run ran out of memory there,
+    benchmarks/results/model-bench-h200-oom.log)."""
+    old = getattr(model.config, "_experts_implementation", None)
+    if old is None or not hasattr(model, "set_experts_implementation"):
+        yield
+        return
+    model.set_experts_implementation(impl)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(old)
 
 
 def _explain_args(cfg, device, dtype, op):
