@@ -19,7 +19,6 @@ last; writes results.json and log lines under --out (default $OUT or /tmp/mhc-ti
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -114,10 +113,6 @@ def main() -> int:
     ap.add_argument("--no-odd", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time the mix kernels under SWEEP's configs (H=7168)")
     ap.add_argument("--budget-s", type=float, default=520.0, help="stop starting new sections after this")
-    ap.add_argument("--compare", action="store_true",
-                    help="persistent vs one-shot mix kernels only: checks, determinism, timings (COMPARE_*)")
-    ap.add_argument("--smoke", action="store_true", help="with --compare: two checks per op, no timings "
-                    "(run it under `timeout` first: a persistent kernel that deadlocks hangs the process)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
@@ -149,8 +144,6 @@ def main() -> int:
     results["copy_GBps"] = bw / 1e9
     say(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
 
-    if args.compare:
-        return compare(args, say, bw, L, results, t_start)
 
     Hs = (4096,) if args.quick else (4096, 7168)
     Ts = (1, 8, 64, 512, 4096) if args.quick else (1, 8, 64, 512, 4096, 16384)
@@ -320,115 +313,6 @@ def main() -> int:
     bad = [r for r in results["rows"] if r["kind"] in ("check", "odd") and not r["ok"]]
     say(f"checks: {sum(1 for r in results['rows'] if r['kind'] in ('check', 'odd'))} run, {len(bad)} failed, "
         f"{len(results['errors'])} errors; wall {time.time() - t_start:.0f}s")
-    return 1 if bad or results["errors"] else 0
-
-
-#: --compare: shapes checked against the oracle (n, H, T) and the timed grid.
-COMPARE_CHECK = [(4, H, T) for H in (4096, 7168) for T in (1, 8, 64, 65, 512, 4096, 16384)] + [
-    (1, 64, 3), (2, 100, 17), (2, 1000, 70), (4, 4100, 65), (8, 512, 130), (4, 4096, 200)]
-COMPARE_T = (1, 64, 512, 4096, 16384)
-LABELS = ("oneshot_old", "oneshot", "persist", "persist_r1")
-MIX_OPS = ("pre", "head", "fused_post_pre")
-
-
-def _mode(op):
-    return "fused" if op == "fused_post_pre" else op
-
-
-def compare_configs(op, n, H, sms):
-    """(label, config) pairs --compare runs: the one-shot kernel as first committed (relaxed atomic
-    loads, n = 4 shapes only), the one-shot kernel now, the persistent kernel with two counter
-    rounds (n = 4 only) and with one."""
-    from mhc.backends.tilelang import launch as LL
-
-    one = LL.mix_config(_mode(op), n, H, sms)
-    main = n == 4 and H in (4096, 7168)
-    out = [("oneshot_old", dataclasses.replace(one, cg_loads=False))] if main else []
-    out.append(("oneshot", one))
-    p = None if os.environ.get("MHC_SKIP_PERSIST") else LL.persistent_config(_mode(op), n, H, sms)
-    if p is not None:
-        if main:
-            out.append(("persist", dataclasses.replace(p, rounds=2)))
-        out.append(("persist_r1", dataclasses.replace(p, rounds=1)))
-    return out
-
-
-def compare(args, say, bw, L, results, t_start) -> int:
-    """Old (one-shot) vs new (persistent) mix kernels in one run: oracle checks with NaN-poisoned
-    outputs, bitwise rerun determinism, new-vs-old difference, then timings of both."""
-    from triton.testing import do_bench_cudagraph
-
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    fns = {"pre": L.pre, "head": L.head, "fused_post_pre": L.fused_post_pre}
-    bad = 0
-    backends._ALLOCATOR = poison
-    for n, H, T in ([(4, 4096, 4096), (4, 7168, 513)] if args.smoke else COMPARE_CHECK):
-        for op in MIX_OPS:
-            cfgs = [c for c in compare_configs(op, n, H, sms) if c[0] != "oneshot_old"]  # checked before
-            try:
-                a = make(op, T, n, H, dev, 1000 * T + H + n)
-                refs = oracle(op, a)
-                first = None
-                for label, cfg in cfgs:
-                    outs = fns[op](*a, _cfg=cfg)
-                    outs = outs if isinstance(outs, tuple) else (outs,)
-                    errs = {name: rel(o, r) for (name, _), o, r in zip(OUTS[op], outs, refs)}
-                    ok = all(errs[nm] <= TOL[k] for nm, k in OUTS[op])
-                    outs2 = fns[op](*a, _cfg=cfg)
-                    outs2 = outs2 if isinstance(outs2, tuple) else (outs2,)
-                    same = all(torch.equal(o1, o2) for o1, o2 in zip(outs, outs2))
-                    vs = 0.0 if first is None else max(rel(o, f.double()) for o, f in zip(outs, first))
-                    first = first or outs
-                    ok = ok and same
-                    bad += not ok
-                    results["rows"].append(dict(kind="check", op=op, n=n, H=H, T=T, cfg=label, ok=ok, same=same,
-                                                vs_oneshot=vs, **errs))
-                    say(f"check {op:15s} n={n} H={H:5d} T={T:6d} {label:9s} {'ok  ' if ok else 'FAIL'} "
-                        + " ".join(f"{k}={v:.2e}" for k, v in errs.items())
-                        + f" rerun_bitwise={same} vs_oneshot={vs:.1e}")
-                del refs
-            except Exception:
-                bad += 1
-                results["errors"].append(f"check {op} n={n} H={H} T={T}: {traceback.format_exc()}")
-                say(f"CHECK ERROR {op} n={n} H={H} T={T}\n{traceback.format_exc()[-2000:]}")
-            torch.cuda.empty_cache()
-    backends._ALLOCATOR = backends._plain_empty
-    table = []
-    for H in () if args.smoke else (4096, 7168):
-        for op in MIX_OPS:
-            for T in COMPARE_T:
-                if time.time() - t_start > args.budget_s:
-                    say("time budget reached; skipping remaining timings")
-                    break
-                a = make(op, T, 4, H, dev, 7)
-                row = dict(kind="time", op=op, H=H, T=T, floor_us=nbytes(op, T, 4, H) / bw * 1e6)
-                for label, cfg in compare_configs(op, 4, H, sms):
-                    try:
-                        row[label] = do_bench_cudagraph(lambda: fns[op](*a, _cfg=cfg), rep=50,
-                                                        return_mode="median") * 1e3
-                    except Exception:
-                        results["errors"].append(f"time {op} {label} T={T} H={H}: {traceback.format_exc()}")
-                        say(f"TIME ERROR {op} {label} H={H} T={T}\n{traceback.format_exc()[-1500:]}")
-                if op == "pre" and T in (1, 16384):  # what the Sinkhorn costs: sinkhorn_repeat = 1
-                    a1 = a[:-1] + (1,)
-                    for label, cfg in compare_configs(op, 4, H, sms)[1:2]:
-                        row[label + "_sk1"] = do_bench_cudagraph(lambda: fns[op](*a1, _cfg=cfg), rep=50,
-                                                                return_mode="median") * 1e3
-                results["rows"].append(row)
-                table.append(row)
-                say(f"time {op:15s} H={H:5d} T={T:6d} floor {row['floor_us']:8.2f} "
-                    + " ".join(f"{k} {row[k]:9.2f} us ({row[k] / row['floor_us']:.2f}x)"
-                               for k in LABELS if k in row)
-                    + "".join(f" {k} {row[k]:.2f} us" for k in ("oneshot_sk1",) if k in row))
-                torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=1, default=str)
-    say("\n=== compare (copy bandwidth %.0f GB/s): us (x floor) ===" % (bw / 1e9))
-    for r in table:
-        say(f"{r['op']:15s} {r['H']:5d} {r['T']:6d} " + " ".join(
-            f"{k}={r[k]:.1f}({r[k] / r['floor_us']:.2f})" for k in LABELS if k in r))
-    say(f"checks failed: {bad}; errors: {len(results['errors'])}; wall {time.time() - t_start:.0f}s")
     return 1 if bad or results["errors"] else 0
 
 
