@@ -73,5 +73,4 @@ BACKEND = Backend(
     ),
     load=_load,
     probe=_probe,
-    description="Triton kernels (NVIDIA and AMD GPUs; CPU through TRITON_INTERPRET=1)",
 )

@@ -54,7 +54,7 @@ class Config:
     ``num_warps``/``num_stages`` as in Triton.
     ``sk_elem``: Sinkhorn with one tensor per matrix entry, in-thread (``kernels._sinkhorn_elems``).
     Single launch only: the last program reduces the partials into registers, collapse from ``tail_pf`` prefetched chunks of ``block_c``
-    (from a register budget of ``tail_pf_bytes`` per thread, default ``TAIL_PF_BYTES``), Sinkhorn
+    (from a register budget of ``TAIL_PF_BYTES`` per thread), Sinkhorn
     in-thread); ``pf_early``: every program
     prefetches those chunks before its atomic (pre/head). Chunked only: ``b_split`` gives
     post_mix/comb_mix their own phase B program per token block.
@@ -73,7 +73,6 @@ class Config:
     sk_elem: bool = False
     tail_rows: int = 1
     tail_pf: int = 0
-    tail_pf_bytes: int = 0
     pf_early: bool = False
     b_split: bool = False
 
@@ -250,7 +249,7 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
             raise ValueError(f"tail needs T <= tail_rows <= block_m (bucket up to T={max_t})")
         # Prefetched collapse chunks: as many as H needs, within TAIL_PF_BYTES per thread.
         per_chunk = row.get("tail_rows", 1) * n * row["block_c"] * 2  # bf16/fp16 bytes
-        budget = (row.get("tail_pf_bytes") or TAIL_PF_BYTES) * 32 * row["num_warps"]
+        budget = TAIL_PF_BYTES * 32 * row["num_warps"]
         # H == 1 is specialised to a constant, and the prefetch's tiles then crash Triton 3.6's
         # coalescing pass: nothing to prefetch at that size anyway.
         row["tail_pf"] = 0 if H == 1 else min(triton.cdiv(H, row["block_c"]), budget // per_chunk)
@@ -517,10 +516,16 @@ class TwoPassPlan:
     post: PostPlan | None
 
 
+def post_specialization(n: int, cfg: PostConfig) -> dict:
+    """Compile-time constants of ``post_kernel`` for n streams and tile ``cfg`` (what the
+    launcher passes and ``aot.py`` builds)."""
+    return dict(N=n, NP=triton.next_power_of_2(n), BH=cfg.block_h, EMULATE_RNE=INTERPRETED, H_FAST=cfg.h_fast)
+
+
 def _post_plan(n: int, H: int, T: int) -> PostPlan:
     cfg = post_config(H, T)
-    spec = dict(N=n, NP=triton.next_power_of_2(n), BH=cfg.block_h, EMULATE_RNE=INTERPRETED, H_FAST=cfg.h_fast)
-    return PostPlan(cfg, _cdiv(H, cfg.block_h), _kernel(kernels.post_kernel, spec, num_warps=cfg.warps))
+    return PostPlan(cfg, _cdiv(H, cfg.block_h),
+                    _kernel(kernels.post_kernel, post_specialization(n, cfg), num_warps=cfg.warps))
 
 
 def _small_plan(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device) -> SmallPlan:
