@@ -28,7 +28,9 @@ from mhc import bench, checking, registry, validation
 from mhc.progress import Progress, fmt_us
 from mhc.registry import Problem
 
-_DISTS = ("torch", "triton", "tilelang", "amd-aiter", "tile-kernels")
+#: Distributions whose versions ``info`` reports besides the backends' own (``Backend.distribution``):
+#: torch, and DeepSeek's tile-kernels, the peer of the benchmarks.
+_DISTS = ("torch", "tile-kernels")
 
 
 def _version(dist: str) -> str:
@@ -36,6 +38,14 @@ def _version(dist: str) -> str:
         return md.version(dist)
     except md.PackageNotFoundError:
         return "not installed"
+
+
+def _distribution(name: str) -> str | None:
+    """The distribution backend ``name`` needs, or None (none beyond torch, or a broken record)."""
+    try:
+        return registry.get(name).distribution
+    except registry.BackendError:
+        return None
 
 
 def best_device() -> torch.device:
@@ -54,7 +64,8 @@ def _device_desc(dev: torch.device) -> str:
 def cmd_info(args) -> int:
     dev = best_device()
     print(f"mhc {mhc.__version__}, Python {platform.python_version()}")
-    print("versions: " + ", ".join(f"{d} {_version(d)}" for d in _DISTS))
+    dists = dict.fromkeys(_DISTS[:1] + tuple(_distribution(name) for name in registry.backend_names()) + _DISTS[1:])
+    print("versions: " + ", ".join(f"{d} {_version(d)}" for d in dists if d))
     print(f"device: {_device_desc(dev)}")
     print(f"selection: MHC_BACKEND={registry.current_choice('pre')!r} (auto order here: "
           f"{', '.join(registry.auto_order(registry.platform_of(dev), 'pre', args.T))})")

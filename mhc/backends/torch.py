@@ -34,5 +34,4 @@ BACKEND = Backend(
         double_backward=True,
     ),
     load=_load,
-    description="PyTorch reference math and its backward; every device, every float dtype",
 )

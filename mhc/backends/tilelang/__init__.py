@@ -122,5 +122,4 @@ BACKEND = Backend(
     load=_load,
     probe=_probe,
     notes=_notes,
-    description="TileLang kernels: one-pass post; pre/head/fused_post_pre read the residual once",
 )
