@@ -185,7 +185,7 @@ def test_post_kernel_forms(h_fast, T, n, H, dtype):
 
 
 def test_post_program_order_by_bucket():
-    """The measured choice (TUNING.md, "Program order: post"): hidden blocks fastest wherever
+    """The measured choice (docs/tuning/triton.md, "Program order: post"): hidden blocks fastest wherever
     there is more than one token."""
     from mhc.backends.triton import launch
 

@@ -29,7 +29,7 @@ _DTYPES = {torch.bfloat16: "bfloat16"}
 
 def post_config(n: int, H: int) -> K.PostConfig:
     """``post``: 1024 columns per CTA (128 threads x 8 bf16); narrower for small H so that few
-    threads idle. Measured on the H100: see TUNING.md."""
+    threads idle. Measured on the H100: docs/tuning/tilelang.md."""
     bh = 1024
     while bh > 64 and bh // 2 >= H:
         bh //= 2

@@ -81,7 +81,7 @@ class Config:
 # fused_post_pre or None for the same); h_per_split is derived, chunk from chunk_mib. Everything
 # compiled depends on the bucket and H only (never on T itself), so a model compiles at most one
 # variant per bucket and op. Rows without chunk_mib run the single-launch kernel. Figures that
-# chose these: TUNING.md. Above SMALL_T, :func:`plan` (the two-pass path) serves the mix ops.
+# chose these: docs/tuning/triton.md. Above SMALL_T, :func:`plan` (the two-pass path) serves the mix ops.
 _SL_TINY = dict(block_m=16, block_h=64, splits=128, block_c=2048, num_warps=4, num_stages=1)
 _CHUNK_SMALL = dict(chunk_mib=64, block_m=16, block_h=64, splits=32, block_m_b=4, block_c=256, c_steps=1,
                     num_warps=4, num_stages=1)
@@ -108,7 +108,7 @@ class PostConfig:
 def post_config(H: int, T: int) -> PostConfig:
     """The tile of ``post`` (and of ``fused_post_pre``'s post step) for hidden size H, T tokens.
     T = 1 runs token-major: one token has nothing to order, and that form needs no division to
-    find its block (TUNING.md, "Program order: post")."""
+    find its block (docs/tuning/triton.md, "Program order: post")."""
     if T <= 1:
         bh, warps, h_fast = 256, 1, False
     elif T <= 128:
@@ -446,7 +446,7 @@ def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> T
     SMALL_T`` tokens, n streams, hidden size H (any), on a GPU with shared memory ``smem``.
 
     From the H200 sweeps (benchmarks/prenorm_dev.py, benchmarks/determinism_diag.py; figures in
-    TUNING.md, "Two-pass path"): GEMM tiles of 128 tokens x 64 columns, 4 warps (8 streamed 2 %
+    docs/tuning/triton.md, "Two-pass path"): GEMM tiles of 128 tokens x 64 columns, 4 warps (8 streamed 2 %
     faster, but Triton 3.6's pipelined dot at 8 warps and N3P = 32 gave partials that differ from
     run to run), 4 stages (2 on AMD, whose pipeliner failed to build some kernels at 4), each
     program K/8 columns (K/16 up to 1024 tokens, so that every SM has work).
