@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import torch
 
 from mhc import reference
-from mhc.validation import mix_dtype
 
 __all__ = ["TOLERANCES", "GRAD_TOLERANCES", "OUTPUTS", "make_inputs", "oracle", "rel_error", "compare", "call",
            "token_args", "device_inputs", "sample_rows", "reference_rows", "Check", "check_outputs", "nan_empty",
@@ -67,18 +66,20 @@ def make_inputs(op: str, lead: tuple[int, ...], n: int, H: int, dtype=torch.bflo
     inputs of post are a real ``pre`` output of the reference, so they are in range.
     """
     g = torch.Generator().manual_seed(seed)
-    mdt = mix_dtype(dtype)
+    mdt = reference.acc_dtype(dtype)
     m = 2 * n + n * n
 
     def randn(*shape, s=1.0, dt=mdt):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dt).to(device)
 
     residual = randn(*lead, n, H, s=scale, dt=dtype)
-    kw = dict(rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20)
+    kw = {k: reference.DEFAULTS[k] for k in ("rms_eps", "hc_pre_eps", "hc_sinkhorn_eps", "hc_post_mult_value",
+                                              "sinkhorn_repeat")}
     if op == "head":
         fn = randn(n, n * H, s=1.0 / math.sqrt(n * H))
         hc_scale = (torch.rand(1, generator=g, dtype=torch.float64) + 0.5).to(mdt).to(device)
-        return (residual, fn, hc_scale, randn(n, s=0.5)), dict(rms_eps=1e-6, hc_eps=1e-6)
+        return (residual, fn, hc_scale, randn(n, s=0.5)), dict(rms_eps=reference.DEFAULTS["rms_eps"],
+                                                               hc_eps=reference.DEFAULTS["hc_eps"])
     # fn rows of unit-ish norm so that mixes are O(1): sigmoids and softmax see a real range.
     fn = randn(m, n * H, s=2.0 / math.sqrt(n * H))
     hc_scale = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).to(mdt).to(device)

@@ -12,6 +12,10 @@ import math
 
 import torch
 
+# The dtype of fn, hc_scale, hc_base, post_mix and comb_mix for a residual dtype is the reference's
+# accumulation dtype (fp32, or fp64 with an fp64 residual): one rule, one home.
+from mhc.reference import acc_dtype as mix_dtype
+
 __all__ = ["ACT_DTYPES", "MAX_N", "MAX_SINKHORN_REPEAT", "check_pre", "check_post", "check_head", "check_fused",
            "check_sinkhorn_repeat", "check_backend", "non_dense", "mix_dtype"]
 
@@ -26,11 +30,6 @@ MAX_SINKHORN_REPEAT = 1000
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def mix_dtype(residual_dtype: torch.dtype) -> torch.dtype:
-    """dtype of fn, hc_scale, hc_base, post_mix and comb_mix: fp32, or fp64 with an fp64 residual."""
-    return torch.float64 if residual_dtype == torch.float64 else torch.float32
 
 
 def _tensor(name: str, t) -> None:
