@@ -1,7 +1,10 @@
 """Input checks shared by every backend: run once in the op layer, before selection.
 
-Each check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape, device,
-range) with a message that names the argument and says what was expected. They run on fake
+Each check raises ``TypeError`` (a tensor argument that is not a tensor, a wrong dtype,
+``sinkhorn_repeat`` not an int) or ``ValueError`` (wrong shape, device, range) with a message that
+names the argument and says what was expected. The float scalars (the eps values,
+``hc_post_mult_value``) are checked for range only, with ``ValueError``: their type is the op
+schema's (``float``), which the dispatcher enforces with a ``TypeError`` before these checks run. They run on fake
 tensors too (the fake impls call them), so a bad call fails at trace time under
 ``torch.compile``. Backends add their own limits as *reasons* (see ``mhc.registry``), not here.
 """
