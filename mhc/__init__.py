@@ -56,7 +56,7 @@ def _type_error(op, msg: str) -> str:
     return msg.split("\nValue:")[0].split("\nCast error")[0][:500]
 
 
-def _typed(op, n_tensors: int):
+def _typed(op, n_tensors: int, also: tuple[int, ...] = ()):
     """``op`` for the public wrappers: the dispatcher's argument-type errors (a RuntimeError naming
     the argument) re-raised as a one-line ``TypeError``, sparse and nested tensors refused with a
     ``TypeError`` naming the argument, ``backend`` checked (None or a non-empty str: the dispatcher
@@ -69,7 +69,8 @@ def _typed(op, n_tensors: int):
     ``n_tensors`` (tensor) arguments requires grad, the call goes below autograd directly, as
     PyTorch's own C++ ops do. When a gradient can flow, the call goes through
     ``mhc.autograd.EAGER_FUNCTIONS`` (the op's backward, without ``register_autograd``'s
-    per-call cost). Under ``torch.compile`` the plain op is traced."""
+    per-call cost). Under ``torch.compile`` the plain op is traced. ``also``: positions of
+    optional tensor arguments after the first ``n_tensors`` (``norm_weight``) that count too."""
 
     names = [a.name for a in op._schema.arguments]
     recorded = _autograd.EAGER_FUNCTIONS[op._schema.name.split("::")[-1]].apply
@@ -86,6 +87,9 @@ def _typed(op, n_tensors: int):
                         if isinstance(t, torch.Tensor) and t.requires_grad:
                             needs = True
                             break
+                    for i in also:
+                        if len(args) > i and isinstance(args[i], torch.Tensor) and args[i].requires_grad:
+                            needs = True
                 if not needs:
                     with _BELOW_AUTOGRAD():
                         return op(*args, **kwargs)
@@ -105,18 +109,18 @@ def _typed(op, n_tensors: int):
     return call
 
 
-_pre_op = _typed(torch.ops.mhc.pre.default, 4)
+_pre_op = _typed(torch.ops.mhc.pre.default, 4, also=(9,))  # 9: norm_weight
 _post_op = _typed(torch.ops.mhc.post.default, 4)
 _head_op = _typed(torch.ops.mhc.head.default, 4)
-_fused_op = _typed(torch.ops.mhc.fused_post_pre.default, 7)
+_fused_op = _typed(torch.ops.mhc.fused_post_pre.default, 7, also=(12,))  # 12: norm_weight
 
 
 def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["hc_pre_eps"],
         hc_sinkhorn_eps=_D["hc_sinkhorn_eps"], hc_post_mult_value=_D["hc_post_mult_value"],
-        sinkhorn_repeat=_D["sinkhorn_repeat"], *, backend=None):
+        sinkhorn_repeat=_D["sinkhorn_repeat"], norm_weight=None, norm_eps=_D["norm_eps"], *, backend=None):
     validation.check_sinkhorn_repeat(sinkhorn_repeat)  # before dispatch, which takes True as 1
     return _pre_op(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-                   hc_post_mult_value, sinkhorn_repeat, backend=backend)
+                   hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps, backend=backend)
 
 
 def post(x, residual, post_mix, comb_mix, *, backend=None):
@@ -129,11 +133,11 @@ def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_e
 
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"],
                    hc_pre_eps=_D["hc_pre_eps"], hc_sinkhorn_eps=_D["hc_sinkhorn_eps"],
-                   hc_post_mult_value=_D["hc_post_mult_value"], sinkhorn_repeat=_D["sinkhorn_repeat"], *,
-                   backend=None):
+                   hc_post_mult_value=_D["hc_post_mult_value"], sinkhorn_repeat=_D["sinkhorn_repeat"],
+                   norm_weight=None, norm_eps=_D["norm_eps"], *, backend=None):
     validation.check_sinkhorn_repeat(sinkhorn_repeat)
     return _fused_op(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
-                     hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, backend=backend)
+                     hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps, backend=backend)
 
 
 # One home for the math's docstrings: the reference's, plus what the dispatching API adds.
@@ -166,12 +170,13 @@ def explain(op: str, *args, backend: str | None = None) -> Explanation:
     validation.check_backend(backend)
     given = dict(zip(names, args))
     for name in names[n_tensors:]:  # the scalars left out take the API's defaults
-        given.setdefault(name, _D[name])
+        given.setdefault(name, _D.get(name))  # norm_weight: None
     _, T, n, H = _CHECKS[op](**given)
     res = given["residual"]
     from mhc import registry
 
-    return registry.explain_problem(Problem(op, res.device, res.dtype, n, H, T), backend)
+    norm = given.get("norm_weight") is not None
+    return registry.explain_problem(Problem(op, res.device, res.dtype, n, H, T, norm=norm), backend)
 
 
 def list_backends() -> list[str]:

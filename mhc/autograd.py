@@ -9,7 +9,9 @@ chains ``pre_backward`` (through the new residual) and ``post_backward``.
 Each backward op takes an ``output_mask`` (which gradients to compute: the autograd passes
 ``ctx.needs_input_grad``) and returns ``None`` for the gradients it was not asked for. The
 forward inputs it needs are saved, and nothing else: ``pre``/``head`` save their four tensor
-inputs (every gradient needs the mixes, recomputed from residual and fn); ``post`` saves, per
+inputs and the norm weight, if any (every gradient needs the mixes, recomputed from residual and
+fn; ``pre_backward`` takes ``norm_weight``/``norm_eps``/``norm_weight_grad`` and returns a fifth
+gradient, ``grad_norm_weight``, None without a norm weight); ``post`` saves, per
 gradient asked for, the one tensor it needs (grad_x: post_mix, grad_residual: comb_mix,
 grad_post_mix: x, grad_comb_mix: residual).
 
@@ -39,8 +41,9 @@ SCHEMAS = {
     "pre_backward": (
         "pre_backward(Tensor grad_post_mix, Tensor grad_comb_mix, Tensor grad_layer_input, Tensor residual, "
         "Tensor fn, Tensor hc_scale, Tensor hc_base, float rms_eps, float hc_pre_eps, float hc_sinkhorn_eps, "
-        "float hc_post_mult_value, int sinkhorn_repeat, bool[4] output_mask, *, str? backend=None) -> ("
-        + _MASK_OUT + ")"),
+        "float hc_post_mult_value, int sinkhorn_repeat, bool[4] output_mask, Tensor? norm_weight=None, "
+        "float norm_eps=1e-06, bool norm_weight_grad=False, *, str? backend=None) -> ("
+        + _MASK_OUT + ", Tensor? grad_norm_weight)"),
     "post_backward": (
         "post_backward(Tensor grad_out, Tensor? x, Tensor? residual, Tensor? post_mix, Tensor? comb_mix, "
         "bool[4] output_mask, *, str? backend=None) -> (Tensor? grad_x, Tensor? grad_residual, "
@@ -75,9 +78,11 @@ def _mask(output_mask) -> list[bool]:
     return [bool(b) for b in output_mask]
 
 
-def _check_pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, scalars, output_mask):
+def _check_pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, scalars, output_mask,
+                        norm_weight=None, norm_eps=1e-6):
     """``scalars``: rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat."""
-    lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, scalars[4], *scalars[:4])
+    lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, scalars[4], *scalars[:4], norm_weight,
+                                         norm_eps)
     mdt, dev = validation.mix_dtype(residual.dtype), residual.device
     _grad("grad_post_mix", g_pm, (*lead, n, 1), mdt, dev)
     _grad("grad_comb_mix", g_cm, (*lead, n, n), mdt, dev)
@@ -140,18 +145,27 @@ def _param_grads(fn, hc_scale, hc_base, mask):
 
 
 def _pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base, rms_eps,
-                  hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *, backend=None):
+                  hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, norm_weight=None,
+                  norm_eps=1e-6, norm_weight_grad=False, *, backend=None):
     lead, T, n, H, mask = _check_pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn,
                                               hc_scale, hc_base, (rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-                                                                  hc_post_mult_value, sinkhorn_repeat), output_mask)
+                                                                  hc_post_mult_value, sinkhorn_repeat), output_mask,
+                                              norm_weight, norm_eps)
+    norm = norm_weight is not None
+    nw_grad = norm and bool(norm_weight_grad)
     impl = registry.select("pre_backward", residual.device, residual.dtype, n, H, T, backend,
                            _create_graph(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale,
-                                         hc_base))
+                                         hc_base, norm_weight), norm=norm)
     if T == 0:  # selected first all the same: accepted or refused whatever T is
-        return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask))
+        return (residual.new_empty(residual.shape) if mask[0] else None, *_param_grads(fn, hc_scale, hc_base, mask),
+                torch.zeros_like(norm_weight) if nw_grad else None)
+    # The fused RMSNorm's arguments only when given: a backend without them is called as before.
+    norm_args = (norm_weight.contiguous(), norm_eps, nw_grad) if norm else ()
     g_res, *rest = impl(_c(grad_post_mix, T, n, 1), _c(grad_comb_mix, T, n, n), _c(grad_layer_input, T, H),
                         _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
-                        rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, mask)
+                        rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, mask, *norm_args)
+    if not norm:
+        rest.append(None)
     return (None if g_res is None else g_res.view(residual.shape), *rest)
 
 
@@ -186,12 +200,14 @@ def _post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask, *, ba
 
 
 def _pre_backward_fake(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base, rms_eps,
-                       hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *,
-                       backend=None):
+                       hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, norm_weight=None,
+                       norm_eps=1e-6, norm_weight_grad=False, *, backend=None):
     *_, mask = _check_pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale,
                                    hc_base, (rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
-                                             sinkhorn_repeat), output_mask)
-    return tuple(t.new_empty(t.shape) if want else None for t, want in zip((residual, fn, hc_scale, hc_base), mask))
+                                             sinkhorn_repeat), output_mask, norm_weight, norm_eps)
+    g_nw = norm_weight.new_empty(norm_weight.shape) if norm_weight is not None and norm_weight_grad else None
+    return (*(t.new_empty(t.shape) if want else None for t, want in zip((residual, fn, hc_scale, hc_base), mask)),
+            g_nw)
 
 
 def _head_backward_fake(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask, *, backend=None):
@@ -225,23 +241,35 @@ def _or_zeros(g, like: torch.Tensor) -> torch.Tensor:
 
 
 def _pre_setup(ctx, inputs, keyword_only_inputs, output):
-    residual, fn, hc_scale, hc_base, *scalars = inputs
-    ctx.save_for_backward(residual, fn, hc_scale, hc_base)  # every gradient needs the recomputed mixes
+    residual, fn, hc_scale, hc_base, *scalars = inputs[:9]
+    # every gradient needs the recomputed mixes; norm_weight (inputs[9], or None) the fused norm's
+    ctx.save_for_backward(residual, fn, hc_scale, hc_base, inputs[9])
     ctx.scalars = scalars
+    ctx.norm_eps = inputs[10]
     ctx.bwd_backend = registry.current_choice("pre_backward")
 
 
+def _norm_kwargs(ctx, norm_weight, grad_index: int) -> dict:
+    """pre_backward's fused-norm arguments: none without a norm weight; with one, its eps and
+    whether its gradient is asked for (``ctx.needs_input_grad[grad_index]``)."""
+    if norm_weight is None:
+        return {}
+    return dict(norm_weight=norm_weight, norm_eps=ctx.norm_eps,
+                norm_weight_grad=bool(ctx.needs_input_grad[grad_index]))
+
+
 def _pre_bwd(ctx, g_pm, g_cm, g_li):
-    residual, fn, hc_scale, hc_base = ctx.saved_tensors
+    residual, fn, hc_scale, hc_base, norm_weight = ctx.saved_tensors
     lead, H = residual.shape[:-2], residual.shape[-1]
     n = residual.shape[-2]
     mdt = fn.dtype
     g_pm = _or_zeros(g_pm, residual.new_empty((*lead, n, 1), dtype=mdt))
     g_cm = _or_zeros(g_cm, residual.new_empty((*lead, n, n), dtype=mdt))
     g_li = _or_zeros(g_li, residual.new_empty((*lead, H)))
-    grads = torch.ops.mhc.pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, *ctx.scalars,
-                                       list(ctx.needs_input_grad[:4]), backend=ctx.bwd_backend)
-    return (*grads, *(None,) * len(ctx.scalars))
+    *grads, g_nw = torch.ops.mhc.pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, *ctx.scalars,
+                                              list(ctx.needs_input_grad[:4]), **_norm_kwargs(ctx, norm_weight, 9),
+                                              backend=ctx.bwd_backend)
+    return (*grads, *(None,) * len(ctx.scalars), g_nw, None)
 
 
 def _head_setup(ctx, inputs, keyword_only_inputs, output):
@@ -277,31 +305,33 @@ def _post_bwd(ctx, g):
 
 
 def _fused_setup(ctx, inputs, keyword_only_inputs, output):
-    x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, *scalars = inputs
+    x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, *scalars = inputs[:12]
     need = ctx.needs_input_grad
-    # pre's half needs the new residual (an output: what pre read) and its parameters whatever is
-    # asked for; post's half needs what post's backward needs.
-    ctx.save_for_backward(output[0], fn, hc_scale, hc_base, *_post_saved(x, residual, post_mix, comb_mix, need[:4]))
+    # pre's half needs the new residual (an output: what pre read), its parameters and the norm
+    # weight (inputs[12], or None) whatever is asked for; post's half what post's backward needs.
+    ctx.save_for_backward(output[0], fn, hc_scale, hc_base, inputs[12],
+                          *_post_saved(x, residual, post_mix, comb_mix, need[:4]))
     ctx.scalars = scalars
+    ctx.norm_eps = inputs[13]
     ctx.bwd_backend = (registry.current_choice("pre_backward"), registry.current_choice("post_backward"))
 
 
 def _fused_bwd(ctx, g_new, g_pm, g_cm, g_li):
-    new, fn, hc_scale, hc_base, *post_saved = ctx.saved_tensors
+    new, fn, hc_scale, hc_base, norm_weight, *post_saved = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_post = any(need[:4])
     lead, n, H = new.shape[:-2], new.shape[-2], new.shape[-1]
     g_pm = _or_zeros(g_pm, new.new_empty((*lead, n, 1), dtype=fn.dtype))
     g_cm = _or_zeros(g_cm, new.new_empty((*lead, n, n), dtype=fn.dtype))
     g_li = _or_zeros(g_li, new.new_empty((*lead, H)))
-    g_new_pre, g_fn, g_s, g_b = torch.ops.mhc.pre_backward(
+    g_new_pre, g_fn, g_s, g_b, g_nw = torch.ops.mhc.pre_backward(
         g_pm, g_cm, g_li, new, fn, hc_scale, hc_base, *ctx.scalars, [need_post, need[4], need[5], need[6]],
-        backend=ctx.bwd_backend[0])
+        **_norm_kwargs(ctx, norm_weight, 12), backend=ctx.bwd_backend[0])
     post_grads = (None,) * 4
     if need_post:
         g_new = g_new_pre if g_new is None else g_new + g_new_pre
         post_grads = torch.ops.mhc.post_backward(g_new, *post_saved, list(need[:4]), backend=ctx.bwd_backend[1])
-    return (*post_grads, g_fn, g_s, g_b, *(None,) * len(ctx.scalars))
+    return (*post_grads, g_fn, g_s, g_b, *(None,) * len(ctx.scalars), g_nw, None)
 
 
 for _name, _bwd, _setup in (("pre", _pre_bwd, _pre_setup), ("post", _post_bwd, _post_setup),

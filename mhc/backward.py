@@ -18,6 +18,9 @@ Derivation, per token (``K = n*H``, ``m = 2n + n*n`` mix columns):
   ``dL/dmixes = dL/da * scale[group]``, ``dL/dbase = sum_t dL/da``,
   ``dL/dscale[group] = sum_t sum_group dL/da * mixes``.
 * Collapse ``y = sum_i w_i x_i``: ``dL/dw_i = g_y . x_i``, ``dL/dx_i = w_i g_y``.
+* Fused RMSNorm ``z = u * nw`` with ``u = y * r``, ``r = (|y|^2 / H + eps)^(-1/2)``: given
+  ``g_z``, ``dL/dnw = sum_t g_z * u``, and with ``g_u = g_z * nw``,
+  ``dL/dy = r * (g_u - u * (g_u . u) / H)``, which then enters the collapse's backward.
 * Sinkhorn: each normalisation is ``y = x / S`` with ``S = sum(x along one axis) + eps``, whose
   backward is ``dL/dx = (dL/dy - sum(dL/dy * y along the axis)) / S``; the softmax's is
   ``dL/dc = p * (dL/dp - sum_j dL/dp_j p_j)`` (``+ eps`` passes the gradient through).
@@ -37,7 +40,8 @@ import torch
 from mhc.reference import acc_dtype, rms_factor
 from mhc.validation import mix_dtype
 
-__all__ = ["sinkhorn_backward", "prenorm_backward", "pre_backward", "post_backward", "head_backward"]
+__all__ = ["sinkhorn_backward", "prenorm_backward", "rms_norm_backward", "pre_backward", "post_backward",
+           "head_backward"]
 
 
 def sinkhorn_backward(grad: torch.Tensor, logits: torch.Tensor, repeat: int, eps: float) -> torch.Tensor:
@@ -85,6 +89,19 @@ def prenorm_backward(g_mixes: torch.Tensor, xf: torch.Tensor, r: torch.Tensor, m
     return g_xf, g_fn
 
 
+def rms_norm_backward(g_z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Backward of ``z = reference.rms_norm(y, weight, eps)``.
+
+    ``g_z``, ``y`` (T, H) in the accumulation dtype; ``weight`` (H,) any float dtype. Returns
+    ``(dL/dy (T, H), dL/dweight (H,))`` in the accumulation dtype.
+    """
+    r = rms_factor(y.square().mean(-1, keepdim=True), eps)
+    u = y * r
+    g_u = g_z * weight.to(y.dtype)
+    g_y = r * (g_u - u * (g_u * u).mean(-1, keepdim=True))
+    return g_y, (g_z * u).sum(0)
+
+
 def _mixes_tail(residual, fn, xf, r, mixes, g_a, scale_of_col, groups, w, g_out, mask):
     """Shared tail of pre and head backward, from ``dL/da`` to the four input gradients.
 
@@ -109,7 +126,7 @@ def _mixes_tail(residual, fn, xf, r, mixes, g_a, scale_of_col, groups, w, g_out,
 
 
 def pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base, rms_eps,
-                 hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask):
+                 hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *norm):
     """Gradients of ``reference.pre``.
 
     ``grad_post_mix`` (T, n, 1), ``grad_comb_mix`` (T, n, n) in the mix dtype; ``grad_layer_input``
@@ -117,6 +134,9 @@ def pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, h
     (3,); ``hc_base`` (2n+n*n,); the scalars as in the forward. ``output_mask``: four bools, which
     of the outputs to compute. Returns ``(grad_residual (T, n, H) residual dtype, grad_fn,
     grad_hc_scale, grad_hc_base)`` (mix dtype), None where the mask is false.
+    ``norm``: empty, or ``(norm_weight (H,), norm_eps, norm_weight_grad)`` for a forward with the
+    fused RMSNorm; then a fifth gradient follows, ``grad_norm_weight`` (H,) in norm_weight's dtype
+    (None unless ``norm_weight_grad``).
     """
     T, n, H = residual.shape
     xf, r, mixes = _prenorm(residual, fn, rms_eps)
@@ -126,6 +146,13 @@ def pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, h
     s_post = torch.sigmoid(mixes[:, n:2 * n] * scale[1] + base[n:2 * n])
     logits = (mixes[:, 2 * n:] * scale[2] + base[2 * n:]).view(T, n, n)
     g_out = grad_layer_input.to(acc)
+    w = s_pre + hc_pre_eps
+    g_nw = None
+    if norm:  # layer_input = rms_norm(collapse): its gradient w.r.t. the unrounded collapse
+        norm_weight, norm_eps, nw_grad = norm
+        y = (w.unsqueeze(-1) * xf.view(T, n, H)).sum(1)
+        g_out, g_nw = rms_norm_backward(g_out, y, norm_weight, norm_eps)
+        g_nw = g_nw.to(norm_weight.dtype) if nw_grad else None
     g_pre = _collapse_backward(g_out, xf.view(T, n, H))
     g_a = torch.cat([
         g_pre * s_pre * (1 - s_pre),
@@ -134,8 +161,8 @@ def pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, h
     ], -1)
     groups = ((0, n), (n, 2 * n), (2 * n, 2 * n + n * n))
     scale_of_col = torch.cat([scale[0].expand(n), scale[1].expand(n), scale[2].expand(n * n)])
-    return _mixes_tail(residual, fn, xf, r, mixes, g_a, scale_of_col, groups, s_pre + hc_pre_eps, g_out,
-                       output_mask)
+    grads = _mixes_tail(residual, fn, xf, r, mixes, g_a, scale_of_col, groups, w, g_out, output_mask)
+    return (*grads, g_nw) if norm else grads
 
 
 def head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask):

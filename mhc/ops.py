@@ -26,8 +26,10 @@ from mhc import registry, validation
 
 __all__ = ["SCHEMAS", "pre", "post", "head", "fused_post_pre"]
 
+# norm_weight/norm_eps: the sublayer's RMSNorm fused into pre's collapse (mhc.reference.pre).
 _PRE_SCALARS = ("float rms_eps=1e-06, float hc_pre_eps=1e-06, float hc_sinkhorn_eps=1e-06, "
-                "float hc_post_mult_value=2.0, int sinkhorn_repeat=20")
+                "float hc_post_mult_value=2.0, int sinkhorn_repeat=20, Tensor? norm_weight=None, "
+                "float norm_eps=1e-06")
 SCHEMAS = {
     "pre": ("pre(Tensor residual, Tensor fn, Tensor hc_scale, Tensor hc_base, " + _PRE_SCALARS
             + ", *, str? backend=None) -> (Tensor post_mix, Tensor comb_mix, Tensor layer_input)"),
@@ -61,15 +63,22 @@ def _c(t: torch.Tensor, *shape: int) -> torch.Tensor:
     return t.contiguous()
 
 
+def _norm_args(norm_weight, norm_eps) -> tuple:
+    """The trailing backend arguments of a call with the fused RMSNorm; none without it, so that a
+    backend without ``norm_weight`` parameters is called as before (mhc/backends/__init__.py)."""
+    return () if norm_weight is None else (norm_weight.contiguous(), norm_eps)
+
+
 def pre(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6,
-        hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
+        hc_post_mult_value=2.0, sinkhorn_repeat=20, norm_weight=None, norm_eps=1e-6, *, backend=None):
     lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps, hc_pre_eps,
-                                                  hc_sinkhorn_eps, hc_post_mult_value)
-    impl = registry.select("pre", residual.device, residual.dtype, n, H, T, backend)
+                                                  hc_sinkhorn_eps, hc_post_mult_value, norm_weight, norm_eps)
+    impl = registry.select("pre", residual.device, residual.dtype, n, H, T, backend, norm=norm_weight is not None)
     if T == 0:
         return _pre_outputs(residual, lead, n, H)
     p, c, li = impl(_c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
-                    rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
+                    rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat,
+                    *_norm_args(norm_weight, norm_eps))
     if len(lead) == 1:
         return p, c, li
     return p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
@@ -95,16 +104,18 @@ def head(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, backend=
 
 
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6,
-                   hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
+                   hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20, norm_weight=None,
+                   norm_eps=1e-6, *, backend=None):
     lead, T, n, H = validation.check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
                                            sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-                                           hc_post_mult_value)
-    impl = registry.select("fused_post_pre", residual.device, residual.dtype, n, H, T, backend)
+                                           hc_post_mult_value, norm_weight, norm_eps)
+    impl = registry.select("fused_post_pre", residual.device, residual.dtype, n, H, T, backend,
+                           norm=norm_weight is not None)
     if T == 0:
         return (residual.new_empty(residual.shape), *_pre_outputs(residual, lead, n, H))
     new, p, c, li = impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n),
                          fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps, hc_pre_eps,
-                         hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
+                         hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, *_norm_args(norm_weight, norm_eps))
     if len(lead) == 1:
         return new, p, c, li
     return new.view(*lead, n, H), p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
@@ -114,9 +125,9 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
 
 
 def _pre_fake(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6,
-              hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
+              hc_post_mult_value=2.0, sinkhorn_repeat=20, norm_weight=None, norm_eps=1e-6, *, backend=None):
     lead, _, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps, hc_pre_eps,
-                                                  hc_sinkhorn_eps, hc_post_mult_value)
+                                                  hc_sinkhorn_eps, hc_post_mult_value, norm_weight, norm_eps)
     return _pre_outputs(residual, lead, n, H)
 
 
@@ -131,10 +142,11 @@ def _head_fake(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, ba
 
 
 def _fused_fake(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6,
-                hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20, *, backend=None):
+                hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20, norm_weight=None, norm_eps=1e-6,
+                *, backend=None):
     lead, _, n, H = validation.check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
                                            sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-                                           hc_post_mult_value)
+                                           hc_post_mult_value, norm_weight, norm_eps)
     return (residual.new_empty(residual.shape), *_pre_outputs(residual, lead, n, H))
 
 

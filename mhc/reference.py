@@ -26,6 +26,7 @@ __all__ = [
     "head_activation",
     "sinkhorn",
     "collapse",
+    "rms_norm",
     "pre",
     "post",
     "head",
@@ -40,6 +41,7 @@ DEFAULTS = dict(
     hc_post_mult_value=2.0,
     sinkhorn_repeat=20,
     hc_eps=1e-6,
+    norm_eps=1e-6,
 )
 
 
@@ -121,13 +123,26 @@ def head_activation(
     return torch.sigmoid(mixes * hc_scale.to(mixes.dtype)[0] + hc_base.to(mixes.dtype)) + hc_eps
 
 
-def collapse(residual: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def rms_norm(y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weighted RMSNorm of rows ``y`` (T, H) in their own (accumulation) dtype, no rounding:
+    ``y * rms_factor(mean(y**2, -1), eps) * weight``; ``weight`` (H,) of any float dtype (its
+    values are taken exactly). The factor follows :func:`rms_factor` (NaN for a row whose sum of
+    squares overflows)."""
+    return y * rms_factor(y.square().mean(-1, keepdim=True), eps) * weight.to(y.dtype)
+
+
+def collapse(residual: torch.Tensor, weights: torch.Tensor, norm_weight: torch.Tensor | None = None,
+             norm_eps: float = DEFAULTS["norm_eps"]) -> torch.Tensor:
     """``sum_i weights[:, i] * residual[:, i]`` with fp32 (fp64) accumulation.
 
-    ``residual`` (T, n, H), ``weights`` (T, n) -> (T, H) in the residual's dtype.
+    ``residual`` (T, n, H), ``weights`` (T, n) -> (T, H) in the residual's dtype. With
+    ``norm_weight`` (H,): :func:`rms_norm` of the unrounded fp32 (fp64) sum, then the one
+    rounding to the residual's dtype.
     """
     acc = acc_dtype(residual.dtype)
     out = (weights.to(acc).unsqueeze(-1) * residual.to(acc)).sum(1)
+    if norm_weight is not None:
+        out = rms_norm(out, norm_weight, norm_eps)
     return out.to(residual.dtype)
 
 
@@ -146,6 +161,8 @@ def pre(
     hc_sinkhorn_eps: float = DEFAULTS["hc_sinkhorn_eps"],
     hc_post_mult_value: float = DEFAULTS["hc_post_mult_value"],
     sinkhorn_repeat: int = DEFAULTS["sinkhorn_repeat"],
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = DEFAULTS["norm_eps"],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC ``pre``: mix coefficients and the sublayer input.
 
@@ -153,10 +170,16 @@ def pre(
         residual: (..., n, H) float (bf16 in models).
         fn: (2n+n*n, n*H) fp32 mix projection.
         hc_scale: (3,) fp32; hc_base: (2n+n*n,) fp32.
+        norm_weight: optional (H,), the residual's dtype or fp32 (fp64 with an fp64 residual):
+            the weight of the sublayer's RMSNorm, fused into the collapse; ``norm_eps`` its eps.
     Returns:
         ``post_mix`` (..., n, 1) fp32, ``comb_mix`` (..., n, n) fp32 (Sinkhorn-normalised,
         ``comb_mix[..., i, j]``: source stream i to destination j) and ``layer_input``
-        (..., H) in the residual's dtype: ``sum_i pre[..., i] * residual[..., i, :]``.
+        (..., H) in the residual's dtype: ``c = sum_i pre[..., i] * residual[..., i, :]``
+        accumulated in fp32, rounded once. With ``norm_weight``, ``layer_input`` is
+        ``c * rsqrt(mean(c**2) + norm_eps) * norm_weight`` computed from the unrounded fp32 ``c``
+        and rounded once (transformers' DeepSeek-V4 rounds ``c`` to bf16 first, then the
+        normalised row, then the product with its bf16 weight: three roundings to our one).
     """
     lead, r = _flat(residual)
     n, H = r.shape[1], r.shape[2]
@@ -164,7 +187,7 @@ def pre(
     pre_w, post_w, comb = mix_activations(
         mixes, hc_scale, hc_base, n, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat
     )
-    layer_input = collapse(r, pre_w)
+    layer_input = collapse(r, pre_w, norm_weight, norm_eps)
     return post_w.view(*lead, n, 1), comb.view(*lead, n, n), layer_input.view(*lead, H)
 
 
@@ -220,13 +243,16 @@ def fused_post_pre(
     hc_sinkhorn_eps: float = DEFAULTS["hc_sinkhorn_eps"],
     hc_post_mult_value: float = DEFAULTS["hc_post_mult_value"],
     sinkhorn_repeat: int = DEFAULTS["sinkhorn_repeat"],
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = DEFAULTS["norm_eps"],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``post`` of one sublayer followed by ``pre`` of the next.
 
-    Arguments as :func:`post` then :func:`pre`. Returns ``(new_residual (..., n, H),
+    Arguments as :func:`post` then :func:`pre` (``norm_weight``/``norm_eps``: pre's fused
+    RMSNorm, applied to ``layer_input`` only). Returns ``(new_residual (..., n, H),
     post_mix (..., n, 1), comb_mix (..., n, n), layer_input (..., H))``. The new residual is
     rounded to the residual's dtype before ``pre`` reads it, as the unfused pair does.
     """
     new = post(x, residual, post_mix, comb_mix)
     return (new, *pre(new, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-                      hc_post_mult_value, sinkhorn_repeat))
+                      hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps))

@@ -90,7 +90,8 @@ class Problem:
     kernels through the same registry); ``device`` of the residual; ``dtype`` of the residual; ``n``
     streams; ``H`` hidden size; ``T`` tokens (leading dims flattened). ``create_graph``: a
     backward op whose result must itself be differentiable (``create_graph=True``, double
-    backward).
+    backward). ``norm``: the call fuses the sublayer's RMSNorm (``norm_weight`` given to
+    ``pre``/``fused_post_pre``, or to ``pre_backward``).
     """
 
     op: str
@@ -100,11 +101,13 @@ class Problem:
     H: int
     T: int
     create_graph: bool = False
+    norm: bool = False
 
     def describe(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
         graph = ", create_graph=True" if self.create_graph else ""
-        return f"{self.op}(T={self.T}, n={self.n}, H={self.H}, {dt}, {self.device}{graph})"
+        norm = ", norm_weight" if self.norm else ""
+        return f"{self.op}(T={self.T}, n={self.n}, H={self.H}, {dt}, {self.device}{graph}{norm})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +121,9 @@ class Capabilities:
     backward op (:data:`BACKWARD_OPS`) only if it lists it explicitly. ``double_backward``: its
     backward ops record autograd history (they are built from differentiable torch ops), so they
     serve ``create_graph=True`` calls; kernels that do not would give a silently wrong (None)
-    second-order gradient, so they are refused there.
+    second-order gradient, so they are refused there. ``norm_ops``: the ops it serves with the
+    fused RMSNorm (``norm_weight``); none by default, so a backend that has not implemented it
+    gives that as its reason and ``auto`` moves on.
     """
 
     device_types: frozenset[str]
@@ -128,11 +133,14 @@ class Capabilities:
     h_multiple: int = 1
     ops: frozenset[str] = frozenset(OPS)
     double_backward: bool = False
+    norm_ops: frozenset[str] = frozenset()
 
     def reasons(self, p: Problem) -> list[str]:
         out = []
         if p.op not in self.ops:
             out.append(f"does not implement {p.op}")
+        elif p.norm and p.op not in self.norm_ops:
+            out.append(f"does not fuse the RMSNorm (norm_weight) into {p.op}")
         elif p.create_graph and not self.double_backward:
             out.append(f"its {p.op} is not differentiable: no double backward (create_graph=True); "
                        "the torch backend's is")
@@ -314,21 +322,19 @@ def auto_order(platform: str, op: str, T: int) -> tuple[str, ...]:
 
     ROCm: AITER's HIP kernels, then Triton, then torch. CPU and others: torch (the Triton
     interpreter serves CPU tensors only when asked for by name: it is a test tool).
-    CUDA (warm µs, CUDA-graph replays, H=4096 / 7168; the files are in benchmarks/results/):
+    CUDA: the winners of the H200 grid, benchmarks/results/grid-h200.csv (warm µs, CUDA-graph
+    replays; H = 4096 / 7168; T in 1, 8, 64, 512, 4096, 16384; every implementation in one run
+    per H; the table is grid-h200.md):
 
-    - ``post``: TileLang, at or under Triton everywhere on the H100 (bench-post-hfast.md: the two
-      tie at T >= 4096, 0.99-1.01x the floor; TileLang is ahead at T <= 512, T=8: 1.6 vs 1.9 µs).
-    - ``pre``/``head``/``fused_post_pre`` with T <= 64 (bucket 0): Triton (H100,
-      bench-d6fced2-partial.md: pre T=1 7.1 vs 20.3, T=64 12.2 vs 22.0, head T=1 5.0 vs 9.8,
-      fused T=1 9.8 vs 21.8 at H=4096).
-    - the same ops with 64 < T < 2048 (bucket 1): TileLang, from the H100 (bench.md: pre T=512
-      27.7 vs 34.9, head 15.9 vs 26.1). Triton's two-pass path now takes 26.2 / 27.5 / 37.5 µs for
-      pre / head / fused at T=513, H=4096 on the H200 (two-pass-h200.md); TileLang was not
-      measured on the H200 at these T, so the bucket keeps its order until it is.
-    - the same ops with T >= 2048 (bucket 2): Triton's two-pass path (two-pass-h200.md: pre T=4096
-      92.9 vs TileLang's 142.8 / 181.4 vs 266.9, T=16384 351 vs 524 / 682 vs 1014; head T=16384
-      387 vs 437 / 673 vs 827; fused T=16384 639 vs 920 / 1086 vs 1829; TileLang's figures are
-      the H200 ones of the same day quoted in two-pass-h200.md, not of the same run).
+    - ``post``: TileLang, at or under Triton at every T (the two are within 1-2 % at T >= 4096,
+      both at 0.99-1.02x the floor; TileLang ahead by 0.1-0.4 µs at T <= 64 and 6-11 % at T = 512).
+    - ``head`` with 64 < T < 2048 (bucket 1): TileLang (T = 512: 15.3 vs 20.3 µs at H = 4096,
+      28.8 vs 32.6 at H = 7168; Triton's figures with the two-pass GEMM's 16 columns,
+      head-cols-h200.log and the H = 7168 grid).
+    - everything else: Triton (e.g. pre 7.1 vs 20.0 µs at T = 1, 91.2 vs 144.3 at T = 4096,
+      594.1 vs 1016.1 at T = 16384, H = 7168; head 136.8 vs 210.8 at T = 4096, H = 7168;
+      fused_post_pre 37.2 vs 39.9 at T = 512 and 1079.0 vs 1842.4 at T = 16384, H = 7168, the one
+      near-tie being fused_post_pre at T = 64, H = 7168: 24.1 vs 23.9).
     - Backward ops: TileLang has none (its reason), so Triton serves them, then torch.
 
     Third-party backends come after the built-ins unless named explicitly.
@@ -336,7 +342,7 @@ def auto_order(platform: str, op: str, T: int) -> tuple[str, ...]:
     if platform == "rocm":
         return ("aiter", "triton", "torch")
     if platform == "cuda":
-        if op == "post" or t_bucket(T) == 1:
+        if op == "post" or (op == "head" and t_bucket(T) == 1):
             return ("tilelang", "triton", "torch")
         return ("triton", "tilelang", "torch")
     return ("torch",)
@@ -476,20 +482,21 @@ def _decide(op: str, choice: str, p: Problem) -> tuple[str, Callable] | BackendE
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, n: int, H: int, T: int,
-           backend: str | None = None, create_graph: bool = False) -> Callable:
+           backend: str | None = None, create_graph: bool = False, norm: bool = False) -> Callable:
     """The callable that serves one call (hot path: one dict lookup once warm).
 
-    ``create_graph``: a backward op whose outputs must be differentiable (see :class:`Problem`).
+    ``create_graph``: a backward op whose outputs must be differentiable; ``norm``: the call
+    passes ``norm_weight`` (see :class:`Problem`).
     Raises :class:`BackendError` if the chosen backend (or, for auto, every backend) cannot
     serve, and ``ValueError`` for unknown names or a malformed ``MHC_BACKEND``.
     """
     choice = current_choice(op) if backend is None else backend  # "" is a (bad) name, not auto
-    key = (op, choice, device, dtype, n, H, t_bucket(T), create_graph)
+    key = (op, choice, device, dtype, n, H, t_bucket(T), create_graph, norm)
     hit = _STATE.decisions.get(key)
     if hit is None:
         if choice != "auto":
             get(choice)  # raises ValueError for an unknown name; not cached, so it is always raised
-        hit = _decide(op, choice, Problem(op, device, dtype, n, H, T, create_graph))
+        hit = _decide(op, choice, Problem(op, device, dtype, n, H, T, create_graph, norm))
         _STATE.decisions[key] = hit
     if isinstance(hit, BackendError):
         raise BackendError(str(hit))

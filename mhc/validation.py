@@ -20,7 +20,7 @@ import torch
 from mhc.reference import acc_dtype as mix_dtype
 
 __all__ = ["ACT_DTYPES", "MAX_N", "MAX_SINKHORN_REPEAT", "check_pre", "check_post", "check_head", "check_fused",
-           "check_sinkhorn_repeat", "check_backend", "non_dense", "mix_dtype"]
+           "check_sinkhorn_repeat", "check_norm", "check_backend", "non_dense", "mix_dtype"]
 
 #: Residual / activation dtypes the op layer accepts; backends narrow this in their capabilities.
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -123,6 +123,28 @@ def _pre_scalars(sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_
         raise ValueError(f"hc_post_mult_value must be finite, got {hc_post_mult_value!r}")
 
 
+def check_norm(norm_weight, norm_eps, residual: torch.Tensor, H: int) -> None:
+    """The fused RMSNorm's arguments of ``pre``/``fused_post_pre``: ``norm_weight`` None or a
+    (H,) tensor in the residual's dtype or the mix dtype (fp32; fp64 with an fp64 residual) on
+    the residual's device; ``norm_eps`` finite and >= 0 (checked whether or not a weight is given)."""
+    if norm_eps.__class__ is not float or not 0.0 <= norm_eps < math.inf:
+        _eps("norm_eps", norm_eps)
+    if norm_weight is None:
+        return
+    if not isinstance(norm_weight, torch.Tensor):
+        _tensor("norm_weight", norm_weight)
+    if norm_weight.shape != (H,):
+        raise ValueError(f"norm_weight must have shape ({H},) (H, the residual's last dim), "
+                         f"got {tuple(norm_weight.shape)}")
+    mdt = mix_dtype(residual.dtype)
+    if norm_weight.dtype != residual.dtype and norm_weight.dtype != mdt:
+        allowed = _name(residual.dtype) + ("" if mdt == residual.dtype else f" (the residual's dtype) or {_name(mdt)}")
+        raise TypeError(f"norm_weight must be {allowed}, got {_name(norm_weight.dtype)}")
+    if norm_weight.device != residual.device:
+        raise ValueError(f"norm_weight is on {norm_weight.device} but residual is on {residual.device}; "
+                         "move them to one device")
+
+
 def check_backend(backend) -> None:
     """``backend`` is None (the current selection) or a non-empty str (a name, or "auto")."""
     if backend is not None and not isinstance(backend, str):
@@ -145,12 +167,14 @@ def non_dense(names, args, kwargs) -> TypeError | None:
 
 
 def check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps=1e-6, hc_pre_eps=1e-6,
-              hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0) -> tuple[tuple[int, ...], int, int, int]:
+              hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, norm_weight=None,
+              norm_eps=1e-6) -> tuple[tuple[int, ...], int, int, int]:
     """Validate ``pre``'s arguments; returns ``(lead_dims, T, n, H)``."""
     lead, T, n, H = _residual(residual)
     _weights(fn, hc_scale, hc_base, n, H, 2 * n + n * n, 3, mix_dtype(residual.dtype))
     _same_device(residual, fn=fn, hc_scale=hc_scale, hc_base=hc_base)
     _pre_scalars(sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value)
+    check_norm(norm_weight, norm_eps, residual, H)
     return lead, T, n, H
 
 
@@ -174,11 +198,12 @@ def check_head(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6) -> tu
 
 
 def check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps=1e-6,
-                hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0):
+                hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, norm_weight=None, norm_eps=1e-6):
     """Validate ``fused_post_pre``'s arguments; returns ``(lead_dims, T, n, H)``."""
     out = check_post(x, residual, post_mix, comb_mix)
     n, H = out[2], out[3]
     _weights(fn, hc_scale, hc_base, n, H, 2 * n + n * n, 3, mix_dtype(residual.dtype))
     _same_device(residual, fn=fn, hc_scale=hc_scale, hc_base=hc_base)
     _pre_scalars(sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value)
+    check_norm(norm_weight, norm_eps, residual, H)
     return out

@@ -455,3 +455,22 @@ def test_aiter_shadowed_by_pypi_aiter_end_to_end(tmp_path):
     assert "mhc backend 'aiter' cannot serve" in lines["CPU"] and "cpu" in lines["CPU"]
     assert "mhc backend 'aiter' cannot serve pre(T=2, n=4, H=256, bfloat16, cuda:0)" in lines["ROCM"]
     assert "PyPI's unrelated package 'aiter' 0.13.20191203 (async iterators)" in lines["ROCM"]
+
+
+# --- the fused RMSNorm: a reason, and auto moves on ---------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["pre", "fused_post_pre"])
+def test_aiter_norm_weight_is_a_reason_and_auto_falls_back(standin, monkeypatch, op):
+    from mhc.backends.aiter import NORM_REASON
+
+    assert registry.reasons_for(standin.name, Problem(op, CPU, torch.bfloat16, 4, 256, 4, norm=True)) == [NORM_REASON]
+    args, kwargs = checking.make_inputs(op, (4,), 4, 256, torch.bfloat16, CPU, seed=12)
+    g = torch.Generator().manual_seed(13)
+    kwargs = dict(kwargs, norm_weight=(torch.randn(256, generator=g) * 0.5 + 1).to(torch.bfloat16), norm_eps=1e-5)
+    with pytest.raises(BackendError, match="not passed to AITER"):
+        checking.call(op, args, kwargs, standin.name)
+    monkeypatch.setattr(registry, "auto_order", lambda platform, op, T: (standin.name, "torch"))
+    registry._STATE.decisions.clear()
+    contract._check_outputs(op, args, kwargs, checking.call(op, args, kwargs), "auto")
+    assert standin.module.CALLS == []  # served by torch, AITER never called

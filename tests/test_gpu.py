@@ -379,3 +379,121 @@ def test_back_to_back_calls_on_two_streams_without_sync(backend, op):
     torch.cuda.synchronize()
     for i, outs in got:
         assert all(torch.equal(a, b) for a, b in zip(outs, serial[i])), f"{backend}.{op} case {i}"
+
+
+# --- the fused RMSNorm (norm_weight) ------------------------------------------------------------
+
+
+def _with_norm(kwargs, H, seed, dtype=torch.bfloat16):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    w = (torch.randn(H, generator=g, device=DEVICE, dtype=torch.float32) * 0.5 + 1.0).to(dtype)
+    return dict(kwargs, norm_weight=w, norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("T", (1, 7, 64, 513, 4096))
+@pytest.mark.parametrize("H", H_VALUES)
+@pytest.mark.parametrize("op", ("pre", "fused_post_pre"))
+def test_norm_weight_matches_fp64_oracle(backend, op, H, T):
+    """Every backend that fuses the RMSNorm, against the fp64 oracle at real sizes (each kernel
+    path: T = 1, the chunked T <= 128, the two-pass above); one that does not gives a reason
+    (an explicit choice raises it)."""
+    args, kwargs, rows, _ = _case(op, H, T)
+    kwargs = _with_norm(kwargs, H, seed=H + T)
+    why = registry.reasons_for(backend, registry.Problem(op, DEVICE, torch.bfloat16, N, H, T, norm=True))
+    if why:
+        with pytest.raises(mhc.BackendError):
+            checking.call(op, args, kwargs, backend)
+        pytest.skip(f"backend {backend} does not fuse the norm here: " + "; ".join(why))
+    outs = checking.call(op, args, kwargs, backend)
+    torch.cuda.synchronize()
+    _assert_correct(op, args, kwargs, outs, rows, bench.reference_rows(op, args, kwargs, rows), backend)
+
+
+@pytest.mark.parametrize("T", (1, 64, 513))
+@pytest.mark.parametrize("op", ("pre", "fused_post_pre"))
+def test_norm_weight_cuda_graph_replay_matches_eager(backend, op, T):
+    why = registry.reasons_for(backend, registry.Problem(op, DEVICE, torch.bfloat16, N, 4096, T, norm=True))
+    if why:
+        pytest.skip("; ".join(why))
+    static, kwargs = bench.device_inputs(op, T, N, 4096, DEVICE, seed=17)
+    static = tuple(a.clone() for a in static)
+    kwargs = _with_norm(kwargs, 4096, seed=18)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            checking.call(op, static, kwargs, backend)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = checking.call(op, static, kwargs, backend)
+    new, _ = bench.device_inputs(op, T, N, 4096, DEVICE, seed=19)
+    for s, v in zip(static, new):
+        s.copy_(v)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = checking.call(op, new, kwargs, backend)
+    for c, e in zip(captured, eager):
+        assert torch.equal(c, e)
+
+
+# --- the transformers integration on CUDA ---------------------------------------------------------
+
+
+def _hf_model(dtype):
+    pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4",
+                        reason="transformers with DeepSeek-V4 not installed")
+    import test_integration_transformers as ti
+
+    torch.manual_seed(0)
+    cfg = ti._config(hidden_size=1024)  # a width the Triton kernels tile like the real ones
+    from transformers import DeepseekV4ForCausalLM
+
+    with torch.device(DEVICE):
+        model = DeepseekV4ForCausalLM(cfg).eval()
+    ti._randomise_hc(model, 1)
+    model = model.to(dtype)
+    for mod in model.modules():
+        if isinstance(mod, ti.HC_MODULES):
+            mod.float()
+    return ti, model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_transformers_logits_match_on_cuda(dtype):
+    """The patched model's logits on CUDA match the unpatched model's (the CPU test's table),
+    with auto selection (Triton/TileLang for bf16, torch for fp32)."""
+    ti, model = _hf_model(dtype)
+    ids = ti._ids(batch=2, seq=160).to(DEVICE)  # T = 320: the two-pass path; decode below: T = 2
+    ref = ti._logits(model, ids)
+    with ti.mt.apply(model):
+        out = ti._logits(model, ids)
+        step = ti._logits(model, ids[:, :1])
+    assert ti._rel(out, ref) < ti.TOL[dtype]
+    assert ti._rel(step, ti._logits(model, ids[:, :1])) < ti.TOL[dtype]
+
+
+def test_transformers_cuda_graph_capture_with_apply():
+    """A forward of the patched bf16 model captured in a CUDA graph replays to the eager result
+    on new token ids, and matches the unpatched model."""
+    ti, model = _hf_model(torch.bfloat16)
+    mt = ti.mt
+    static = ti._ids(batch=2, seq=8).to(DEVICE)
+    with mt.apply(model), torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(static, use_cache=False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(static, use_cache=False).logits
+        new = ti._ids(batch=2, seq=8, seed=5).to(DEVICE)
+        static.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = model(new, use_cache=False).logits
+        assert torch.equal(captured, eager)
+    ref = ti._logits(model, new)
+    assert ti._rel(captured.float(), ref) < ti.TOL[torch.bfloat16]

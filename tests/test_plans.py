@@ -53,7 +53,7 @@ def test_a_plan_serves_its_bucket_and_another_bucket_gets_its_own():
     for T in (3, 5, 128):  # one bucket: one plan
         args, kw = checking.make_inputs("pre", (T,), 4, 48, torch.bfloat16, DEVICE, seed=T)
         _agrees("pre", args, kw, "triton")
-    assert PLANS.keys("triton") == [("triton", "pre", 4, 48, launch.t_bucket(3), torch.bfloat16, DEVICE)]
+    assert PLANS.keys("triton") == [("triton", "pre", 4, 48, launch.t_bucket(3), torch.bfloat16, DEVICE, False)]
     built = PLANS.builds
     args, kw = checking.make_inputs("pre", (1,), 4, 48, torch.bfloat16, DEVICE, seed=1)
     _agrees("pre", args, kw, "triton")
@@ -71,7 +71,8 @@ def test_a_second_device_index_gets_its_own_plan(monkeypatch):
     smem = {0: launch.SHARED_MEMORY["sm90"], 1: launch.SHARED_MEMORY["gfx942"]}
     monkeypatch.setattr(launch, "device_shared_memory", lambda dev: smem[dev.index])
     monkeypatch.setattr(launch, "device_config",
-                        lambda op, n, H, T, dtype, dev: launch.configs(n, H, T, op, smem[dev.index]))
+                        lambda op, n, H, T, dtype, dev, norm=False: launch.configs(n, H, T, op, smem[dev.index],
+                                                                                   norm=norm))
     d0, d1 = torch.device("cuda", 0), torch.device("cuda", 1)
     for op, T in (("fused_post_pre", 2000), ("pre", 64)):
         p0 = launch.plan_for(op, 8, 4096, T, torch.bfloat16, d0)

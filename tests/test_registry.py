@@ -174,7 +174,7 @@ def test_explain_names_the_blocked_explicit_choice(gpu_only):
 
 @pytest.mark.parametrize("op, n_args, names", [
     ("pre", 1, "residual, fn, hc_scale, hc_base[, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, "
-               "sinkhorn_repeat]"),
+               "sinkhorn_repeat, norm_weight, norm_eps]"),
     ("head", 3, "residual, fn, hc_scale, hc_base[, rms_eps, hc_eps]"),
     ("post", 5, "x, residual, post_mix, comb_mix;"),
 ])
@@ -235,8 +235,10 @@ def test_auto_order_per_platform():
     # CUDA: measured winners per op and T bucket (figures in auto_order's docstring)
     assert registry.auto_order("cuda", "pre", 1) == ("triton", "tilelang", "torch")
     assert registry.auto_order("cuda", "head", 64) == ("triton", "tilelang", "torch")
-    assert registry.auto_order("cuda", "pre", 65)[0] == "tilelang"
-    assert registry.auto_order("cuda", "fused_post_pre", 2047)[0] == "tilelang"
+    assert registry.auto_order("cuda", "pre", 65)[0] == "triton"
+    assert registry.auto_order("cuda", "head", 65)[0] == "tilelang"
+    assert registry.auto_order("cuda", "head", 2048)[0] == "triton"
+    assert registry.auto_order("cuda", "fused_post_pre", 2047)[0] == "triton"
     assert registry.auto_order("cuda", "fused_post_pre", 16384)[0] == "triton"
     assert registry.auto_order("cuda", "post", 16384)[0] == "tilelang"
     assert registry.auto_order("cuda", "post", 1)[0] == "tilelang"

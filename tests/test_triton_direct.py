@@ -149,18 +149,22 @@ direct.ENABLED = True
 # Every plan's launches pass each kernel its runtime parameters, tensors where pointers go.
 calls = []
 direct.DirectKernel.__call__ = lambda self, grid, *args: calls.append((self, grid, args))
-launch.device_config = lambda op, n, H, T, dtype, dev: launch.configs(n, H, T, op)
+launch.device_config = lambda op, n, H, T, dtype, dev, norm=False: launch.configs(n, H, T, op, norm=norm)
 for T in (1, 64, 500, 2000):
     for op in ("pre", "head", "fused_post_pre", "post"):
         from mhc.checking import device_inputs
         args, kw = device_inputs(op, T, n, H, torch.device("cpu"))
         flat = [a.reshape(T, *a.shape[-2:]) if a.dim() == 3 else a.reshape(T, a.shape[-1]) if a.dim() == 2 and a.shape[0] == T else a for a in args]
         getattr(launch, op)(*flat, *kw.values())
+        if op in ("pre", "fused_post_pre"):  # the fused RMSNorm's variants: nw_ptr a tensor
+            getattr(launch, op)(*flat, *kw.values(), norm_weight=torch.rand(H) + 0.5, norm_eps=1e-5)
 for kernel, grid, args in calls:
     assert len(grid) == 3 and len(args) == len(kernel.runtime_names), (kernel.fn.__name__, len(args), kernel.runtime_names)
     for name, v in zip(kernel.runtime_names, args):
-        assert name.endswith("_ptr") == isinstance(v, torch.Tensor), (kernel.fn.__name__, name, type(v))
-        assert isinstance(v, (torch.Tensor, int, float)), (kernel.fn.__name__, name, type(v))
+        # nw_ptr: the fused RMSNorm's weight, None without a norm (Triton makes it a constexpr None)
+        assert name.endswith("_ptr") == isinstance(v, torch.Tensor) or (name == "nw_ptr" and v is None), \
+            (kernel.fn.__name__, name, type(v))
+        assert v is None or isinstance(v, (torch.Tensor, int, float)), (kernel.fn.__name__, name, type(v))
 print("OK", len(calls), "launches of", len({k.fn.__name__ for k, _, _ in calls}), "kernels")
 """
 

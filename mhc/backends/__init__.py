@@ -9,6 +9,10 @@ contiguous and on one device:
     ``residual`` (T, n, H); ``fn`` (2n+n*n, n*H); ``hc_scale`` (3,); ``hc_base`` (2n+n*n,).
     Returns ``post_mix`` (T, n, 1), ``comb_mix`` (T, n, n) in fn's dtype, ``layer_input`` (T, H)
     in the residual's dtype.
+    With the fused RMSNorm (``Capabilities.norm_ops``), two more positional arguments follow,
+    ``norm_weight`` (H,) (the residual's dtype or fp32) and ``norm_eps``; they are passed only
+    when a norm weight is given, likewise to ``fused_post_pre`` and (with ``norm_weight_grad``
+    third, and a fifth gradient returned) to ``pre_backward``.
 ``post(x, residual, post_mix, comb_mix)``
     ``x`` (T, H); ``residual`` (T, n, H); ``post_mix`` (T, n, 1); ``comb_mix`` (T, n, n).
     Returns (T, n, H) in the residual's dtype.

@@ -8,9 +8,12 @@
 
 What :func:`apply` replaces (instance attributes ``forward``; the classes are not touched):
 
-- every ``DeepseekV4DecoderLayer.forward``: the attention site's ``attn_hc`` becomes
-  :func:`mhc.pre`; the attention site's post and the FFN site's ``ffn_hc`` become one
-  :func:`mhc.fused_post_pre`; the FFN site's post becomes :func:`mhc.post`. The FFN site's post
+- every ``DeepseekV4DecoderLayer.forward``: the attention site's ``attn_hc`` and the
+  ``input_layernorm`` after it become :func:`mhc.pre` with ``norm_weight``; the attention site's
+  post, the FFN site's ``ffn_hc`` and the ``post_attention_layernorm`` after it become one
+  :func:`mhc.fused_post_pre` with ``norm_weight``; the FFN site's post becomes :func:`mhc.post`.
+  The sublayer norms (``DeepseekV4RMSNorm``) are not called: their ``weight`` and
+  ``variance_epsilon`` are read on every call and passed as ``norm_weight``/``norm_eps``. The FFN site's post
   and the next layer's pre are *not* fused: ``DeepseekV4Model.forward`` hands only the residual
   from one layer to the next (and records it as that layer's hidden state, and gradient
   checkpointing cuts there), so fusing across that boundary would mean replacing the model's own
@@ -35,17 +38,21 @@ The math mapped (transformers 5.17.0, ``modeling_deepseek_v4.py``), per hyper-co
   accurate of the two, and they differ by a few bf16 ulps per site (the tests' table states the
   logits' tolerance).
 - head: ``rms_eps = hc_head.input_norm.eps``, ``hc_eps = hc_head.eps``.
+- the sublayer norm: the model rounds the collapse to the model dtype, normalises it in fp32,
+  rounds the result, and multiplies it by its weight in the model dtype (a third rounding in
+  bf16); mhc normalises the unrounded fp32 collapse and multiplies by the weight in fp32 before
+  its one rounding (``mhc.reference.pre``). In fp32 the two agree to rounding.
 - ``fn``, ``base``, ``scale`` are read from the modules on every call (no copies: an optimiser step
   or ``load_state_dict`` is seen) and cast to fp32 when stored in another dtype, as the model's
   ``self.fn.float()`` and type promotion do; gradients flow back through the cast.
 
 Refusals (:class:`UnsupportedModelError`, never a silent fallback to the model's own code): a
 model that is not a ``DeepseekV4ForCausalLM``/``DeepseekV4Model``; a transformers whose
-``DeepseekV4DecoderLayer``, ``DeepseekV4HyperConnection``, ``DeepseekV4HyperHead`` or
-``DeepseekV4UnweightedRMSNorm`` ``forward`` differs in source from the one mapped above (whatever
+``DeepseekV4DecoderLayer``, ``DeepseekV4HyperConnection``, ``DeepseekV4HyperHead``,
+``DeepseekV4UnweightedRMSNorm`` or ``DeepseekV4RMSNorm`` ``forward`` differs in source from the one mapped above (whatever
 its version string); a module whose ``forward`` was replaced on the instance or whose class
 overrides it; forward hooks on the modules the patched code bypasses (``attn_hc``, ``ffn_hc`` and
-the ``input_norm`` modules, whose hooks would silently stop running); a model already patched.
+the ``input_norm`` modules and the sublayer norms, whose hooks would silently stop running); a model already patched.
 Backend selection is mhc's (``MHC_BACKEND``, :func:`mhc.use_backend`, the registry): an op
 that cannot be served raises :class:`mhc.BackendError` from inside the model's forward.
 """
@@ -74,6 +81,7 @@ _SOURCE_SHA256 = {
     "DeepseekV4HyperConnection": "6b8e4235372258c8a02408734098b38e807c8a0530fccd8f70d211ff24720425",
     "DeepseekV4HyperHead": "6529deb6189b5a514e694a2c2c3033245035c0b252d1c3140fcd451bcd83f0bd",
     "DeepseekV4UnweightedRMSNorm": "60c6c36f6aceb4749e726893f18b3e81a7d7034e2815745f99321f4db967ff9c",
+    "DeepseekV4RMSNorm": "d676bfe9af0e524dad25c11faa7c7c4c625df3d426848208d100949dd659b0a0",
 }
 
 #: The source multiplies post's sigmoid by this literal (``2 * torch.sigmoid``), pinned by the hash.
@@ -146,16 +154,28 @@ def _pre_scalars(hc) -> tuple:
     return (hc.input_norm.eps, hc.hc_eps, hc.hc_eps, _POST_MULT, max(1, hc.hc_sinkhorn_iters))
 
 
+def _norm(norm, residual) -> tuple:
+    """``(norm_weight, norm_eps)`` of a ``DeepseekV4RMSNorm`` for the mhc ops: its own weight
+    (read per call, so gradients reach it) where the ops take its dtype (the residual's, or the
+    mix dtype), else cast to the residual's dtype, as the model's product promotes."""
+    w = norm.weight
+    if w.dtype != residual.dtype and w.dtype != mix_dtype(residual.dtype):
+        w = w.to(residual.dtype)
+    return w, norm.variance_epsilon
+
+
 def _layer_forward(self, hidden_states, input_ids=None, **kwargs):
-    """``DeepseekV4DecoderLayer.forward`` on the mhc ops (bound to the layer by :func:`apply`)."""
+    """``DeepseekV4DecoderLayer.forward`` on the mhc ops (bound to the layer by :func:`apply`):
+    the sublayer norms are fused into ``pre``/``fused_post_pre`` (``norm_weight``)."""
     a, f = self.attn_hc, self.ffn_hc
-    post_mix, comb_mix, collapsed = mhc.pre(hidden_states, *_mix_params(a, ("fn", "scale", "base"), hidden_states),
-                                            *_pre_scalars(a))
-    attn_output, _ = self.self_attn(self.input_layernorm(collapsed), **kwargs)
-    hidden_states, post_mix, comb_mix, collapsed = mhc.fused_post_pre(
+    post_mix, comb_mix, normed = mhc.pre(hidden_states, *_mix_params(a, ("fn", "scale", "base"), hidden_states),
+                                         *_pre_scalars(a), *_norm(self.input_layernorm, hidden_states))
+    attn_output, _ = self.self_attn(normed, **kwargs)
+    hidden_states, post_mix, comb_mix, normed = mhc.fused_post_pre(
         attn_output, hidden_states, post_mix, comb_mix,
-        *_mix_params(f, ("fn", "scale", "base"), hidden_states), *_pre_scalars(f))
-    mlp_output = self.mlp(self.post_attention_layernorm(collapsed), input_ids=input_ids)
+        *_mix_params(f, ("fn", "scale", "base"), hidden_states), *_pre_scalars(f),
+        *_norm(self.post_attention_layernorm, hidden_states))
+    mlp_output = self.mlp(normed, input_ids=input_ids)
     return mhc.post(mlp_output, hidden_states, post_mix, comb_mix)
 
 
@@ -218,6 +238,8 @@ def apply(model: torch.nn.Module) -> Handle:
         _check_module(layer, name, m.DeepseekV4DecoderLayer, version, hooks_bypassed=False)
         _check_hc(layer.attn_hc, f"{name}.attn_hc", m, version)
         _check_hc(layer.ffn_hc, f"{name}.ffn_hc", m, version)
+        for norm in ("input_layernorm", "post_attention_layernorm"):  # fused into pre: never called
+            _check_module(getattr(layer, norm), f"{name}.{norm}", m.DeepseekV4RMSNorm, version, hooks_bypassed=True)
     _check_module(base.hc_head, f"{p}hc_head", m.DeepseekV4HyperHead, version, hooks_bypassed=False)
     _check_module(base.hc_head.input_norm, f"{p}hc_head.input_norm", m.DeepseekV4UnweightedRMSNorm, version,
                   hooks_bypassed=True)

@@ -21,6 +21,12 @@ from mhc.registry import BACKWARD_OPS, CAUGHT, OPS, Backend, Capabilities, Probl
 
 _KERNELS = "mhc.backends.triton.launch"
 
+#: Largest H for which the Triton kernels fuse the RMSNorm (``norm_weight``): a collapse program
+#: holds its token's whole row in fp32 registers (at 4 warps, H / 128 values a thread on NVIDIA:
+#: 64 at 8192), so that the residual is read once from memory and the norm sees the unrounded
+#: sum; larger H would spill. DeepSeek-V4's 4096 and 7168 fit. Above it: a reason.
+NORM_MAX_H = 8192
+
 
 def _interpreted() -> bool:
     """Whether the kernels are (or, if not loaded yet, will be) defined for the interpreter."""
@@ -31,6 +37,9 @@ def _interpreted() -> bool:
 
 
 def _probe(p: Problem) -> list[str]:
+    if p.norm and p.H > NORM_MAX_H:
+        return [f"fuses the RMSNorm (norm_weight) only up to H = {NORM_MAX_H} (a token's row is held in "
+                f"registers), got H = {p.H}"]
     try:
         import triton  # noqa: F401
     except CAUGHT as e:  # a broken install is a reason, not a crash (a sys.exit() in it too)
@@ -71,6 +80,8 @@ BACKEND = Backend(
         device_types=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.bfloat16, torch.float16}),
         ops=frozenset(OPS + BACKWARD_OPS),
+        # forward only: pre_backward with norm_weight is the torch backend's (auto moves on)
+        norm_ops=frozenset({"pre", "fused_post_pre"}),
     ),
     load=_load,
     probe=_probe,

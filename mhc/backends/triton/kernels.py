@@ -423,12 +423,15 @@ def _tail(part_blk, n_splits, src_ptr, out_ptr, post_ptr, comb_ptr, prm, xs, n_r
           rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
           N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, HEAD: tl.constexpr,
           BM: tl.constexpr, SP: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, PF: tl.constexpr,
-          EMULATE_RNE: tl.constexpr):
+          EMULATE_RNE: tl.constexpr, nw_ptr=None, norm_eps=0.0, NORM: tl.constexpr = False,
+          NCH: tl.constexpr = 1):
     """The last program's work in ``mix_kernel`` (blocks of at most RB valid rows):
     sums the splits' partials straight into registers, one tensor [RB] per mixes column
     (:func:`_elems`; no scratch round trip); ``prm``: :func:`_tail_params`; collapses into ``out_ptr`` from the prefetched tiles
     ``xs`` (:func:`_tail_prefetch`, then the chunks past PF), and writes ``post_mix`` and the
-    in-thread Sinkhorn's ``comb_mix`` last, so that the collapse's stores drain meanwhile."""
+    in-thread Sinkhorn's ``comb_mix`` last, so that the collapse's stores drain meanwhile.
+    ``NORM``: the collapse covers the row in NCH chunks of BC held in registers (fp32), then the
+    fused RMSNorm with ``nw_ptr``/``norm_eps`` (:func:`_norm_store`)."""
     K = N * H
     r = tl.arange(0, RB)
     r_ok = r < n_rows
@@ -443,14 +446,33 @@ def _tail(part_blk, n_splits, src_ptr, out_ptr, post_ptr, comb_ptr, prm, xs, n_r
     for i in tl.static_range(N):
         w = w + (tl.sigmoid(m[i] * rms * prm[0] + prm[B + i]) + pre_eps,)
     hh = tl.arange(0, BC)
-    for c in tl.static_range(PF):
-        h = c * BC + hh
-        y = w[0][:, None] * xs[c * N].to(tl.float32)
-        for i in tl.static_range(1, N):
-            y += w[i][:, None] * xs[c * N + i].to(tl.float32)
-        tl.store(out_ptr + r[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE),
-                 mask=r_ok[:, None] & (h < H)[None, :])
-    h0 = PF * BC
+    if NORM:
+        ys = ()
+        ssq = tl.zeros([RB], dtype=tl.float32)
+        for c in tl.static_range(NCH):
+            h = c * BC + hh
+            if c < PF:
+                y = w[0][:, None] * xs[c * N].to(tl.float32)
+                for i in tl.static_range(1, N):
+                    y += w[i][:, None] * xs[c * N + i].to(tl.float32)
+            else:
+                msk = r_ok[:, None] & (h < H)[None, :]
+                y = tl.zeros([RB, BC], dtype=tl.float32)
+                for i in tl.static_range(N):
+                    x = tl.load(src_ptr + r[:, None] * K + i * H + h[None, :], mask=msk, other=0.0).to(tl.float32)
+                    y += w[i][:, None] * x
+            ssq += tl.sum(y * y, axis=1)
+            ys = ys + (y,)
+        _norm_store(out_ptr, ys, ssq, nw_ptr, r, r_ok, H, norm_eps, BC, NCH, EMULATE_RNE)
+    else:
+        for c in tl.static_range(PF):
+            h = c * BC + hh
+            y = w[0][:, None] * xs[c * N].to(tl.float32)
+            for i in tl.static_range(1, N):
+                y += w[i][:, None] * xs[c * N + i].to(tl.float32)
+            tl.store(out_ptr + r[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE),
+                     mask=r_ok[:, None] & (h < H)[None, :])
+    h0 = H if NORM else PF * BC
     while h0 < H:
         h = h0 + hh
         msk = r_ok[:, None] & (h < H)[None, :]
@@ -487,12 +509,13 @@ def mix_kernel(
     post_ptr, comb_ptr, out_ptr,
     part_ptr, cnt_ptr,
     T, H, n_splits,
-    rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
+    rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, nw_ptr, norm_eps,
     N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
     HEAD: tl.constexpr, FUSED: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr, BC: tl.constexpr,
     DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr,
     RB: tl.constexpr = 1, PF: tl.constexpr = 0, PF_EARLY: tl.constexpr = False,
+    NORM: tl.constexpr = False, NCH: tl.constexpr = 1,
 ):
     """``pre`` (HEAD=False, FUSED=False), ``head`` (HEAD=True) or ``fused_post_pre`` (FUSED=True).
 
@@ -510,6 +533,8 @@ def mix_kernel(
     atomic, so the last one finds them in registers.
     Grid: (cdiv(T, BM), n_splits); split s takes hidden elements [s, s+1) * STEPS*BH;
     ``n_splits <= SP``.
+    ``NORM`` (not HEAD): ``layer_input`` gets the fused RMSNorm with ``nw_ptr`` (H,) and
+    ``norm_eps``, the tail holding the row's collapse in NCH chunks of BC (NCH * BC >= H).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -554,7 +579,8 @@ def mix_kernel(
         if FUSED or not PF_EARLY:
             xs = _tail_prefetch(src, n_rows, H, N, RB, BC, PF, DOT_F32)
         _tail(part_blk, n_splits, src, out_ptr, post_ptr, comb_ptr, prm, xs, n_rows, H,
-              rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, N, NP, N3, N3P, HEAD, BM, SP, RB, BC, PF, DOT_F32)
+              rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, N, NP, N3, N3P, HEAD, BM, SP, RB, BC, PF, DOT_F32,
+              nw_ptr, norm_eps, NORM, NCH)
         tl.atomic_xchg(cnt_ptr + pid_m, 0)
 
 
@@ -575,6 +601,48 @@ def _collapse_range(src_ptr, out_ptr, w, n_rows, H, h_lo,
         y = tl.sum(x.to(tl.float32) * w[:, :, None], axis=1)
         tl.store(out_ptr + rows[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE),
                  mask=row_ok[:, None] & (h < H)[None, :])
+
+
+@triton.jit
+def _norm_store(out_ptr, ys, ssq, nw_ptr, rows, r_ok, H, norm_eps, BC: tl.constexpr, NCH: tl.constexpr,
+                EMULATE_RNE: tl.constexpr):
+    """The fused RMSNorm's end: ``out[r, h] = act(ys[c][r, h'] * rms[r] * nw[h])`` for the NCH
+    chunks ``ys`` (a tuple of [R, BC] fp32 tiles, chunk c = hidden [c*BC, (c+1)*BC)) of the
+    unrounded collapse of rows ``rows`` (those with ``r_ok``), ``ssq`` [R] their fp32 sums of
+    squares (0 past H), ``rms = _rms_factor(ssq, H, norm_eps)`` (one RMS rule for every factor),
+    ``nw_ptr`` (H,) the norm weight (any float dtype, taken in fp32). One rounding per element."""
+    rms = _rms_factor(ssq, H, norm_eps)
+    hh = tl.arange(0, BC)
+    for c in tl.static_range(NCH):
+        h = c * BC + hh
+        nw = tl.load(nw_ptr + h, mask=h < H, other=0.0).to(tl.float32)
+        z = ys[c] * rms[:, None] * nw[None, :]
+        tl.store(out_ptr + rows[:, None] * H + h[None, :], _to_act(z, out_ptr.dtype.element_ty, EMULATE_RNE),
+                 mask=r_ok[:, None] & (h < H)[None, :])
+
+
+@triton.jit
+def _collapse_norm(src_ptr, out_ptr, w, nw_ptr, n_rows, H, norm_eps,
+                   N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, NCH: tl.constexpr,
+                   EMULATE_RNE: tl.constexpr):
+    """:func:`_collapse_range` over whole rows, RMS-normalised (``pre`` with ``norm_weight``):
+    rows [0, n_rows) of ``src_ptr`` (T, N, H) collapsed with weights ``w`` [BM, NP] in NCH
+    chunks of BC (NCH * BC >= H) that stay in registers in fp32, so that the residual is read once
+    and the norm sees the unrounded sum; then :func:`_norm_store`."""
+    rows = tl.arange(0, BM)
+    i = tl.arange(0, NP)
+    row_ok = rows < n_rows
+    base_mask = row_ok[:, None, None] & (i < N)[None, :, None]
+    src = src_ptr + rows[:, None, None] * (N * H) + i[None, :, None] * H
+    ys = ()
+    ssq = tl.zeros([BM], dtype=tl.float32)
+    for c in tl.static_range(NCH):
+        h = c * BC + tl.arange(0, BC)
+        x = tl.load(src + h[None, None, :], mask=base_mask & (h < H)[None, None, :], other=0.0).to(tl.float32)
+        y = tl.sum(x * w[:, :, None], axis=1)
+        ssq += tl.sum(y * y, axis=1)
+        ys = ys + (y,)
+    _norm_store(out_ptr, ys, ssq, nw_ptr, rows, row_ok, H, norm_eps, BC, NCH, EMULATE_RNE)
 
 
 @triton.jit
@@ -611,13 +679,14 @@ def chunk_kernel(
     fn_ptr, scale_ptr, base_ptr,
     post_ptr, comb_ptr, out_ptr, part_ptr,
     T, H, n_splits, c_a, c_b, n_b,
-    rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
+    rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, nw_ptr, norm_eps,
     N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
     HEAD: tl.constexpr, FUSED: tl.constexpr, CHUNK: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr,
     BMB: tl.constexpr, BC: tl.constexpr, CSTEPS: tl.constexpr,
     DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr,
     SK_ELEM: tl.constexpr = False, BSPLIT: tl.constexpr = False,
+    NORM: tl.constexpr = False, NCH: tl.constexpr = 1,
 ):
     """The chunked two-role form of ``mix_kernel``: tokens go in chunks of CHUNK, and each launch
     runs phase B of chunk ``c_b`` (programs [0, n_b)) beside phase A of chunk ``c_a`` (the rest),
@@ -638,11 +707,17 @@ def chunk_kernel(
     block has one more phase B program, hidden chunk ``n_hc``, that writes ``post_mix`` and
     ``comb_mix`` alone, beside the collapse programs instead of before hidden chunk 0's collapse;
     with CSTEPS == 1 a collapse program also loads its residual tile before the partials.
+    ``NORM`` (not HEAD): the fused RMSNorm (``nw_ptr`` (H,), ``norm_eps``); a collapse program
+    then owns whole rows (one hidden chunk per token block, NCH chunks of BC held in registers,
+    :func:`_collapse_norm`), since the norm needs the row's sum of squares before any store.
     """
     pid = tl.program_id(0)
     K = N * H
     if pid < n_b:
-        n_hc = tl.cdiv(H, CSTEPS * BC)
+        if NORM:
+            n_hc = 1
+        else:
+            n_hc = tl.cdiv(H, CSTEPS * BC)
         n_hc_e = n_hc
         if BSPLIT:
             if not HEAD:
@@ -666,6 +741,11 @@ def chunk_kernel(
                 _post_comb(mix, scale_ptr, base_ptr, post_ptr + blk * N, comb_ptr + blk * (N * N), n_rows, K,
                            rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits, N, NP, N3, N3P, BMB, SP,
                            SK_ELEM)
+            elif NORM:
+                wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
+                                   N, NP, N3, N3P, BMB, SP)
+                _collapse_norm(src, out_ptr + blk * H, wts, nw_ptr, n_rows, H, norm_eps, N, NP, BMB, BC, NCH,
+                               DOT_F32)
             else:
                 _b_collapse(src, out_ptr + blk * H, mix, scale_ptr, base_ptr, n_rows, H, hc, rms_eps, pre_eps,
                             sstride, n_splits, N, NP, N3, N3P, BMB, SP, BC, CSTEPS, DOT_F32)
@@ -677,8 +757,12 @@ def chunk_kernel(
                                SK_ELEM)
             wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
                                N, NP, N3, N3P, BMB, SP)
-            _collapse_range(src, out_ptr + blk * H, wts, n_rows, H, hc * (CSTEPS * BC),
-                            N, NP, BMB, BC, CSTEPS, DOT_F32)
+            if NORM:
+                _collapse_norm(src, out_ptr + blk * H, wts, nw_ptr, n_rows, H, norm_eps, N, NP, BMB, BC, NCH,
+                               DOT_F32)
+            else:
+                _collapse_range(src, out_ptr + blk * H, wts, n_rows, H, hc * (CSTEPS * BC),
+                                N, NP, BMB, BC, CSTEPS, DOT_F32)
     else:
         p = pid - n_b
         m = p // n_splits
@@ -771,10 +855,11 @@ def prenorm_kernel(x_ptr, w_ptr, part_ptr, T, K, sstride,
 @triton.jit(do_not_specialize=["T", "n_pc"])
 def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr,
                     T, H, n_splits, sstride, n_pc,
-                    rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
+                    rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, nw_ptr, norm_eps,
                     N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
                     SP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BMB: tl.constexpr,
-                    HEAD: tl.constexpr, SK_ELEM: tl.constexpr, EMULATE_RNE: tl.constexpr):
+                    HEAD: tl.constexpr, SK_ELEM: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                    NORM: tl.constexpr = False, NCH: tl.constexpr = 1):
     """The second pass of ``pre``/``head``/``fused_post_pre`` over T tokens whose partials
     :func:`prenorm_kernel` wrote (``part_ptr``, split stride ``sstride``, ``n_splits`` of them).
 
@@ -785,6 +870,9 @@ def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, c
     weights from the partials (:func:`_pre_weights`, every program reducing its own tokens'
     partials), then ``out_ptr`` (T, H) in the residual's dtype. The residual is read a second time
     here, from memory (L2-sized token chunks did not pay: benchmarks/results/two-pass-h200.md).
+    ``NORM`` (not HEAD): the fused RMSNorm (``nw_ptr`` (H,), ``norm_eps``); a collapse program
+    then owns BT whole rows (NCH chunks of BC in registers, :func:`_collapse_norm`): the norm needs
+    the row's sum of squares before its first store, and this keeps the residual read once.
     """
     pid = tl.program_id(0)
     K = N * H
@@ -795,6 +883,13 @@ def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, c
             _post_comb(part_ptr + blk * N3P, scale_ptr, base_ptr, post_ptr + blk * N, comb_ptr + blk * (N * N),
                        T - row0, K, rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits,
                        N, NP, N3, N3P, BMB, SP, SK_ELEM)
+    elif NORM:
+        row0 = (pid - n_pc) * BT
+        blk = row0.to(tl.int64)
+        wts = _pre_weights(part_ptr + blk * N3P, scale_ptr, base_ptr, T - row0, K, rms_eps, pre_eps, sstride,
+                           n_splits, N, NP, N3, N3P, BT, SP)
+        _collapse_norm(src_ptr + blk * K, out_ptr + blk * H, wts, nw_ptr, T - row0, H, norm_eps,
+                       N, NP, BT, BC, NCH, EMULATE_RNE)
     else:
         p = pid - n_pc
         n_hb = tl.cdiv(H, BC)

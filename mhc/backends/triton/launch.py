@@ -25,7 +25,7 @@ import torch
 import triton
 
 from mhc.backends import device_guard, empty
-from mhc.backends.triton import kernels
+from mhc.backends.triton import NORM_MAX_H, kernels  # noqa: F401 (NORM_MAX_H: the docstrings' limit)
 from mhc.backends.triton.direct import DirectKernel
 from mhc.plans import PLANS
 
@@ -198,7 +198,8 @@ def shared_estimate(op: str, n: int, block_m: int, block_h: int, num_stages: int
 
 
 def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None = None,
-            measure: Callable[[Config], int] | None = None, _block_h_cap: int | None = None) -> Config:
+            measure: Callable[[Config], int] | None = None, _block_h_cap: int | None = None,
+            norm: bool = False) -> Config:
     """The launch config of ``op`` for ``n`` streams, hidden size ``H``, ``T <= SMALL_T`` tokens
     (any n <= 8, any H), on a GPU with shared memory ``smem`` (default: the H100's,
     ``SHARED_MEMORY["sm90"]``; the launchers pass the input device's).
@@ -214,6 +215,10 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
     else:
         raise ValueError(f"configs() covers T <= {_TABLE[-1][0]}; plan() serves T = {T}")
     row = dict(fused_row if op == "fused_post_pre" and fused_row is not None else row)
+    if norm and row.get("chunk_mib"):
+        # The fused RMSNorm: a collapse program owns whole rows (held in registers, NORM_MAX_H),
+        # one token each, in chunks of up to 1024 (few, so that the unrolled row stays short).
+        row.update(block_m_b=1, block_c=1024, c_steps=1)
     chunk_mib = row.pop("chunk_mib", 0)
     if chunk_mib:
         # Tokens per chunk: as many as keep one chunk's residual (bf16/fp16) under chunk_mib MiB,
@@ -255,14 +260,15 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
         row["tail_pf"] = 0 if H == 1 else min(triton.cdiv(H, row["block_c"]), budget // per_chunk)
     cfg = Config(block_h=bh, splits=triton.cdiv(H, h_per_split), h_per_split=h_per_split, **row)
     if measure is not None and bh * np2 > 16 and measure(cfg) > smem.limit:
-        return configs(n, H, T, op, smem, measure, bh // 2)
+        return configs(n, H, T, op, smem, measure, bh // 2, norm)
     return cfg
 
 
 _FITTED: dict[tuple, Config] = {}
 
 
-def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device) -> Config:
+def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device,
+                  norm: bool = False) -> Config:
     """:func:`configs` for a launch on ``device``, with its shared memory. On a GPU, the K tile is
     checked against the compiled kernel's real shared memory (``aot.compile_mix`` for the
     device's target reads ``metadata.shared``; Triton itself checks it only when it loads the
@@ -272,7 +278,7 @@ def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: t
     dtype and estimated config, so later calls pay a dict lookup. If that compile raises, the
     estimate's config runs, with a warning (Triton's own load check still stands)."""
     smem = device_shared_memory(device)
-    cfg = configs(n, H, T, op, smem)
+    cfg = configs(n, H, T, op, smem, norm=norm)
     if device.type != "cuda" or INTERPRETED:
         return cfg
     key = (device.index, op, n, dtype, H % 16 == 0, cfg)
@@ -287,7 +293,7 @@ def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: t
             return aot.compile_mix(op, n, dtype, c, target, H % 16 == 0).metadata.shared
 
         try:
-            got = configs(n, H, T, op, smem, measure=measure)
+            got = configs(n, H, T, op, smem, measure=measure, norm=norm)
         except Exception as e:
             warnings.warn(f"mhc triton: could not measure the shared memory of the {op} kernel for n={n}, H={H} "
                           f"({type(e).__name__}: {e}); using the estimated tiles", RuntimeWarning, stacklevel=3)
@@ -296,10 +302,11 @@ def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: t
     return got
 
 
-def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict:
+def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config, norm_chunks: int = 0) -> dict:
     """Compile-time constants of the kernel that serves ``op`` in {"pre", "head",
     "fused_post_pre"} with ``cfg`` (``kernels.mix_kernel`` if ``cfg.chunk == 0``, else
-    ``kernels.chunk_kernel``), ``n`` streams, residual ``dtype``."""
+    ``kernels.chunk_kernel``), ``n`` streams, residual ``dtype``. ``norm_chunks`` > 0: the fused
+    RMSNorm, the row's collapse held in that many chunks of ``cfg.block_c`` (:func:`norm_chunks`)."""
     head = op == "head"
     n3, n3p = _mix_columns(op, n)
     sp = triton.next_power_of_2(cfg.splits)
@@ -309,10 +316,18 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config) -> dict
         BM=cfg.block_m, BH=cfg.block_h, STEPS=cfg.h_per_split // cfg.block_h, SP=sp, BC=cfg.block_c,
         DOT_F32=INTERPRETED, EXACT_BF16=dtype == torch.bfloat16,
     )
+    if norm_chunks:
+        common.update(NORM=True, NCH=norm_chunks)
     if cfg.chunk:
         return dict(common, CHUNK=cfg.chunk, BMB=cfg.block_m_b, CSTEPS=cfg.c_steps, SK_ELEM=cfg.sk_elem,
                     BSPLIT=cfg.b_split)
     return dict(common, RB=cfg.tail_rows, PF=cfg.tail_pf, PF_EARLY=cfg.pf_early)
+
+
+def norm_chunks(H: int, block_c: int) -> int:
+    """Chunks of ``block_c`` that cover a row of H (the fused RMSNorm's NCH)."""
+    return triton.cdiv(H, block_c)
+
 
 def prep_block(n3p: int) -> int:
     """Columns of fn per ``prep_kernel`` program: 16K elements of fn a program, at most 1024
@@ -496,6 +511,7 @@ class SmallPlan:
     cfg: Config
     n3p: int
     head: bool
+    norm: bool  # the fused RMSNorm's variant (NORM)
     kernel: DirectKernel
 
 
@@ -509,6 +525,7 @@ class TwoPassPlan:
     n3: int
     n3p: int
     splits: int  # K splits of the GEMM
+    norm: bool  # the fused RMSNorm's variant of finalize (NORM): one program per token row
     prep: DirectKernel | None
     prep_grid: tuple
     prenorm: DirectKernel
@@ -528,15 +545,17 @@ def _post_plan(n: int, H: int, T: int) -> PostPlan:
                     _kernel(kernels.post_kernel, post_specialization(n, cfg), num_warps=cfg.warps))
 
 
-def _small_plan(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device) -> SmallPlan:
-    cfg = device_config(op, n, H, T, dtype, device)
-    spec = mix_specialization(op, n, dtype, cfg)
+def _small_plan(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device,
+                norm: bool) -> SmallPlan:
+    cfg = device_config(op, n, H, T, dtype, device, norm=norm)
+    spec = mix_specialization(op, n, dtype, cfg, norm_chunks(H, cfg.block_c) if norm else 0)
     fn = kernels.chunk_kernel if cfg.chunk else kernels.mix_kernel
-    return SmallPlan(cfg, spec["N3P"], op == "head",
+    return SmallPlan(cfg, spec["N3P"], op == "head", norm,
                      _kernel(fn, spec, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
-def _two_pass_plan(op: str, tp: TwoPass, n: int, H: int, T: int, dtype: torch.dtype) -> TwoPassPlan:
+def _two_pass_plan(op: str, tp: TwoPass, n: int, H: int, T: int, dtype: torch.dtype,
+                   norm: bool = False) -> TwoPassPlan:
     K = n * H
     head = op == "head"
     n3, n3p = gemm_columns(op, n, tp)
@@ -553,24 +572,26 @@ def _two_pass_plan(op: str, tp: TwoPass, n: int, H: int, T: int, dtype: torch.dt
                       num_warps=tp.warps, num_stages=tp.stages)
     finalize = _kernel(kernels.finalize_kernel,
                        dict(N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, SP=triton.next_power_of_2(splits),
-                            BT=tp.bt, BC=tp.bc, BMB=tp.bmb, HEAD=head, SK_ELEM=tp.sk_elem, EMULATE_RNE=INTERPRETED),
+                            BT=tp.bt, BC=tp.bc, BMB=tp.bmb, HEAD=head, SK_ELEM=tp.sk_elem, EMULATE_RNE=INTERPRETED,
+                            **(dict(NORM=True, NCH=norm_chunks(H, tp.bc)) if norm else {})),
                        num_warps=tp.fin_warps)
     post = _post_plan(n, H, T) if op == "fused_post_pre" else None
-    return TwoPassPlan(tp, n3, n3p, splits, prep, (_cdiv(K, bk), 1, 1) if bk else (), prenorm, finalize, post)
+    return TwoPassPlan(tp, n3, n3p, splits, norm, prep, (_cdiv(K, bk), 1, 1) if bk else (), prenorm, finalize, post)
 
 
-def plan_for(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device):
+def plan_for(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device, norm: bool = False):
     """The launch plan of ``op`` (any of the four) for n streams, hidden size H, T tokens,
-    residual ``dtype`` on ``device``: built once per ``t_bucket(T)`` and kept in
-    :data:`mhc.plans.PLANS`. A :class:`PostPlan`, :class:`SmallPlan` or :class:`TwoPassPlan`."""
+    residual ``dtype`` on ``device`` (``norm``: with the fused RMSNorm, ``pre`` and
+    ``fused_post_pre``): built once per ``t_bucket(T)`` and kept in :data:`mhc.plans.PLANS`.
+    A :class:`PostPlan`, :class:`SmallPlan` or :class:`TwoPassPlan`."""
     def build():
         if op == "post":
             return _post_plan(n, H, T)
         if T <= SMALL_T:
-            return _small_plan(op, n, H, T, dtype, device)
-        return _two_pass_plan(op, plan(op, n, H, T, device_shared_memory(device)), n, H, T, dtype)
+            return _small_plan(op, n, H, T, dtype, device, norm)
+        return _two_pass_plan(op, plan(op, n, H, T, device_shared_memory(device)), n, H, T, dtype, norm)
 
-    return PLANS.get(("triton", op, n, H, t_bucket(T), dtype, device), build)
+    return PLANS.get(("triton", op, n, H, t_bucket(T), dtype, device, norm), build)
 
 
 def _prep_fn(fn, n3, n3p, kernel: DirectKernel | None = None):
@@ -602,11 +623,13 @@ def _outputs(op, residual, fused):
     return out, post_mix, comb_mix, new
 
 
-def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
+def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None, norm=None):
     """``op`` in {"pre", "head", "fused_post_pre"} by its plan; returns ``(layer_input, post_mix,
-    comb_mix, new_residual)`` (the ones ``op`` does not make are placeholders)."""
+    comb_mix, new_residual)`` (the ones ``op`` does not make are placeholders). ``norm``: None,
+    or ``(norm_weight, norm_eps)`` for the fused RMSNorm (pre and fused_post_pre)."""
     T, n, H = residual.shape
-    p = plan_for(op, n, H, T, residual.dtype, residual.device)
+    p = plan_for(op, n, H, T, residual.dtype, residual.device, norm is not None)
+    scalars = (*scalars, *(norm if norm is not None else (None, 0.0)))  # + the kernels' nw_ptr, norm_eps
     if T > SMALL_T:
         return _run_two_pass(op, p, residual, fn, hc_scale, hc_base, scalars, fused_inputs)
     cfg = p.cfg
@@ -632,7 +655,7 @@ def _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix,
     cfg = p.cfg
     n_chunks = _cdiv(T, cfg.chunk)
     part = torch.empty(cfg.splits * T * p.n3p, dtype=torch.float32, device=residual.device)
-    n_hc = _cdiv(H, cfg.c_steps * cfg.block_c) + (1 if cfg.b_split and not p.head else 0)
+    n_hc = (1 if p.norm else _cdiv(H, cfg.c_steps * cfg.block_c)) + (1 if cfg.b_split and not p.head else 0)
     for a, b in [(c, c - 1) for c in range(n_chunks + 1)]:
         rows_a = min(cfg.chunk, T - a * cfg.chunk) if 0 <= a < n_chunks else 0
         rows_b = min(cfg.chunk, T - b * cfg.chunk) if 0 <= b < n_chunks else 0
@@ -656,33 +679,42 @@ def _run_two_pass(op, p: TwoPassPlan, residual, fn, hc_scale, hc_base, scalars, 
         part = torch.empty(p.splits * sstride, dtype=torch.float32, device=residual.device)
         p.prenorm((_cdiv(T, tp.block_m) * p.splits, 1, 1), src, w, part, T, n * H, sstride)
         n_pc = 0 if op == "head" else _cdiv(T, tp.bmb)
-        p.finalize((n_pc + _cdiv(T, tp.bt) * _cdiv(H, tp.bc), 1, 1),
+        p.finalize((n_pc + _cdiv(T, tp.bt) * (1 if p.norm else _cdiv(H, tp.bc)), 1, 1),
                    src, out, part, hc_scale, hc_base, post_mix, comb_mix, T, H, p.splits, sstride, n_pc, *scalars)
     return out, post_mix, comb_mix, new
 
 
-def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
+def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None, norm=None):
     """``op`` in {"pre", "head", "fused_post_pre"} by the :class:`TwoPass` tiles ``plan`` (any
     T; the launchers take :func:`plan`'s above SMALL_T, benchmarks/prenorm_dev.py sweeps others);
-    returns ``(layer_input, post_mix, comb_mix, new_residual)`` as :func:`_mix`."""
+    ``scalars`` and ``norm`` as :func:`_mix`; returns ``(layer_input, post_mix, comb_mix,
+    new_residual)`` as :func:`_mix`."""
     T, n, H = residual.shape
     dtype, dev = residual.dtype, residual.device
-    p = PLANS.get(("triton", "two_pass", op, n, H, t_bucket(T), dtype, dev, plan),
-                  lambda: _two_pass_plan(op, plan, n, H, T, dtype))
+    p = PLANS.get(("triton", "two_pass", op, n, H, t_bucket(T), dtype, dev, plan, norm is not None),
+                  lambda: _two_pass_plan(op, plan, n, H, T, dtype, norm is not None))
+    scalars = (*scalars, *(norm if norm is not None else (None, 0.0)))
     return _run_two_pass(op, p, residual, fn, hc_scale, hc_base, scalars, fused_inputs)
 
 
+def _norm(norm_weight, norm_eps):
+    return None if norm_weight is None else (norm_weight, float(norm_eps))
+
+
 def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-        hc_post_mult_value, sinkhorn_repeat):
+        hc_post_mult_value, sinkhorn_repeat, norm_weight=None, norm_eps=1e-6):
     """mHC ``pre`` (math: ``mhc.reference.pre``).
 
     ``residual`` (T, n, H) bf16/fp16 contiguous; ``fn`` (2n+n*n, n*H) fp32; ``hc_scale`` (3,)
-    fp32; ``hc_base`` (2n+n*n,) fp32; ``sinkhorn_repeat`` int >= 1. Returns ``post_mix``
-    (T, n, 1) fp32, ``comb_mix`` (T, n, n) fp32, ``layer_input`` (T, H) in the residual's dtype.
+    fp32; ``hc_base`` (2n+n*n,) fp32; ``sinkhorn_repeat`` int >= 1; ``norm_weight`` None or (H,)
+    in the residual's dtype or fp32, H <= ``NORM_MAX_H`` (the fused RMSNorm). Returns
+    ``post_mix`` (T, n, 1) fp32, ``comb_mix`` (T, n, n) fp32, ``layer_input`` (T, H) in the
+    residual's dtype.
     """
     scalars = (float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
                int(sinkhorn_repeat))
-    out, post_mix, comb_mix, _ = _mix("pre", residual, fn, hc_scale, hc_base, scalars)
+    out, post_mix, comb_mix, _ = _mix("pre", residual, fn, hc_scale, hc_base, scalars,
+                                      norm=_norm(norm_weight, norm_eps))
     return post_mix, comb_mix, out
 
 
@@ -697,19 +729,20 @@ def head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps):
 
 
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
-                   hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat):
+                   hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_weight=None, norm_eps=1e-6):
     """``post`` then ``pre`` (math: ``mhc.reference.fused_post_pre``).
 
     ``x`` (T, H) and ``residual`` (T, n, H) bf16/fp16; ``post_mix`` (T, n, 1) and ``comb_mix``
     (T, n, n) fp32; the rest as :func:`pre`. Returns ``(new_residual (T, n, H), post_mix (T, n, 1),
     comb_mix (T, n, n), layer_input (T, H))``. Up to ``SMALL_T`` tokens the small-T kernels compute
     the new residual inside the GEMM's tile loop, write it once and feed it to the GEMM from
-    registers; above, ``post_kernel`` writes it and the two passes read it back.
+    registers; above, ``post_kernel`` writes it and the two passes read it back. ``norm_weight``,
+    ``norm_eps``: as :func:`pre`.
     """
     scalars = (float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
                int(sinkhorn_repeat))
     out, pm, cm, new = _mix("fused_post_pre", residual, fn, hc_scale, hc_base, scalars,
-                            fused_inputs=(x, post_mix, comb_mix))
+                            fused_inputs=(x, post_mix, comb_mix), norm=_norm(norm_weight, norm_eps))
     return new, pm, cm, out
 
 
