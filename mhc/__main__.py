@@ -62,6 +62,18 @@ def _device_desc(dev: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, no GPU visible)"
 
 
+def _reasons_per_op(name: str, dev: torch.device, dtype: torch.dtype, args) -> dict[str, list[str]]:
+    """``{op: why backend name cannot serve it}`` for the problem of ``args`` (n, H, T) on ``dev``
+    (an empty list: it can; a broken record's error is its one reason)."""
+    whys = {}
+    for op in registry.OPS:
+        try:
+            whys[op] = registry.reasons_for(name, Problem(op, dev, dtype, args.n, args.H, args.T))
+        except registry.BackendError as e:
+            whys[op] = [str(e)]
+    return whys
+
+
 def cmd_info(args) -> int:
     dev = best_device()
     print(f"mhc {mhc.__version__}, Python {platform.python_version()}")
@@ -73,12 +85,7 @@ def cmd_info(args) -> int:
     print(f"\nbackends on {dev} for n={args.n}, H={args.H}, T={args.T}, {args.dtype}:")
     dtype = getattr(torch, args.dtype)
     for name in registry.backend_names():
-        whys = {}
-        for op in registry.OPS:
-            try:
-                whys[op] = registry.reasons_for(name, Problem(op, dev, dtype, args.n, args.H, args.T))
-            except registry.BackendError as e:
-                whys[op] = [str(e)]
+        whys = _reasons_per_op(name, dev, dtype, args)
         can = [op for op, w in whys.items() if not w]
         print(f"  {name:9s} " + ("serves " + ", ".join(can) if can else "cannot serve"))
         groups: dict[str, list[str]] = {}  # identical reasons are printed once for all their ops
@@ -121,12 +128,7 @@ def cmd_check(args) -> int:
     failed = []
     checked = 0
     for name in names:
-        why = {}
-        for op in registry.OPS:
-            try:
-                why[op] = registry.reasons_for(name, Problem(op, dev, dtype, args.n, args.H, args.T))
-            except registry.BackendError as e:
-                why[op] = [str(e)]
+        why = _reasons_per_op(name, dev, dtype, args)
         if all(why.values()):
             print(f"{name:10s} {'(every op)':15s} n/a")
             continue

@@ -7,6 +7,7 @@ in the benchmarks (``python benchmarks/bench.py``).
   inputs are random and never zero;
 - n = 6 and 8 at T = 2048 (pre, fused_post_pre): the widest tiles fit the GPU's shared memory;
 - CUDA graphs: capture, then replay on new input values, matches an eager call bitwise;
+- ``torch.library.opcheck`` of every op with each backend's kernels;
 - ``torch.compile(fullgraph=True)`` of a small mHC block (pre -> Linear -> post, twice) with the
   default inductor backend: no graph break (fullgraph raises on one), matches eager;
 - determinism: 100 runs at T = 16384 are bitwise identical;
@@ -156,6 +157,17 @@ class _Block(torch.nn.Module):
                                                       getattr(self, f"base{i}"), backend=self.backend)
             residual = mhc.post(self.lin[i](layer_input), residual, post_mix, comb_mix, backend=self.backend)
         return residual
+
+
+@pytest.mark.parametrize("T", [8, 513])
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck_per_backend(backend, op, T):
+    """``torch.library.opcheck`` (schema, autograd registration, fake impl against the real
+    outputs, dynamic-shape AOT dispatch) with each backend's kernels on the GPU: the CPU suite
+    runs it on the torch backend only. T = 513 takes Triton's two-pass path."""
+    _gpu_backend(backend, op, 4096, T)
+    args, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=90 + T)
+    torch.library.opcheck(getattr(torch.ops.mhc, op).default, args, {**kwargs, "backend": backend})
 
 
 def test_torch_compile_fullgraph_of_an_mhc_block(backend):
@@ -406,7 +418,7 @@ def test_norm_weight_matches_fp64_oracle(backend, op, H, T):
         pytest.skip(f"backend {backend} does not fuse the norm here: " + "; ".join(why))
     outs = checking.call(op, args, kwargs, backend)
     torch.cuda.synchronize()
-    _assert_correct(op, args, kwargs, outs, rows, bench.reference_rows(op, args, kwargs, rows), backend)
+    _assert_correct(op, args, kwargs, outs, rows, checking.reference_rows(op, args, kwargs, rows), backend)
 
 
 @pytest.mark.parametrize("T", (1, 64, 513))
@@ -415,7 +427,7 @@ def test_norm_weight_cuda_graph_replay_matches_eager(backend, op, T):
     why = registry.reasons_for(backend, registry.Problem(op, DEVICE, torch.bfloat16, N, 4096, T, norm=True))
     if why:
         pytest.skip("; ".join(why))
-    static, kwargs = bench.device_inputs(op, T, N, 4096, DEVICE, seed=17)
+    static, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=17)
     static = tuple(a.clone() for a in static)
     kwargs = _with_norm(kwargs, 4096, seed=18)
     side = torch.cuda.Stream()
@@ -427,7 +439,7 @@ def test_norm_weight_cuda_graph_replay_matches_eager(backend, op, T):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = checking.call(op, static, kwargs, backend)
-    new, _ = bench.device_inputs(op, T, N, 4096, DEVICE, seed=19)
+    new, _ = checking.device_inputs(op, T, N, 4096, DEVICE, seed=19)
     for s, v in zip(static, new):
         s.copy_(v)
     graph.replay()
