@@ -6,7 +6,7 @@ Prints one line per (op, T, H, implementation): median microseconds of the backw
 achieved GB/s (floor bytes over that time) and the ratio to the floor (the
 forward and graph are built once; ``torch.autograd.grad`` with ``retain_graph`` is timed), and
 the floor: the bytes backward must move (listed per op below) over the device's bandwidth
-(the copy bandwidth measured at the start of the same run by ``mhc.bench.copy_bandwidth``). tile-kernels' backward kernels (``mhc_post_bwd``,
+(the copy bandwidth measured at the start of the same run by ``bench.copy_bandwidth``, the harness beside this script). tile-kernels' backward kernels (``mhc_post_bwd``,
 ``mhc_pre_apply_mix_bwd``, ``mhc_sinkhorn_bwd``) are not wired in: they cover pieces of the
 backward, not the ops; add them here once installed on the benchmark machine.
 """
@@ -18,7 +18,8 @@ import argparse
 import torch
 
 import mhc
-from mhc import bench, reference
+from bench import copy_bandwidth  # benchmarks/bench.py, the one harness (this script's folder is on sys.path)
+from mhc import checking, reference, timing
 
 
 def _floor_bytes(op: str, T: int, n: int, H: int) -> int:
@@ -32,15 +33,9 @@ def _floor_bytes(op: str, T: int, n: int, H: int) -> int:
     return act * T * (2 * n * H + H + n * H) + 4 * 2 * m * n * H
 
 
-def _time_us(fn, reps: int = 50) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") * 1e3
-
-
 def _case(op: str, T: int, n: int, H: int, impl: str):
     # Drawn on the GPU (make_inputs draws fp64 on the CPU: minutes at T=16384).
-    args, kw = bench.device_inputs(op, T, n, H, torch.device("cuda"), seed=0)
+    args, kw = checking.device_inputs(op, T, n, H, torch.device("cuda"), seed=0)
     ins = [a.detach().clone().requires_grad_() for a in args]
     if impl.startswith("mhc"):
         bwd = impl.split("/")[1]
@@ -67,7 +62,7 @@ def main() -> None:
     import torch._functorch.config
 
     torch._functorch.config.donated_buffer = False
-    gbps, how = bench.copy_bandwidth(torch.device("cuda"), 1 << 30, 100)
+    gbps, how = copy_bandwidth(torch.device("cuda"), 1 << 30, 100)
     print(f"copy bandwidth {gbps:.0f} GB/s ({how})")
     print(f"{'op':5s} {'T':>6s} {'H':>5s} {'impl':18s} {'us':>9s} {'GB/s':>7s} {'floor us':>9s} {'x floor':>8s}")
     for op in a.ops:
@@ -77,7 +72,7 @@ def main() -> None:
                 floor = nbytes / (gbps * 1e3)
                 for impl in ("mhc/triton", "mhc/torch", "reference/eager", "reference/compile"):
                     try:
-                        us = _time_us(_case(op, T, a.n, H, impl))
+                        us = timing.time_cold(_case(op, T, a.n, H, impl), torch.device("cuda"), 50)
                     except Exception as e:  # one failing implementation must not end the table
                         print(f"{op:5s} {T:6d} {H:5d} {impl:18s} failed: {type(e).__name__}: {e}")
                         continue

@@ -40,7 +40,7 @@ fi
 # MHC_WARM_PEERS=1: compile tile-kernels' kernels (one per op and H; T is dynamic in them) in the
 # background while the tests run, so that the benchmark call after this one finds them cached.
 if [[ ${MHC_WARM_PEERS:-0} == 1 ]]; then
-  setsid nohup python3 -m mhc bench --impls tile-kernels --T 1 --no-cold --rep-ms 1 --out /tmp/mhc-warm \
+  setsid nohup python3 benchmarks/bench.py --impls tile-kernels --T 1 --no-cold --rep-ms 1 --out /tmp/mhc-warm \
     >/tmp/mhc-warm.log 2>&1 < /dev/null &
 fi
 { date -u; cat SOURCE.txt 2>/dev/null || git log -1 --format='source: commit %H %s' 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
@@ -65,7 +65,7 @@ if [[ $tests != none ]]; then
   echo "gpu tests exit $trc"
 fi
 if [[ ${MHC_BENCH:-1} == 1 ]]; then
-  python3 -m mhc bench --out "$OUT" "$@" >"$OUT/bench.log" 2>&1
+  python3 benchmarks/bench.py --out "$OUT" "$@" >"$OUT/bench.log" 2>&1
   brc=$?; rc=$((rc | brc))
   grep -E "copy bandwidth|skip |FAIL|CHECK|rows in" "$OUT/bench.log" | head -n 40
   sed -n '/^op  /,$p' "$OUT/bench.log"

@@ -6,7 +6,7 @@ paths where no GPU is at hand:
     python benchmarks/launch_overhead_standin.py            # direct launch (mhc's default)
     python benchmarks/launch_overhead_standin.py --jit      # every launch through JITFunction.run
 
-It measures what ``python -m mhc bench --overhead`` leaves out (Triton's own Python per launch)
+It measures what ``python benchmarks/bench.py --overhead`` leaves out (Triton's own Python per launch)
 and nothing of the GPU: the real launch adds the driver's cuLaunchKernel, a few µs.
 """
 
@@ -77,13 +77,13 @@ def main() -> None:
     ap.add_argument("--H", type=int, default=256)
     args = ap.parse_args()
     driver.set_active(StandInDriver())
-    from mhc import bench
+    from mhc import checking
     from mhc.backends.triton import direct, launch
 
     direct.ENABLED = not args.jit
     print(f"triton launchers, n=4, H={args.H}, {'JITFunction.run' if args.jit else 'direct'} launches, stand-in driver")
     for op, T in (("pre", 1), ("post", 1), ("head", 1), ("fused_post_pre", 1), ("pre", 64), ("pre", 512)):
-        a, kw = bench.device_inputs(op, T, 4, args.H, torch.device("cpu"))
+        a, kw = checking.device_inputs(op, T, 4, args.H, torch.device("cpu"))
         f, vals = getattr(launch, op), tuple(kw.values())
         print(f"{op:15s} T={T:<4} {best_us(lambda: f(*a, *vals)):7.1f} us")
 

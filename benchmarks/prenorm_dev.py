@@ -9,7 +9,7 @@ config's partial sums against fp64. Stage 2 varies the best GEMM tiles' order, s
 precision. Stage 3 runs whole ops through ``launch._two_pass`` with several GEMM and second-pass
 tiles (its chunked forms, measured in runs 1-2, are gone: results/two-pass-h200.md), checks every
 output against the fp64 oracle on sampled rows (outputs poisoned), and times the current Triton
-path in the same run. Times are CUDA-graph replay medians; the floor is ``mhc.bench.floor_bytes`` over the copy bandwidth measured here. Results: ``OUT/prenorm_dev.json``
+path in the same run. Times are CUDA-graph replay medians; the floor is ``mhc.timing.floor_bytes`` over the copy bandwidth measured here (``bench.copy_bandwidth``). Results: ``OUT/prenorm_dev.json``
 and a table on stdout.
 """
 
@@ -31,7 +31,8 @@ import triton.testing
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import mhc  # noqa: E402
-from mhc import bench  # noqa: E402
+from bench import copy_bandwidth  # noqa: E402  (benchmarks/bench.py, the one harness)
+from mhc import checking, timing  # noqa: E402
 from mhc.backends.triton import kernels, launch  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -61,7 +62,7 @@ def gemm_runner(x2d, w, part, T, K, n3, n3p, c):
 
 
 def check_gemm(x2d, fn, part, T, n3, n3p, splits):
-    rows = bench.sample_rows(T, DEV, 32)
+    rows = checking.sample_rows(T, DEV, 32)
     p = part.view(splits, T, n3p)[:, rows].sum(0).double()
     xr = x2d[rows].double()
     ref = torch.cat([xr @ fn.double().T, (xr * xr).sum(1, keepdim=True)], 1)
@@ -179,10 +180,10 @@ def stage_ops(results, top, copy_gbs, budget_end):
         for T, H in shapes:
             if time.time() > budget_end:
                 break
-            args, kw = bench.device_inputs(op, T, n, H, DEV, seed=T + H)
-            rows = bench.sample_rows(T, DEV)
-            refs = bench.reference_rows(op, args, kw, rows)
-            floor_us = bench.floor_bytes(op, T, n, H) / (copy_gbs * 1e3)
+            args, kw = checking.device_inputs(op, T, n, H, DEV, seed=T + H)
+            rows = checking.sample_rows(T, DEV)
+            refs = checking.reference_rows(op, args, kw, rows)
+            floor_us = timing.floor_bytes(op, T, n, H) / (copy_gbs * 1e3)
             cands = [plan_from(c) for c in top[:2]]
             for bt, bc, fw in ((2, 1024, 4), (1, 2048, 8), (4, 512, 4), (1, 512, 2)):
                 cands.append(plan_from(top[0], bt=bt, bc=bc, fin_warps=fw))
@@ -197,10 +198,10 @@ def stage_ops(results, top, copy_gbs, budget_end):
                 seen.add(plan)
                 try:
                     run = op_runner(op, args, kw, plan)
-                    with bench.poisoned_outputs():
+                    with checking.poisoned_outputs():
                         outs = run()
                     torch.cuda.synchronize()
-                    chk = bench.check_outputs(op, outs, refs, rows, torch.bfloat16)
+                    chk = checking.check_outputs(op, outs, refs, rows, torch.bfloat16)
                     us = graph_us(run)
                 except Exception as e:  # noqa: BLE001
                     out.append(dict(op=op, T=T, H=H, plan=dataclasses.asdict(plan), error=f"{type(e).__name__}: {str(e)[:120]}"))
@@ -229,7 +230,7 @@ def stage_split(results, top, budget_end):
     for T, H in ((1024, 4096), (576, 7168), (4096, 4096)):
         if time.time() > budget_end:
             break
-        args, kw = bench.device_inputs("pre", T, n, H, DEV, seed=1)
+        args, kw = checking.device_inputs("pre", T, n, H, DEV, seed=1)
         plan = plan_from(top[0])
         run = op_runner("pre", args, kw, plan)
         full = graph_us(run)
@@ -257,7 +258,7 @@ def main():
     outdir.mkdir(parents=True, exist_ok=True)
     end = T0 + a.budget_s
     results = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__}
-    gbs, notes = bench.copy_bandwidth(DEV, 2 << 30, 200)
+    gbs, notes = copy_bandwidth(DEV, 2 << 30, 200)
     results["copy_GBps"] = gbs
     log(f"copy bandwidth {gbs:.0f} GB/s {notes}")
     try:

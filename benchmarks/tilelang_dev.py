@@ -1,27 +1,28 @@
-"""Check and time the TileLang backend on one GPU in one go (the development loop of issue 4).
+"""Check and time the TileLang backend's launchers on one GPU in one go (its development loop).
 
-    PYTHONPATH=.:<site with tilelang> python benchmarks/tilelang_dev.py [--quick] [--out DIR]
+    PYTHONPATH=.:<site with tilelang> python benchmarks/tilelang_dev.py [--quick] [--sweep] [--out DIR]
 
-1. copy bandwidth (a 1 GiB device-to-device copy, bytes read + written) -> the floor's rate;
+1. copy bandwidth (``bench.copy_bandwidth``, the one harness's) -> the floor's rate;
 2. correctness of pre, post, head, fused_post_pre at n=4, H in {4096, 7168},
-   T in {1, 8, 64, 512, 4096, 16384} against ``mhc.reference`` evaluated in fp64 on the GPU
-   (outputs poisoned with NaN first, so an unwritten element fails), plus odd shapes
-   (n in {1, 2, 8}, H not a multiple of the tile);
-3. timings with ``triton.testing.do_bench_cudagraph`` (median of graph replays; no input
-   rotation, so T <= 512 partly runs from L2), with tile-kernels 2.1.0 beside where it can be
-   called: ``mhc_post_fwd`` and ``mhc_pre_big_fuse_fwd`` (the latter without its GEMM, fed
-   precomputed logits, so it is a lower bound for tile-kernels' pre).
+   T in {1, 8, 64, 512, 4096, 16384} against the fp64 oracle (``mhc.checking``: inputs drawn on
+   the GPU, the oracle on sampled token rows, outputs poisoned with NaN first so an unwritten
+   element fails), a bitwise rerun (the kernels are deterministic), plus odd shapes (n in
+   {1, 2, 8}, H not a multiple of the tile);
+3. timings (``mhc.timing.time_warm``: median of CUDA-graph replays; no input rotation, so
+   T <= 512 partly runs from L2), with tile-kernels beside where it can be called:
+   ``mhc_post_fwd`` and ``mhc_pre_big_fuse_fwd`` (the latter without its GEMM, fed precomputed
+   logits, so it is a lower bound for tile-kernels' pre);
+4. ``--sweep``: the mix kernels under other launch configs (``SWEEP``, passed as the launchers'
+   ``_cfg`` override) at H = 7168.
 
-floor = (each input read once + each output written once) / copy bandwidth. Prints a table
-last; writes results.json and log lines under --out (default $OUT or /tmp/mhc-tilelang-dev).
+The floor is ``mhc.timing.floor_bytes`` over the copy bandwidth. Prints a table last; writes
+results.json and log lines under --out (default $OUT or /tmp/mhc-tilelang-dev).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -31,80 +32,35 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import mhc.backends as backends  # noqa: E402
-from mhc import reference  # noqa: E402
+from bench import copy_bandwidth  # noqa: E402  (benchmarks/bench.py, the one harness)
+from mhc import checking, timing  # noqa: E402
 from mhc.backends.tilelang import BACKEND  # noqa: E402
-from mhc.registry import Problem  # noqa: E402
+from mhc.registry import OPS, Problem  # noqa: E402
 
-TOL = {"act": 1e-2, "mix": 1e-3}
-OUTS = {
-    "pre": (("post_mix", "mix"), ("comb_mix", "mix"), ("layer_input", "act")),
-    "post": (("out", "act"),),
-    "head": (("out", "act"),),
-    "fused_post_pre": (("new_residual", "act"), ("post_mix", "mix"), ("comb_mix", "mix"), ("layer_input", "act")),
-}
 #: (BM, HC, threads, min_blocks) per mix op for --sweep; aot's sweep list compiles the same.
 SWEEP = {
     "pre": ((64, 128, 256, 2), (64, 64, 128, 4), (32, 128, 128, 4)),
     "head": ((64, 128, 256, 2), (64, 64, 128, 4), (32, 128, 128, 4)),
     "fused_post_pre": ((64, 128, 256, 1), (64, 128, 256, 2), (64, 64, 128, 4), (32, 128, 256, 2)),
 }
-KW = dict(rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20)
+DTYPE = torch.bfloat16
 
 
-def make(op, T, n, H, dev, seed):
-    """Random inputs like mhc.checking.make_inputs, drawn on the GPU (fast at T=16384)."""
-    g = torch.Generator(device=dev).manual_seed(seed)
-    m = 2 * n + n * n
-    rn = lambda *s, sc=1.0, dt=torch.float32: (torch.randn(*s, generator=g, device=dev) * sc).to(dt)  # noqa: E731
-    residual = rn(T, n, H, dt=torch.bfloat16)
-    if op == "head":
-        fn = rn(n, n * H, sc=1.0 / math.sqrt(n * H))
-        return (residual, fn, torch.rand(1, generator=g, device=dev) + 0.5, rn(n, sc=0.5), 1e-6, 1e-6)
-    fn = rn(m, n * H, sc=2.0 / math.sqrt(n * H))
-    sc = torch.rand(3, generator=g, device=dev) + 0.5
-    base = rn(m, sc=0.5)
-    scal = tuple(KW.values())
-    if op == "pre":
-        return (residual, fn, sc, base, *scal)
-    x = rn(T, H, dt=torch.bfloat16)
-    prev = rn(T, n, H, dt=torch.bfloat16)
-    pm, cm, _ = reference.pre(prev, fn, sc, base)
-    if op == "post":
-        return (x, residual, pm.contiguous(), cm.contiguous())
-    return (x, residual, pm.contiguous(), cm.contiguous(), fn, sc, base, *scal)
-
-
-def oracle(op, args):
-    a = [t.double() if isinstance(t, torch.Tensor) else t for t in args]
-    if op == "fused_post_pre":
-        new = reference.post(*a[:4])
-        return (new, *reference.pre(new.to(args[1].dtype).double(), *a[4:]))
-    out = getattr(reference, op)(*a)
+def _tuple(out) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
-def rel(o, r):
-    o = o.double()
-    if o.shape != r.shape or not torch.isfinite(o).all():
-        return math.inf
-    return (torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r)).item()
-
-
-def nbytes(op, T, n, H):
-    m = 2 * n + n * n
-    r = T * n * H * 2
-    if op == "post":
-        return T * H * 2 + r + T * (n + n * n) * 4 + r
-    if op == "pre":
-        return r + m * n * H * 4 + T * (n + n * n) * 4 + T * H * 2
-    if op == "head":
-        return r + n * n * H * 4 + T * H * 2
-    return T * H * 2 + r + 2 * T * (n + n * n) * 4 + m * n * H * 4 + r + T * H * 2
-
-
-def poison(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+def check(f, op, T, n, H, dev, seed) -> tuple[checking.Check, bool]:
+    """``f`` (a launcher, maybe with a config override) on fresh inputs vs the fp64 oracle, with
+    poisoned outputs; and whether a second run with the same inputs is bitwise the same."""
+    args, kw = checking.device_inputs(op, T, n, H, dev, seed=seed, dtype=DTYPE)
+    rows = checking.sample_rows(T, dev, seed=seed)
+    refs = checking.reference_rows(op, args, kw, rows)
+    with checking.poisoned_outputs():
+        outs = _tuple(f(*args, **kw))
+        again = _tuple(f(*args, **kw))
+    same = all(torch.equal(a, b) for a, b in zip(outs, again))
+    return checking.check_outputs(op, outs, refs, rows, DTYPE), same
 
 
 def main() -> int:
@@ -114,10 +70,6 @@ def main() -> int:
     ap.add_argument("--no-odd", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time the mix kernels under SWEEP's configs (H=7168)")
     ap.add_argument("--budget-s", type=float, default=520.0, help="stop starting new sections after this")
-    ap.add_argument("--compare", action="store_true",
-                    help="persistent vs one-shot mix kernels only: checks, determinism, timings (COMPARE_*)")
-    ap.add_argument("--smoke", action="store_true", help="with --compare: two checks per op, no timings "
-                    "(run it under `timeout` first: a persistent kernel that deadlocks hangs the process)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
@@ -129,41 +81,33 @@ def main() -> int:
         log.write(s + "\n")
         log.flush()
 
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(dev)
     say(f"device {props.name} sm_{props.major}{props.minor} SMs={props.multi_processor_count} torch {torch.__version__}")
-    say("probe reasons:", BACKEND.probe(Problem("pre", dev, torch.bfloat16, 4, 4096, 1)), "notes:", BACKEND.notes())
+    say("probe reasons:", BACKEND.probe(Problem("pre", dev, DTYPE, 4, 4096, 1)), "notes:", BACKEND.notes())
     L = BACKEND.load()
     import tilelang
 
     say("tilelang", tilelang.__version__, "cache", os.environ.get("TILELANG_CACHE_DIR"))
     results = {"device": props.name, "rows": [], "errors": [], "compile_s": {}}
+    gbps, notes = copy_bandwidth(dev, 1 << 30, 200)
+    results["copy_GBps"] = gbps
+    say(f"copy bandwidth {gbps:.0f} GB/s (read + write; {notes})")
 
-    src = torch.empty(1 << 29, dtype=torch.float16, device=dev).normal_()
-    dst = torch.empty_like(src)
-    t_copy = do_bench(lambda: dst.copy_(src), rep=200, return_mode="median")
-    bw = 2 * src.numel() * 2 / (t_copy * 1e-3)
-    del src, dst
-    results["copy_GBps"] = bw / 1e9
-    say(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
-
-    if args.compare:
-        return compare(args, say, bw, L, results, t_start)
+    def floor_us(op, T, n, H):
+        return timing.floor_bytes(op, T, n, H) / (gbps * 1e3)
 
     Hs = (4096,) if args.quick else (4096, 7168)
     Ts = (1, 8, 64, 512, 4096) if args.quick else (1, 8, 64, 512, 4096, 16384)
-    ops = ("post", "pre", "head", "fused_post_pre")
-    fns = {"post": L.post, "pre": L.pre, "head": L.head, "fused_post_pre": L.fused_post_pre}
+    fns = {op: getattr(L, op) for op in OPS}
 
     # compile (or load from the disk cache) every kernel first, timing each
     for H in Hs:
-        for op in ops:
-            a = make(op, 1, 4, H, dev, 0)
+        for op in OPS:
+            a, kw = checking.device_inputs(op, 1, 4, H, dev, dtype=DTYPE)
             t0 = time.time()
             try:
-                fns[op](*a)
+                fns[op](*a, **kw)
                 torch.cuda.synchronize()
                 results["compile_s"][f"{op}/H={H}"] = time.time() - t0
                 say(f"first call {op} H={H}: {time.time() - t0:.1f}s")
@@ -172,31 +116,20 @@ def main() -> int:
                 say(f"FIRST CALL FAILED {op} H={H}\n{traceback.format_exc()}")
 
     # correctness
-    backends._ALLOCATOR = poison
     for H in Hs:
         for T in Ts:
-            for op in ops:
+            for op in OPS:
                 try:
-                    a = make(op, T, 4, H, dev, 1000 * T + H)
-                    outs = fns[op](*a)
-                    outs = outs if isinstance(outs, tuple) else (outs,)
-                    refs = oracle(op, a)
-                    errs = {name: rel(o, r) for (name, _), o, r in zip(OUTS[op], outs, refs)}
-                    ok = all(errs[nm] <= TOL[k] for nm, k in OUTS[op])
-                    # run-to-run difference (races show up here): second run, same inputs
-                    outs2 = fns[op](*a)
-                    outs2 = outs2 if isinstance(outs2, tuple) else (outs2,)
-                    rerun = max(rel(o2, o1.double()) if o1.numel() else 0 for o1, o2 in zip(outs, outs2))
-                    del refs
-                    row = dict(kind="check", op=op, T=T, H=H, ok=ok, rerun=rerun, **errs)
-                    results["rows"].append(row)
-                    say(f"check {op:15s} H={H:5d} T={T:6d} {'ok  ' if ok else 'FAIL'} "
-                        + " ".join(f"{k}={v:.2e}" for k, v in errs.items()) + f" rerun={rerun:.1e}")
+                    chk, same = check(fns[op], op, T, 4, H, dev, 1000 * T + H)
+                    ok = chk.ok and same
+                    results["rows"].append(dict(kind="check", op=op, T=T, H=H, ok=ok, check=chk.text,
+                                                max_rel_err=chk.max_err, rerun_bitwise=same))
+                    say(f"check {op:15s} H={H:5d} T={T:6d} {'ok  ' if ok else 'FAIL'} {chk.text} "
+                        f"max_rel_err={chk.max_err:.2e} rerun_bitwise={same}")
                 except Exception:
                     results["errors"].append(f"check {op} T={T} H={H}: {traceback.format_exc()}")
                     say(f"CHECK ERROR {op} T={T} H={H}\n{traceback.format_exc()}")
                 torch.cuda.empty_cache()
-    backends._ALLOCATOR = backends._plain_empty
 
     # timings, tile-kernels beside
     try:
@@ -209,18 +142,17 @@ def main() -> int:
     table = []
     for H in Hs:
         for T in Ts:
-            for op in ops:
+            for op in OPS:
                 if time.time() - t_start > args.budget_s:
                     say("time budget reached; skipping remaining timings")
                     break
                 try:
-                    a = make(op, T, 4, H, dev, 7)
+                    a, kw = checking.device_inputs(op, T, 4, H, dev, seed=7, dtype=DTYPE)
                     f = fns[op]
-                    us = do_bench_cudagraph(lambda: f(*a), rep=100, return_mode="median") * 1e3
-                    b = nbytes(op, T, 4, H)
-                    floor_us = b / bw * 1e6
-                    row = dict(kind="time", op=op, T=T, H=H, us=us, GBps=b / us / 1e3, floor_us=floor_us,
-                               ratio=us / floor_us)
+                    us, _ = timing.time_warm(lambda: f(*a, **kw), dev, 100)
+                    fl = floor_us(op, T, 4, H)
+                    row = dict(kind="time", op=op, T=T, H=H, us=us, GBps=timing.floor_bytes(op, T, 4, H) / us / 1e3,
+                               floor_us=fl, ratio=us / fl)
                     if tk is not None and op in ("post", "pre"):
                         try:
                             if op == "post":
@@ -233,16 +165,16 @@ def main() -> int:
                                 gs = torch.rand(1, T, device=dev) * 4 * H
                                 pmo = torch.empty(T, 4, device=dev)
                                 cmo = torch.empty(T, 16, device=dev)
-                                lio = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
+                                lio = torch.empty(T, H, dtype=DTYPE, device=dev)
                                 tkf = lambda: tk.mhc_pre_big_fuse_fwd(gm, gs, a[2], a[3], r, pmo, cmo, lio,  # noqa: E731
-                                                                      1e-6, 1e-6, 1e-6, 2.0, 20, n_splits=1)
-                            row["tk_us"] = do_bench_cudagraph(tkf, rep=100, return_mode="median") * 1e3
+                                                                      *kw.values(), n_splits=1)
+                            row["tk_us"], _ = timing.time_warm(tkf, dev, 100)
                         except Exception as e:
                             row["tk_err"] = f"{type(e).__name__}: {str(e)[:200]}"
                     results["rows"].append(row)
                     table.append(row)
                     say(f"time {op:15s} H={H:5d} T={T:6d} {us:9.2f} us {row['GBps']:7.0f} GB/s "
-                        f"floor {floor_us:8.2f} us ratio {row['ratio']:5.2f}"
+                        f"floor {fl:8.2f} us ratio {row['ratio']:5.2f}"
                         + (f"  tk {row['tk_us']:.2f} us" if "tk_us" in row else "")
                         + (f"  tk error {row['tk_err']}" if "tk_err" in row else ""))
                 except Exception:
@@ -261,58 +193,45 @@ def main() -> int:
                 if time.time() - t_start > args.budget_s:
                     say("time budget reached; skipping rest of sweep")
                     break
-                f = lambda *a, _f=fns[op], _c=cfg: _f(*a, _cfg=_c)  # noqa: E731
+                f = lambda *a, _f=fns[op], _c=cfg, **kw: _f(*a, **kw, _cfg=_c)  # noqa: E731
                 try:
-                    backends._ALLOCATOR = poison
-                    a = make(op, 4096, 4, H, dev, 11)
-                    outs = f(*a)
-                    outs = outs if isinstance(outs, tuple) else (outs,)
-                    refs = oracle(op, a)
-                    errs = {name: rel(o, r) for (name, _), o, r in zip(OUTS[op], outs, refs)}
-                    ok = all(errs[nm] <= TOL[k] for nm, k in OUTS[op])
-                    del refs, outs
-                    backends._ALLOCATOR = backends._plain_empty
+                    chk, same = check(f, op, 4096, 4, H, dev, 11)
                     times = {}
                     for T in (1, 64, 512, 4096, 16384):
-                        a = make(op, T, 4, H, dev, 7)
-                        times[T] = do_bench_cudagraph(lambda: f(*a), rep=100, return_mode="median") * 1e3
-                    row = dict(kind="sweep", op=op, cfg=str(cfg_t), ok=ok, **{f"us_T{T}": v for T, v in times.items()},
-                               **{f"ratio_T{T}": v / (nbytes(op, T, 4, H) / bw * 1e6) for T, v in times.items()})
+                        a, kw = checking.device_inputs(op, T, 4, H, dev, seed=7, dtype=DTYPE)
+                        times[T], _ = timing.time_warm(lambda: f(*a, **kw), dev, 100)
+                    row = dict(kind="sweep", op=op, cfg=str(cfg_t), ok=chk.ok and same,
+                               **{f"us_T{T}": v for T, v in times.items()},
+                               **{f"ratio_T{T}": v / floor_us(op, T, 4, H) for T, v in times.items()})
                     results["rows"].append(row)
-                    say(f"sweep {op:15s} {cfg_t} {'ok  ' if ok else 'FAIL'} "
+                    say(f"sweep {op:15s} {cfg_t} {'ok  ' if row['ok'] else 'FAIL ' + chk.text} "
                         + " ".join(f"T{T}={v:.1f}us({row[f'ratio_T{T}']:.2f}x)" for T, v in times.items()))
                 except Exception:
-                    backends._ALLOCATOR = backends._plain_empty
                     results["errors"].append(f"sweep {op} {cfg_t}: {traceback.format_exc()}")
                     say(f"SWEEP ERROR {op} {cfg_t}\n{traceback.format_exc()[-1500:]}")
                 torch.cuda.empty_cache()
 
     # odd shapes: generality (n != 4, H not a multiple of the tile, T not a multiple of BM)
     if not args.no_odd:
-        backends._ALLOCATOR = poison
         for n, H, T in ((1, 64, 3), (2, 1000, 70), (8, 512, 130), (4, 4100, 65)):
             if time.time() - t_start > args.budget_s:
                 say("time budget reached; skipping odd shapes")
                 break
-            for op in ops:
+            for op in OPS:
                 try:
-                    a = make(op, T, n, H, dev, 3)
-                    outs = fns[op](*a)
-                    outs = outs if isinstance(outs, tuple) else (outs,)
-                    refs = oracle(op, a)
-                    errs = {name: rel(o, r) for (name, _), o, r in zip(OUTS[op], outs, refs)}
-                    ok = all(errs[nm] <= TOL[k] for nm, k in OUTS[op])
-                    results["rows"].append(dict(kind="odd", op=op, n=n, T=T, H=H, ok=ok, **errs))
-                    say(f"odd   {op:15s} n={n} H={H:5d} T={T:4d} {'ok  ' if ok else 'FAIL'} "
-                        + " ".join(f"{k}={v:.2e}" for k, v in errs.items()))
+                    chk, same = check(fns[op], op, T, n, H, dev, 3)
+                    ok = chk.ok and same
+                    results["rows"].append(dict(kind="odd", op=op, n=n, T=T, H=H, ok=ok, check=chk.text,
+                                                max_rel_err=chk.max_err, rerun_bitwise=same))
+                    say(f"odd   {op:15s} n={n} H={H:5d} T={T:4d} {'ok  ' if ok else 'FAIL'} {chk.text} "
+                        f"max_rel_err={chk.max_err:.2e} rerun_bitwise={same}")
                 except Exception:
                     results["errors"].append(f"odd {op} n={n} T={T} H={H}: {traceback.format_exc()}")
                     say(f"ODD ERROR {op} n={n} T={T} H={H}\n{traceback.format_exc()[-1500:]}")
-        backends._ALLOCATOR = backends._plain_empty
 
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump(results, fh, indent=1, default=str)
-    say("\n=== summary (H100 copy bandwidth %.0f GB/s) ===" % (bw / 1e9))
+    say(f"\n=== summary (copy bandwidth {gbps:.0f} GB/s) ===")
     say(f"{'op':15s} {'H':>5s} {'T':>6s} {'us':>9s} {'GB/s':>6s} {'xfloor':>6s} {'tk us':>8s}")
     for r in table:
         say(f"{r['op']:15s} {r['H']:5d} {r['T']:6d} {r['us']:9.2f} {r['GBps']:6.0f} {r['ratio']:6.2f} "
@@ -320,115 +239,6 @@ def main() -> int:
     bad = [r for r in results["rows"] if r["kind"] in ("check", "odd") and not r["ok"]]
     say(f"checks: {sum(1 for r in results['rows'] if r['kind'] in ('check', 'odd'))} run, {len(bad)} failed, "
         f"{len(results['errors'])} errors; wall {time.time() - t_start:.0f}s")
-    return 1 if bad or results["errors"] else 0
-
-
-#: --compare: shapes checked against the oracle (n, H, T) and the timed grid.
-COMPARE_CHECK = [(4, H, T) for H in (4096, 7168) for T in (1, 8, 64, 65, 512, 4096, 16384)] + [
-    (1, 64, 3), (2, 100, 17), (2, 1000, 70), (4, 4100, 65), (8, 512, 130), (4, 4096, 200)]
-COMPARE_T = (1, 64, 512, 4096, 16384)
-LABELS = ("oneshot_old", "oneshot", "persist", "persist_r1")
-MIX_OPS = ("pre", "head", "fused_post_pre")
-
-
-def _mode(op):
-    return "fused" if op == "fused_post_pre" else op
-
-
-def compare_configs(op, n, H, sms):
-    """(label, config) pairs --compare runs: the one-shot kernel as first committed (relaxed atomic
-    loads, n = 4 shapes only), the one-shot kernel now, the persistent kernel with two counter
-    rounds (n = 4 only) and with one."""
-    from mhc.backends.tilelang import launch as LL
-
-    one = LL.mix_config(_mode(op), n, H, sms)
-    main = n == 4 and H in (4096, 7168)
-    out = [("oneshot_old", dataclasses.replace(one, cg_loads=False))] if main else []
-    out.append(("oneshot", one))
-    p = None if os.environ.get("MHC_SKIP_PERSIST") else LL.persistent_config(_mode(op), n, H, sms)
-    if p is not None:
-        if main:
-            out.append(("persist", dataclasses.replace(p, rounds=2)))
-        out.append(("persist_r1", dataclasses.replace(p, rounds=1)))
-    return out
-
-
-def compare(args, say, bw, L, results, t_start) -> int:
-    """Old (one-shot) vs new (persistent) mix kernels in one run: oracle checks with NaN-poisoned
-    outputs, bitwise rerun determinism, new-vs-old difference, then timings of both."""
-    from triton.testing import do_bench_cudagraph
-
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    fns = {"pre": L.pre, "head": L.head, "fused_post_pre": L.fused_post_pre}
-    bad = 0
-    backends._ALLOCATOR = poison
-    for n, H, T in ([(4, 4096, 4096), (4, 7168, 513)] if args.smoke else COMPARE_CHECK):
-        for op in MIX_OPS:
-            cfgs = [c for c in compare_configs(op, n, H, sms) if c[0] != "oneshot_old"]  # checked before
-            try:
-                a = make(op, T, n, H, dev, 1000 * T + H + n)
-                refs = oracle(op, a)
-                first = None
-                for label, cfg in cfgs:
-                    outs = fns[op](*a, _cfg=cfg)
-                    outs = outs if isinstance(outs, tuple) else (outs,)
-                    errs = {name: rel(o, r) for (name, _), o, r in zip(OUTS[op], outs, refs)}
-                    ok = all(errs[nm] <= TOL[k] for nm, k in OUTS[op])
-                    outs2 = fns[op](*a, _cfg=cfg)
-                    outs2 = outs2 if isinstance(outs2, tuple) else (outs2,)
-                    same = all(torch.equal(o1, o2) for o1, o2 in zip(outs, outs2))
-                    vs = 0.0 if first is None else max(rel(o, f.double()) for o, f in zip(outs, first))
-                    first = first or outs
-                    ok = ok and same
-                    bad += not ok
-                    results["rows"].append(dict(kind="check", op=op, n=n, H=H, T=T, cfg=label, ok=ok, same=same,
-                                                vs_oneshot=vs, **errs))
-                    say(f"check {op:15s} n={n} H={H:5d} T={T:6d} {label:9s} {'ok  ' if ok else 'FAIL'} "
-                        + " ".join(f"{k}={v:.2e}" for k, v in errs.items())
-                        + f" rerun_bitwise={same} vs_oneshot={vs:.1e}")
-                del refs
-            except Exception:
-                bad += 1
-                results["errors"].append(f"check {op} n={n} H={H} T={T}: {traceback.format_exc()}")
-                say(f"CHECK ERROR {op} n={n} H={H} T={T}\n{traceback.format_exc()[-2000:]}")
-            torch.cuda.empty_cache()
-    backends._ALLOCATOR = backends._plain_empty
-    table = []
-    for H in () if args.smoke else (4096, 7168):
-        for op in MIX_OPS:
-            for T in COMPARE_T:
-                if time.time() - t_start > args.budget_s:
-                    say("time budget reached; skipping remaining timings")
-                    break
-                a = make(op, T, 4, H, dev, 7)
-                row = dict(kind="time", op=op, H=H, T=T, floor_us=nbytes(op, T, 4, H) / bw * 1e6)
-                for label, cfg in compare_configs(op, 4, H, sms):
-                    try:
-                        row[label] = do_bench_cudagraph(lambda: fns[op](*a, _cfg=cfg), rep=50,
-                                                        return_mode="median") * 1e3
-                    except Exception:
-                        results["errors"].append(f"time {op} {label} T={T} H={H}: {traceback.format_exc()}")
-                        say(f"TIME ERROR {op} {label} H={H} T={T}\n{traceback.format_exc()[-1500:]}")
-                if op == "pre" and T in (1, 16384):  # what the Sinkhorn costs: sinkhorn_repeat = 1
-                    a1 = a[:-1] + (1,)
-                    for label, cfg in compare_configs(op, 4, H, sms)[1:2]:
-                        row[label + "_sk1"] = do_bench_cudagraph(lambda: fns[op](*a1, _cfg=cfg), rep=50,
-                                                                return_mode="median") * 1e3
-                results["rows"].append(row)
-                table.append(row)
-                say(f"time {op:15s} H={H:5d} T={T:6d} floor {row['floor_us']:8.2f} "
-                    + " ".join(f"{k} {row[k]:9.2f} us ({row[k] / row['floor_us']:.2f}x)"
-                               for k in LABELS if k in row)
-                    + "".join(f" {k} {row[k]:.2f} us" for k in ("oneshot_sk1",) if k in row))
-                torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=1, default=str)
-    say("\n=== compare (copy bandwidth %.0f GB/s): us (x floor) ===" % (bw / 1e9))
-    for r in table:
-        say(f"{r['op']:15s} {r['H']:5d} {r['T']:6d} " + " ".join(
-            f"{k}={r[k]:.1f}({r[k] / r['floor_us']:.2f})" for k in LABELS if k in r))
-    say(f"checks failed: {bad}; errors: {len(results['errors'])}; wall {time.time() - t_start:.0f}s")
     return 1 if bad or results["errors"] else 0
 
 

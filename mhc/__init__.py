@@ -65,7 +65,7 @@ def _typed(op, n_tensors: int, also: tuple[int, ...] = ()):
 
     ``torch.library.register_autograd`` puts a Python autograd kernel in front of every call,
     which redispatches in Python even when nothing requires grad: ~20 µs a call instead of ~13 on
-    CPU (``python -m mhc bench --overhead``). When grad mode is off or none of the first
+    CPU (``python benchmarks/bench.py --overhead``). When grad mode is off or none of the first
     ``n_tensors`` (tensor) arguments requires grad, the call goes below autograd directly, as
     PyTorch's own C++ ops do. When a gradient can flow, the call goes through
     ``mhc.autograd.EAGER_FUNCTIONS`` (the op's backward, without ``register_autograd``'s

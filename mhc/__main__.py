@@ -6,10 +6,11 @@ Subcommands (no subcommand = ``info`` then ``check``):
           with the fp64 reference, print one line per backend x op (the output nearest its tolerance,
           its relative error; kernel µs from CUDA-graph replays and eager µs per call, host overhead
           included); exit 1 if any backend disagrees or nothing could be checked
-  bench   the benchmark grid (``mhc.bench``); ``--overhead`` measures host overhead per call
   aot     compile kernels ahead of time with no GPU (``--backend triton|tilelang --arch ...``)
 
-Argument errors (and a malformed MHC_BACKEND) are one line on stderr and exit status 2.
+Argument errors (and a malformed MHC_BACKEND) are one line on stderr and exit status 2. The
+benchmark harness is not part of the installed package: ``python benchmarks/bench.py`` in a
+checkout (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import sys
 import torch
 
 import mhc
-from mhc import bench, checking, registry, validation
+from mhc import checking, registry, timing, validation
 from mhc.progress import Progress, fmt_us
 from mhc.registry import Problem
 
-_DISTS = ("torch", "triton", "tilelang", "amd-aiter", "tile-kernels")
+#: Distributions whose versions ``info`` reports besides the backends' own (``Backend.distribution``):
+#: torch, and DeepSeek's tile-kernels, the peer of the benchmarks.
+_DISTS = ("torch", "tile-kernels")
 
 
 def _version(dist: str) -> str:
@@ -36,6 +39,14 @@ def _version(dist: str) -> str:
         return md.version(dist)
     except md.PackageNotFoundError:
         return "not installed"
+
+
+def _distribution(name: str) -> str | None:
+    """The distribution backend ``name`` needs, or None (none beyond torch, or a broken record)."""
+    try:
+        return registry.get(name).distribution
+    except registry.BackendError:
+        return None
 
 
 def best_device() -> torch.device:
@@ -51,22 +62,30 @@ def _device_desc(dev: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, no GPU visible)"
 
 
+def _reasons_per_op(name: str, dev: torch.device, dtype: torch.dtype, args) -> dict[str, list[str]]:
+    """``{op: why backend name cannot serve it}`` for the problem of ``args`` (n, H, T) on ``dev``
+    (an empty list: it can; a broken record's error is its one reason)."""
+    whys = {}
+    for op in registry.OPS:
+        try:
+            whys[op] = registry.reasons_for(name, Problem(op, dev, dtype, args.n, args.H, args.T))
+        except registry.BackendError as e:
+            whys[op] = [str(e)]
+    return whys
+
+
 def cmd_info(args) -> int:
     dev = best_device()
     print(f"mhc {mhc.__version__}, Python {platform.python_version()}")
-    print("versions: " + ", ".join(f"{d} {_version(d)}" for d in _DISTS))
+    dists = dict.fromkeys(_DISTS[:1] + tuple(_distribution(name) for name in registry.backend_names()) + _DISTS[1:])
+    print("versions: " + ", ".join(f"{d} {_version(d)}" for d in dists if d))
     print(f"device: {_device_desc(dev)}")
     print(f"selection: MHC_BACKEND={registry.current_choice('pre')!r} (auto order here: "
           f"{', '.join(registry.auto_order(registry.platform_of(dev), 'pre', args.T))})")
     print(f"\nbackends on {dev} for n={args.n}, H={args.H}, T={args.T}, {args.dtype}:")
     dtype = getattr(torch, args.dtype)
     for name in registry.backend_names():
-        whys = {}
-        for op in registry.OPS:
-            try:
-                whys[op] = registry.reasons_for(name, Problem(op, dev, dtype, args.n, args.H, args.T))
-            except registry.BackendError as e:
-                whys[op] = [str(e)]
+        whys = _reasons_per_op(name, dev, dtype, args)
         can = [op for op, w in whys.items() if not w]
         print(f"  {name:9s} " + ("serves " + ", ".join(can) if can else "cannot serve"))
         groups: dict[str, list[str]] = {}  # identical reasons are printed once for all their ops
@@ -109,12 +128,7 @@ def cmd_check(args) -> int:
     failed = []
     checked = 0
     for name in names:
-        why = {}
-        for op in registry.OPS:
-            try:
-                why[op] = registry.reasons_for(name, Problem(op, dev, dtype, args.n, args.H, args.T))
-            except registry.BackendError as e:
-                why[op] = [str(e)]
+        why = _reasons_per_op(name, dev, dtype, args)
         if all(why.values()):
             print(f"{name:10s} {'(every op)':15s} n/a")
             continue
@@ -135,9 +149,9 @@ def cmd_check(args) -> int:
 
             kernel = "—"
             if dev.type == "cuda":
-                us, timer = bench.time_warm(call, dev, 20)
+                us, timer = timing.time_warm(call, dev, 20)
                 kernel = fmt_us(us) + ("" if timer == "cudagraph" else "*")  # *: no capture, event-timed
-            eager = fmt_us(bench.eager_us(call, dev, min(args.reps, 2) if name in slow else args.reps,
+            eager = fmt_us(timing.eager_us(call, dev, min(args.reps, 2) if name in slow else args.reps,
                                           1 if name in slow else 5))
             out, err, _ = max(errs, key=lambda e: e[1] / e[2])  # the output nearest its tolerance
             result = f"{'FAIL' if bad else 'ok'} {out}={err:.1e}"
@@ -162,11 +176,6 @@ def _interpreted_backends(names: list[str]) -> list[str]:
     import os
 
     return [n for n in names if n == "triton" and os.environ.get("TRITON_INTERPRET") == "1"]
-
-
-def cmd_bench(args) -> int:
-    bench = importlib.import_module("mhc.bench")
-    return bench.main(args.rest)
 
 
 def cmd_aot(args) -> int:
@@ -267,7 +276,7 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mhc", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", metavar="{info,check,bench,aot}")
+    sub = ap.add_subparsers(dest="cmd", metavar="{info,check,aot}")
 
     def problem_args(p, T=64):
         p.add_argument("--n", type=int, default=4, help="streams per token, 1..8 (default: %(default)s)")
@@ -288,16 +297,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--reps", type=int, default=200,
                            help="back-to-back calls per round of the eager timing (default: %(default)s)")
             p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
-    pb = sub.add_parser("bench", help="benchmarks; `python -m mhc bench --help`")
-    pb.add_argument("rest", nargs=argparse.REMAINDER)
     pa = parsers["aot"] = sub.add_parser(
         "aot", help="compile the GPU kernels ahead of time, with no GPU",
         description="compile the GPU kernels ahead of time, with no GPU")
     pa.add_argument("--backend", required=True, choices=["triton", "tilelang"], help="whose kernels")
     pa.add_argument("--arch", required=True, help="comma list: sm90, gfx942, gfx950 (tilelang: sm90, sm_90a, ...)")
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the benchmark parses its own options
-        return cmd_bench(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] == ["bench"]:  # the subcommand that ran the harness before it left the package
+        ap.error("the benchmarks are not part of the installed package: run `python benchmarks/bench.py` "
+                 "in a checkout of the repository (benchmarks/README.md)")
     if not argv or argv[0] not in sub.choices and argv[0] not in ("-h", "--help"):
         full = ap.parse_args(["check"] + argv)  # the main job: info, then check, same options
         _check_args(parsers["check"], full)
@@ -306,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd is None:
         ap.error("no subcommand")
     _check_args(parsers.get(args.cmd, ap), args)
-    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "aot": cmd_aot}[args.cmd](args)
+    return {"info": cmd_info, "check": cmd_check, "aot": cmd_aot}[args.cmd](args)
 
 
 if __name__ == "__main__":

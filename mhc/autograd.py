@@ -348,7 +348,7 @@ def _eager_function(name: str, setup, bwd) -> type[torch.autograd.Function]:
     wrappers (``mhc.pre`` ...) call it when a gradient can flow and nothing is being compiled:
     ``register_autograd``'s kernel re-fills the schema's defaults on every call
     (``torch._library.utils.fill_defaults``: ~30 of its ~70 µs a call on CPU with a kernel that
-    does nothing, ``python -m mhc bench --overhead``). ``torch.ops.mhc.<name>`` itself keeps
+    does nothing, ``python benchmarks/bench.py --overhead``). ``torch.ops.mhc.<name>`` itself keeps
     ``register_autograd``, for ``torch.compile`` and direct callers.
 
     ``apply(*args, backend)``: the op's positional arguments (its tensors and scalars), then the

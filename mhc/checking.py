@@ -1,21 +1,31 @@
-"""Inputs, the fp64 oracle and the tolerance table: shared by the tests, ``python -m mhc check``
-and the benchmarks, so that every correctness claim is made against the same thing.
+"""Inputs, the fp64 oracle, the tolerance table and the output check: shared by the tests,
+``python -m mhc check``, the GPU suite and the benchmarks, so that every correctness claim is
+made against the same thing.
 
 The oracle is :mod:`mhc.reference` evaluated in fp64 on the very inputs a backend received
 (bf16 values upcast exactly). For ``fused_post_pre`` the oracle rounds the new residual to the
 residual's dtype before ``pre`` reads it, as the op's contract says.
+
+At GPU sizes (T up to 16384, H 7168) the inputs are drawn on the device
+(:func:`device_inputs`), the oracle runs on a sample of token rows (:func:`sample_rows`,
+:func:`reference_rows`: every op is row-independent) and :func:`check_outputs` compares,
+after :func:`poisoned_outputs` made every unwritten output element NaN.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 
 from mhc import reference
-from mhc.validation import mix_dtype
 
-__all__ = ["TOLERANCES", "GRAD_TOLERANCES", "OUTPUTS", "make_inputs", "oracle", "rel_error", "compare", "call"]
+__all__ = ["TOLERANCES", "GRAD_TOLERANCES", "OUTPUTS", "make_inputs", "oracle", "rel_error", "compare", "call",
+           "token_args", "device_inputs", "sample_rows", "reference_rows", "Check", "check_outputs", "nan_empty",
+           "poisoned_outputs"]
 
 #: Relative Frobenius error bounds vs the fp64 oracle, by output kind and residual dtype.
 #: "act": outputs in the residual's dtype (layer_input, new residual, head, post);
@@ -56,18 +66,20 @@ def make_inputs(op: str, lead: tuple[int, ...], n: int, H: int, dtype=torch.bflo
     inputs of post are a real ``pre`` output of the reference, so they are in range.
     """
     g = torch.Generator().manual_seed(seed)
-    mdt = mix_dtype(dtype)
+    mdt = reference.acc_dtype(dtype)
     m = 2 * n + n * n
 
     def randn(*shape, s=1.0, dt=mdt):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dt).to(device)
 
     residual = randn(*lead, n, H, s=scale, dt=dtype)
-    kw = dict(rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20)
+    kw = {k: reference.DEFAULTS[k] for k in ("rms_eps", "hc_pre_eps", "hc_sinkhorn_eps", "hc_post_mult_value",
+                                              "sinkhorn_repeat")}
     if op == "head":
         fn = randn(n, n * H, s=1.0 / math.sqrt(n * H))
         hc_scale = (torch.rand(1, generator=g, dtype=torch.float64) + 0.5).to(mdt).to(device)
-        return (residual, fn, hc_scale, randn(n, s=0.5)), dict(rms_eps=1e-6, hc_eps=1e-6)
+        return (residual, fn, hc_scale, randn(n, s=0.5)), dict(rms_eps=reference.DEFAULTS["rms_eps"],
+                                                               hc_eps=reference.DEFAULTS["hc_eps"])
     # fn rows of unit-ish norm so that mixes are O(1): sigmoids and softmax see a real range.
     fn = randn(m, n * H, s=2.0 / math.sqrt(n * H))
     hc_scale = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).to(mdt).to(device)
@@ -127,3 +139,111 @@ def compare(op: str, outs: tuple, refs: tuple, dtype: torch.dtype) -> list[tuple
     """``[(output name, rel error, tolerance)]`` for every output of ``op``."""
     tol = TOLERANCES[dtype]
     return [(name, rel_error(o, r), tol[kind]) for (name, kind), o, r in zip(OUTPUTS[op], outs, refs)]
+
+
+def token_args(op: str) -> int:
+    """How many leading positional arguments of ``op`` carry the token dim (the rest are
+    parameters): pre/head take ``residual`` first; post/fused take x, residual, post_mix, comb_mix."""
+    return 1 if op in ("pre", "head") else 4
+
+
+def device_inputs(op: str, T: int, n: int, H: int, device, seed: int = 0,
+                  dtype: torch.dtype = torch.bfloat16) -> tuple[tuple, dict]:
+    """Random, never-zero inputs for ``mhc.<op>`` with ``T`` tokens, drawn on ``device``.
+
+    The parameters (fn (m, n*H) fp32, hc_scale, hc_base) and the keyword scalars come from
+    :func:`make_inputs`; the token-sized tensors follow the same distributions
+    (residual (T, n, H) and x (T, H) standard normal in ``dtype``; post_mix (T, n, 1) and
+    comb_mix (T, n, n) fp32 are a real reference ``pre`` of another random residual) but are
+    drawn by a generator on ``device``: make_inputs draws fp64 on the CPU, which takes minutes
+    at T = 16384, H = 7168. Returns ``(args, kwargs)`` for ``mhc.<op>(*args, **kwargs)``.
+    """
+    device = torch.device(device)
+    src = "fused_post_pre" if op in ("post", "fused_post_pre") else op
+    base, kw = make_inputs(src, (1,), n, H, dtype, device, seed=seed)
+    params = base[token_args(src):]
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+    if op in ("pre", "head"):
+        return (randn(T, n, H), *params), kw
+    x, residual = randn(T, H), randn(T, n, H)
+    with torch.no_grad():
+        post_mix, comb_mix, _ = reference.pre(randn(T, n, H), *params)
+    if op == "post":
+        return (x, residual, post_mix, comb_mix), {}
+    return (x, residual, post_mix, comb_mix, *params), kw
+
+
+def sample_rows(T: int, device, k: int = 64, seed: int = 0) -> torch.Tensor:
+    """Token rows the oracle is evaluated on: all of them for T <= k, else the first and last
+    eight and ``k - 16`` others drawn at random (int64 indices on ``device``)."""
+    if T <= k:
+        return torch.arange(T, device=device)
+    g = torch.Generator().manual_seed(seed)
+    middle = torch.randperm(T - 16, generator=g)[: k - 16] + 8
+    rows = torch.cat([torch.arange(8), middle.sort().values, torch.arange(T - 8, T)])
+    return rows.to(device)
+
+
+def reference_rows(op: str, args: tuple, kwargs: dict, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`mhc.oracle` (fp64, CPU) on the token ``rows`` of ``args``."""
+    k = token_args(op)
+    sub = tuple(a.index_select(0, rows) for a in args[:k]) + tuple(args[k:])
+    return oracle(op, sub, kwargs)
+
+
+@dataclasses.dataclass
+class Check:
+    """The result of one correctness check: ``ok``, a short ``text`` and the largest error."""
+
+    ok: bool
+    text: str
+    max_err: float
+
+
+def check_outputs(op: str, outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], rows: torch.Tensor,
+                  dtype: torch.dtype) -> Check:
+    """Compare ``outs`` (full outputs of ``op``) with ``refs`` (the oracle on ``rows``).
+
+    Fails if any output element anywhere is NaN/inf (outputs are poisoned before the call, so
+    this also catches unwritten elements) or if a sampled output exceeds the tolerance.
+    """
+    if len(outs) != len(refs):
+        return Check(False, f"returned {len(outs)} outputs, expected {len(refs)}", math.inf)
+    bad_shape = [name for (name, _), o, r in zip(OUTPUTS[op], outs, refs)
+                 if tuple(o.shape[1:]) != tuple(r.shape[1:])]
+    if bad_shape:
+        return Check(False, "wrong shape: " + ", ".join(bad_shape), math.inf)
+    nonfinite = [name for (name, _), o in zip(OUTPUTS[op], outs) if not bool(torch.isfinite(o).all())]
+    if nonfinite:
+        return Check(False, "NaN/inf (unwritten?) in " + ", ".join(nonfinite), math.inf)
+    errs = compare(op, tuple(o.index_select(0, rows) for o in outs), refs, dtype)
+    bad = [f"{name} {e:.2e}>{t:g}" for name, e, t in errs if not e <= t]
+    worst = max(e for _, e, _ in errs)
+    return Check(not bad, "; ".join(bad) if bad else "ok", worst)
+
+
+def nan_empty(shape, dtype, device) -> torch.Tensor:
+    """``torch.empty`` filled with NaN where the dtype is floating point: an allocator for
+    ``mhc.backends._ALLOCATOR`` under which an output element a kernel never writes fails the check."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Inside, ``mhc.backends.empty`` returns NaN-filled tensors (:func:`nan_empty`, as the tests'
+    conftest does for every test)."""
+    import mhc.backends
+
+    saved = mhc.backends._ALLOCATOR
+    mhc.backends._ALLOCATOR = nan_empty
+    try:
+        yield
+    finally:
+        mhc.backends._ALLOCATOR = saved

@@ -2,7 +2,7 @@
 
 Registration uses ``torch.library.Library.define`` + ``impl`` rather than
 ``torch.library.custom_op``: the latter wraps every call in extra Python layers (about 19 µs a call
-for an empty body on CPU against about 2.6 µs of dispatch here; ``python -m mhc bench --overhead``
+for an empty body on CPU against about 2.6 µs of dispatch here; ``python benchmarks/bench.py --overhead``
 measures it). One
 ``CompositeExplicitAutograd`` kernel serves every device: it validates (``mhc.validation``),
 picks the backend (``mhc.registry.select``: a dict lookup once warm; also for T == 0, so that a

@@ -46,7 +46,9 @@ DEFAULTS = dict(
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype for a residual dtype: fp64 for fp64, else fp32."""
+    """The accumulation dtype for a residual dtype: fp64 for fp64, else fp32. It is also the dtype
+    of the parameters and mixes (fn, hc_scale, hc_base, post_mix, comb_mix) that the op layer
+    requires (``mhc.validation.mix_dtype`` is this function)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

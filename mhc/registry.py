@@ -86,7 +86,8 @@ class BackendError(RuntimeError):
 class Problem:
     """What a backend needs to know to say whether it can serve one call.
 
-    ``op`` one of :data:`OPS`; ``device`` of the residual; ``dtype`` of the residual; ``n``
+    ``op`` one of :data:`OPS` or :data:`BACKWARD_OPS` (``mhc.autograd`` selects the backward
+    kernels through the same registry); ``device`` of the residual; ``dtype`` of the residual; ``n``
     streams; ``H`` hidden size; ``T`` tokens (leading dims flattened). ``create_graph``: a
     backward op whose result must itself be differentiable (``create_graph=True``, double
     backward). ``norm``: the call fuses the sublayer's RMSNorm (``norm_weight`` given to
@@ -170,7 +171,8 @@ class Backend:
     ``mhc/backends/__init__.py`` for the exact signatures). ``probe(problem)`` returns the reasons
     it cannot serve beyond what ``capabilities`` says (library missing, no compiler, ...).
     ``notes()`` returns remarks for ``python -m mhc``'s report that are not reasons (e.g. a
-    known bug in the installed version).
+    known bug in the installed version). ``distribution``: the installed distribution it needs,
+    whose version ``python -m mhc info`` reports (None: nothing beyond torch).
     """
 
     name: str
@@ -179,7 +181,6 @@ class Backend:
     load: Callable[[], Any]
     probe: Callable[[Problem], Sequence[str]] = _no_reasons
     notes: Callable[[], Sequence[str]] = lambda: ()
-    description: str = ""
 
 
 @dataclasses.dataclass
@@ -519,14 +520,3 @@ def explain_problem(p: Problem, backend: str | None = None) -> Explanation:
     hit = _decide(p.op, choice, p)
     chosen = None if isinstance(hit, BackendError) else hit[0]
     return Explanation(p, choice, chosen, reasons, auto_choice)
-
-
-def _reset_for_tests() -> None:
-    """Forget records, loads and decisions (tests that install fake packages use it)."""
-    with _STATE.lock:
-        _STATE.records = None
-        _STATE.broken.clear()
-        _STATE.loaded.clear()
-        _STATE.load_errors.clear()
-        _STATE.decisions.clear()
-        _STATE.env_cache = (None, {})

@@ -1,7 +1,10 @@
 """Input checks shared by every backend: run once in the op layer, before selection.
 
-Each check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape, device,
-range) with a message that names the argument and says what was expected. They run on fake
+Each check raises ``TypeError`` (a tensor argument that is not a tensor, a wrong dtype,
+``sinkhorn_repeat`` not an int) or ``ValueError`` (wrong shape, device, range) with a message that
+names the argument and says what was expected. The float scalars (the eps values,
+``hc_post_mult_value``) are checked for range only, with ``ValueError``: their type is the op
+schema's (``float``), which the dispatcher enforces with a ``TypeError`` before these checks run. They run on fake
 tensors too (the fake impls call them), so a bad call fails at trace time under
 ``torch.compile``. Backends add their own limits as *reasons* (see ``mhc.registry``), not here.
 """
@@ -11,6 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
+
+# The dtype of fn, hc_scale, hc_base, post_mix and comb_mix for a residual dtype is the reference's
+# accumulation dtype (fp32, or fp64 with an fp64 residual): one rule, one home.
+from mhc.reference import acc_dtype as mix_dtype
 
 __all__ = ["ACT_DTYPES", "MAX_N", "MAX_SINKHORN_REPEAT", "check_pre", "check_post", "check_head", "check_fused",
            "check_sinkhorn_repeat", "check_norm", "check_backend", "non_dense", "mix_dtype"]
@@ -26,11 +33,6 @@ MAX_SINKHORN_REPEAT = 1000
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def mix_dtype(residual_dtype: torch.dtype) -> torch.dtype:
-    """dtype of fn, hc_scale, hc_base, post_mix and comb_mix: fp32, or fp64 with an fp64 residual."""
-    return torch.float64 if residual_dtype == torch.float64 else torch.float32
 
 
 def _tensor(name: str, t) -> None:

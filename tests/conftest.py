@@ -4,7 +4,8 @@
   backend serves CPU tensors here (on a GPU machine it stays off).
 - Hypothesis profiles ``ci`` (derandomized, the CI default), ``dev`` and ``deep``, chosen with
   ``MHC_HYPOTHESIS_PROFILE``.
-- Every output a backend allocates through ``mhc.backends.empty`` is filled with NaN first, so an
+- Every output a backend allocates through ``mhc.backends.empty`` is filled with NaN first
+  (``mhc.checking.nan_empty``, what the GPU suite and the benchmarks use too), so an
   element a kernel forgets to write fails the comparison instead of passing as stale memory.
 - Every test starts with no launch plan cached (``mhc.plans.PLANS``): tests monkeypatch the
   launch heuristics that plans are built from, and a plan of an earlier test must not stand in
@@ -34,6 +35,7 @@ import mhc  # noqa: E402
 import mhc.backends  # noqa: E402
 import mhc.plans  # noqa: E402
 from mhc import registry  # noqa: E402
+from mhc.checking import nan_empty  # noqa: E402
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.register_profile("ci", max_examples=12, derandomize=True, print_blob=True, **_common)
@@ -44,16 +46,9 @@ settings.load_profile(os.environ.get("MHC_HYPOTHESIS_PROFILE", "ci" if os.enviro
 DEVICE = torch.device("cuda") if _HAS_GPU else torch.device("cpu")
 
 
-def _nan_empty(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if t.is_floating_point():
-        t.fill_(float("nan"))
-    return t
-
-
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(mhc.backends, "_ALLOCATOR", _nan_empty)
+    monkeypatch.setattr(mhc.backends, "_ALLOCATOR", nan_empty)
 
 
 @pytest.fixture(autouse=True)

@@ -196,28 +196,6 @@ def test_backward_op_errors_name_the_argument():
 # --- torch.compile -------------------------------------------------------------------------------
 
 
-def test_compile_fullgraph_training_step_matches_eager():
-    (r, fn, s, b), kw = checking.make_inputs("pre", (5,), 4, 32, torch.float32, seed=9)
-    lin = torch.nn.Linear(32, 32)
-    hfn = torch.randn(4, 128) / 12
-    hs, hb = torch.ones(1), torch.zeros(4)
-
-    def step(res, fn, s, b):
-        for _ in range(2):
-            post_mix, comb_mix, x = mhc.pre(res, fn, s, b, **kw)
-            res = mhc.post(lin(x), res, post_mix, comb_mix)
-        return mhc.head(res, hfn, hs, hb).square().sum()
-
-    def grads(f):
-        ins = _leaves((r, fn, s, b))
-        return torch.autograd.grad(f(*ins), ins)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
-    for c, e in zip(grads(compiled), grads(step)):
-        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
-
-
 # --- dispatch of the backward ops ----------------------------------------------------------------
 
 

@@ -76,12 +76,37 @@ def check_drawn_case(backend, op, data, device):
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("lead", [(0,), (3, 0), (0, 2, 5)])
-def test_empty_batch_returns_empty_outputs(backend, op, lead, device=DEVICE):
+def test_empty_batch_returns_empty_outputs(backend, op, lead, monkeypatch, device=DEVICE):
+    """T == 0 goes through the selection of ``backend`` (one that cannot serve the call refuses
+    it, as at T > 0) and returns empty outputs of the oracle's shapes, the contract's dtypes and
+    the input's device, without calling the backend's kernel (DESIGN.md: "launching nothing")."""
+    selected, called = [], []
+    real_select = registry.select
+
+    def select(name, *a, **k):
+        impl = real_select(name, *a, **k)
+        selected.append(name)
+
+        def spy(*args):
+            called.append(name)
+            return impl(*args)
+
+        return spy
+
+    monkeypatch.setattr(registry, "select", select)
     args, kwargs = checking.make_inputs(op, lead, 4, 256, torch.bfloat16, device, seed=1)
+    if registry.reasons_for(backend, registry.Problem(op, device, torch.bfloat16, 4, 256, 0)):
+        with pytest.raises(registry.BackendError, match=backend):
+            checking.call(op, args, kwargs, backend)
+        return
     outs = checking.call(op, args, kwargs, backend)
+    assert selected == [op] and called == [], (selected, called)
     refs = checking.oracle(op, args, kwargs)
-    for o, r in zip(outs, refs):
-        assert o.shape == r.shape and o.numel() == 0 and o.device == args[0].device
+    assert len(outs) == len(refs) == len(checking.OUTPUTS[op])
+    for (name, kind), o, r in zip(checking.OUTPUTS[op], outs, refs):
+        want = torch.bfloat16 if kind == "act" else torch.float32
+        assert o.shape == r.shape and o.numel() == 0, (name, o.shape, r.shape)
+        assert o.dtype == want and o.device == args[0].device, (name, o.dtype, o.device)
 
 
 @pytest.mark.parametrize("op", OPS)

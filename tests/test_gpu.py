@@ -1,12 +1,13 @@
 """The GPU suite (marked ``gpu``): every promise of DESIGN.md's contract checked at real sizes on
 a real GPU. Skipped, with the reason, where no GPU is visible. Nothing here is timed: speed lives
-in the benchmarks (``python -m mhc bench``).
+in the benchmarks (``python benchmarks/bench.py``).
 
 - every backend that can serve x every op against the fp64 oracle (``mhc.checking``) at n = 4,
   H in {4096, 7168}, T in {0, 1, 7, 64, 513, 4096}; outputs are poisoned with NaN by conftest,
   inputs are random and never zero;
 - n = 6 and 8 at T = 2048 (pre, fused_post_pre): the widest tiles fit the GPU's shared memory;
 - CUDA graphs: capture, then replay on new input values, matches an eager call bitwise;
+- ``torch.library.opcheck`` of every op with each backend's kernels;
 - ``torch.compile(fullgraph=True)`` of a small mHC block (pre -> Linear -> post, twice) with the
   default inductor backend: no graph break (fullgraph raises on one), matches eager;
 - determinism: 100 runs at T = 16384 are bitwise identical;
@@ -18,7 +19,7 @@ in the benchmarks (``python -m mhc bench``).
   threads on two streams, and calls alternating between two unsynchronised streams, agree with
   serial calls.
 
-Inputs come from :func:`mhc.bench.device_inputs` (the distributions of
+Inputs come from :func:`mhc.checking.device_inputs` (the distributions of
 ``mhc.checking.make_inputs``, drawn on the GPU: make_inputs draws fp64 on the CPU, which takes
 minutes at these sizes). Above 1024 tokens the oracle is evaluated on 1024 sampled token rows
 (every op is row-independent, so those rows are compared exactly) and every output element must
@@ -39,7 +40,7 @@ import pytest
 import torch
 
 import mhc
-from mhc import bench, checking, registry
+from mhc import checking, registry
 from mhc.validation import mix_dtype
 
 from conftest import DEVICE
@@ -60,9 +61,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @functools.lru_cache(maxsize=None)
 def _case(op: str, H: int, T: int):
     """Inputs on the GPU, the sampled rows and the oracle on them, shared by every backend."""
-    args, kwargs = bench.device_inputs(op, T, N, H, DEVICE, seed=1000 * H + T)
-    rows = bench.sample_rows(T, DEVICE, k=ORACLE_ROWS, seed=T)
-    return args, kwargs, rows, bench.reference_rows(op, args, kwargs, rows)
+    args, kwargs = checking.device_inputs(op, T, N, H, DEVICE, seed=1000 * H + T)
+    rows = checking.sample_rows(T, DEVICE, k=ORACLE_ROWS, seed=T)
+    return args, kwargs, rows, checking.reference_rows(op, args, kwargs, rows)
 
 
 def _assert_correct(op, args, kwargs, outs, rows, refs, backend):
@@ -72,7 +73,7 @@ def _assert_correct(op, args, kwargs, outs, rows, refs, backend):
         assert o.dtype == want, f"{backend}.{op}.{name}: dtype {o.dtype}, expected {want}"
         assert o.device == res.device, f"{backend}.{op}.{name}: on {o.device}, inputs on {res.device}"
         assert o.shape[0] == res.shape[0], f"{backend}.{op}.{name}: {o.shape[0]} tokens, expected {res.shape[0]}"
-    chk = bench.check_outputs(op, outs, refs, rows, res.dtype)
+    chk = checking.check_outputs(op, outs, refs, rows, res.dtype)
     assert chk.ok, f"{backend}.{op} T={res.shape[0]} H={res.shape[-1]}: {chk.text}"
 
 
@@ -100,11 +101,11 @@ def test_wide_n_at_large_t_within_shared_memory(backend, op, n):
     of shared memory, which the H100 refuses at load time (``launch.shared_estimate``)."""
     T, H = 2048, 4096
     _gpu_backend(backend, op, H, T, n=n)
-    args, kwargs = bench.device_inputs(op, T, n, H, DEVICE, seed=90 + n)
-    rows = bench.sample_rows(T, DEVICE, k=256, seed=n)
+    args, kwargs = checking.device_inputs(op, T, n, H, DEVICE, seed=90 + n)
+    rows = checking.sample_rows(T, DEVICE, k=256, seed=n)
     outs = checking.call(op, args, kwargs, backend)
     torch.cuda.synchronize()
-    _assert_correct(op, args, kwargs, outs, rows, bench.reference_rows(op, args, kwargs, rows), backend)
+    _assert_correct(op, args, kwargs, outs, rows, checking.reference_rows(op, args, kwargs, rows), backend)
 
 
 @pytest.mark.parametrize("T", (1, 513))
@@ -113,7 +114,7 @@ def test_cuda_graph_replay_matches_eager(backend, op, T):
     """Capture one call, copy new values into the captured inputs, replay: the outputs equal an
     eager call on the new values bitwise (and the oracle)."""
     _gpu_backend(backend, op, 4096, T)
-    static, kwargs = bench.device_inputs(op, T, N, 4096, DEVICE, seed=7)
+    static, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=7)
     static = tuple(a.clone() for a in static)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -124,7 +125,7 @@ def test_cuda_graph_replay_matches_eager(backend, op, T):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = checking.call(op, static, kwargs, backend)
-    new, _ = bench.device_inputs(op, T, N, 4096, DEVICE, seed=8)
+    new, _ = checking.device_inputs(op, T, N, 4096, DEVICE, seed=8)
     for s, v in zip(static, new):
         s.copy_(v)
     graph.replay()
@@ -132,8 +133,8 @@ def test_cuda_graph_replay_matches_eager(backend, op, T):
     eager = checking.call(op, new, kwargs, backend)
     for (name, _), c, e in zip(checking.OUTPUTS[op], captured, eager):
         assert torch.equal(c, e), f"{backend}.{op}.{name}: graph replay differs from eager"
-    rows = bench.sample_rows(T, DEVICE, k=ORACLE_ROWS)
-    _assert_correct(op, new, kwargs, captured, rows, bench.reference_rows(op, new, kwargs, rows), backend)
+    rows = checking.sample_rows(T, DEVICE, k=ORACLE_ROWS)
+    _assert_correct(op, new, kwargs, captured, rows, checking.reference_rows(op, new, kwargs, rows), backend)
 
 
 class _Block(torch.nn.Module):
@@ -158,11 +159,22 @@ class _Block(torch.nn.Module):
         return residual
 
 
+@pytest.mark.parametrize("T", [8, 513])
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck_per_backend(backend, op, T):
+    """``torch.library.opcheck`` (schema, autograd registration, fake impl against the real
+    outputs, dynamic-shape AOT dispatch) with each backend's kernels on the GPU: the CPU suite
+    runs it on the torch backend only. T = 513 takes Triton's two-pass path."""
+    _gpu_backend(backend, op, 4096, T)
+    args, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=90 + T)
+    torch.library.opcheck(getattr(torch.ops.mhc, op).default, args, {**kwargs, "backend": backend})
+
+
 def test_torch_compile_fullgraph_of_an_mhc_block(backend):
     _gpu_backend(backend, "pre", 4096, 16)
     torch._dynamo.reset()
     block = _Block(4096, backend)
-    residual = bench.device_inputs("pre", 16, N, 4096, DEVICE, seed=60)[0][0].view(2, 8, N, 4096)
+    residual = checking.device_inputs("pre", 16, N, 4096, DEVICE, seed=60)[0][0].view(2, 8, N, 4096)
     with torch.no_grad():
         want = block(residual)
         compiled = torch.compile(block, fullgraph=True)  # the default inductor backend; raises on a break
@@ -178,7 +190,7 @@ def test_torch_compile_fullgraph_of_an_mhc_block(backend):
 @pytest.mark.parametrize("op", OPS)
 def test_100_runs_at_16384_tokens_are_bitwise_identical(backend, op, H):
     _gpu_backend(backend, op, H, 16384)
-    args, kwargs = bench.device_inputs(op, 16384, N, H, DEVICE, seed=70)
+    args, kwargs = checking.device_inputs(op, 16384, N, H, DEVICE, seed=70)
     first = checking.call(op, args, kwargs, backend)
     differing = []
     for run in range(1, 100):
@@ -196,7 +208,7 @@ def test_inputs_on_cuda1_while_cuda0_is_current(backend, op):
     dev1 = torch.device("cuda", 1)
     _gpu_backend(backend, op, 4096, 64, device=dev1)
     torch.cuda.set_device(0)
-    args, kwargs = bench.device_inputs(op, 64, N, 4096, dev1, seed=80)
+    args, kwargs = checking.device_inputs(op, 64, N, 4096, dev1, seed=80)
     torch.cuda.synchronize(0)
     before = torch.cuda.memory_allocated(0)
     outs = checking.call(op, args, kwargs, backend)
@@ -204,8 +216,8 @@ def test_inputs_on_cuda1_while_cuda0_is_current(backend, op):
     torch.cuda.synchronize(0)
     assert torch.cuda.current_device() == 0
     assert torch.cuda.memory_allocated(0) == before, f"{backend}.{op} allocated on cuda:0"
-    rows = bench.sample_rows(64, dev1)
-    _assert_correct(op, args, kwargs, outs, rows, bench.reference_rows(op, args, kwargs, rows), backend)
+    rows = checking.sample_rows(64, dev1)
+    _assert_correct(op, args, kwargs, outs, rows, checking.reference_rows(op, args, kwargs, rows), backend)
 
 
 _SANITIZED = """
@@ -270,7 +282,7 @@ def test_triton_direct_launch_equals_the_jit_path_bitwise(op, T):
     from mhc import plans
     from mhc.backends.triton import direct
 
-    args, kwargs = bench.device_inputs(op, T, N, 4096, DEVICE, seed=21)
+    args, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=21)
     direct.ENABLED = False
     try:
         plans.PLANS.clear("triton")
@@ -302,7 +314,7 @@ def test_graphs_captured_after_eager_calls_stay_correct(backend, op, T):
     interleaved on two streams: every replay still matches an eager call bitwise (a workspace
     shared between a graph and eager calls, or between two graphs, would break this)."""
     _gpu_backend(backend, op, 4096, T)
-    static, kwargs = bench.device_inputs(op, T, N, 4096, DEVICE, seed=31)
+    static, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=31)
     static = tuple(a.clone() for a in static)
     for _ in range(3):
         checking.call(op, static, kwargs, backend)
@@ -315,7 +327,7 @@ def test_graphs_captured_after_eager_calls_stay_correct(backend, op, T):
         graphs.append(g)
     other = torch.cuda.Stream()
     for round_ in range(3):
-        new, _ = bench.device_inputs(op, T, N, 4096, DEVICE, seed=40 + round_)
+        new, _ = checking.device_inputs(op, T, N, 4096, DEVICE, seed=40 + round_)
         for s, v in zip(static, new):
             s.copy_(v)
         want = checking.call(op, new, kwargs, backend)
@@ -337,7 +349,7 @@ def test_two_threads_on_two_streams_agree_with_serial_calls(backend, op):
     _gpu_backend(backend, op, 4096, 64)
     import threading
 
-    cases = {T: bench.device_inputs(op, T, N, 4096, DEVICE, seed=50 + T) for T in (1, 64, 513)}
+    cases = {T: checking.device_inputs(op, T, N, 4096, DEVICE, seed=50 + T) for T in (1, 64, 513)}
     serial = {T: checking.call(op, a, kw, backend) for T, (a, kw) in cases.items()}
     torch.cuda.synchronize()
     errors, gate = [], threading.Barrier(2)
@@ -366,7 +378,7 @@ def test_back_to_back_calls_on_two_streams_without_sync(backend, op):
     one stream's launch must not be another's): every output equals a serial call."""
     _gpu_backend(backend, op, 4096, 1)
     streams = (torch.cuda.Stream(), torch.cuda.Stream())
-    cases = [bench.device_inputs(op, T, N, 4096, DEVICE, seed=60 + T) for T in (1, 1, 64, 64)]
+    cases = [checking.device_inputs(op, T, N, 4096, DEVICE, seed=60 + T) for T in (1, 1, 64, 64)]
     serial = [checking.call(op, a, kw, backend) for a, kw in cases]
     torch.cuda.synchronize()
     for s in streams:
@@ -406,7 +418,7 @@ def test_norm_weight_matches_fp64_oracle(backend, op, H, T):
         pytest.skip(f"backend {backend} does not fuse the norm here: " + "; ".join(why))
     outs = checking.call(op, args, kwargs, backend)
     torch.cuda.synchronize()
-    _assert_correct(op, args, kwargs, outs, rows, bench.reference_rows(op, args, kwargs, rows), backend)
+    _assert_correct(op, args, kwargs, outs, rows, checking.reference_rows(op, args, kwargs, rows), backend)
 
 
 @pytest.mark.parametrize("T", (1, 64, 513))
@@ -415,7 +427,7 @@ def test_norm_weight_cuda_graph_replay_matches_eager(backend, op, T):
     why = registry.reasons_for(backend, registry.Problem(op, DEVICE, torch.bfloat16, N, 4096, T, norm=True))
     if why:
         pytest.skip("; ".join(why))
-    static, kwargs = bench.device_inputs(op, T, N, 4096, DEVICE, seed=17)
+    static, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=17)
     static = tuple(a.clone() for a in static)
     kwargs = _with_norm(kwargs, 4096, seed=18)
     side = torch.cuda.Stream()
@@ -427,7 +439,7 @@ def test_norm_weight_cuda_graph_replay_matches_eager(backend, op, T):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = checking.call(op, static, kwargs, backend)
-    new, _ = bench.device_inputs(op, T, N, 4096, DEVICE, seed=19)
+    new, _ = checking.device_inputs(op, T, N, 4096, DEVICE, seed=19)
     for s, v in zip(static, new):
         s.copy_(v)
     graph.replay()

@@ -164,29 +164,28 @@ def test_prep_kernel_splits_fn_exactly():
     assert (out[:5] == fn.bfloat16().float()).all()  # round to nearest even
 
 
-# post_kernel's forms: tokens per program (BT, T not a multiple of it), program order (H_FAST:
-# the table's choice above T = 1; token-major at T = 1), eviction policy; H masks the tile.
-@pytest.mark.parametrize("bt,h_fast,evict", [(1, True, ""), (1, False, ""), (2, True, "evict_first"),
-                                             (4, False, ""), (4, True, "")])
+# post_kernel's program orders (H_FAST: the table's choice above T = 1; token-major at T = 1); H
+# masks the tile.
+@pytest.mark.parametrize("h_fast", [True, False])
 @pytest.mark.parametrize("T,n,H,dtype", [(5, 4, 100, torch.bfloat16), (7, 3, 40, torch.float16),
                                          (3, 8, 72, torch.bfloat16), (2, 1, 64, torch.bfloat16)])
-def test_post_kernel_forms(bt, h_fast, evict, T, n, H, dtype):
+def test_post_kernel_forms(h_fast, T, n, H, dtype):
     import triton
 
     from mhc.backends.triton import kernels, launch
 
-    t = make(T, n, H, dtype, seed=T * 10 + n + bt)
+    t = make(T, n, H, dtype, seed=T * 10 + n)
     r = d64(t)
     bh = 32
     out = torch.full((T, n, H), float("nan"), dtype=dtype, device=DEV)
-    kernels.post_kernel[(triton.cdiv(T, bt) * triton.cdiv(H, bh),)](
+    kernels.post_kernel[(T * triton.cdiv(H, bh),)](
         t["x"], t["residual"], t["pm"], t["cm"], out, T, H, N=n, NP=triton.next_power_of_2(n), BH=bh,
-        EMULATE_RNE=launch.INTERPRETED, BT=bt, H_FAST=h_fast, EVICT=evict, num_warps=1)
+        EMULATE_RNE=launch.INTERPRETED, H_FAST=h_fast, num_warps=1)
     _close(out, R.post(r["x"], r["residual"], r["pm"], r["cm"]), dtype, "act")
 
 
 def test_post_program_order_by_bucket():
-    """The measured choice (TUNING.md, "Program order: post"): hidden blocks fastest wherever
+    """The measured choice (docs/tuning/triton.md, "Program order: post"): hidden blocks fastest wherever
     there is more than one token."""
     from mhc.backends.triton import launch
 

@@ -152,7 +152,7 @@ direct.DirectKernel.__call__ = lambda self, grid, *args: calls.append((self, gri
 launch.device_config = lambda op, n, H, T, dtype, dev, norm=False: launch.configs(n, H, T, op, norm=norm)
 for T in (1, 64, 500, 2000):
     for op in ("pre", "head", "fused_post_pre", "post"):
-        from mhc.bench import device_inputs
+        from mhc.checking import device_inputs
         args, kw = device_inputs(op, T, n, H, torch.device("cpu"))
         flat = [a.reshape(T, *a.shape[-2:]) if a.dim() == 3 else a.reshape(T, a.shape[-1]) if a.dim() == 2 and a.shape[0] == T else a for a in args]
         getattr(launch, op)(*flat, *kw.values())

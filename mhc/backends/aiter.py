@@ -406,5 +406,4 @@ BACKEND = Backend(
     load=_load,
     probe=_probe,
     notes=_notes,
-    description="AMD AITER's HIP kernels (aiter.ops.mhc); ROCm GPUs, bf16, n == 4, H % 256 == 0",
 )

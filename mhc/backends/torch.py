@@ -35,5 +35,4 @@ BACKEND = Backend(
         norm_ops=frozenset({"pre", "fused_post_pre", "pre_backward"}),
     ),
     load=_load,
-    description="PyTorch reference math and its backward; every device, every float dtype",
 )

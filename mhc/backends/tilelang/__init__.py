@@ -16,7 +16,8 @@ and in TileLang's disk cache, ``TILELANG_CACHE_DIR``. If the user has not set th
 (TileLang's own default is ``~/.tilelang/cache``).
 
 Layout of this package: ``kernels.py`` (the TileLang programs), ``launch.py`` (configs, cache,
-launchers), ``aot.py`` (ahead-of-time compilation for CI), ``TUNING.md`` (H100 figures).
+launchers), ``aot.py`` (ahead-of-time compilation for CI), ``DESIGN.md`` (the design in short; the
+figures and what was tried: ``docs/tuning/tilelang.md`` in the repository).
 """
 
 from __future__ import annotations
@@ -122,5 +123,4 @@ BACKEND = Backend(
     load=_load,
     probe=_probe,
     notes=_notes,
-    description="TileLang kernels: one-pass post; pre/head/fused_post_pre read the residual once",
 )

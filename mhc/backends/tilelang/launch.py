@@ -29,7 +29,7 @@ _DTYPES = {torch.bfloat16: "bfloat16"}
 
 def post_config(n: int, H: int) -> K.PostConfig:
     """``post``: 1024 columns per CTA (128 threads x 8 bf16); narrower for small H so that few
-    threads idle. Measured on the H100: see TUNING.md."""
+    threads idle. Measured on the H100: docs/tuning/tilelang.md."""
     bh = 1024
     while bh > 64 and bh // 2 >= H:
         bh //= 2
@@ -47,25 +47,6 @@ def mix_config(mode: str, n: int, H: int, num_sms: int) -> K.MixConfig:
     # fused holds x, n residual streams and the new residual in registers: at 2 CTAs/SM ptxas
     # spills ~430 B/thread, so it keeps 1 (registers, 253) while pre/head fit 2 (125 registers).
     return K.MixConfig(BM=64, HC=hc, threads=256, min_blocks=1 if mode == "fused" else 2)
-
-
-#: Dynamic shared memory one CTA may opt into (sm_90: 227 KB); the persistent kernel needs the
-#: fn slice, two tiles and the reduction buffers in it.
-SMEM_OPTIN = {9: 232448, 10: 232448, 8: 166912}
-
-
-def persistent_config(mode: str, n: int, H: int, num_sms: int, arch_major: int = 9):
-    """The persistent mix kernel's config, or None where it does not apply (then
-    :func:`mix_config`'s one-shot kernel serves): n <= 4, S = ceil(H / 128) <= SMs, and the
-    fn slice + two tiles fit in one CTA's shared memory. Grid: groups x S CTAs with
-    groups = SMs // S, so the whole grid is co-resident at one CTA per SM."""
-    if n > 4:
-        return None
-    bm = 32 if mode == "fused" else 64  # fused also double-buffers x: 64 tokens would not fit
-    cfg = K.PersistentConfig(BM=bm, HC=128, groups=max(1, num_sms // -(-H // 128)))
-    if cfg.splits(H) > num_sms or cfg.shared_bytes(mode, n) > SMEM_OPTIN.get(arch_major, 0):
-        return None
-    return cfg
 
 
 class _KernelCache:
@@ -125,10 +106,7 @@ def get_kernel(op: str, n: int, H: int, dtype: str, target: dict, num_sms: int, 
         build = lambda: K.build_post(n, H, cfg, dtype)  # noqa: E731
     else:
         cfg = cfg or mix_config(op, n, H, num_sms)
-        if isinstance(cfg, K.PersistentConfig):
-            build = lambda: K.build_mix_persistent(op, n, H, cfg, dtype)  # noqa: E731
-        else:
-            build = lambda: K.build_mix(op, n, H, cfg, dtype)  # noqa: E731
+        build = lambda: K.build_mix(op, n, H, cfg, dtype)  # noqa: E731
     return KERNELS.get((op, n, H, dtype, cfg, _target_key(target)), target, build), cfg
 
 

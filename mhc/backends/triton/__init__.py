@@ -6,7 +6,8 @@ Nothing here imports triton at module import: :func:`_probe` and :func:`_load` d
 
 Files: ``kernels.py`` (the ``@triton.jit`` kernels), ``launch.py`` (launchers and the config
 table), ``backward.py`` (the backward kernels and their launchers), ``aot.py`` (ahead-of-time
-builds for sm90/gfx942/gfx950), ``TUNING.md`` (the figures behind the configs).
+builds for sm90/gfx942/gfx950), ``DESIGN.md`` (the design in short; the figures behind the
+configs: ``docs/tuning/triton.md`` in the repository).
 """
 
 from __future__ import annotations
@@ -84,5 +85,4 @@ BACKEND = Backend(
     ),
     load=_load,
     probe=_probe,
-    description="Triton kernels (NVIDIA and AMD GPUs; CPU through TRITON_INTERPRET=1)",
 )

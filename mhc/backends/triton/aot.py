@@ -72,45 +72,41 @@ def _post_signature(dtype: torch.dtype) -> dict[str, str]:
 
 def _backward_jobs():
     """The backward kernels (``backward.py``) for n=4, H in H_VALUES, with every gradient asked
-    for, at the configs of :func:`mhc.backends.triton.backward.configs` (T <= 1024 and above)."""
+    for, at the specialisations the launchers pass (:func:`mhc.backends.triton.backward.mix_specializations`
+    and ``post_specialization``, for T <= 1024 and above): what AOT builds is what runs."""
     from mhc.backends.triton import backward
 
     act, f32 = "*bf16", "*fp32"
     seen = set()
     for H in H_VALUES:
         for T in (1, 4096):
-            cfg = backward.configs(4, H, T)
             for head in (False, True):
-                m = 4 if head else 24
-                spec = dict(N=4, N3=m, N3P=max(16, 1 << (m - 1).bit_length()), NP=4, HEAD=head, BM=cfg["bm"],
-                            BH=cfg["bh"], DOT_PREC=backward._dot_prec())
+                spec, rspec, warps = backward.mix_specializations(4, H, T, head)
                 g = act if head else f32
                 sig = {"res_ptr": act, "fn_ptr": f32, "gout_ptr": act, "gpm_ptr": g, "gcm_ptr": g,
                        "scale_ptr": f32, "base_ptr": f32, "gmix_ptr": f32, "r_ptr": f32, "coef_ptr": f32,
                        "w_ptr": f32, "part_ptr": f32, "T": "i32", "H": "i32", "rms_eps": "fp32",
                        "w_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32", "repeat": "i32"}
-                key = ("mix_bwd", tuple(sorted(spec.items())), cfg["num_warps"])
+                key = ("mix_bwd", tuple(sorted(spec.items())), warps)
                 if key not in seen:
                     seen.add(key)
                     yield (f"{'head' if head else 'pre'}_backward H={H:<5} T<={T:<5} bf16 _mix_bwd_kernel",
-                           "backward._mix_bwd_kernel", sig, spec, cfg["num_warps"], 1)
-                rspec = dict(N=4, N3=m, N3P=spec["N3P"], NEED_RES=True, NEED_FN=True, BM=cfg["bm"], BK=cfg["bk"],
-                             DOT_PREC=spec["DOT_PREC"])
+                           "backward._mix_bwd_kernel", sig, spec, warps, 1)
                 rsig = {"res_ptr": act, "fn_ptr": f32, "gout_ptr": act, "gmix_ptr": f32, "r_ptr": f32,
                         "coef_ptr": f32, "w_ptr": f32, "gres_ptr": act, "gfn_ptr": f32, "T": "i32", "H": "i32"}
-                key = ("res_bwd", tuple(sorted(rspec.items())), cfg["num_warps"])
+                key = ("res_bwd", tuple(sorted(rspec.items())), warps)
                 if key not in seen:
                     seen.add(key)
                     yield (f"{'head' if head else 'pre'}_backward H={H:<5} T<={T:<5} bf16 _res_bwd_kernel",
-                           "backward._res_bwd_kernel", rsig, rspec, cfg["num_warps"], 1)
-            pspec = dict(N=4, NP=4, NEED_X=True, NEED_RES=True, NEED_PM=True, NEED_CM=True, BH=cfg["post_bh"])
+                           "backward._res_bwd_kernel", rsig, rspec, warps, 1)
+            pspec, warps = backward.post_specialization(4, H, T)
             psig = {"g_ptr": act, "x_ptr": act, "res_ptr": act, "pm_ptr": f32, "cm_ptr": f32, "gx_ptr": act,
                     "gres_ptr": act, "gpm_ptr": f32, "gcm_ptr": f32, "H": "i32"}
-            key = ("post_bwd", tuple(sorted(pspec.items())), cfg["num_warps"])
+            key = ("post_bwd", tuple(sorted(pspec.items())), warps)
             if key not in seen:
                 seen.add(key)
                 yield (f"post_backward  H=any   T<={T:<5} bf16 _post_bwd_kernel", "backward._post_bwd_kernel",
-                       psig, pspec, cfg["num_warps"], 1)
+                       psig, pspec, warps, 1)
 
 
 def mix_build(op: str, n: int, dtype: torch.dtype, cfg, h_aligned: bool) -> tuple:
@@ -217,7 +213,7 @@ def _jobs(arch: str = "sm90"):
                             seen.add(key)
                             yield job
                 pc = launch.post_config(H, T)
-                spec = dict(N=4, NP=4, BH=pc.block_h, EMULATE_RNE=False, BT=1, H_FAST=pc.h_fast, EVICT="")
+                spec = launch.post_specialization(4, pc)
                 key = ("post", _TYPE[dtype], tuple(sorted(spec.items())), pc.warps)
                 if key not in seen:
                     seen.add(key)

@@ -100,7 +100,7 @@ def _mix_bwd_kernel(res_ptr, fn_ptr, gout_ptr, gpm_ptr, gcm_ptr, scale_ptr, base
                     gmix_ptr, r_ptr, coef_ptr, w_ptr, part_ptr,
                     T, H, rms_eps, w_eps, sk_eps, post_mult, repeat,
                     N: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, NP: tl.constexpr,
-                    HEAD: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr):
+                    HEAD: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
     """Stage 1 of pre/head backward for tokens ``[pid*BM, pid*BM + BM)`` (see the module doc).
 
     ``res`` (T, N, H); ``fn`` (N3, N*H); ``gout`` (T, H) the layer_input / head gradient;
@@ -127,7 +127,7 @@ def _mix_bwd_kernel(res_ptr, fn_ptr, gout_ptr, gpm_ptr, gcm_ptr, scale_ptr, base
             w = tl.load(fn_ptr + cols[None, :] * K + i * H + hs[:, None], mask=cmask[None, :] & hmask[:, None],
                         other=0.0).to(tl.float32)
             go = tl.load(gout_ptr + rows[:, None] * H + hs[None, :], mask=m2, other=0.0).to(tl.float32)
-            acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+            acc = tl.dot(x, w, acc, input_precision="ieee")
             ssq += tl.sum(x * x, axis=1)
             gw += tl.where(streams == i, tl.sum(x * go, axis=1)[:, None], 0.0)
             h0 += BH
@@ -181,8 +181,7 @@ def _mix_bwd_kernel(res_ptr, fn_ptr, gout_ptr, gpm_ptr, gcm_ptr, scale_ptr, base
 @triton.jit
 def _res_bwd_kernel(res_ptr, fn_ptr, gout_ptr, gmix_ptr, r_ptr, coef_ptr, w_ptr, gres_ptr, gfn_ptr,
                     T, H, N: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
-                    NEED_RES: tl.constexpr, NEED_FN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    NEED_RES: tl.constexpr, NEED_FN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """Stage 2 for stream ``i`` and hidden slice ``[hb*BK, hb*BK + BK)`` (program ``i*cdiv(H, BK) + hb``),
     looping over every token: writes ``gres`` (T, N, H) there and ``gfn[:, i*H + slice]``."""
     pid = tl.program_id(0)
@@ -207,12 +206,12 @@ def _res_bwd_kernel(res_ptr, fn_ptr, gout_ptr, gmix_ptr, r_ptr, coef_ptr, w_ptr,
         r = tl.load(r_ptr + rows, mask=rmask, other=0.0)
         gz = gm * r[:, None]
         if NEED_FN:
-            gfn = tl.dot(tl.trans(gz), x, gfn, input_precision=DOT_PREC)
+            gfn = tl.dot(tl.trans(gz), x, gfn, input_precision="ieee")
         if NEED_RES:
             go = tl.load(gout_ptr + rows[:, None] * H + hs[None, :], mask=m2, other=0.0).to(tl.float32)
             wi = tl.load(w_ptr + rows * N + i, mask=rmask, other=0.0)
             coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
-            gx = wi[:, None] * go + tl.dot(gz, fn_blk, input_precision=DOT_PREC) - coef[:, None] * x
+            gx = wi[:, None] * go + tl.dot(gz, fn_blk, input_precision="ieee") - coef[:, None] * x
             tl.store(gres_ptr + rows[:, None] * K + i * H + hs[None, :], gx.to(gres_ptr.dtype.element_ty), mask=m2)
         t0 += BM
     if NEED_FN:
@@ -274,8 +273,26 @@ def configs(n: int, H: int, T: int) -> dict:
                 num_warps=4)
 
 
-def _dot_prec() -> str:
-    return "ieee"
+def mix_specializations(n: int, H: int, T: int, head: bool, need_res: bool = True,
+                        need_fn: bool = True) -> tuple[dict, dict, int]:
+    """Compile-time constants of ``_mix_bwd_kernel`` and of ``_res_bwd_kernel`` for pre
+    (``head`` False) or head backward with n streams, hidden size H, T tokens, and their
+    ``num_warps``: what the launcher passes and what ``aot.py`` builds."""
+    cfg = configs(n, H, T)
+    m = n if head else 2 * n + n * n
+    n3p = max(16, triton.next_power_of_2(m))
+    mix = dict(N=n, N3=m, N3P=n3p, NP=max(2, triton.next_power_of_2(n)), HEAD=head, BM=cfg["bm"], BH=cfg["bh"])
+    res = dict(N=n, N3=m, N3P=n3p, NEED_RES=need_res, NEED_FN=need_fn, BM=cfg["bm"], BK=cfg["bk"])
+    return mix, res, cfg["num_warps"]
+
+
+def post_specialization(n: int, H: int, T: int, output_mask=(True, True, True, True)) -> tuple[dict, int]:
+    """Compile-time constants of ``_post_bwd_kernel`` for n streams, hidden size H, T tokens and
+    the gradients asked for (``output_mask``: x, residual, post_mix, comb_mix), and its ``num_warps``."""
+    cfg = configs(n, H, T)
+    need_x, need_res, need_pm, need_cm = (bool(b) for b in output_mask)
+    return dict(N=n, NP=max(2, triton.next_power_of_2(n)), NEED_X=need_x, NEED_RES=need_res, NEED_PM=need_pm,
+                NEED_CM=need_cm, BH=cfg["post_bh"]), cfg["num_warps"]
 
 
 def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w_eps, sk_eps, post_mult,
@@ -283,28 +300,24 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
     T, n, H = residual.shape
     m = fn.shape[0]
     dev = residual.device
-    cfg = configs(n, H, T)
-    bm = cfg["bm"]
+    need_res, need_fn, need_scale, need_base = mask
+    mix_spec, res_spec, warps = mix_specializations(n, H, T, head, bool(need_res), bool(need_fn))
+    bm = mix_spec["BM"]
     blocks = triton.cdiv(T, bm)
     f32 = torch.float32
     gmix, r, coef = empty((T, m), f32, dev), empty((T,), f32, dev), empty((T,), f32, dev)
     w, part = empty((T, n), f32, dev), empty((blocks, m + 3), f32, dev)
-    need_res, need_fn, need_scale, need_base = mask
     g_res = empty((T, n, H), residual.dtype, dev) if need_res else None
     g_fn = empty(fn.shape, f32, dev) if need_fn else None
-    n3p = max(16, triton.next_power_of_2(m))
-    np_ = max(2, triton.next_power_of_2(n))
     with device_guard(dev):
         _mix_bwd_kernel[(blocks,)](
             residual, fn, g_out, g_out if head else g_pm, g_out if head else g_cm, hc_scale, hc_base,
             gmix, r, coef, w, part, T, H, rms_eps, w_eps, sk_eps, post_mult, repeat,
-            N=n, N3=m, N3P=n3p, NP=np_, HEAD=head, BM=bm, BH=cfg["bh"], DOT_PREC=_dot_prec(),
-            num_warps=cfg["num_warps"], **COMPILE_OPTIONS)
+            num_warps=warps, **mix_spec, **COMPILE_OPTIONS)
         if need_res or need_fn:
-            _res_bwd_kernel[(n * triton.cdiv(H, cfg["bk"]),)](
+            _res_bwd_kernel[(n * triton.cdiv(H, res_spec["BK"]),)](
                 residual, fn, g_out, gmix, r, coef, w, g_res if need_res else gmix, g_fn if need_fn else gmix,
-                T, H, N=n, N3=m, N3P=n3p, NEED_RES=need_res, NEED_FN=need_fn, BM=bm, BK=cfg["bk"],
-                DOT_PREC=_dot_prec(), num_warps=cfg["num_warps"], **COMPILE_OPTIONS)
+                T, H, num_warps=warps, **res_spec, **COMPILE_OPTIONS)
         sums = part.sum(0)
     g_base = sums[:m].clone() if need_base else None
     g_scale = sums[m:m + hc_scale.shape[0]].clone() if need_scale else None
@@ -335,7 +348,7 @@ def post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask):
     g_res = empty((T, n, H), grad_out.dtype, dev) if need_res else None
     g_pm = empty((T, n, 1), torch.float32, dev) if need_pm else None
     g_cm = empty((T, n, n), torch.float32, dev) if need_cm else None
-    cfg = configs(n, H, T)
+    spec, warps = post_specialization(n, H, T, output_mask)
 
     def ptr(t):  # absent tensors are never touched (their NEED_* is false): pass any pointer
         return grad_out if t is None else t
@@ -343,6 +356,5 @@ def post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask):
     with device_guard(dev):
         _post_bwd_kernel[(T,)](
             grad_out, ptr(x), ptr(residual), ptr(post_mix), ptr(comb_mix), ptr(g_x), ptr(g_res), ptr(g_pm),
-            ptr(g_cm), H, N=n, NP=max(2, triton.next_power_of_2(n)), NEED_X=need_x, NEED_RES=need_res,
-            NEED_PM=need_pm, NEED_CM=need_cm, BH=cfg["post_bh"], num_warps=cfg["num_warps"], **COMPILE_OPTIONS)
+            ptr(g_cm), H, num_warps=warps, **spec, **COMPILE_OPTIONS)
     return g_x, g_res, g_pm, g_cm

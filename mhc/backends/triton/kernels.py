@@ -19,7 +19,7 @@ fly as ``post`` of the previous sublayer, stored once and fed to the GEMM from r
 ``chunk_kernel`` (T <= SMALL_T): one launch per token chunk plus one, each running phase B
 (finish + collapse) of chunk c-1 beside phase A (the GEMM slices) of chunk c. No counters.
 
-``post_kernel``: elementwise plus an n x n mix, BT tokens and BH hidden elements per program, the
+``post_kernel``: elementwise plus an n x n mix, one token and BH hidden elements per program, the
 hidden blocks of a token on consecutive programs (above T = 1; see its docstring).
 
 Every load is cast to fp32 right after ``tl.load`` (the interpreter mishandles bf16 in reductions).
@@ -905,42 +905,30 @@ def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, c
 @triton.jit
 def post_kernel(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, T, H,
                 N: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, EMULATE_RNE: tl.constexpr,
-                BT: tl.constexpr = 1, H_FAST: tl.constexpr = True, EVICT: tl.constexpr = ""):
+                H_FAST: tl.constexpr = True):
     """``out[t, j, h] = pm[t, j] * x[t, h] + sum_i cm[t, i, j] * res[t, i, h]`` (fp32 math).
 
     ``x`` (T, H), ``res`` and ``out`` (T, N, H) in the residual dtype; ``pm`` (T, N), ``cm``
-    (T, N, N) fp32. Grid: (cdiv(T, BT) * cdiv(H, BH),), one program per BT tokens x BH hidden
-    columns of every stream. ``H_FAST``: consecutive programs take consecutive hidden blocks of
-    the same tokens, so that the programs in flight at once read and write contiguous memory
-    (else consecutive tokens of one hidden block, 2*N*H bytes apart). ``EVICT``: the
-    ``eviction_policy`` of the streamed loads ("" = default). ``EMULATE_RNE``: under the
-    interpreter (see :func:`_to_act`).
+    (T, N, N) fp32. Grid: (T * cdiv(H, BH),), one program per token x BH hidden columns of every
+    stream. ``H_FAST``: consecutive programs take consecutive hidden blocks of the same token, so
+    that the programs in flight at once read and write contiguous memory (else consecutive tokens
+    of one hidden block, 2*N*H bytes apart). ``EMULATE_RNE``: under the interpreter (see
+    :func:`_to_act`).
     """
-    tb, hb = _grid_order(tl.program_id(0), tl.cdiv(T, BT), tl.cdiv(H, BH), H_FAST)
-    _post_tile(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, tb.to(tl.int64) * BT, hb, T, H,
-               N, NP, BH, BT, EVICT, EMULATE_RNE)
-
-
-@triton.jit
-def _post_tile(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, t0, hb, T, H,
-               N: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, EVICT: tl.constexpr,
-               EMULATE_RNE: tl.constexpr):
-    """``post`` of tokens [t0, t0 + BT) (those < T) x hidden block ``hb`` (BH wide) of every
-    stream (arguments as :func:`post_kernel`)."""
-    t = t0 + tl.arange(0, BT)
+    tb, hb = _grid_order(tl.program_id(0), T, tl.cdiv(H, BH), H_FAST)
+    # A (1, BH) tile of token tb: the tile shape the measured kernel ran with.
+    t = tb.to(tl.int64) + tl.arange(0, 1)
     h = hb * BH + tl.arange(0, BH)
     ok = (t < T)[:, None] & (h < H)[None, :]
     j = tl.arange(0, NP)
     jm = (t < T)[:, None] & (j < N)[None, :]
-    x = tl.load(x_ptr + t[:, None] * H + h[None, :], mask=ok, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    x = tl.load(x_ptr + t[:, None] * H + h[None, :], mask=ok, other=0.0).to(tl.float32)
     pm = tl.load(pm_ptr + t[:, None] * N + j[None, :], mask=jm, other=0.0)
     acc = pm[:, :, None] * x[:, None, :]
     for i in tl.static_range(N):
-        r = tl.load(res_ptr + (t[:, None] * N + i) * H + h[None, :], mask=ok, other=0.0,
-                    eviction_policy=EVICT).to(tl.float32)
+        r = tl.load(res_ptr + (t[:, None] * N + i) * H + h[None, :], mask=ok, other=0.0).to(tl.float32)
         cw = tl.load(cm_ptr + (t[:, None] * N + i) * N + j[None, :], mask=jm, other=0.0)
         acc += cw[:, :, None] * r[:, None, :]
     tl.store(out_ptr + (t[:, None, None] * N + j[None, :, None]) * H + h[None, None, :],
              _to_act(acc, out_ptr.dtype.element_ty, EMULATE_RNE),
              mask=jm[:, :, None] & (h < H)[None, None, :])
-

@@ -54,7 +54,7 @@ class Config:
     ``num_warps``/``num_stages`` as in Triton.
     ``sk_elem``: Sinkhorn with one tensor per matrix entry, in-thread (``kernels._sinkhorn_elems``).
     Single launch only: the last program reduces the partials into registers, collapse from ``tail_pf`` prefetched chunks of ``block_c``
-    (from a register budget of ``tail_pf_bytes`` per thread, default ``TAIL_PF_BYTES``), Sinkhorn
+    (from a register budget of ``TAIL_PF_BYTES`` per thread), Sinkhorn
     in-thread); ``pf_early``: every program
     prefetches those chunks before its atomic (pre/head). Chunked only: ``b_split`` gives
     post_mix/comb_mix their own phase B program per token block.
@@ -73,7 +73,6 @@ class Config:
     sk_elem: bool = False
     tail_rows: int = 1
     tail_pf: int = 0
-    tail_pf_bytes: int = 0
     pf_early: bool = False
     b_split: bool = False
 
@@ -82,7 +81,7 @@ class Config:
 # fused_post_pre or None for the same); h_per_split is derived, chunk from chunk_mib. Everything
 # compiled depends on the bucket and H only (never on T itself), so a model compiles at most one
 # variant per bucket and op. Rows without chunk_mib run the single-launch kernel. Figures that
-# chose these: TUNING.md. Above SMALL_T, :func:`plan` (the two-pass path) serves the mix ops.
+# chose these: docs/tuning/triton.md. Above SMALL_T, :func:`plan` (the two-pass path) serves the mix ops.
 _SL_TINY = dict(block_m=16, block_h=64, splits=128, block_c=2048, num_warps=4, num_stages=1)
 _CHUNK_SMALL = dict(chunk_mib=64, block_m=16, block_h=64, splits=32, block_m_b=4, block_c=256, c_steps=1,
                     num_warps=4, num_stages=1)
@@ -109,7 +108,7 @@ class PostConfig:
 def post_config(H: int, T: int) -> PostConfig:
     """The tile of ``post`` (and of ``fused_post_pre``'s post step) for hidden size H, T tokens.
     T = 1 runs token-major: one token has nothing to order, and that form needs no division to
-    find its block (TUNING.md, "Program order: post")."""
+    find its block (docs/tuning/triton.md, "Program order: post")."""
     if T <= 1:
         bh, warps, h_fast = 256, 1, False
     elif T <= 128:
@@ -255,7 +254,7 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
             raise ValueError(f"tail needs T <= tail_rows <= block_m (bucket up to T={max_t})")
         # Prefetched collapse chunks: as many as H needs, within TAIL_PF_BYTES per thread.
         per_chunk = row.get("tail_rows", 1) * n * row["block_c"] * 2  # bf16/fp16 bytes
-        budget = (row.get("tail_pf_bytes") or TAIL_PF_BYTES) * 32 * row["num_warps"]
+        budget = TAIL_PF_BYTES * 32 * row["num_warps"]
         # H == 1 is specialised to a constant, and the prefetch's tiles then crash Triton 3.6's
         # coalescing pass: nothing to prefetch at that size anyway.
         row["tail_pf"] = 0 if H == 1 else min(triton.cdiv(H, row["block_c"]), budget // per_chunk)
@@ -462,7 +461,7 @@ def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> T
     SMALL_T`` tokens, n streams, hidden size H (any), on a GPU with shared memory ``smem``.
 
     From the H200 sweeps (benchmarks/prenorm_dev.py, benchmarks/determinism_diag.py; figures in
-    TUNING.md, "Two-pass path"): GEMM tiles of 128 tokens x 64 columns, 4 warps (8 streamed 2 %
+    docs/tuning/triton.md, "Two-pass path"): GEMM tiles of 128 tokens x 64 columns, 4 warps (8 streamed 2 %
     faster, but Triton 3.6's pipelined dot at 8 warps and N3P = 32 gave partials that differ from
     run to run), 4 stages (2 on AMD, whose pipeliner failed to build some kernels at 4), each
     program K/8 columns (K/16 up to 1024 tokens, so that every SM has work).
@@ -534,10 +533,16 @@ class TwoPassPlan:
     post: PostPlan | None
 
 
+def post_specialization(n: int, cfg: PostConfig) -> dict:
+    """Compile-time constants of ``post_kernel`` for n streams and tile ``cfg`` (what the
+    launcher passes and ``aot.py`` builds)."""
+    return dict(N=n, NP=triton.next_power_of_2(n), BH=cfg.block_h, EMULATE_RNE=INTERPRETED, H_FAST=cfg.h_fast)
+
+
 def _post_plan(n: int, H: int, T: int) -> PostPlan:
     cfg = post_config(H, T)
-    spec = dict(N=n, NP=triton.next_power_of_2(n), BH=cfg.block_h, EMULATE_RNE=INTERPRETED, H_FAST=cfg.h_fast)
-    return PostPlan(cfg, _cdiv(H, cfg.block_h), _kernel(kernels.post_kernel, spec, num_warps=cfg.warps))
+    return PostPlan(cfg, _cdiv(H, cfg.block_h),
+                    _kernel(kernels.post_kernel, post_specialization(n, cfg), num_warps=cfg.warps))
 
 
 def _small_plan(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device,

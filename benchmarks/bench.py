@@ -1,4 +1,6 @@
-"""Benchmarks reachable as ``python -m mhc bench`` (``python -m mhc bench --help``).
+"""The benchmark harness: ``python benchmarks/bench.py`` from a checkout (``--help``). It is not
+part of the installed package; it takes the floor and the timers from :mod:`mhc.timing`, and the
+inputs, the fp64 oracle and the output check from :mod:`mhc.checking`.
 
 The grid: op x implementation x T x H at n = 4, bf16 (default T in {1, 8, 64, 512, 4096, 16384},
 H in {4096, 7168}). Implementations are every registered mhc backend that can serve on the
@@ -25,7 +27,7 @@ peers, in the same run:
 Per row: warm µs (``triton.testing.do_bench_cudagraph``, median of CUDA-graph replays, inputs
 left in L2 where they fit), cold µs (``triton.testing.do_bench``, median, L2 flushed before
 each call, launch overhead included), achieved GB/s (the floor's bytes over the time) and the
-ratio to the floor. The floor is :func:`floor_bytes` over the copy bandwidth measured at the
+ratio to the floor. The floor is :func:`mhc.timing.floor_bytes` over the copy bandwidth measured at the
 start of the same run (the better of ``torch.Tensor.copy_`` and a vectorised Triton copy, bytes
 read plus bytes written). On CPU both timings are ``time.perf_counter`` medians (a smoke test
 of the harness, not a measurement).
@@ -49,7 +51,7 @@ measured with a backend whose kernels return preallocated outputs, next to
 specialisation keys) with their launches stubbed. This is the number that matters at decode
 sizes, where the kernels themselves take a few µs; CI prints it, so a regression shows in its log.
 
-``--eager`` adds the eager µs per call (:func:`eager_us`: 200 back-to-back calls synchronised
+``--eager`` adds the eager µs per call (:func:`mhc.timing.eager_us`: 200 back-to-back calls synchronised
 once, median of 5 rounds) of every implementation, and of the mhc backends and the eager peer
 with inputs requiring grad: on a GPU, next to the graph replay µs (the kernels' time), it is
 what a model run without CUDA graphs pays, host overhead included.
@@ -67,7 +69,6 @@ import math
 import os
 import pathlib
 import platform
-import statistics
 import sys
 import time
 import types
@@ -75,9 +76,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from mhc.checking import (Check, check_outputs, device_inputs, nan_empty, poisoned_outputs, reference_rows, sample_rows,
+                          token_args)
 from mhc.progress import Progress
+from mhc.registry import OPS
+from mhc.timing import _sync, eager_us, floor_bytes, time_cold, time_warm
 
-OPS = ("pre", "post", "head", "fused_post_pre")
 GRID_T = (1, 8, 64, 512, 4096, 16384)
 GRID_H = (4096, 7168)
 # --quick: the decode, prefill-chunk and large-batch regimes at one width; the H100 run of the
@@ -95,155 +99,6 @@ CSV_FIELDS = ("date", "device", "op", "impl", "kind", "n", "H", "T", "dtype", "f
               "floor_us", "warm_us", "cold_us", "warm_GBps", "cold_GBps", "warm_ratio", "cold_ratio", "check",
               "max_rel_err", "warm_timer", "note", "eager_us", "eager_grad_us")
 
-
-# --------------------------------------------------------------------------------------------
-# The floor
-# --------------------------------------------------------------------------------------------
-
-def floor_bytes(op: str, T: int, n: int, H: int, act_bytes: int = 2, mix_bytes: int = 4) -> int:
-    """The fewest bytes ``op`` must move: each input read once, each output written once.
-
-    ``act_bytes`` is the residual/activation element size (2 for bf16), ``mix_bytes`` that of
-    fn, hc_scale, hc_base, post_mix and comb_mix (4, fp32). With ``m = 2n + n*n``:
-
-    - ``pre``:  read residual ``T*n*H*a`` + fn ``m*n*H*f`` + hc_scale ``3*f`` + hc_base ``m*f``;
-      write post_mix ``T*n*f``, comb_mix ``T*n*n*f``, layer_input ``T*H*a``.
-    - ``post``: read x ``T*H*a``, residual ``T*n*H*a``, post_mix ``T*n*f``, comb_mix ``T*n*n*f``;
-      write out ``T*n*H*a``.
-    - ``head``: read residual ``T*n*H*a`` + fn ``n*n*H*f`` + hc_scale ``f`` + hc_base ``n*f``;
-      write ``T*H*a``.
-    - ``fused_post_pre``: post's reads plus pre's parameters (fn, hc_scale, hc_base); write the
-      new residual ``T*n*H*a`` and pre's outputs. The new residual is never read back: that is
-      the point of the fusion, so the floor does not count it.
-    """
-    a, f, m = act_bytes, mix_bytes, 2 * n + n * n
-    pre_params = m * n * H * f + 3 * f + m * f
-    pre_outputs = T * n * f + T * n * n * f + T * H * a
-    post_inputs = T * H * a + T * n * H * a + T * n * f + T * n * n * f
-    if op == "pre":
-        return T * n * H * a + pre_params + pre_outputs
-    if op == "post":
-        return post_inputs + T * n * H * a
-    if op == "head":
-        return T * n * H * a + n * n * H * f + f + n * f + T * H * a
-    if op == "fused_post_pre":
-        return post_inputs + pre_params + T * n * H * a + pre_outputs
-    raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs and the correctness check
-# --------------------------------------------------------------------------------------------
-
-def token_args(op: str) -> int:
-    """How many leading positional arguments of ``op`` carry the token dim (the rest are
-    parameters): pre/head take ``residual`` first; post/fused take x, residual, post_mix, comb_mix."""
-    return 1 if op in ("pre", "head") else 4
-
-
-def device_inputs(op: str, T: int, n: int, H: int, device, seed: int = 0,
-                  dtype: torch.dtype = torch.bfloat16) -> tuple[tuple, dict]:
-    """Random, never-zero inputs for ``mhc.<op>`` with ``T`` tokens, drawn on ``device``.
-
-    The parameters (fn (m, n*H) fp32, hc_scale, hc_base) and the keyword scalars come from
-    :func:`mhc.checking.make_inputs`; the token-sized tensors follow the same distributions
-    (residual (T, n, H) and x (T, H) standard normal in ``dtype``; post_mix (T, n, 1) and
-    comb_mix (T, n, n) fp32 are a real reference ``pre`` of another random residual) but are
-    drawn by a generator on ``device``: make_inputs draws fp64 on the CPU, which takes minutes
-    at T = 16384, H = 7168. Returns ``(args, kwargs)`` for ``mhc.<op>(*args, **kwargs)``.
-    """
-    from mhc import checking, reference
-
-    device = torch.device(device)
-    src = "fused_post_pre" if op in ("post", "fused_post_pre") else op
-    base, kw = checking.make_inputs(src, (1,), n, H, dtype, device, seed=seed)
-    params = base[token_args(src):]
-    g = torch.Generator(device=device).manual_seed(seed + 1)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-
-    if op in ("pre", "head"):
-        return (randn(T, n, H), *params), kw
-    x, residual = randn(T, H), randn(T, n, H)
-    with torch.no_grad():
-        post_mix, comb_mix, _ = reference.pre(randn(T, n, H), *params)
-    if op == "post":
-        return (x, residual, post_mix, comb_mix), {}
-    return (x, residual, post_mix, comb_mix, *params), kw
-
-
-def sample_rows(T: int, device, k: int = 64, seed: int = 0) -> torch.Tensor:
-    """Token rows the oracle is evaluated on: all of them for T <= k, else the first and last
-    eight and ``k - 16`` others drawn at random (int64 indices on ``device``)."""
-    if T <= k:
-        return torch.arange(T, device=device)
-    g = torch.Generator().manual_seed(seed)
-    middle = torch.randperm(T - 16, generator=g)[: k - 16] + 8
-    rows = torch.cat([torch.arange(8), middle.sort().values, torch.arange(T - 8, T)])
-    return rows.to(device)
-
-
-def reference_rows(op: str, args: tuple, kwargs: dict, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """:func:`mhc.checking.oracle` (fp64, CPU) on the token ``rows`` of ``args``."""
-    from mhc import checking
-
-    k = token_args(op)
-    sub = tuple(a.index_select(0, rows) for a in args[:k]) + tuple(args[k:])
-    return checking.oracle(op, sub, kwargs)
-
-
-@dataclasses.dataclass
-class Check:
-    """The result of one correctness check: ``ok``, a short ``text`` and the largest error."""
-
-    ok: bool
-    text: str
-    max_err: float
-
-
-def check_outputs(op: str, outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], rows: torch.Tensor,
-                  dtype: torch.dtype) -> Check:
-    """Compare ``outs`` (full outputs of ``op``) with ``refs`` (the oracle on ``rows``).
-
-    Fails if any output element anywhere is NaN/inf (outputs are poisoned before the call, so
-    this also catches unwritten elements) or if a sampled output exceeds the tolerance.
-    """
-    from mhc import checking
-
-    if len(outs) != len(refs):
-        return Check(False, f"returned {len(outs)} outputs, expected {len(refs)}", math.inf)
-    bad_shape = [name for (name, _), o, r in zip(checking.OUTPUTS[op], outs, refs)
-                 if tuple(o.shape[1:]) != tuple(r.shape[1:])]
-    if bad_shape:
-        return Check(False, "wrong shape: " + ", ".join(bad_shape), math.inf)
-    nonfinite = [name for (name, _), o in zip(checking.OUTPUTS[op], outs) if not bool(torch.isfinite(o).all())]
-    if nonfinite:
-        return Check(False, "NaN/inf (unwritten?) in " + ", ".join(nonfinite), math.inf)
-    errs = checking.compare(op, tuple(o.index_select(0, rows) for o in outs), refs, dtype)
-    bad = [f"{name} {e:.2e}>{t:g}" for name, e, t in errs if not e <= t]
-    worst = max(e for _, e, _ in errs)
-    return Check(not bad, "; ".join(bad) if bad else "ok", worst)
-
-
-def _nan_empty(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if t.is_floating_point():
-        t.fill_(float("nan"))
-    return t
-
-
-@contextlib.contextmanager
-def poisoned_outputs():
-    """Inside, ``mhc.backends.empty`` returns NaN-filled tensors (as the tests' conftest does)."""
-    import mhc.backends
-
-    saved = mhc.backends._ALLOCATOR
-    mhc.backends._ALLOCATOR = _nan_empty
-    try:
-        yield
-    finally:
-        mhc.backends._ALLOCATOR = saved
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +236,7 @@ def tile_kernels_impl() -> Impl:
         return out
 
     def alloc(shape, dtype, device, poison):
-        return _nan_empty(shape, dtype, device) if poison else torch.empty(shape, dtype=dtype, device=device)
+        return nan_empty(shape, dtype, device) if poison else torch.empty(shape, dtype=dtype, device=device)
 
     def gemm(residual, fn):
         # The prenorm GEMM that tile-kernels leaves to DeepGEMM: fp32 on the upcast residual,
@@ -469,92 +324,6 @@ def implementations(names: Sequence[str] | None, compile_backend: str, log) -> l
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Timing and the copy bandwidth
-# --------------------------------------------------------------------------------------------
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _perf_counter_us(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(times)
-
-
-def median_us(fn, device: torch.device, reps: int = 20) -> float:
-    """Median time of ``fn()`` in µs over ``reps`` back-to-back calls after one warm-up: CUDA
-    events on a GPU (no graph, no flush), ``perf_counter`` on the CPU."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(times)
-
-
-def time_warm(fn, device: torch.device, rep_ms: int) -> tuple[float, str]:
-    """Warm µs of ``fn()`` and the timer used: the median of CUDA-graph replays
-    (``do_bench_cudagraph``); if ``fn`` cannot be captured, the median of event-timed calls,
-    with the capture error in the label."""
-    if device.type != "cuda":
-        return _perf_counter_us(fn, 5), "perf_counter"
-    import triton.testing
-
-    with torch.cuda.device(device):
-        try:
-            return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e3, "cudagraph"
-        except Exception as e:
-            torch.cuda.synchronize(device)
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
-            return median_us(fn, torch.device("cuda"), 50), f"events (no graph capture: {why})"
-
-
-def time_cold(fn, device: torch.device, rep_ms: int) -> float:
-    """Cold µs of ``fn()``: ``do_bench``'s median with the L2 flushed before every call."""
-    if device.type != "cuda":
-        return _perf_counter_us(fn, 3)
-    import triton.testing
-
-    with torch.cuda.device(device):
-        return triton.testing.do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, return_mode="median") * 1e3
-
-
-@functools.lru_cache(maxsize=None)
-def eager_us(fn, device: torch.device, calls: int = 200, rounds: int = 5) -> float:
-    """Wall µs per call of ``fn()`` run eagerly: ``calls`` back-to-back calls synchronised once,
-    the median of ``rounds`` rounds, after one warm-up call. What a model run without CUDA graphs
-    pays per call: the host's time (op layer, launcher, launches) and the device's, whichever is
-    longer. Next to :func:`time_warm` (graph replays: the device's time alone) it shows the host
-    overhead; on the CPU it is the whole call."""
-    fn()
-    _sync(device)
-    per_call = []
-    for _ in range(rounds):
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        _sync(device)
-        per_call.append((time.perf_counter() - t) / calls * 1e6)
-    return statistics.median(per_call)
-
-
 def requiring_grad(args: tuple) -> tuple:
     """``args`` with every floating-point tensor a leaf that requires grad (fresh, the same values):
     timing a call with autograd recording."""
@@ -595,7 +364,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, rep_ms: int) -> tuple[floa
         try:
             kern = _triton_copy_kernel()
             block = 4096
-            grid = (triton_cdiv(numel, block),)
+            grid = (-(-numel // block),)  # ceil(numel / block) programs
 
             def run():
                 kern[grid](src, dst, numel, BLOCK=block, num_warps=8, enable_fp_fusion=True)
@@ -612,10 +381,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, rep_ms: int) -> tuple[floa
         notes["triton copy"] = "not run on cpu (a GPU kernel)"
     notes.update({k: f"{v:.0f} GB/s" for k, v in found.items()})
     return max(found.values()), notes
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1041,8 +806,8 @@ def _names(s: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m mhc bench", description="Check and time every mhc op per backend and peer, "
-        "against the bytes-moved floor (see mhc/bench.py's docstring and benchmarks/README.md).")
+        prog="python benchmarks/bench.py", description="Check and time every mhc op per backend and peer, "
+        "against the bytes-moved floor (see this file's docstring and benchmarks/README.md).")
     ap.add_argument("--overhead", action="store_true", help="host overhead per call (CPU) and exit")
     ap.add_argument("--quick", action="store_true",
                     help=f"T in {QUICK_T}, H in {QUICK_H}, shorter repetitions (under 3 minutes on an H100)")
