@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from mhc import registry, validation
+from mhc import reference, registry, validation
 from mhc.ops import _c, register_dense_only, register_no_autocast
 
 __all__ = ["SCHEMAS"]
@@ -42,7 +42,7 @@ SCHEMAS = {
         "pre_backward(Tensor grad_post_mix, Tensor grad_comb_mix, Tensor grad_layer_input, Tensor residual, "
         "Tensor fn, Tensor hc_scale, Tensor hc_base, float rms_eps, float hc_pre_eps, float hc_sinkhorn_eps, "
         "float hc_post_mult_value, int sinkhorn_repeat, bool[4] output_mask, Tensor? norm_weight=None, "
-        "float norm_eps=1e-06, bool norm_weight_grad=False, *, str? backend=None) -> ("
+        f"float norm_eps={reference.DEFAULTS['norm_eps']!r}, bool norm_weight_grad=False, *, str? backend=None) -> ("
         + _MASK_OUT + ", Tensor? grad_norm_weight)"),
     "post_backward": (
         "post_backward(Tensor grad_out, Tensor? x, Tensor? residual, Tensor? post_mix, Tensor? comb_mix, "
@@ -79,7 +79,7 @@ def _mask(output_mask) -> list[bool]:
 
 
 def _check_pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, scalars, output_mask,
-                        norm_weight=None, norm_eps=1e-6):
+                        norm_weight=None, norm_eps=reference.DEFAULTS["norm_eps"]):
     """``scalars``: rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat."""
     lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, scalars[4], *scalars[:4], norm_weight,
                                          norm_eps)
@@ -146,7 +146,7 @@ def _param_grads(fn, hc_scale, hc_base, mask):
 
 def _pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base, rms_eps,
                   hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, norm_weight=None,
-                  norm_eps=1e-6, norm_weight_grad=False, *, backend=None):
+                  norm_eps=reference.DEFAULTS["norm_eps"], norm_weight_grad=False, *, backend=None):
     lead, T, n, H, mask = _check_pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn,
                                               hc_scale, hc_base, (rms_eps, hc_pre_eps, hc_sinkhorn_eps,
                                                                   hc_post_mult_value, sinkhorn_repeat), output_mask,
@@ -201,7 +201,7 @@ def _post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask, *, ba
 
 def _pre_backward_fake(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base, rms_eps,
                        hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, norm_weight=None,
-                       norm_eps=1e-6, norm_weight_grad=False, *, backend=None):
+                       norm_eps=reference.DEFAULTS["norm_eps"], norm_weight_grad=False, *, backend=None):
     *_, mask = _check_pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale,
                                    hc_base, (rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
                                              sinkhorn_repeat), output_mask, norm_weight, norm_eps)

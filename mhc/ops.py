@@ -22,20 +22,24 @@ from __future__ import annotations
 
 import torch
 
-from mhc import registry, validation
+from mhc import reference, registry, validation
 
 __all__ = ["SCHEMAS", "pre", "post", "head", "fused_post_pre"]
 
+#: The scalars' defaults have one home, ``mhc.reference.DEFAULTS``: the schemas and the Python
+#: signatures below take them from there.
+_D = reference.DEFAULTS
 # norm_weight/norm_eps: the sublayer's RMSNorm fused into pre's collapse (mhc.reference.pre).
-_PRE_SCALARS = ("float rms_eps=1e-06, float hc_pre_eps=1e-06, float hc_sinkhorn_eps=1e-06, "
-                "float hc_post_mult_value=2.0, int sinkhorn_repeat=20, Tensor? norm_weight=None, "
-                "float norm_eps=1e-06")
+_PRE_SCALARS = (f"float rms_eps={_D['rms_eps']!r}, float hc_pre_eps={_D['hc_pre_eps']!r}, "
+                f"float hc_sinkhorn_eps={_D['hc_sinkhorn_eps']!r}, float hc_post_mult_value={_D['hc_post_mult_value']!r}, "
+                f"int sinkhorn_repeat={_D['sinkhorn_repeat']!r}, Tensor? norm_weight=None, "
+                f"float norm_eps={_D['norm_eps']!r}")
 SCHEMAS = {
     "pre": ("pre(Tensor residual, Tensor fn, Tensor hc_scale, Tensor hc_base, " + _PRE_SCALARS
             + ", *, str? backend=None) -> (Tensor post_mix, Tensor comb_mix, Tensor layer_input)"),
     "post": ("post(Tensor x, Tensor residual, Tensor post_mix, Tensor comb_mix, *, str? backend=None) -> Tensor"),
-    "head": ("head(Tensor residual, Tensor fn, Tensor hc_scale, Tensor hc_base, float rms_eps=1e-06, "
-             "float hc_eps=1e-06, *, str? backend=None) -> Tensor"),
+    "head": ("head(Tensor residual, Tensor fn, Tensor hc_scale, Tensor hc_base, "
+             f"float rms_eps={_D['rms_eps']!r}, float hc_eps={_D['hc_eps']!r}, *, str? backend=None) -> Tensor"),
     "fused_post_pre": ("fused_post_pre(Tensor x, Tensor residual, Tensor post_mix, Tensor comb_mix, Tensor fn, "
                        "Tensor hc_scale, Tensor hc_base, " + _PRE_SCALARS + ", *, str? backend=None) -> "
                        "(Tensor new_residual, Tensor post_mix, Tensor comb_mix, Tensor layer_input)"),
@@ -69,8 +73,9 @@ def _norm_args(norm_weight, norm_eps) -> tuple:
     return () if norm_weight is None else (norm_weight.contiguous(), norm_eps)
 
 
-def pre(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6,
-        hc_post_mult_value=2.0, sinkhorn_repeat=20, norm_weight=None, norm_eps=1e-6, *, backend=None):
+def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["hc_pre_eps"],
+        hc_sinkhorn_eps=_D["hc_sinkhorn_eps"], hc_post_mult_value=_D["hc_post_mult_value"],
+        sinkhorn_repeat=_D["sinkhorn_repeat"], norm_weight=None, norm_eps=_D["norm_eps"], *, backend=None):
     lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps, hc_pre_eps,
                                                   hc_sinkhorn_eps, hc_post_mult_value, norm_weight, norm_eps)
     impl = registry.select("pre", residual.device, residual.dtype, n, H, T, backend, norm=norm_weight is not None)
@@ -93,7 +98,7 @@ def post(x, residual, post_mix, comb_mix, *, backend=None):
     return out if len(lead) == 1 else out.view(*lead, n, H)
 
 
-def head(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, backend=None):
+def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_eps"], *, backend=None):
     lead, T, n, H = validation.check_head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps)
     impl = registry.select("head", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
@@ -103,9 +108,10 @@ def head(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, backend=
     return out if len(lead) == 1 else out.view(*lead, H)
 
 
-def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6,
-                   hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20, norm_weight=None,
-                   norm_eps=1e-6, *, backend=None):
+def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"],
+                   hc_pre_eps=_D["hc_pre_eps"], hc_sinkhorn_eps=_D["hc_sinkhorn_eps"],
+                   hc_post_mult_value=_D["hc_post_mult_value"], sinkhorn_repeat=_D["sinkhorn_repeat"],
+                   norm_weight=None, norm_eps=_D["norm_eps"], *, backend=None):
     lead, T, n, H = validation.check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
                                            sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
                                            hc_post_mult_value, norm_weight, norm_eps)
@@ -124,8 +130,9 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
 # --- fake impls: shapes and dtypes only, same validation ---------------------------------------
 
 
-def _pre_fake(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6, hc_sinkhorn_eps=1e-6,
-              hc_post_mult_value=2.0, sinkhorn_repeat=20, norm_weight=None, norm_eps=1e-6, *, backend=None):
+def _pre_fake(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["hc_pre_eps"],
+              hc_sinkhorn_eps=_D["hc_sinkhorn_eps"], hc_post_mult_value=_D["hc_post_mult_value"],
+              sinkhorn_repeat=_D["sinkhorn_repeat"], norm_weight=None, norm_eps=_D["norm_eps"], *, backend=None):
     lead, _, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps, hc_pre_eps,
                                                   hc_sinkhorn_eps, hc_post_mult_value, norm_weight, norm_eps)
     return _pre_outputs(residual, lead, n, H)
@@ -136,13 +143,15 @@ def _post_fake(x, residual, post_mix, comb_mix, *, backend=None):
     return residual.new_empty(residual.shape)
 
 
-def _head_fake(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6, *, backend=None):
+def _head_fake(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_eps"], *, backend=None):
     lead, _, n, H = validation.check_head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps)
     return residual.new_empty((*lead, H))
 
 
-def _fused_fake(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=1e-6, hc_pre_eps=1e-6,
-                hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, sinkhorn_repeat=20, norm_weight=None, norm_eps=1e-6,
+def _fused_fake(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"],
+                hc_pre_eps=_D["hc_pre_eps"], hc_sinkhorn_eps=_D["hc_sinkhorn_eps"],
+                hc_post_mult_value=_D["hc_post_mult_value"], sinkhorn_repeat=_D["sinkhorn_repeat"],
+                norm_weight=None, norm_eps=_D["norm_eps"],
                 *, backend=None):
     lead, _, n, H = validation.check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
                                            sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps,

@@ -18,6 +18,7 @@ import torch
 # The dtype of fn, hc_scale, hc_base, post_mix and comb_mix for a residual dtype is the reference's
 # accumulation dtype (fp32, or fp64 with an fp64 residual): one rule, one home.
 from mhc.reference import acc_dtype as mix_dtype
+from mhc.reference import DEFAULTS as _D  # the scalars' defaults (one home)
 
 __all__ = ["ACT_DTYPES", "MAX_N", "MAX_SINKHORN_REPEAT", "check_pre", "check_post", "check_head", "check_fused",
            "check_sinkhorn_repeat", "check_norm", "check_backend", "non_dense", "mix_dtype"]
@@ -166,9 +167,10 @@ def non_dense(names, args, kwargs) -> TypeError | None:
     return None
 
 
-def check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps=1e-6, hc_pre_eps=1e-6,
-              hc_sinkhorn_eps=1e-6, hc_post_mult_value=2.0, norm_weight=None,
-              norm_eps=1e-6) -> tuple[tuple[int, ...], int, int, int]:
+def check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps=_D["rms_eps"],
+              hc_pre_eps=_D["hc_pre_eps"], hc_sinkhorn_eps=_D["hc_sinkhorn_eps"],
+              hc_post_mult_value=_D["hc_post_mult_value"], norm_weight=None,
+              norm_eps=_D["norm_eps"]) -> tuple[tuple[int, ...], int, int, int]:
     """Validate ``pre``'s arguments; returns ``(lead_dims, T, n, H)``."""
     lead, T, n, H = _residual(residual)
     _weights(fn, hc_scale, hc_base, n, H, 2 * n + n * n, 3, mix_dtype(residual.dtype))

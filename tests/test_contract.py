@@ -146,3 +146,27 @@ def test_leading_dims_are_restored(backend):
     args, kwargs = checking.make_inputs("pre", (2, 3), 4, H, torch.bfloat16, DEVICE, seed=5)
     p, c, li = mhc.pre(*args, **kwargs, backend=backend)
     assert p.shape == (2, 3, 4, 1) and c.shape == (2, 3, 4, 4) and li.shape == (2, 3, H)
+
+
+def test_the_scalars_defaults_have_one_home():
+    """Every schema (forward and backward ops) and every public signature takes its scalar
+    defaults from ``mhc.reference.DEFAULTS``: a change there is the only change needed."""
+    import inspect
+
+    from mhc import reference
+
+    from mhc import ops, validation
+
+    D = reference.DEFAULTS
+    checked = 0
+    for name in ("pre", "head", "fused_post_pre", "pre_backward"):
+        for arg in getattr(torch.ops.mhc, name).default._schema.arguments:
+            if arg.name in D and arg.default_value is not None:
+                assert arg.default_value == D[arg.name], (name, arg.name, arg.default_value)
+                checked += 1
+    for fn in (mhc.pre, mhc.head, mhc.fused_post_pre, ops.pre, ops.head, ops.fused_post_pre, validation.check_pre):
+        for p in inspect.signature(fn).parameters.values():
+            if p.name in D and p.default is not inspect.Parameter.empty:
+                assert p.default == D[p.name], (fn.__qualname__, p.name, p.default)
+                checked += 1
+    assert checked >= 40, checked  # 16 schema defaults + 7 x 3..6 signature defaults
