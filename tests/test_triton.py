@@ -7,6 +7,7 @@ any kernel is defined), so sizes stay small.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -288,7 +289,8 @@ def test_configs_fit_each_arch_shared_memory_and_keep_the_h100_rows():
     """Every (n <= 8, H, small-T bucket, op) config fits the shared memory of the arch it is made
     for by launch.shared_estimate (the first guess; on a GPU and in AOT the compiled size decides,
     as tests/test_triton_compile.py checks); the H100's configs are the default ones, and n = 4
-    (the models' n) gets the same config on every arch (MI300X's 64 KB fits it as tuned)."""
+    (the models' n) gets them on AMD too (MI300X's 64 KB fits them as tuned) but for the
+    fields that ``launch._AMD`` changes there (the VGPR budget)."""
     from triton import next_power_of_2
 
     from mhc.backends.triton import launch
@@ -305,7 +307,13 @@ def test_configs_fit_each_arch_shared_memory_and_keep_the_h100_rows():
                         if arch == "sm90":
                             assert cfg == launch.configs(n, H, T, op)
                         if n == 4 and arch != "sm90":
-                            assert cfg == launch.configs(n, H, T, op), (arch, H, T, op)
+                            # AMD: the H100's rows but for launch._AMD's fields (and what block_h derives)
+                            ref = launch.configs(n, H, T, op)
+                            changed = {f.name for f in dataclasses.fields(cfg)
+                                       if getattr(cfg, f.name) != getattr(ref, f.name)}
+                            assert changed <= set(launch._AMD[op]) | {"splits", "h_per_split"}, (arch, H, T, op)
+                            if H >= 4096:
+                                assert all(getattr(cfg, k) == v for k, v in launch._AMD[op].items()), (arch, H, T, op)
 
 
 def test_configs_fit_the_measured_shared_memory():
@@ -332,6 +340,32 @@ def test_configs_fit_the_measured_shared_memory():
         assert cfg == launch.configs(n, 4096, 100, op, smem, _block_h_cap=cfg.block_h)
     # On CPU tensors (the interpreter) nothing is compiled: the estimate's config runs.
     assert launch.device_config("pre", 8, 4096, 100, torch.bfloat16, torch.device("cpu")) == launch.configs(8, 4096, 100)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("op,norm", [("pre", False), ("pre", True), ("head", False), ("fused_post_pre", False),
+                                     ("fused_post_pre", True)])
+def test_amd_configs_match_fp64_oracle(L, monkeypatch, op, norm, T):
+    """The small-T configs that an AMD GPU gets (``launch._AMD``: head's 16 GEMM columns, pre's and
+    fused_post_pre's narrower K tiles), run by the interpreter, against the fp64 oracle, with and
+    without the fused RMSNorm: T = 1 (mix_kernel) and T = 5 (chunk_kernel), H = 200 (masked tiles).
+    gfx942 and gfx950 get the same rows (only their LDS limits differ, and n = 4 fits both)."""
+    from mhc import checking
+    from mhc.backends.triton import launch
+
+    monkeypatch.setattr(launch, "device_shared_memory", lambda device: launch.SHARED_MEMORY["gfx942"])
+    H = 200
+    p = launch.plan_for(op, 4, H, T, torch.bfloat16, DEV, norm)  # the plan that the call below runs
+    assert p.cfg == launch.configs(4, H, T, op, launch.SHARED_MEMORY["gfx942"], norm=norm)
+    assert p.cfg != launch.configs(4, H, T, op, norm=norm)  # not the H100's
+    assert p.n3p == (16 if op == "head" else 32)
+    args, kw = checking.make_inputs(op, (T,), 4, H, torch.bfloat16, device=DEV, seed=T * 10 + len(op))
+    if norm:
+        g = torch.Generator().manual_seed(T)
+        kw = dict(kw, norm_weight=(torch.randn(H, generator=g) * 0.5 + 1).to(torch.bfloat16).to(DEV), norm_eps=1e-5)
+    outs = checking.call(op, args, kw, backend="triton")
+    for name, err, tol in checking.compare(op, outs, checking.oracle(op, args, kw), torch.bfloat16):
+        assert err <= tol, f"{op} T={T} norm={norm} {name}: rel. error {err:.3e} > {tol:g}"
 
 
 @pytest.mark.slow  # about a minute of interpreter on 2 cores: the six largest contract calls of the suite

@@ -385,13 +385,12 @@ def main(archs: list[str]) -> int:
 
 #: Register spills that ``main`` lets pass, by (arch, kernel) with the reason; any other spill in a
 #: build of the model shapes fails it (on CDNA a VGPR spill goes to scratch memory, and over 256
-#: VGPRs means one wave per SIMD: the AOT build is our only window on AMD speed). All are in the
-#: small-T and backward kernels, which issue 13 has yet to rebuild; the two-pass kernels spill
-#: nothing on sm90, gfx942 or gfx950 (Triton 3.6 and 3.9).
+#: VGPRs means one wave per SIMD: the AOT build is our only window on AMD speed). All are sm90's
+#: (the small-T chunked kernel, which issue 13 has yet to rebuild, and the backward kernels); the
+#: two-pass kernels spill nothing on sm90, gfx942 or gfx950 (Triton 3.6 and 3.9), and on gfx942
+#: and gfx950 the small-T kernels take 136-224 VGPRs and spill none with ``launch._AMD``
+#: (benchmarks/results/aot-amd-vgpr.md; SGPR spills to VGPR lanes remain in ``chunk_kernel``).
 SPILL_WAIVERS = {
-    ("gfx942", "mix_kernel"): "T = 1 single-launch kernel (head: 512 VGPRs, about 300 spilled): to rebuild",
-    ("gfx942", "chunk_kernel"): "T <= 128 chunked kernel (head at H = 4096: 512 VGPRs, about 280 spilled): to rebuild",
-    ("gfx950", "chunk_kernel"): "T <= 128 chunked kernel (1 VGPR spilled at H = 7168): to rebuild",
     ("sm90", "chunk_kernel"): "T <= 128 chunked kernel at H = 7168: 255 registers, 8-224 B of stack: to rebuild",
     ("sm90", "_res_bwd_kernel"): "backward: 255 registers, 16-392 B of stack: not yet tuned",
     ("sm90", "_mix_bwd_kernel"): "backward: 24 B of stack: not yet tuned",

@@ -58,6 +58,8 @@ class Config:
     in-thread); ``pf_early``: every program
     prefetches those chunks before its atomic (pre/head). Chunked only: ``b_split`` gives
     post_mix/comb_mix their own phase B program per token block.
+    ``min_cols``: the GEMM's padded output columns (``N3P``) are at least this many (the spare
+    ones are zero); 0 keeps ``_mix_columns``'s width (:data:`_AMD` sets 16 for head).
     """
 
     block_m: int
@@ -75,6 +77,7 @@ class Config:
     tail_pf: int = 0
     pf_early: bool = False
     b_split: bool = False
+    min_cols: int = 0
 
 
 # Per T bucket up to SMALL_T: (max T, Config fields for pre and head, Config fields for
@@ -89,6 +92,25 @@ _TABLE = (
     (1, dict(_SL_TINY, block_c=1024, tail_rows=1), None),
     (128, dict(_CHUNK_SMALL, splits=64, sk_elem=True, b_split=True), None),
 )
+
+#: AMD (``SharedMemory.amd``: gfx942, gfx950) changes to every ``_TABLE`` row, by op: the VGPR
+#: budget of issue 13 (no VGPR spill and <= 256 VGPRs a thread at n = 4, H in {4096, 7168}; on
+#: CDNA a spill goes to scratch memory, and over 256 VGPRs leaves one wave per SIMD). The rows as
+#: tuned on the H100/H200 built 33 of those 40 AMD kernels with 264-512 VGPRs, 7 of them spilling
+#: (head on gfx942: 300); with these, all 40 take 136-224 and spill none
+#: (benchmarks/results/aot-amd-vgpr.md, per build; swept with benchmarks/amd_vgpr_sweep.py).
+#: Chosen by registers only, the fewest changes that fit: nothing has been timed on AMD.
+#: - head: 16 GEMM columns instead of 8 (n + the sum of squares, padded): AMD's MFMA has no
+#:   N = 8 form, and Triton 3.6 then falls back to an fp32 FMA dot whose operand layouts hold
+#:   the K tile in registers (gfx942: 512 VGPRs, 300 spilled; gfx950: 396-398).
+#: - pre: K tiles of n x 32 (the GEMM's hi/lo operand tiles; 64 wide: 302-349 VGPRs on gfx942).
+#: - fused_post_pre: K tiles of n x 16 (its post step's [BM, n, block_h] tiles besides; 32 wide
+#:   still gave 264-265 on gfx942 at T <= 128 and at T = 1, H = 7168).
+_AMD = {
+    "head": dict(min_cols=16),
+    "pre": dict(block_h=32),
+    "fused_post_pre": dict(block_h=16),
+}
 
 #: Above this many tokens ``pre``, ``head`` and ``fused_post_pre`` take the two-pass path
 #: (:func:`plan`); at or below it, :func:`configs`.
@@ -215,6 +237,8 @@ def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None =
     else:
         raise ValueError(f"configs() covers T <= {_TABLE[-1][0]}; plan() serves T = {T}")
     row = dict(fused_row if op == "fused_post_pre" and fused_row is not None else row)
+    if smem.amd:
+        row.update(_AMD.get(op, {}))
     if norm and row.get("chunk_mib"):
         # The fused RMSNorm: a collapse program owns whole rows (held in registers, NORM_MAX_H),
         # one token each, in chunks of up to 1024 (few, so that the unrolled row stays short).
@@ -309,6 +333,7 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config, norm_ch
     RMSNorm, the row's collapse held in that many chunks of ``cfg.block_c`` (:func:`norm_chunks`)."""
     head = op == "head"
     n3, n3p = _mix_columns(op, n)
+    n3p = max(n3p, cfg.min_cols)
     sp = triton.next_power_of_2(cfg.splits)
     common = dict(
         N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p,
