@@ -108,24 +108,29 @@ def test_wide_n_at_large_t_within_shared_memory(backend, op, n):
     _assert_correct(op, args, kwargs, outs, rows, checking.reference_rows(op, args, kwargs, rows), backend)
 
 
-@pytest.mark.parametrize("T", (1, 513))
-@pytest.mark.parametrize("op", OPS)
-def test_cuda_graph_replay_matches_eager(backend, op, T):
-    """Capture one call, copy new values into the captured inputs, replay: the outputs equal an
-    eager call on the new values bitwise (and the oracle)."""
-    _gpu_backend(backend, op, 4096, T)
-    static, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=7)
-    static = tuple(a.clone() for a in static)
+def _capture(fn):
+    """``(graph, outputs)``: a CUDA graph of ``fn()`` captured after two warm-up calls on a side
+    stream (compiles and loads happen outside the capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compiles, loads) outside the capture
+    with torch.cuda.stream(side):
         for _ in range(2):
-            checking.call(op, static, kwargs, backend)
+            fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = checking.call(op, static, kwargs, backend)
-    new, _ = checking.device_inputs(op, T, N, 4096, DEVICE, seed=8)
+        out = fn()
+    return graph, out
+
+
+def _replay_on_new_inputs(op, backend, T, kwargs, seed):
+    """Capture ``op`` on inputs drawn with ``seed``, copy the inputs drawn with ``seed + 1`` into
+    them, replay, and check the captured outputs equal an eager call on the new inputs bitwise.
+    Returns ``(new inputs, captured outputs)``."""
+    static, _ = checking.device_inputs(op, T, N, 4096, DEVICE, seed=seed)
+    static = tuple(a.clone() for a in static)
+    graph, captured = _capture(lambda: checking.call(op, static, kwargs, backend))
+    new, _ = checking.device_inputs(op, T, N, 4096, DEVICE, seed=seed + 1)
     for s, v in zip(static, new):
         s.copy_(v)
     graph.replay()
@@ -133,6 +138,17 @@ def test_cuda_graph_replay_matches_eager(backend, op, T):
     eager = checking.call(op, new, kwargs, backend)
     for (name, _), c, e in zip(checking.OUTPUTS[op], captured, eager):
         assert torch.equal(c, e), f"{backend}.{op}.{name}: graph replay differs from eager"
+    return new, captured
+
+
+@pytest.mark.parametrize("T", (1, 513))
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_graph_replay_matches_eager(backend, op, T):
+    """Capture one call, copy new values into the captured inputs, replay: the outputs equal an
+    eager call on the new values bitwise (and the oracle)."""
+    _gpu_backend(backend, op, 4096, T)
+    _, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=7)
+    new, captured = _replay_on_new_inputs(op, backend, T, kwargs, seed=7)
     rows = checking.sample_rows(T, DEVICE, k=ORACLE_ROWS)
     _assert_correct(op, new, kwargs, captured, rows, checking.reference_rows(op, new, kwargs, rows), backend)
 
@@ -427,26 +443,8 @@ def test_norm_weight_cuda_graph_replay_matches_eager(backend, op, T):
     why = registry.reasons_for(backend, registry.Problem(op, DEVICE, torch.bfloat16, N, 4096, T, norm=True))
     if why:
         pytest.skip("; ".join(why))
-    static, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=17)
-    static = tuple(a.clone() for a in static)
-    kwargs = _with_norm(kwargs, 4096, seed=18)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            checking.call(op, static, kwargs, backend)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = checking.call(op, static, kwargs, backend)
-    new, _ = checking.device_inputs(op, T, N, 4096, DEVICE, seed=19)
-    for s, v in zip(static, new):
-        s.copy_(v)
-    graph.replay()
-    torch.cuda.synchronize()
-    eager = checking.call(op, new, kwargs, backend)
-    for c, e in zip(captured, eager):
-        assert torch.equal(c, e)
+    _, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=17)
+    _replay_on_new_inputs(op, backend, T, _with_norm(kwargs, 4096, seed=18), seed=17)
 
 
 # --- the transformers integration on CUDA ---------------------------------------------------------
@@ -485,20 +483,6 @@ def test_transformers_logits_match_on_cuda(dtype):
     assert ti._rel(step, ti._logits(model, ids[:, :1])) < ti.TOL[dtype]
 
 
-def _capture_forward(model, static):
-    """A CUDA graph of ``model(static).logits`` after two warm-up calls on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            model(static, use_cache=False)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = model(static, use_cache=False).logits
-    return graph, captured
-
-
 def test_transformers_cuda_graph_capture_with_apply():
     """A forward of the patched bf16 model captured in a CUDA graph replays to the eager result
     on new token ids, and matches the unpatched model.
@@ -515,7 +499,7 @@ def test_transformers_cuda_graph_capture_with_apply():
     static = ti._ids(batch=2, seq=8).to(DEVICE)
     with torch.no_grad():
         try:
-            _capture_forward(model, static)
+            _capture(lambda: model(static, use_cache=False).logits)
         except RuntimeError as e:
             if "during CUDA graph capture" not in str(e):
                 raise
@@ -524,7 +508,7 @@ def test_transformers_cuda_graph_capture_with_apply():
             pytest.xfail(f"transformers {transformers.__version__}: the unpatched model cannot be "
                          f"captured in a CUDA graph either ({str(e).splitlines()[0][:120]})")
     with mt.apply(model), torch.no_grad():
-        graph, captured = _capture_forward(model, static)
+        graph, captured = _capture(lambda: model(static, use_cache=False).logits)
         new = ti._ids(batch=2, seq=8, seed=5).to(DEVICE)
         static.copy_(new)
         graph.replay()

@@ -143,7 +143,7 @@ def two_pass_jobs(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str
     p = launch.plan(op, n, H, T, launch.SHARED_MEMORY[arch])
     act, t = "*" + _TYPE[dtype], _TYPE[dtype]
     head = op == "head"
-    n3, n3p = launch.gemm_columns(op, n, p)
+    n3, n3p = launch._mix_columns(op, n, p.min_cols)
     K = n * H
     splits = -(-K // (p.steps * p.block_k))
     sp = 1 << (splits - 1).bit_length()

@@ -140,11 +140,12 @@ def post_config(H: int, T: int) -> PostConfig:
     return PostConfig(min(bh, triton.next_power_of_2(H)), warps, h_fast)
 
 
-def _mix_columns(op: str, n: int) -> tuple[int, int]:
+def _mix_columns(op: str, n: int, min_cols: int = 0) -> tuple[int, int]:
     """The GEMM's output columns (n for head, 2n + n*n otherwise) and their padded width, with
-    one spare column for the sum of squares."""
+    one spare column for the sum of squares, and at least ``min_cols`` (the configs'
+    ``min_cols``: the spare columns are zero; they cost L2 reads of fn only)."""
     n3 = n if op == "head" else 2 * n + n * n
-    return n3, triton.next_power_of_2(n3 + 1)
+    return n3, max(triton.next_power_of_2(n3 + 1), min_cols)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,8 +333,7 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config, norm_ch
     ``kernels.chunk_kernel``), ``n`` streams, residual ``dtype``. ``norm_chunks`` > 0: the fused
     RMSNorm, the row's collapse held in that many chunks of ``cfg.block_c`` (:func:`norm_chunks`)."""
     head = op == "head"
-    n3, n3p = _mix_columns(op, n)
-    n3p = max(n3p, cfg.min_cols)
+    n3, n3p = _mix_columns(op, n, cfg.min_cols)
     sp = triton.next_power_of_2(cfg.splits)
     common = dict(
         N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p,
@@ -446,7 +446,9 @@ class TwoPass:
     GEMM: ``block_m`` tokens x ``steps * block_k`` columns of K = n*H per program, ``warps``,
     ``stages``, ``split_fast`` program order. Second pass: ``bt`` tokens x ``bc`` hidden columns
     per collapse program, ``bmb`` tokens per post/comb program (``sk_elem``: Sinkhorn
-    in-thread), ``fin_warps``.
+    in-thread), ``fin_warps``. ``min_cols``: the GEMM's output columns are padded to at least
+    this many (:func:`_mix_columns`): head's 8 (n = 4) streamed the residual at 2.2 TB/s on the
+    H200 where 16 and pre's 32 stream 3.7 TB/s (benchmarks/results/two-pass-h200.md, "ncu").
     """
 
     block_m: int
@@ -462,15 +464,6 @@ class TwoPass:
     fin_warps: int = 4
     sk_elem: bool = True
     min_cols: int = 16
-
-
-def gemm_columns(op: str, n: int, plan: TwoPass) -> tuple[int, int]:
-    """``op``'s GEMM output columns and their padded width in the two-pass path (``plan``): at
-    least ``plan.min_cols`` wide. head's 8 (n = 4) streamed the residual at 2.2 TB/s on the H200
-    where pre's 32 stream 3.7 TB/s (benchmarks/results/two-pass-h200.md, "ncu"); the zero
-    columns cost L2 reads of fn only."""
-    n3, n3p = _mix_columns(op, n)
-    return n3, max(n3p, plan.min_cols)
 
 
 def gemm_shared(n3p: int, block_m: int, block_k: int, stages: int, amd: bool) -> int:
@@ -493,7 +486,7 @@ def plan(op: str, n: int, H: int, T: int, smem: SharedMemory | None = None) -> T
     """
     smem = smem or SHARED_MEMORY["sm90"]
     K = n * H
-    n3p = max(_mix_columns(op, n)[1], TwoPass.min_cols)
+    n3p = _mix_columns(op, n, TwoPass.min_cols)[1]
     bm, stages = 128, (2 if smem.amd else 4)
     bk = max(16, min(64, triton.next_power_of_2(K)))
     while stages > 2 and gemm_shared(n3p, bm, bk, stages, smem.amd) > smem.limit:
@@ -583,7 +576,7 @@ def _two_pass_plan(op: str, tp: TwoPass, n: int, H: int, T: int, dtype: torch.dt
                    norm: bool = False) -> TwoPassPlan:
     K = n * H
     head = op == "head"
-    n3, n3p = gemm_columns(op, n, tp)
+    n3, n3p = _mix_columns(op, n, tp.min_cols)
     prec = "ieee" if INTERPRETED else tp.prec
     k_split = tp.steps * tp.block_k
     splits = _cdiv(K, k_split)
