@@ -10,11 +10,11 @@ Keys are explicit tuples that start with the backend's name and hold everything 
 depends on: ``(backend, op, n, H, T bucket, dtype, device, ...)``, where the backend defines its
 T buckets (the token counts at which its heuristics change). A plan must never depend on what is
 *in* a tensor (``fn`` is read by the kernels on every call, so an in-place update is always
-seen), on a data pointer, or on the stream: workspaces that a plan sizes are allocated per call
-through PyTorch's caching allocator (stream-ordered, so safe across streams and under CUDA
-graphs), never kept in it. The one exception has its own rule: the arrival counters of Triton's
-single-launch kernel, which must come zeroed, are pooled per (device, stream) and per captured
-graph (``mhc.backends.triton.launch._Counters``).
+seen), on a data pointer, or on the stream: a plan sizes workspaces but never holds one.
+Workspaces come from PyTorch's caching allocator per call (stream-ordered, so safe across
+streams and under CUDA graphs), or from :mod:`mhc.backends.workspaces`, a pool with its own
+rule: per (device, stream), and a captured graph's own; it also spares the arrival counters of
+Triton's single-launch kernel (which must come zeroed) a memset per call.
 
 Thread safety: lookups are plain dict reads (atomic under the GIL); a miss builds under one
 re-entrant lock, so two threads that miss at once build once. A plan is immutable once stored.

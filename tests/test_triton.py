@@ -15,6 +15,7 @@ import torch
 
 from mhc import reference as R
 from mhc.checking import TOLERANCES, rel_error
+from mhc.backends.workspaces import WORKSPACES
 from mhc.registry import Problem
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -203,7 +204,7 @@ def test_counters_left_zero_and_calls_repeat(L, monkeypatch):
     second = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, 2)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    for buf in launch._COUNTERS._bufs.values():
+    for buf in WORKSPACES.counter_buffers():
         assert int(buf.count_nonzero()) == 0
 
 

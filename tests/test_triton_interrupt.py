@@ -1,7 +1,7 @@
 """A Triton call that is interrupted part-way leaves nothing that corrupts a later call.
 
 Regression: a KeyboardInterrupt (or a timeout) in the middle of ``mhc.head(..., backend="triton")``
-left a non-zero arrival counter in ``launch._COUNTERS``; every later call that used that buffer
+left a non-zero arrival counter in ``mhc.backends.workspaces.WORKSPACES``; every later call that used that buffer
 saw the wrong program as the last of its token block (off by 0.7-4.5, then all NaN). The
 interrupt is injected inside the interpreter's atomic add, so this runs where the kernels are
 interpreted (CPU); on a GPU a launch cannot be stopped half-way from Python.
@@ -16,6 +16,7 @@ import torch
 
 import mhc
 from mhc import checking
+from mhc.backends.workspaces import WORKSPACES
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
@@ -61,7 +62,7 @@ def test_an_interrupted_call_does_not_poison_later_calls(interpreted, monkeypatc
         got = checking.call(op, args, kw, "triton")
         for (name, _), g, w in zip(checking.OUTPUTS[op], got, want):
             assert torch.equal(g, w), f"{op}.{name} differs after an interrupted call"
-    for buf in interpreted._COUNTERS._bufs.values():  # the pool holds only zeroed buffers
+    for buf in WORKSPACES.counter_buffers():  # the pool holds only zeroed buffers
         assert int(buf.count_nonzero()) == 0
     refs = checking.oracle(op, args, kw)
     for name, err, tol in checking.compare(op, got, refs, torch.bfloat16):

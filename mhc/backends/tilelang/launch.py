@@ -5,8 +5,8 @@ functions take flattened, validated, contiguous tensors with T >= 1, exactly as 
 ``mhc/backends/__init__.py``; they allocate with :func:`mhc.backends.empty` on the residual's
 device and launch under :func:`mhc.backends.device_guard` on the current stream, with no host
 synchronisation (CUDA-graph capturable). Per call they look up a :class:`Plan` (kernel, config,
-workspace widths) in :data:`mhc.plans.PLANS`, keyed by op, n, H, dtype and device, and
-allocate. The keyword-only ``_cfg`` of the mix launchers is a
+workspace widths) in :data:`mhc.plans.PLANS`, keyed by op, n, H, dtype and device, allocate
+their outputs and take their workspaces from :mod:`mhc.backends.workspaces`. The keyword-only ``_cfg`` of the mix launchers is a
 tuning hook (a :class:`~mhc.backends.tilelang.kernels.MixConfig`), not part of the interface.
 """
 
@@ -18,6 +18,7 @@ import threading
 import torch
 
 from mhc.backends import device_guard, empty
+from mhc.backends.workspaces import WORKSPACES
 from mhc.backends.tilelang import kernels as K
 from mhc.plans import PLANS
 
@@ -138,15 +139,16 @@ def plan_for(op: str, n: int, H: int, dtype: torch.dtype, device: torch.device) 
 
 
 def _workspace(p: Plan, T: int, device: torch.device):
-    """Partials (NB, S, BM*MP) and reduced partials (NB, BM*MP) fp32, uninitialised (every
-    element is written before it is read), and arrival counters (NB, 2) int32, zeroed: the kernel
-    does not reset them, so they are fresh per call (one small memset, stream-ordered, captured
-    into a CUDA graph with the launch)."""
+    """``(ticket, parts, fin, flags)``: partials (NB, S, BM*MP) and reduced partials (NB, BM*MP)
+    fp32, uninitialised (every element is written before it is read), and arrival counters (NB, 2)
+    int32, zeroed here: the kernel does not reset them (one small memset, stream-ordered, captured
+    into a CUDA graph with the launch). Pooled per device, stream and NB
+    (:mod:`mhc.backends.workspaces`); hand the ticket back after the launch."""
     nb = -(-T // p.cfg.BM)
-    parts = torch.empty((nb, p.splits, p.e), dtype=torch.float32, device=device)
-    fin = torch.empty((nb, p.e), dtype=torch.float32, device=device)
-    flags = torch.zeros((nb, 2), dtype=torch.int32, device=device)
-    return parts, fin, flags
+    layout = (((nb, p.splits, p.e), torch.float32), ((nb, p.e), torch.float32), ((nb, 2), torch.int32))
+    ticket, (_, parts, fin, flags) = WORKSPACES.take(device, layout)
+    flags.zero_()
+    return ticket, parts, fin, flags
 
 
 def _mix_plan(op: str, residual: torch.Tensor, cfg) -> Plan:
@@ -183,11 +185,12 @@ def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, h
     post_mix = empty((T, n, 1), torch.float32, dev)
     comb_mix = empty((T, n, n), torch.float32, dev)
     layer_input = empty((T, H), residual.dtype, dev)
-    ws = _workspace(p, T, dev)
     with device_guard(dev):
+        ticket, *ws = _workspace(p, T, dev)
         p.kernel(residual, fn, hc_scale, hc_base, post_mix, comb_mix, layer_input, *ws,
                  float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
                  int(sinkhorn_repeat))
+        WORKSPACES.put(ticket)
     return post_mix, comb_mix, layer_input
 
 
@@ -198,9 +201,10 @@ def head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps, *, _cfg=None):
     dev = residual.device
     p = _mix_plan("head", residual, _cfg)
     out = empty((T, H), residual.dtype, dev)
-    ws = _workspace(p, T, dev)
     with device_guard(dev):
+        ticket, *ws = _workspace(p, T, dev)
         p.kernel(residual, fn, hc_scale, hc_base, out, *ws, float(rms_eps), float(hc_eps))
+        WORKSPACES.put(ticket)
     return out
 
 
@@ -215,9 +219,10 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
     pm = empty((T, n, 1), torch.float32, dev)
     cm = empty((T, n, n), torch.float32, dev)
     li = empty((T, H), residual.dtype, dev)
-    ws = _workspace(p, T, dev)
     with device_guard(dev):
+        ticket, *ws = _workspace(p, T, dev)
         p.kernel(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, new, pm, cm, li, *ws,
                  float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
                  int(sinkhorn_repeat))
+        WORKSPACES.put(ticket)
     return new, pm, cm, li

@@ -9,15 +9,14 @@ compile-time constants) and :func:`plan` (above: the two-pass path), plus :func:
 Per call, a launcher looks up its launch plan (:func:`plan_for`: config, tiles, the kernels as
 :class:`~mhc.backends.triton.direct.DirectKernel` handles; built once per op, n, H,
 :func:`t_bucket`, dtype and device, kept in :data:`mhc.plans.PLANS`), allocates its outputs and
-workspaces through PyTorch's caching allocator (``_COUNTERS`` pools the one workspace that must
-come zeroed) and launches: no heuristic runs and no kernel argument is re-specialised by Triton
+takes its scratch buffers (counters, partials, fn's hi/lo rows) from :mod:`mhc.backends.workspaces` and
+launches: no heuristic runs and no kernel argument is re-specialised by Triton
 on a warm call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
 import warnings
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ import triton
 from mhc.backends import device_guard, empty
 from mhc.backends.triton import NORM_MAX_H, kernels  # noqa: F401 (NORM_MAX_H: the docstrings' limit)
 from mhc.backends.triton.direct import DirectKernel
+from mhc.backends.workspaces import WORKSPACES
 from mhc.plans import PLANS
 
 #: Compile options that every launch (and every build of ``aot.py``) passes: Triton 3.9 warns when
@@ -372,68 +372,10 @@ def t_bucket(T: int) -> int:
     return 0 if T <= 1 else 1 if T <= SMALL_T else 2 if T <= 1024 else 3
 
 
-class _Counters:
-    """Per-token-block arrival counters of ``mix_kernel``: int32 buffers that the kernel leaves
-    zero, so they are zeroed once, not per call (no memset launch).
-
-    The rule that keeps them safe: a buffer is used by one stream's launches only, or by one
-    captured CUDA graph only, never by both and never by two of either.
-
-    - Eager launches: one pool per (device, stream). :meth:`take` removes a buffer from the
-      pool and :meth:`put` returns it once the launch has been issued; launches on one stream
-      run in order, so the next one finds it zero. Concurrent calls on one stream (two threads)
-      never share one: the second finds the pool empty and gets a new buffer. A call that fails
-      or is interrupted between the two (a KeyboardInterrupt in the middle of an interpreted
-      launch, an exception) may leave non-zero counts: that buffer never reaches the pool
-      again, so nothing a failed call leaves can corrupt a later one.
-    - Launches captured into a CUDA graph take a buffer of their own that nothing else ever
-      gets: the graph's replays use it (each leaves it zero, and replays of one graph run one
-      after the other), eager calls and other graphs cannot. It is a spare zeroed by an earlier
-      eager call (``torch.cuda.graph`` synchronises the device before capturing, so the zeros
-      are in memory), or, with no spare, zeroed inside the graph (a memset node per replay).
-
-    Every buffer ever made stays referenced (``_all``), never freed: a captured graph may
-    still point at one."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._bufs: dict[tuple, torch.Tensor] = {}  # the eager pools: zeroed buffers, one per key
-        self._spares: dict[torch.device, torch.Tensor] = {}  # zeroed, never used: for a capture
-        self._all: list[torch.Tensor] = []
-
-    def _new(self, device: torch.device, count: int) -> torch.Tensor:
-        buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        with self._lock:
-            self._all.append(buf)
-        return buf
-
-    def take(self, device: torch.device, count: int) -> tuple[tuple | None, torch.Tensor]:
-        """``(key, buffer)``: a zeroed buffer of at least ``count`` counters, out of the pool (key
-        None: owned by the graph being captured). Call it with ``device`` current."""
-        if device.type == "cuda":
-            if torch.cuda.is_current_stream_capturing():
-                buf = self._spares.pop(device, None)
-                if buf is None or buf.numel() < count:
-                    buf = self._new(device, count)
-                return None, buf
-            key = (device, triton.runtime.driver.active.get_current_stream(device.index))
-        else:
-            key = (device, 0)
-        buf = self._bufs.pop(key, None)  # atomic under the GIL: two callers never get one buffer
-        if buf is None or buf.numel() < count:
-            buf = self._new(device, count)
-            if device.type == "cuda" and device not in self._spares:
-                self._spares[device] = self._new(device, count)
-        return key, buf
-
-    def put(self, key: tuple | None, buf: torch.Tensor) -> None:
-        """Return ``buf`` to its pool after a launch that was issued (its kernel leaves it zero);
-        a graph's buffer (key None) stays the graph's."""
-        if key is not None:
-            self._bufs[key] = buf
-
-
-_COUNTERS = _Counters()
+def _flat(numel: int, dtype: torch.dtype) -> tuple:
+    """A workspace layout of one flat buffer of at least ``numel`` elements, rounded up to a power
+    of two so that calls of nearby T share a pooled buffer (``mhc.backends.workspaces``)."""
+    return ((1 << max(0, numel - 1).bit_length(),), dtype),  # not triton.next_power_of_2: ~3 µs a call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -614,9 +556,10 @@ def plan_for(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.
 
 def _prep_fn(fn, n3, n3p, kernel: DirectKernel | None = None):
     """fn (n3, K) fp32 -> (2*n3p, K) bf16 hi rows then lo rows (``kernels.prep_kernel``, launched
-    by ``kernel`` or, without one, through the JIT). Run on every call (one ~1.5 MB launch at
-    H=4096): no cache to invalidate (an in-place update of fn is always seen), CUDA-graph
-    capturable."""
+    by ``kernel`` or, without one, through the JIT), in a new tensor: the tests' and
+    ``benchmarks/prenorm_dev.py``'s entry to the kernel. The launchers run the same kernel on
+    every call (one ~1.5 MB launch at H=4096: no cache to invalidate, an in-place update of fn
+    is always seen) into a pooled buffer."""
     K = fn.shape[1]
     out = torch.empty((2 * n3p, K), dtype=torch.bfloat16, device=fn.device)
     bk = prep_block(n3p)
@@ -659,11 +602,11 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None, norm=N
             _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix, out, T, H, scalars)
             return out, post_mix, comb_mix, new
         num_m = _cdiv(T, cfg.block_m)
-        part = torch.empty(num_m * cfg.splits * cfg.block_m * p.n3p, dtype=torch.float32, device=dev)
-        key, cnt = _COUNTERS.take(dev, num_m)
+        ticket, (cnt, part) = WORKSPACES.take(dev, _flat(num_m * cfg.splits * cfg.block_m * p.n3p, torch.float32),
+                                              counters=num_m)
         p.kernel((num_m, cfg.splits, 1), residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
                  post_mix, comb_mix, out, part, cnt, T, H, cfg.splits, *scalars)
-        _COUNTERS.put(key, cnt)  # not reached if the launch raised: that buffer is dropped
+        WORKSPACES.put(ticket)  # not reached if the launch raised: those buffers are dropped
     return out, post_mix, comb_mix, new
 
 
@@ -672,7 +615,7 @@ def _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix,
     only (a shape), so this is capturable; the partials are [splits, T, N3P] fp32."""
     cfg = p.cfg
     n_chunks = _cdiv(T, cfg.chunk)
-    part = torch.empty(cfg.splits * T * p.n3p, dtype=torch.float32, device=residual.device)
+    ticket, (_, part) = WORKSPACES.take(residual.device, _flat(cfg.splits * T * p.n3p, torch.float32))
     n_hc = (1 if p.norm else _cdiv(H, cfg.c_steps * cfg.block_c)) + (1 if cfg.b_split and not p.head else 0)
     for a, b in [(c, c - 1) for c in range(n_chunks + 1)]:
         rows_a = min(cfg.chunk, T - a * cfg.chunk) if 0 <= a < n_chunks else 0
@@ -681,6 +624,7 @@ def _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix,
         n_b = _cdiv(rows_b, cfg.block_m_b) * n_hc
         p.kernel((n_b + n_a, 1, 1), residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
                  post_mix, comb_mix, out, part, T, H, cfg.splits, a, b, n_b, *scalars)
+    WORKSPACES.put(ticket)
 
 
 def _run_two_pass(op, p: TwoPassPlan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
@@ -693,12 +637,20 @@ def _run_two_pass(op, p: TwoPassPlan, residual, fn, hc_scale, hc_base, scalars, 
             x, pm_in, cm_in = fused_inputs
             p.post.kernel((T * p.post.h_blocks, 1, 1), x, residual, pm_in, cm_in, new, T, H)
         src = new if fused_inputs is not None else residual
-        w = _prep_fn(fn, p.n3, p.n3p, p.prep) if p.prep is not None else fn
-        part = torch.empty(p.splits * sstride, dtype=torch.float32, device=residual.device)
-        p.prenorm((_cdiv(T, tp.block_m) * p.splits, 1, 1), src, w, part, T, n * H, sstride)
+        K = n * H
+        layout = _flat(p.splits * sstride, torch.float32)
+        if p.prep is not None:
+            layout += _flat(2 * p.n3p * K, torch.bfloat16)
+        ticket, (_, part, *hilo) = WORKSPACES.take(residual.device, layout)
+        w = fn
+        if p.prep is not None:  # fn as bf16 hi/lo rows, made on every call (an update of fn is seen)
+            w = hilo[0]
+            p.prep(p.prep_grid, fn, w, K)
+        p.prenorm((_cdiv(T, tp.block_m) * p.splits, 1, 1), src, w, part, T, K, sstride)
         n_pc = 0 if op == "head" else _cdiv(T, tp.bmb)
         p.finalize((n_pc + _cdiv(T, tp.bt) * (1 if p.norm else _cdiv(H, tp.bc)), 1, 1),
                    src, out, part, hc_scale, hc_base, post_mix, comb_mix, T, H, p.splits, sstride, n_pc, *scalars)
+        WORKSPACES.put(ticket)
     return out, post_mix, comb_mix, new
 
 

@@ -1,0 +1,114 @@
+"""Scratch buffers of the GPU launchers, pooled so that an eager call does not allocate them.
+
+A launcher asks :data:`WORKSPACES` for a *layout* (a tuple of ``(shape, dtype)``: partial sums
+and the like, every element of which the call's kernels write before they read it) and,
+optionally, arrival counters (int32 that the kernel leaves zero, so that they are zeroed once,
+never per call: no memset launch). It gets them with a ticket, launches, and returns the ticket.
+
+The rule that keeps this safe: a set of buffers is used by one stream's launches only, or by one
+captured CUDA graph only, never by both and never by two of either.
+
+- Eager launches: one pool entry per (device, stream, layout), and one counter buffer per
+  (device, stream). :meth:`Workspaces.take` removes
+  it from the pool and :meth:`Workspaces.put` returns it once the call's launches have been
+  issued; launches on one stream run in order, so the next call finds the counters zero and
+  overwrites the scratch only after the previous call's kernels have read it. Concurrent calls
+  on one stream (two threads) never share an entry: the second finds the pool empty and gets new
+  buffers. A call that fails or is interrupted between the two (a KeyboardInterrupt in the middle
+  of an interpreted launch, an exception) may leave non-zero counts: that entry never reaches
+  the pool again, so nothing a failed call leaves can corrupt a later one.
+- Launches captured into a CUDA graph: the scratch is allocated in the capture (the graph's
+  private memory pool), and the counters are a buffer that nothing else ever gets: the graph's
+  replays use it (each leaves it zero, and replays of one graph run one after the other), eager
+  calls and other graphs cannot. It is a spare zeroed by an earlier eager call
+  (``torch.cuda.graph`` synchronises the device before capturing, so the zeros are in memory), or,
+  with no spare, zeroed inside the graph (a memset node per replay).
+
+Every counter buffer ever made stays referenced, never freed: a captured graph may still point at
+one. Layouts over :data:`POOL_MAX_BYTES` are never pooled: at thousands of tokens the device time
+dwarfs an allocation, and a pooled buffer would hold that memory for good. Memory held: one entry
+per (device, stream, layout) that a call has used, each at most ``POOL_MAX_BYTES``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+__all__ = ["POOL_MAX_BYTES", "Workspaces", "WORKSPACES"]
+
+#: Largest layout (bytes, all its buffers together) that :class:`Workspaces` keeps in a pool.
+POOL_MAX_BYTES = 4 << 20
+
+Layout = tuple  # of (shape: tuple[int, ...], dtype: torch.dtype)
+
+
+class Workspaces:
+    """Pooled scratch buffers and arrival counters (the module docstring states the rule)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scratch: dict[tuple, list] = {}  # (device, stream, layout) -> [tensor per (shape, dtype)]
+        self._cnt: dict[tuple, torch.Tensor] = {}  # (device, stream) -> zeroed counters
+        self._spares: dict[torch.device, torch.Tensor] = {}  # zeroed counters, never used: for a capture
+        self._all: list[torch.Tensor] = []
+
+    def _counters(self, device: torch.device, count: int) -> torch.Tensor:
+        buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        with self._lock:
+            self._all.append(buf)
+        return buf
+
+    def take(self, device: torch.device, layout: Layout, counters: int = 0) -> tuple[tuple, list]:
+        """``(ticket, [cnt, *scratch])``: at least ``counters`` zeroed int32 counters (``cnt`` is
+        None for 0) and one uninitialised tensor per ``(shape, dtype)`` of ``layout``. Hand the
+        ticket to :meth:`put` once the launches that use them are issued. Call it with ``device``
+        current."""
+        if device.type == "cuda":
+            if torch._C._cuda_isCurrentStreamCapturing():  # the graph's own buffers: never pooled
+                cnt = None
+                if counters:
+                    cnt = self._spares.pop(device, None)
+                    if cnt is None or cnt.numel() < counters:
+                        cnt = self._counters(device, counters)
+                return (None, None, None), [cnt, *_allocate(layout, device)]
+            where = (device, torch._C._cuda_getCurrentRawStream(device.index))
+        else:
+            where = (device, 0)
+        key = (*where, layout)
+        scratch = self._scratch.pop(key, None)  # atomic under the GIL: two callers never get one entry
+        if scratch is None:
+            scratch = _allocate(layout, device)
+            if sum(t.numel() * t.element_size() for t in scratch) > POOL_MAX_BYTES:
+                key = None
+        cnt = None
+        if counters:
+            cnt = self._cnt.pop(where, None)
+            if cnt is None or cnt.numel() < counters:
+                cnt = self._counters(device, counters)
+                if device.type == "cuda" and device not in self._spares:
+                    self._spares[device] = self._counters(device, counters)
+        return (key, scratch, (where, cnt) if cnt is not None else None), [cnt, *scratch]
+
+    def put(self, ticket: tuple) -> None:
+        """Return a :meth:`take`'s buffers to their pool after the launches that use them were
+        issued (the kernels leave the counters zero); a graph's, and oversized scratch, are not
+        kept."""
+        key, scratch, counters = ticket
+        if key is not None:
+            self._scratch[key] = scratch
+        if counters is not None:
+            self._cnt[counters[0]] = counters[1]
+
+    def counter_buffers(self) -> list[torch.Tensor]:
+        """The pooled counter buffers (each must hold zeros between calls)."""
+        return list(self._cnt.values())
+
+
+def _allocate(layout: Layout, device: torch.device) -> list[torch.Tensor]:
+    return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in layout]
+
+
+#: The one pool of every launcher.
+WORKSPACES = Workspaces()
