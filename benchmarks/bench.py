@@ -710,17 +710,21 @@ class _AnyKey(dict):
         return self.handle
 
 
-class _StubHandle:
-    """Stands in for a ``CompiledKernel``: ``h[grid](*args)`` does nothing."""
+def _stub_handle():
+    """Stands in for a compiled kernel's handle: its launcher and ``h[grid](*args)`` do nothing."""
+    from mhc.backends.triton import direct
 
-    def __getitem__(self, grid):
-        return lambda *args, **kw: None
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: None
+
+    return direct._Handle(Stub(), lambda *args: None, 0, (), lambda: 0, lambda device: 0)
 
 
 def _triton_launch_paths(res: dict) -> None:
     """Host µs of the Triton launchers on CPU tensors with every kernel handle stubbed (Triton's
-    own launch, ~5-10 µs of C on a GPU host, not included): the plan lookup, the allocations,
-    the specialisation key of each launch."""
+    C launcher, a few µs on a GPU host, not included): the plan lookup, the allocations, the
+    specialisation key and addresses of each launch."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         res["triton launchers"] = "skipped: TRITON_INTERPRET=1 (the interpreter runs the kernels)"
         return
@@ -741,7 +745,7 @@ def _triton_launch_paths(res: dict) -> None:
             subs = (p.post, p) if isinstance(p, launch.TwoPassPlan) and p.post else (p,)
             for k in [getattr(q, name, None) for q in subs for name in ("kernel", "prep", "prenorm", "finalize")]:
                 if isinstance(k, launch.DirectKernel):
-                    k.handles = _AnyKey(_StubHandle())
+                    k.handles = _AnyKey(_stub_handle())
             f = getattr(launch, op)
             vals = tuple(kw.values())
             res[f"triton launcher {op}, T={T} (launch stubbed)"] = _best_us(lambda: f(*args, *vals), n=500, rounds=5)

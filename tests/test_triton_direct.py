@@ -110,8 +110,14 @@ from mhc.backends.triton import direct, launch  # noqa: E402
 assert not launch.INTERPRETED
 
 
-def same(a, b):
-    return a is b or (type(a) is type(b) and (a.data_ptr() == b.data_ptr() if isinstance(a, torch.Tensor) else a == b))
+def same(a, b):  # an argument as the JIT passed it (a) and the direct launch did (b): address for tensor
+    if isinstance(a, torch.Tensor):
+        return type(b) is int and b == a.data_ptr()
+    return a is b or (type(a) is type(b) and a == b)
+
+
+def empty_hook(h):
+    return h is None or (isinstance(h, triton.knobs.HookChain) and not h.calls)
 
 
 def check(kernel, grid, *args):
@@ -121,7 +127,8 @@ def check(kernel, grid, *args):
     assert len(kernel.handles) == before + 1, "JITFunction.run did not return a CompiledKernel"
     kernel(grid, *args)
     jit, handle = launched[-2], launched[-1]
-    assert jit[:6] == handle[:6], (jit[:6], handle[:6])
+    assert jit[:4] == handle[:4], (jit[:4], handle[:4])  # grid, stream, function, packed metadata
+    assert all(empty_hook(h) for h in (*jit[4:6], *handle[4:6])), (jit[4:6], handle[4:6])
     assert len(jit[6]) == len(handle[6]) and all(same(a, b) for a, b in zip(jit[6], handle[6])), (jit[6], handle[6])
     print("OK", kernel.fn.__name__, len(args), "runtime args")
 
@@ -135,6 +142,20 @@ check(post.kernel, (1, 1, 1), x, res, pm, cm, out, 1, H)  # T = 1: Triton makes 
 x_odd = torch.zeros(4 * H + 1, dtype=torch.bfloat16)[1:].view(4, H)  # 2 bytes past a 16-byte boundary
 check(post.kernel, (4, 1, 1), x_odd, res, pm, cm, out, 4, H)  # a misaligned input: a new key
 assert len(post.kernel.handles) == 3
+
+# A launch hook (a profiler) installed: the direct path launches through Triton's own runner,
+# which builds the launch metadata and hands the launcher the hooks.
+seen = []
+triton.knobs.runtime.launch_enter_hook.add(seen.append)
+try:
+    post.kernel((4, 1, 1), x, res, pm, cm, out, 4, H)
+    assert launched[-1][4] is triton.knobs.runtime.launch_enter_hook and launched[-1][4].calls
+    assert isinstance(launched[-1][6][0], torch.Tensor), "a hooked launch passes the tensors themselves"
+finally:
+    triton.knobs.runtime.launch_enter_hook.remove(seen.append)
+post.kernel((4, 1, 1), x, res, pm, cm, out, 4, H)
+assert empty_hook(launched[-1][4]) and launched[-1][6][0] == x.data_ptr()
+print("OK hooks")
 fn = torch.randn(24, n * H)
 tp = launch.plan_for("pre", n, H, 500, torch.bfloat16, torch.device("cpu"))
 check(tp.prep, tp.prep_grid, fn, torch.empty(64, n * H, dtype=torch.bfloat16), n * H)
@@ -177,4 +198,4 @@ def test_direct_launch_hands_the_launcher_what_the_jit_does(tmp_path):
     script.write_text(_SCRIPT)
     rc, out = run_python([str(script)], env)
     assert rc == 0, failure_report(out, markers=("Error", "assert", "Traceback"))
-    assert out.count("OK") == 5, out
+    assert out.count("OK") == 6, out

@@ -10,12 +10,21 @@ What this relies on, identical in Triton 3.6 and 3.9 (the supported range; tests
 checks each point against the installed Triton, and CI runs it on both):
 
 1. ``JITFunction.run`` (``kernel[grid](...)``) returns the ``CompiledKernel`` it launched.
-2. ``CompiledKernel[grid](*args, stream=None)`` launches it on ``grid`` (a 3-tuple) with
-   ``args`` = *every* parameter of the kernel in declaration order, constexprs included (the
-   launcher skips their slots; their values are baked into the binary), on the current stream
-   of the current device when ``stream`` is None. It calls Triton's launch hooks as
-   ``JITFunction.run`` does (``knobs.runtime.launch_enter_hook``/``launch_exit_hook``).
-3. Triton specialises a launch on, per non-constexpr argument: a tensor's dtype and whether its
+2. ``CompiledKernel[grid](*args)`` launches by calling the kernel's launcher (``CompiledKernel.run``,
+   the driver's ``launcher_cls`` instance) as ``run(gx, gy, gz, stream, function, packed_metadata,
+   launch_metadata, enter_hook, exit_hook, *args)``, ``args`` being *every* parameter of the kernel
+   in declaration order, constexprs included (the launcher skips their slots; their values are
+   baked into the binary). The direct path makes that same call itself, with the stream of the
+   current device (the launchers run under ``device_guard``), no launch metadata and no hooks
+   when Triton's launch hooks (``knobs.runtime.launch_enter_hook``/``launch_exit_hook``) are
+   empty; when a hook is installed (a profiler), it launches through ``CompiledKernel[grid]``,
+   which builds the metadata and calls the hooks.
+3. The C launcher takes a pointer argument as a Python int (the address) as well as a tensor.
+   Given a tensor it calls ``data_ptr()`` and asks the driver (``cuPointerGetAttribute``) whether
+   the address is device memory, per pointer and per launch; the direct path passes the
+   addresses it has already read for the key (below), so neither happens again. The op layer has
+   checked that every tensor is on the launch's device.
+4. Triton specialises a launch on, per non-constexpr argument: a tensor's dtype and whether its
    ``data_ptr()`` is a multiple of 16; an int's width class (i32 / i64 / u64), whether it equals 1
    (then it becomes a constexpr) and whether it is a multiple of 16; a float, bool or None by
    its type. :func:`spec_key` captures at least all of that, so two launches with one key can
@@ -33,8 +42,14 @@ first launch (they are part of ``JITFunction.run``'s key, not of ours).
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import torch
+from triton import knobs
+from triton.knobs import HookChain
+from triton.runtime import driver
+
+_RUNTIME = knobs.runtime
 
 __all__ = ["DirectKernel", "spec_key", "ENABLED"]
 
@@ -75,7 +90,7 @@ class DirectKernel:
     one device (see the module docstring).
 
     ``runtime_names`` lists those parameters; ``handles`` maps a :func:`spec_key` to the
-    ``CompiledKernel`` that serves it."""
+    ``_Handle`` (the ``CompiledKernel`` and what its direct launch calls) that serves it."""
 
     def __init__(self, fn, constexprs: dict, options: dict, interpreted: bool) -> None:
         self.fn = fn
@@ -108,14 +123,56 @@ class DirectKernel:
         if self.interpreted or not ENABLED:
             self.fn[grid](*args, **self.kwargs)
             return
-        key = spec_key(args)
+        key, addrs = _key_and_addresses(args)
         h = self.handles.get(key)
         if h is None:
-            h = self.fn[grid](*args, **self.kwargs)  # compiles (or loads), launches, returns the handle
-            if hasattr(h, "function") and hasattr(h, "packed_metadata"):  # a CompiledKernel
+            k = self.fn[grid](*args, **self.kwargs)  # compiles (or loads), launches, returns the handle
+            if hasattr(k, "function") and hasattr(k, "packed_metadata"):  # a CompiledKernel
+                drv = driver.active
                 with self._lock:
-                    self.handles[key] = h
+                    self.handles[key] = _Handle(k, k.run, k.function, k.packed_metadata,
+                                                drv.get_current_device, drv.get_current_stream)
             return
         if len(grid) != 3:
             grid = (*grid, 1, 1)[:3]
-        h[grid](*args, *self.tail)
+        enter, leave = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+        if _hooked(enter) or _hooked(leave):  # a profiler listens: Triton's own launch calls it
+            h.kernel[grid](*args, *self.tail)
+            return
+        h.run(grid[0], grid[1], grid[2], h.stream(h.device()), h.function, h.packed_metadata, None, None, None,
+              *addrs, *self.tail)
+
+
+class _Handle(NamedTuple):
+    """A compiled kernel and what its direct launch calls (point 2 of the module docstring)."""
+
+    kernel: object  # the CompiledKernel
+    run: object  # its launcher
+    function: int
+    packed_metadata: tuple
+    device: object  # the driver's get_current_device
+    stream: object  # the driver's get_current_stream
+
+
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook would do anything (an empty ``HookChain`` does not)."""
+    return hook is not None and (hook.__class__ is not HookChain or bool(hook.calls))
+
+
+def _key_and_addresses(args) -> tuple[tuple, list]:
+    """:func:`spec_key` of ``args`` and ``args`` with every tensor replaced by its address (point 3)."""
+    key = []
+    addrs = list(args)
+    for i, v in enumerate(args):
+        c = v.__class__
+        if c is _TENSOR:
+            p = v.data_ptr()
+            addrs[i] = p
+            key.append((v.dtype, p & 15 == 0))
+        elif c is float:
+            key.append(float)
+        else:
+            if isinstance(v, torch.Tensor):
+                addrs[i] = v.data_ptr()
+            key.append(_arg_spec(v))
+    return tuple(key), addrs
