@@ -67,13 +67,17 @@ def _typed(op, n_tensors: int, also: tuple[int, ...] = ()):
     which redispatches in Python even when nothing requires grad: ~20 µs a call instead of ~13 on
     CPU (``python benchmarks/bench.py --overhead``). When grad mode is off or none of the first
     ``n_tensors`` (tensor) arguments requires grad, the call goes below autograd directly, as
-    PyTorch's own C++ ops do. When a gradient can flow, the call goes through
+    PyTorch's own C++ ops do, and where :func:`mhc.ops.direct_ok` finds that the dispatcher would
+    only box the arguments and call the op's kernel (plain dense tensors, no mode, transform,
+    autocast or profiler), it calls that kernel itself. When a gradient can flow, the call goes through
     ``mhc.autograd.EAGER_FUNCTIONS`` (the op's backward, without ``register_autograd``'s
     per-call cost). Under ``torch.compile`` the plain op is traced. ``also``: positions of
     optional tensor arguments after the first ``n_tensors`` (``norm_weight``) that count too."""
 
     names = [a.name for a in op._schema.arguments]
-    recorded = _autograd.EAGER_FUNCTIONS[op._schema.name.split("::")[-1]].apply
+    name = op._schema.name.split("::")[-1]
+    recorded = _autograd.EAGER_FUNCTIONS[name].apply
+    direct, tensors, scalars = _ops.DIRECT[name]
 
     def call(*args, **kwargs):
         b = kwargs.get("backend")
@@ -91,6 +95,8 @@ def _typed(op, n_tensors: int, also: tuple[int, ...] = ()):
                         if len(args) > i and isinstance(args[i], torch.Tensor) and args[i].requires_grad:
                             needs = True
                 if not needs:
+                    if _ops.direct_ok(args, tensors, scalars):  # the op's kernel, as the dispatcher would call it
+                        return direct(*args, **kwargs)
                     with _BELOW_AUTOGRAD():
                         return op(*args, **kwargs)
                 if kwargs.keys() <= {"backend"}:

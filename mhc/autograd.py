@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 
 from mhc import reference, registry, validation
-from mhc.ops import _c, register_dense_only, register_no_autocast
+from mhc import ops as _ops
+from mhc.ops import DIRECT, _c, register_dense_only, register_no_autocast
 
 __all__ = ["SCHEMAS"]
 
@@ -348,17 +349,22 @@ def _eager_function(name: str, setup, bwd) -> type[torch.autograd.Function]:
     wrappers (``mhc.pre`` ...) call it when a gradient can flow and nothing is being compiled:
     ``register_autograd``'s kernel re-fills the schema's defaults on every call
     (``torch._library.utils.fill_defaults``: ~30 of its ~70 µs a call on CPU with a kernel that
-    does nothing, ``python benchmarks/bench.py --overhead``). ``torch.ops.mhc.<name>`` itself keeps
+    does nothing, ``python benchmarks/bench.py --overhead``); and where :func:`mhc.ops.direct_ok`
+    allows, it calls the op's kernel without the dispatcher. ``torch.ops.mhc.<name>`` itself keeps
     ``register_autograd``, for ``torch.compile`` and direct callers.
 
     ``apply(*args, backend)``: the op's positional arguments (its tensors and scalars), then the
     ``backend`` keyword's value (None or a name), which gets no gradient."""
     op = getattr(torch.ops.mhc, name).default
+    direct, tensors, scalars = DIRECT[name]
 
     def forward(ctx, *args):
         *inputs, backend = args
-        with torch._C._AutoDispatchBelowAutograd():
-            out = op(*inputs, backend=backend)
+        if _ops.direct_ok(inputs, tensors, scalars):  # the op's kernel, as the dispatcher would call it
+            out = direct(*inputs, backend=backend)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                out = op(*inputs, backend=backend)
         setup(ctx, tuple(inputs), {"backend": backend}, out)
         return out
 

@@ -127,6 +127,61 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
     return new.view(*lead, n, H), p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
 
 
+# --- the direct call: the op's kernel without the dispatcher, where that changes nothing -------------
+
+_TENSOR, _PARAMETER, _STRIDED = torch.Tensor, torch.nn.Parameter, torch.strided
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_autocast = torch._C._is_any_autocast_enabled
+_profiling = torch._C._autograd._profiler_enabled
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+
+
+def _kinds(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Positions of ``mhc::<name>``'s tensor arguments (optional ones included) and of its
+    float/int arguments, from its schema (together: every positional argument)."""
+    args = [a for a in getattr(torch.ops.mhc, name).default._schema.arguments if not a.kwarg_only]
+    tensors = tuple(i for i, a in enumerate(args) if str(a.type) in ("Tensor", "Optional[Tensor]"))
+    scalars = tuple(i for i, a in enumerate(args) if str(a.type) in ("float", "int"))
+    return tensors, scalars
+
+
+def direct_ok(args: tuple, tensors: tuple[int, ...], scalars: tuple[int, ...]) -> bool:
+    """Whether calling the op's kernel (the functions above) directly gives what the dispatcher
+    would, for a call below autograd with the schema's positional arguments ``args`` (all of them
+    given; ``tensors``/``scalars``: the positions of :func:`_kinds`).
+
+    The dispatcher then does nothing but box the arguments and call that kernel (about 10 µs of
+    a call's host time on the H200 machine's CPU, ``benchmarks/host_profile.py``): its other
+    kernels serve what this refuses: a dispatch or function mode (``FakeTensorMode``,
+    ``torch.device`` as a context, a ``TorchDispatchMode``), a functorch transform (``vmap``,
+    ``functionalize``), an autocast region (``register_no_autocast``), the profiler (which
+    records the op by name), a tensor subclass, a meta, sparse or nested tensor
+    (``register_dense_only``), and a scalar of a type the schema would convert or refuse."""
+    if len(args) != len(tensors) + len(scalars):  # a positional argument left to its default
+        return False
+    if _dispatch_modes() or _function_modes() or _autocast() or _profiling() or _functorch_level() is not None:
+        return False
+    for i in tensors:
+        t = args[i]
+        if t is None:
+            continue
+        c = t.__class__
+        if (c is not _TENSOR and c is not _PARAMETER) or t.layout is not _STRIDED or t.is_nested or t.is_meta:
+            return False
+    for i in scalars:
+        c = args[i].__class__
+        if c is not float and c is not int:
+            return False
+    return True
+
+
+#: Each op's kernel and its argument kinds, for :func:`direct_ok` callers (``mhc.pre`` and the
+#: other public wrappers, ``mhc.autograd``'s eager functions).
+DIRECT = {name: (fn, *_kinds(name)) for name, fn in (("pre", pre), ("post", post), ("head", head),
+                                                      ("fused_post_pre", fused_post_pre))}
+
+
 # --- fake impls: shapes and dtypes only, same validation ---------------------------------------
 
 
