@@ -51,12 +51,16 @@ def empty(shape, dtype: _torch.dtype, device: _torch.device) -> _torch.Tensor:
     return _ALLOCATOR(shape, dtype, device)
 
 
+_NO_SWITCH = contextlib.nullcontext()
+
+
 def device_guard(device: _torch.device):
-    """A context that makes ``device`` current for the launches inside it (a no-op off CUDA).
+    """A context that makes ``device`` current for the launches inside it (a no-op off CUDA, and
+    where ``device`` is current already: the usual call, which then costs no device switch).
 
     Triton and TileLang launch on the *current* device, so without this a tensor on ``cuda:1``
     would be processed by a launch on ``cuda:0``'s stream.
     """
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index != _torch.cuda.current_device():
         return _torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_SWITCH
