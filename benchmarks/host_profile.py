@@ -74,7 +74,7 @@ def building_blocks(dev: torch.device) -> None:
         "noop[grid] (JITFunction.run)": lambda: noop[(1,)](x, 16, BLOCK=16),
         "CompiledKernel[grid](...)": lambda: h[(1, 1, 1)](x, 16, 16),
         "CompiledKernel.run (C launcher, stream given)": lambda: h.run(1, 1, 1, stream, h.function, h.packed_metadata,
-                                                                       None, None, None, x, 16),
+                                                                       None, None, None, x, 16, 16),
         "torch.add (a tiny CUDA kernel)": lambda: torch.add(x, 1.0),
     }
     print("building blocks (host µs per call, best of 5 x 2000):")

@@ -59,6 +59,27 @@ def test_spec_key_separates_what_triton_specialises(arch):
     assert direct.spec_key((4096,)) == direct.spec_key((32,)) and direct.spec_key((5,)) == direct.spec_key((7,))
 
 
+def test_the_launch_key_is_as_fine_as_spec_key():
+    """``direct._key_and_addresses`` (what a launch looks its handle up by) never puts together
+    two argument tuples that :func:`direct.spec_key` (checked against Triton above) tells apart,
+    and hands the launcher each tensor's address."""
+    import random
+
+    from mhc.backends.triton import direct
+
+    base = {dt: torch.empty(64, dtype=dt) for dt in (torch.bfloat16, torch.float32)}
+    values = ([t[off:] for t in base.values() for off in (0, 1, 8)] + [0, 1, 2, 16, 17, 2**31, 2**31 - 16, -1, 2**40]
+              + [0.5, 1.0, True, False, None, torch.nn.Parameter(torch.empty(4))])
+    rng = random.Random(0)
+    seen: dict = {}
+    for _ in range(4000):
+        args = tuple(rng.choice(values) for _ in range(4))
+        key, addrs = direct._key_and_addresses(args)
+        assert all(a == v.data_ptr() if isinstance(v, torch.Tensor) else a is v for a, v in zip(addrs, args))
+        spec = direct.spec_key(args)
+        assert seen.setdefault(key, spec) == spec, (args, key)
+
+
 _SCRIPT = r"""
 import torch, triton
 from triton.backends.compiler import GPUTarget

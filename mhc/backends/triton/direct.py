@@ -159,20 +159,37 @@ def _hooked(hook) -> bool:
     return hook is not None and (hook.__class__ is not HookChain or bool(hook.calls))
 
 
+#: Per tuple of argument types: the positions of the tensors, the ints and the other values
+#: (None, bool) among a launch's arguments.
+_LAYOUTS: dict[tuple, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
+
+
+def _layout(kinds: tuple) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    tensors = tuple(i for i, c in enumerate(kinds) if issubclass(c, torch.Tensor))
+    ints = tuple(i for i, c in enumerate(kinds) if c is int)
+    others = tuple(i for i, c in enumerate(kinds) if c is not float and i not in tensors and i not in ints)
+    _LAYOUTS[kinds] = (tensors, ints, others)
+    return tensors, ints, others
+
+
 def _key_and_addresses(args) -> tuple[tuple, list]:
-    """:func:`spec_key` of ``args`` and ``args`` with every tensor replaced by its address (point 3)."""
-    key = []
+    """A key at least as fine as :func:`spec_key` of ``args`` (tests/test_triton_direct.py checks
+    it), and ``args`` with every tensor replaced by its address (point 3). Built per launch, so
+    it takes the common case short: the argument types (one C-level pass) name where the
+    tensors and ints are; one OR of the addresses says whether all are 16-byte aligned (the
+    per-pointer pattern is keyed only when one is not)."""
+    kinds = tuple(map(type, args))
+    tensors, ints, others = _LAYOUTS.get(kinds) or _layout(kinds)
     addrs = list(args)
-    for i, v in enumerate(args):
-        c = v.__class__
-        if c is _TENSOR:
-            p = v.data_ptr()
-            addrs[i] = p
-            key.append((v.dtype, p & 15 == 0))
-        elif c is float:
-            key.append(float)
-        else:
-            if isinstance(v, torch.Tensor):
-                addrs[i] = v.data_ptr()
-            key.append(_arg_spec(v))
-    return tuple(key), addrs
+    dtypes = []
+    any_bits = 0
+    for i in tensors:
+        t = args[i]
+        p = t.data_ptr()
+        addrs[i] = p
+        any_bits |= p
+        dtypes.append(t.dtype)
+    aligned = None if not any_bits & 15 else tuple([addrs[i] & 15 == 0 for i in tensors])
+    int_specs = tuple([(1 if v == 1 else 2 if v & 15 == 0 else 3) if -2147483648 <= v < 2147483648 else _arg_spec(v)
+                       for v in [args[i] for i in ints]])
+    return (kinds, tuple(dtypes), aligned, int_specs, tuple([args[i] for i in others])), addrs
