@@ -1,19 +1,30 @@
 """A DeepSeek-V4-shaped transformers model with and without ``mhc.integrations.transformers.apply``.
 
 On a GPU (the H200 run of issue 15): hidden 4096, hc_mult 4, 4 layers, DeepSeek-V4's attention
-shapes, 8 small routed experts (2 per token, 512 wide) and a vocab of 8192, random weights, bf16.
-It measures, for the unpatched model and the patched one in the same run:
+shapes, 8 small routed experts (2 per token, 512 wide) and a vocab of 8192, random weights (the
+hash-routed layers' token-to-expert table too), bf16, the experts as ``grouped_mm``
+(transformers' default; ``--experts``). It measures, for the unpatched model and the patched one
+in the same run:
 
 - a decode step (one token per sequence after a 256-token prompt) at batch 1 and 32, eagerly
-  (a real decode loop: the cache grows by one token a step) and replayed from a CUDA graph
-  (``torch.cuda.graph`` around one step on a copy of the prompt's cache; the replay recomputes that
-  step, so its time is the step's at that context length);
+  (a real decode loop: the cache grows by one token a step, the model builds its own mask) and
+  replayed from a CUDA graph (``torch.cuda.graph`` around one step on a copy of the prompt's
+  cache; the replay recomputes that step, so its time is the step's at that context length);
 - a prefill of 4096 tokens (batch 1, eager);
 - the mHC share of the eager decode step and of the prefill, from the torch profiler: the device
-  time of the ``mhc::*`` ops (patched) or of the modules they replace (``attn_hc``, ``ffn_hc``,
-  ``hc_head``, ``input_layernorm``, ``post_attention_layernorm``; unpatched: a lower bound, the
-  post step inline in ``DeepseekV4DecoderLayer.forward`` has no module to time) over the device
-  time of every kernel.
+  time of the kernels under the ``mhc::*`` ops (patched) or under the modules they replace
+  (``attn_hc``, ``ffn_hc``, ``hc_head``, ``input_layernorm``, ``post_attention_layernorm``;
+  unpatched: a lower bound, the post step inline in ``DeepseekV4DecoderLayer.forward`` has no
+  module to time) over the device time of every kernel, copy and memset.
+
+How the step is captured, the same for both models: transformers 5.17's mask builder copies a
+host scalar to the GPU on every forward (``masking_utils.eager_mask``), which a capture refuses,
+so the step's mask is built outside the graph with transformers' own
+``create_sliding_window_causal_mask`` and passed in as a 4D ``attention_mask`` (transformers
+uses a 4D mask as given); the cache's tensors the capture read are kept alive for the replays.
+Each replay is checked against an eager call of the same step (bit for bit), and the prebuilt
+mask against the model's own (the step's logits bit for bit), also on CPU. What else a capture
+refuses in this model, and why this avoids it: tests/test_integration_transformers.py.
 
 Writes ``model_bench.json`` and ``model_bench.md`` under ``--out`` (default ``$OUT``, else
 ``benchmarks/results``) and prints the table last. ``--device cpu --tiny`` is a smoke run (a tiny
@@ -70,10 +81,10 @@ def config(tiny: bool):
     return cfg
 
 
-def build_model(cfg, device, dtype, seed=0):
-    """Random weights (mHC's ``base``/``scale`` too, which the init sets to 0 and 1), ``dtype``,
-    the HC modules in fp32 as ``from_pretrained`` keeps them; experts as batched matmuls (no
-    data-dependent loop over the experts hit, which a CUDA graph could not capture)."""
+def build_model(cfg, device, dtype, experts: str, seed=0):
+    """Random weights (mHC's ``base``/``scale`` too, which the init sets to 0 and 1, and the hash
+    routers' ``tid2eid``, which it sets to 0: every token to expert 0), ``dtype``, the HC modules
+    in fp32 as ``from_pretrained`` keeps them; the experts run as ``experts``."""
     _, _, Model = _transformers()
     from transformers.models.deepseek_v4 import modeling_deepseek_v4 as M
 
@@ -90,15 +101,14 @@ def build_model(cfg, device, dtype, seed=0):
                         p.copy_(torch.randn(p.shape, generator=g).to(p.device))
             if isinstance(mod, M.DeepseekV4RMSNorm):  # norm weights not all ones
                 mod.weight.copy_((1 + 0.1 * torch.randn(mod.weight.shape, generator=g)).to(mod.weight.device))
+            if isinstance(mod, M.DeepseekV4HashRouter):  # distinct random experts per token id
+                ranks = torch.rand(mod.tid2eid.shape[0], mod.num_experts, generator=g).argsort(-1)
+                mod.tid2eid.copy_(ranks[:, :mod.top_k].to(mod.tid2eid.device))
     model = model.to(dtype)
     for mod in model.modules():
         if isinstance(mod, hc):
             mod.float()
-    if hasattr(model, "set_experts_implementation"):
-        try:
-            model.set_experts_implementation("batched_mm")
-        except Exception as e:  # older or newer transformers: keep the default, say so
-            print(f"note: experts implementation left at its default ({type(e).__name__}: {e})", file=sys.stderr)
+    model.set_experts_implementation(experts)
     return model
 
 
@@ -148,25 +158,67 @@ def decode_eager(model, timer, cache, tok, iters):
         return timer.run(step, iters)
 
 
-def decode_graph(model, timer, cache, tok, iters):
-    """One decode step captured in a CUDA graph (on a copy of the prompt's cache) and replayed."""
-    cache = copy.deepcopy(cache)
-    static_tok = tok.clone()
+def graph_mask(model, tok, cache):
+    """The 4D mask the model builds inside its forward for one decode step of ``tok`` on
+    ``cache``, built here, outside a CUDA graph, with transformers' own function."""
+    from transformers.masking_utils import create_sliding_window_causal_mask
+
     with torch.no_grad():
-        warm = copy.deepcopy(cache)
+        return create_sliding_window_causal_mask(config=model.config, inputs_embeds=model.get_input_embeddings()(tok),
+                                                 attention_mask=None, past_key_values=cache)
+
+
+def cache_tensors(cache):
+    """Every tensor ``cache`` holds: a graph captured on it reads them on every replay, and the
+    capture swaps them out of the cache (it appends the step), so the replayer keeps them alive."""
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            return [v]
+        if isinstance(v, dict):
+            return [t for x in v.values() for t in walk(x)]
+        return []
+
+    return [t for layer in cache.layers for t in walk(vars(layer))]
+
+
+def mask_matches_own(model, cache, tok) -> bool:
+    """The step with the prebuilt mask gives the model's own step's logits bit for bit."""
+    mask = graph_mask(model, tok, cache)
+    with torch.no_grad():
+        own = model(input_ids=tok, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+        got = model(input_ids=tok, attention_mask=mask, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+    return bool(torch.equal(own, got))
+
+
+def decode_graph(model, timer, cache, tok, iters):
+    """One decode step captured in a CUDA graph (on a copy of the prompt's cache, the mask built
+    outside) and replayed: ``(seconds per replay, replay equals an eager call of the step)``."""
+    mask = graph_mask(model, tok, cache)
+    static_tok = tok.clone()
+    copies = [copy.deepcopy(cache) for _ in range(3)]  # two warm-up steps, then the captured one
+    keep = cache_tensors(copies[-1])
+
+    def step():
+        return model(input_ids=static_tok, attention_mask=mask, past_key_values=copies.pop(0), use_cache=True).logits
+
+    with torch.no_grad():
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm up outside the graph (lazy inits, autotuning, first launches)
             for _ in range(2):
-                model(input_ids=static_tok, past_key_values=copy.deepcopy(warm), use_cache=True)
+                step()
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = model(input_ids=static_tok, past_key_values=cache, use_cache=True)
-        logits = out.logits
-    graph.replay()
-    timer.sync()
-    return timer.run(graph.replay, iters), logits
+            logits = step()
+        graph.replay()
+        timer.sync()
+        eager = model(input_ids=static_tok, attention_mask=mask, past_key_values=copy.deepcopy(cache),
+                      use_cache=True).logits
+        same = bool(torch.equal(logits, eager))
+        seconds = timer.run(graph.replay, iters)
+    del graph, keep
+    return seconds, same
 
 
 @contextlib.contextmanager
@@ -196,18 +248,13 @@ def site_labels(model):
             h.remove()
 
 
-def _dev_time(e, self_only=False):
-    for attr in (("self_device_time_total", "self_cuda_time_total") if self_only
-                 else ("device_time_total", "cuda_time_total")):
-        v = getattr(e, attr, None)
-        if v is not None:
-            return v
-    return 0.0
-
-
 def mhc_share(model, fn, device, patched: bool, steps: int = 3):
-    """(mHC time, total time, share) in µs for ``steps`` calls of ``fn`` under the profiler:
-    device time on a GPU (kernels), CPU time on CPU."""
+    """(mHC time, total time, share) in µs per call of ``fn`` under the profiler. On a GPU: the
+    device time of the kernels (and copies, memsets) launched under the outermost ``mhc::*`` ops
+    (patched) or ``mhc_site`` ranges (unpatched), over the device time of every kernel, copy and
+    memset (as torch's own table totals it: device events, not the ops that launched them, and no
+    user-annotation ranges). On CPU: their CPU time over the wall time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -224,12 +271,23 @@ def mhc_share(model, fn, device, patched: bool, steps: int = 3):
             if device.type == "cuda":
                 torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e6
-    events = prof.key_averages()
+    events = prof.events()
+
+    def outermost(e):
+        p = e.cpu_parent
+        while p is not None:
+            if p.name in labels:
+                return False
+            p = p.cpu_parent
+        return True
+
+    sites = [e for e in events if e.device_type == DeviceType.CPU and e.name in labels and outermost(e)]
     if device.type == "cuda":
-        ours = sum(_dev_time(e) for e in events if e.key in labels)
-        total = sum(_dev_time(e, self_only=True) for e in events)
+        ours = sum(e.device_time_total for e in sites)
+        total = sum(e.self_device_time_total for e in events
+                    if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))
     else:
-        ours = sum(e.cpu_time_total for e in events if e.key in labels)
+        ours = sum(e.cpu_time_total for e in sites)
         total = wall
     return ours / steps, total / steps, (ours / total if total else float("nan"))
 
@@ -242,7 +300,7 @@ def run(args) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16
     cfg = config(args.tiny)
-    model = build_model(cfg, device, dtype)
+    model = build_model(cfg, device, dtype, args.experts)
     timer = Timer(device)
     iters = 3 if args.tiny else args.iters
     prompt = 16 if args.tiny else 256
@@ -250,10 +308,18 @@ def run(args) -> dict:
     batches = (1, 4) if args.tiny else (1, 32)
     graphs = device.type == "cuda" and not args.no_graphs
     g = torch.Generator().manual_seed(0)
-    rows, notes = [], []
+    rows, notes, checks = [], [], []
 
     def ids(b, t):
         return torch.randint(0, cfg.vocab_size, (b, t), generator=g).to(device)
+
+    def share(fn, variant, what, steps=3):
+        try:
+            us, total, frac = mhc_share(model, fn, device, variant == "mhc", steps=steps)
+            return dict(mhc_us=us, profiled_us=total, mhc_share=frac)
+        except Exception as e:  # reported, not hidden; the timing rows stand without it
+            notes.append(f"{variant} {what}: profiler failed: {type(e).__name__}: {_first_line(e)}")
+            return {}
 
     with experts(model, "grouped_mm"):  # one prompt per batch, shared by both runs
         caches = {b: prefill(model, ids(b, prompt)) for b in batches}
@@ -264,24 +330,24 @@ def run(args) -> dict:
             for b in batches:
                 cache, tok = caches[b]
                 t = decode_eager(model, timer, cache, tok, iters)
-                step_fn = _step_fn(model, cache, tok)
-                share = mhc_share(model, step_fn, device, variant == "mhc")
                 rows.append(dict(variant=variant, phase="decode", batch=b, tokens=b, mode="eager", seconds=t,
-                                 mhc_us=share[0], profiled_us=share[1], mhc_share=share[2]))
+                                 **share(_step_fn(model, cache, tok), variant, f"decode batch {b}")))
+                check = dict(variant=variant, batch=b, prebuilt_mask_equals_own=mask_matches_own(model, cache, tok))
                 if graphs:
                     try:
-                        tg, _ = decode_graph(model, timer, cache, tok, iters * 4)
+                        tg, same = decode_graph(model, timer, cache, tok, iters * 4)
                         rows.append(dict(variant=variant, phase="decode", batch=b, tokens=b, mode="cuda_graph",
                                          seconds=tg))
+                        check["replay_equals_eager"] = same
                     except Exception as e:  # reported, not hidden: the table says the capture failed
                         notes.append(f"{variant} batch {b}: CUDA graph capture failed: {type(e).__name__}: "
-                                     f"{str(e).splitlines()[0] if str(e) else ''}")
+                                     f"{_first_line(e)}")
                         torch.cuda.synchronize()
+                checks.append(check)
             fn = _prefill_fn(model, prefill_ids)
             t = timer.run(fn, max(2, iters // 10), warmup=1)
-            share = mhc_share(model, fn, device, variant == "mhc", steps=1)
             rows.append(dict(variant=variant, phase="prefill", batch=1, tokens=pre_tokens, mode="eager", seconds=t,
-                             mhc_us=share[0], profiled_us=share[1], mhc_share=share[2]))
+                             **share(fn, variant, "prefill", steps=1)))
         finally:
             if handle is not None:
                 handle.remove()
@@ -294,15 +360,21 @@ def run(args) -> dict:
     rel = ((out - ref).norm() / ref.norm()).item()
     backends = {op: mhc.explain(op, *_explain_args(cfg, device, dtype, op)).chosen
                 for op in ("pre", "fused_post_pre", "post", "head")}
+    failed = [c for c in checks if not all(v for k, v in c.items() if k not in ("variant", "batch"))]
+    notes += [f"check failed: {c}" for c in failed]
     return dict(
         when=time.strftime("%Y-%m-%d %H:%M:%S %Z"), device=_device_name(device), torch=torch.__version__,
         transformers=version, python=platform.python_version(), tiny=args.tiny, iters=iters,
         config=dict(hidden_size=cfg.hidden_size, hc_mult=cfg.hc_mult, layers=cfg.num_hidden_layers,
                     n_routed_experts=cfg.n_routed_experts, experts_per_token=cfg.num_experts_per_tok,
                     moe_intermediate_size=cfg.moe_intermediate_size, vocab_size=cfg.vocab_size, dtype="bf16",
-                    prompt_tokens=prompt),
+                    prompt_tokens=prompt, experts_implementation=args.experts),
         backends_at_decode=backends, logits_rel_error_vs_unpatched=rel, logits_check_tokens=check_ids.shape[1],
-        rows=rows, notes=notes)
+        rows=rows, checks=checks, notes=notes)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def _step_fn(model, cache, tok):
@@ -327,14 +399,11 @@ def _prefill_fn(model, ids):
 
 @contextlib.contextmanager
 def experts(model, impl: str):
-    """The MoE experts run as ``impl`` inside the block. Decode keeps ``batched_mm`` (capturable
-    in a CUDA graph); prefills take ``grouped_mm``: ``batched_mm`` gathers every token's expert
-    weights, 64 GiB for the 32 x 256-token prompt (the H200 run ran out of memory there,
+    """The MoE experts run as ``impl`` inside the block: prefills take ``grouped_mm`` whatever
+    ``--experts`` says, as ``batched_mm`` gathers every token's expert weights, 64 GiB for the
+    32 x 256-token prompt (the H200 run ran out of memory there,
     benchmarks/results/model-bench-h200-oom.log)."""
-    old = getattr(model.config, "_experts_implementation", None)
-    if old is None or not hasattr(model, "set_experts_implementation"):
-        yield
-        return
+    old = model.config._experts_implementation
     model.set_experts_implementation(impl)
     try:
         yield
@@ -380,7 +449,9 @@ def table(res) -> str:
         return f"{r['seconds'] * 1e3:.3f} ms" if r else "–"
 
     def share(r):
-        return f"{r['mhc_share'] * 100:.1f} % ({r['mhc_us']:.0f} µs)" if r and "mhc_share" in r else "–"
+        if not r or r.get("mhc_share") is None:
+            return "–"
+        return f"{r['mhc_share'] * 100:.1f} % ({r['mhc_us']:.0f} µs)"
 
     for (phase, b, t, mode), v in by.items():
         u, m = v.get("unpatched"), v.get("mhc")
@@ -389,12 +460,28 @@ def table(res) -> str:
     return "\n".join(lines)
 
 
+def _checks_line(checks) -> str:
+    """One sentence on the decode steps' checks (the failures are also in the notes)."""
+    masks = [c["prebuilt_mask_equals_own"] for c in checks]
+    replays = [c["replay_equals_eager"] for c in checks if "replay_equals_eager" in c]
+    line = (f"The step with the mask built outside the graph equals the model's own step bit for bit in "
+            f"{sum(masks)} of {len(masks)} cases")
+    if replays:
+        line += (f"; the CUDA-graph replay equals an eager call of the step bit for bit in {sum(replays)} of "
+                 f"{len(replays)}")
+    return line + "."
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="the tests' tiny config, a few steps (a smoke run)")
     ap.add_argument("--iters", type=int, default=50, help="decode steps timed per case (graphs: 4x)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph cases")
+    ap.add_argument("--experts", default="grouped_mm", choices=("grouped_mm", "batched_mm"),
+                    help="the experts implementation for decode (prefills take grouped_mm): transformers' default "
+                         "grouped_mm, or batched_mm (gathers each token's expert weights); both capture in a graph, "
+                         "the 'eager' loop over the experts hit does not")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     if args.device.startswith("cpu") and not args.tiny:
@@ -410,11 +497,11 @@ def main(argv=None):
     head = (f"DeepSeek-V4-shaped model (transformers {res['transformers']}): hidden {res['config']['hidden_size']}, "
             f"hc_mult {res['config']['hc_mult']}, {res['config']['layers']} layers, "
             f"{res['config']['n_routed_experts']} experts ({res['config']['experts_per_token']} per token, "
-            f"{res['config']['moe_intermediate_size']} wide), vocab {res['config']['vocab_size']}, bf16, random "
-            f"weights; {res['device']}, torch {res['torch']}, {res['when']}. Decode after a "
-            f"{res['config']['prompt_tokens']}-token prompt. mhc backends at decode: {res['backends_at_decode']}. "
-            f"Patched logits vs unpatched ({res['logits_check_tokens']}-token prefill): relative error "
-            f"{res['logits_rel_error_vs_unpatched']:.2e}.")
+            f"{res['config']['moe_intermediate_size']} wide, {res['config']['experts_implementation']}), vocab "
+            f"{res['config']['vocab_size']}, bf16, random weights; {res['device']}, torch {res['torch']}, "
+            f"{res['when']}. Decode after a {res['config']['prompt_tokens']}-token prompt. mhc backends at decode: "
+            f"{res['backends_at_decode']}. Patched logits vs unpatched ({res['logits_check_tokens']}-token prefill): "
+            f"relative error {res['logits_rel_error_vs_unpatched']:.2e}. {_checks_line(res['checks'])}")
     notes = "".join(f"\n- {n}" for n in res["notes"])
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(head + "\n\n" + md + "\n" + (f"\nNotes:{notes}\n" if notes else ""))

@@ -28,6 +28,8 @@ be finite, which catches unwritten (poisoned) elements anywhere.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import os
 import pathlib
@@ -450,13 +452,18 @@ def test_norm_weight_cuda_graph_replay_matches_eager(backend, op, T):
 # --- the transformers integration on CUDA ---------------------------------------------------------
 
 
-def _hf_model(dtype):
+def _ti():
     pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4",
                         reason="transformers with DeepSeek-V4 not installed")
     import test_integration_transformers as ti
 
+    return ti
+
+
+def _hf_model(dtype, **cfg):
+    ti = _ti()
     torch.manual_seed(0)
-    cfg = ti._config(hidden_size=1024)  # a width the Triton kernels tile like the real ones
+    cfg = ti._config(hidden_size=1024, **cfg)  # a width the Triton kernels tile like the real ones
     from transformers import DeepseekV4ForCausalLM
 
     with torch.device(DEVICE):
@@ -483,37 +490,69 @@ def test_transformers_logits_match_on_cuda(dtype):
     assert ti._rel(step, ti._logits(model, ids[:, :1])) < ti.TOL[dtype]
 
 
-def test_transformers_cuda_graph_capture_with_apply():
-    """A forward of the patched bf16 model captured in a CUDA graph replays to the eager result
-    on new token ids, and matches the unpatched model.
+def _cache_tensors(cache):
+    """Every tensor ``cache`` holds now. A graph captured on the cache reads them on every replay,
+    and the capture itself swaps them out of the cache (it appends the step), so whoever replays
+    must keep them alive: freed, their memory would go to other tensors."""
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            return [v]
+        if isinstance(v, dict):
+            return [t for x in v.values() for t in walk(x)]
+        return []
 
-    transformers 5.17's DeepSeek-V4 runs eager attention only, and its mask builder copies a host
-    scalar to the GPU on every forward (``masking_utils.eager_mask``), which a capture refuses:
-    the unpatched model cannot be captured either (seen on the H200,
-    benchmarks/results/gpu-tests-h200-norm-rerun.log). The test captures the unpatched model
-    first; where that fails for this reason it is an expected failure, not ours, and says so
-    (mhc's ops in graphs: test_cuda_graph_replay_matches_eager and the norm_weight graph test).
-    """
-    ti, model = _hf_model(torch.bfloat16)
-    mt = ti.mt
-    static = ti._ids(batch=2, seq=8).to(DEVICE)
+    return [t for layer in cache.layers for t in walk(vars(layer))]
+
+
+@pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
+def test_transformers_cuda_graph_capture_with_apply(experts):
+    """The bf16 model, unpatched and patched, captured the same way: a forward without a cache,
+    and a decode step on a cache filled before the capture. Each replay on new token ids equals
+    the same model's eager forward bit for bit, and the patched replay is within the CPU test's
+    table of the unpatched model's eager logits.
+
+    How it captures (tests/test_integration_transformers.py says what transformers 5.17 does
+    that a capture refuses, and finds it on CPU): the attention mask is built outside the graph
+    with transformers' own ``create_sliding_window_causal_mask`` and passed as ``attention_mask``
+    (a 4D mask is used as given); the experts run as ``grouped_mm`` (transformers' default) or
+    ``batched_mm`` (the "eager" experts loop over the experts hit, found with ``nonzero``).
+    A decode step's graph is that one step at that context length: DeepSeek-V4's cache grows and
+    transformers 5.17 has no static cache for it."""
+    ti, model = _hf_model(torch.bfloat16, **_ti().CAPTURE_CONFIG)
+    ti._capture_routing(model, 2)
+    model.set_experts_implementation(experts)
+    ids, new = (ti._ids(batch=2, seq=ti.CAPTURE_SEQ, seed=s).to(DEVICE) for s in (0, 5))
+    mask = ti._graph_mask(model, ids)
     with torch.no_grad():
-        try:
-            _capture(lambda: model(static, use_cache=False).logits)
-        except RuntimeError as e:
-            if "during CUDA graph capture" not in str(e):
-                raise
-            import transformers
+        prompt = model(ids, use_cache=True)
+    cache, tok = prompt.past_key_values, prompt.logits[:, -1:].argmax(-1)
+    new_tok = (tok + 1) % model.config.vocab_size
+    step_mask = ti._graph_mask(model, tok, cache)
+    replays, eagers = {}, {}
+    for variant in ("unpatched", "mhc"):
+        with (ti.mt.apply(model) if variant == "mhc" else contextlib.nullcontext()), torch.no_grad():
+            static = ids.clone()
+            graph, out = _capture(lambda: model(static, attention_mask=mask, use_cache=False).logits)
+            static.copy_(new)
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = model(new, attention_mask=mask, use_cache=False).logits
+            assert torch.equal(out, eager), f"{variant}, {experts}: forward replay differs from eager"
 
-            pytest.xfail(f"transformers {transformers.__version__}: the unpatched model cannot be "
-                         f"captured in a CUDA graph either ({str(e).splitlines()[0][:120]})")
-    with mt.apply(model), torch.no_grad():
-        graph, captured = _capture(lambda: model(static, use_cache=False).logits)
-        new = ti._ids(batch=2, seq=8, seed=5).to(DEVICE)
-        static.copy_(new)
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = model(new, use_cache=False).logits
-        assert torch.equal(captured, eager)
-    ref = ti._logits(model, new)
-    assert ti._rel(captured.float(), ref) < ti.TOL[torch.bfloat16]
+            copies = [copy.deepcopy(cache) for _ in range(3)]  # two warm-up steps, then the captured one
+            keep = _cache_tensors(copies[-1])
+            static_tok = tok.clone()
+            step_graph, step = _capture(lambda: model(static_tok, attention_mask=step_mask,
+                                                      past_key_values=copies.pop(0), use_cache=True).logits)
+            static_tok.copy_(new_tok)
+            step_graph.replay()
+            torch.cuda.synchronize()
+            eager_step = model(new_tok, attention_mask=step_mask, past_key_values=copy.deepcopy(cache),
+                               use_cache=True).logits
+            assert torch.equal(step, eager_step), f"{variant}, {experts}: decode step replay differs from eager"
+            replays[variant] = (out.float(), step.float())
+            eagers[variant] = (eager.float(), eager_step.float())
+            del graph, step_graph, keep
+    for i, what in enumerate(("forward", "decode step")):
+        err = ti._rel(replays["mhc"][i], eagers["unpatched"][i])
+        assert err < ti.TOL[torch.bfloat16], f"{what}, {experts}: patched replay vs unpatched eager {err:.3e}"

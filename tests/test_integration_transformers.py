@@ -7,12 +7,14 @@ unpatched model's; the tolerances, and why, are in ``TOL``.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 import time
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4",
                     reason="transformers with DeepSeek-V4 not installed (pip install -e '.[transformers]')")
@@ -33,7 +35,9 @@ from transformers.models.deepseek_v4 import modeling_deepseek_v4 as M  # noqa: E
 #: into pre, ``norm_weight``), so the residuals differ by a few bf16 ulps per site; measured
 #: 1.11e-2 to 1.25e-2 (seeds 0-2; 7.9e-3 to 9.5e-3 before the norm was fused). That is the size of
 #: the model's own bf16 error: against the fp32 run of the same bf16 weights the model's logits
-#: are 9.6e-3 off and the patched model's 8.5e-3 (``test_bf16_not_less_accurate``).
+#: are 9.6e-3 off and the patched model's 8.5e-3 (``test_bf16_not_less_accurate``). The capture
+#: tests' model (CAPTURE_CONFIG at hidden 1024, 3 layers: more roundings on the way) measured
+#: 1.6e-2 to 1.8e-2 (seeds 0-3, the forward of 2 x 40 tokens; its decode step 1.3e-2 to 1.7e-2).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 #: Gradients (fp32): relative Frobenius error per parameter against the unpatched model's;
 #: measured at most 4.6e-6.
@@ -62,9 +66,9 @@ def _randomise_hc(model, seed: int) -> None:
                         p.copy_(torch.randn(p.shape, generator=g))
 
 
-def _model(dtype=torch.float32, seed: int = 0) -> DeepseekV4ForCausalLM:
+def _model(dtype=torch.float32, seed: int = 0, **cfg) -> DeepseekV4ForCausalLM:
     torch.manual_seed(seed)
-    m = DeepseekV4ForCausalLM(_config()).eval()
+    m = DeepseekV4ForCausalLM(_config(**cfg)).eval()
     _randomise_hc(m, seed + 1)
     m = m.to(dtype)
     for mod in m.modules():  # as from_pretrained(dtype=...) does (_keep_in_fp32_modules_strict)
@@ -280,3 +284,147 @@ def test_triton_forward():
         out = _logits(model, ids)
     assert time.perf_counter() - t0 < 60
     assert _rel(out, ref) < TOL[torch.bfloat16]
+
+
+# --- CUDA-graph capture: what a capture refuses, found on CPU ------------------------------------
+#
+# The GPU suite captures the model (tests/test_gpu.py::test_transformers_cuda_graph_capture_with_apply).
+# Here, with no GPU, a dispatch mode records every op of one forward that a capture would refuse.
+# What transformers 5.17 does in a DeepSeek-V4 forward that a capture refuses (found this way):
+# - masking_utils.py:604 (eager_mask, every forward that builds its mask):
+#   ``torch.tensor(0.0, device=mask.device)``, a copy from host memory to the GPU;
+# - masking_utils.py:755 (find_packed_sequence_indices, a forward without a cache):
+#   ``(packed_sequence_mask[:, -1] == 0).all()`` in an ``if``, a read of a GPU value on the host;
+# - the "eager" experts (DeepseekV4Experts.forward, modeling_deepseek_v4.py:1002-1010): ``nonzero``,
+#   ``torch.where(mask)`` and a Python loop over the experts hit; transformers' default,
+#   ``grouped_mm`` (sort, histc, cumsum, grouped_mm), and ``batched_mm`` have none;
+# - a cache's first update (cache_utils.py:125-126, 229: ``torch.tensor([], device=...)`` and
+#   ``_sliding_window_tensor.to(device)``), so a prefill into a new cache is not captured: the GPU
+#   test and benchmarks/model_bench.py capture a forward without a cache and a decode step on a
+#   cache filled before the capture.
+# A 4D mask passed as ``attention_mask`` is used as given (masking_utils._preprocess_mask_arguments),
+# so building it with transformers' own function outside the graph (``_graph_mask``) removes the
+# first two; the rotary embedding, the attention, the compressors and indexer, both routers, the
+# cache's update on decode and mhc's ops then show nothing. What a CPU run cannot show, read in
+# the sources instead: on CUDA, ``F.one_hot`` skips the host check it makes on CPU; ``histc`` of
+# ints with min < max launches without a sync; ``grouped_mm`` of bf16 on sm90/sm100 takes its
+# "no d2h sync" path (fp32, or another GPU, takes a fallback that copies the offsets to the host).
+
+#: Every attention kind (sliding only, CSA with its indexer, HCA) and both routers; HCA windows of
+#: 16 tokens (the default 128 would need long inputs to close one); the indexer's top-k as wide as
+#: the CSA entries of CAPTURE_SEQ tokens (see _capture_routing for why).
+CAPTURE_CONFIG = dict(num_hidden_layers=3, mlp_layer_types=["hash_moe", "moe", "moe"],
+                      layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+                      compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+                      index_topk=16)
+#: Tokens per sequence in the capture tests: past the sliding window (16), two HCA windows, ten CSA
+#: windows.
+CAPTURE_SEQ = 40
+
+
+def _capture_routing(model, seed: int) -> None:
+    """Routing for the capture tests. Hash-routed layers: distinct random experts per token id (the
+    init leaves ``tid2eid`` at zero: every token to expert 0, twice). Top-k routers: a score bias
+    of 10 per expert rank, so every token takes the same two experts. The patched model's bf16
+    hidden states differ from the model's own by a few ulps (TOL), and where two experts' scores
+    (or two CSA entries' indexer scores) nearly tie, that flips the choice for a token: measured,
+    one token of 80 then differs by 45 % and the logits by 4-8e-2 instead of 1.6-1.8e-2. That is
+    the model's discontinuity, not an error of mhc's, so the tests take the ties away (the
+    indexer's: CAPTURE_CONFIG's index_topk keeps every entry)."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, M.DeepseekV4HashRouter):
+            ranks = torch.rand(mod.tid2eid.shape[0], mod.num_experts, generator=g).argsort(-1)
+            mod.tid2eid.copy_(ranks[:, :mod.top_k].to(mod.tid2eid.device))
+        if isinstance(mod, M.DeepseekV4TopKRouter):
+            bias = 10.0 * torch.arange(mod.num_experts, dtype=mod.e_score_correction_bias.dtype)
+            mod.e_score_correction_bias.copy_(bias.to(mod.e_score_correction_bias.device))
+
+
+def _graph_mask(model, ids, cache=None):
+    """The attention mask the model builds inside its forward for ``ids`` (and ``cache``), built
+    here with transformers' own function so that it can be built outside a CUDA graph and passed
+    in as ``attention_mask`` (see above). It depends on the shapes and the cache's length only."""
+    from transformers.masking_utils import create_sliding_window_causal_mask
+
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        return create_sliding_window_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None,
+                                                 past_key_values=cache)
+
+
+_A = torch.ops.aten
+_REFUSED = {_A._local_scalar_dense.default: "reads a device value on the host (.item, bool, tolist)",
+            _A.nonzero.default: "nonzero (data-dependent shape)", _A.masked_select.default: "masked_select",
+            _A.lift_fresh.default: "a tensor from host data (a host-to-device copy)",
+            _A.lift_fresh_copy.default: "a tensor from host data (a host-to-device copy)",
+            _A.bincount.default: "bincount", _A.repeat_interleave.Tensor: "repeat_interleave by a tensor",
+            _A._unique2.default: "unique", _A.unique_dim.default: "unique",
+            _A.unique_consecutive.default: "unique"}
+
+
+class _CaptureProbe(TorchDispatchMode):
+    """Records ``(what, file:line)`` of every op a CUDA-graph capture would refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        why = _REFUSED.get(func)
+        if func in (_A.index.Tensor, _A.index_put.default, _A.index_put_.default) and any(
+                i is not None and i.dtype == torch.bool for i in args[1]):
+            why = "indexing by a boolean mask"
+        if why:
+            import traceback
+
+            frame = next(f for f in reversed(traceback.extract_stack()) if "/torch/" not in f.filename
+                         and not f.filename.endswith("test_integration_transformers.py"))
+            self.found.append((why, f"{frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno}"))
+        return func(*args, **(kwargs or {}))
+
+
+def _probe(fn):
+    """``(fn()'s logits, what a capture would refuse in it)``."""
+    probe = _CaptureProbe()
+    with torch.no_grad(), probe:
+        out = fn().logits
+    return out, probe.found
+
+
+@pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm", "eager"])
+def test_graph_inputs_leave_nothing_a_capture_refuses(experts):
+    """With the mask built outside (``_graph_mask``), a forward without a cache and a decode step
+    on a filled cache hold nothing a CUDA-graph capture refuses, unpatched and patched, for the
+    experts implementations that dispatch on the device; and the logits are bit for bit those of
+    the model building its own mask. The probe's own checks: without the mask it finds
+    masking_utils' copy and host read, and the "eager" experts' ``nonzero``."""
+    model = _model(torch.bfloat16, **CAPTURE_CONFIG)
+    _capture_routing(model, 2)
+    model.set_experts_implementation(experts)
+    ids = _ids(batch=2, seq=CAPTURE_SEQ)
+    mask = _graph_mask(model, ids)
+    with torch.no_grad():
+        prompt = model(ids, use_cache=True)
+    cache, tok = prompt.past_key_values, prompt.logits[:, -1:].argmax(-1)
+    step_mask = _graph_mask(model, tok, cache)
+    for patched in (False, True):
+        handle = mt.apply(model) if patched else None
+        try:
+            own, found_own = _probe(lambda: model(ids, use_cache=False))
+            in_masking = [why for why, w in found_own if "masking_utils.py" in w]
+            assert any("host-to-device" in why for why in in_masking), found_own
+            assert any("on the host" in why for why in in_masking), found_own
+            got, found = _probe(lambda: model(ids, attention_mask=mask, use_cache=False))
+            c1, c2 = copy.deepcopy(cache), copy.deepcopy(cache)
+            step_own, _ = _probe(lambda: model(tok, past_key_values=c1, use_cache=True))
+            step, found_step = _probe(lambda: model(tok, attention_mask=step_mask, past_key_values=c2, use_cache=True))
+        finally:
+            if handle is not None:
+                handle.remove()
+        assert torch.equal(got, own) and torch.equal(step, step_own)
+        if experts == "eager":
+            assert any(why.startswith("nonzero") and "modeling_deepseek_v4.py" in w for why, w in found), found
+            assert any(why.startswith("nonzero") for why, _ in found_step), found_step
+        else:
+            assert found == [] and found_step == [], (found, found_step)
