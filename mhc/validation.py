@@ -167,14 +167,29 @@ def non_dense(names, args, kwargs) -> TypeError | None:
     return None
 
 
+def _weights_ok(fn, hc_scale, hc_base, shapes: tuple, mdt: torch.dtype, dev: torch.device) -> bool:
+    """The usual call's parameters in one expression (the hot path, about half the time of the
+    checks that name the argument, which run when this is False)."""
+    return (isinstance(fn, torch.Tensor) and isinstance(hc_scale, torch.Tensor) and isinstance(hc_base, torch.Tensor)
+            and fn.shape == shapes[0] and hc_scale.shape == shapes[1] and hc_base.shape == shapes[2]
+            and fn.dtype == mdt and hc_scale.dtype == mdt and hc_base.dtype == mdt
+            and fn.device == dev and hc_scale.device == dev and hc_base.device == dev)
+
+
+def _check_weights(residual, fn, hc_scale, hc_base, n: int, H: int, m: int, n_scale: int) -> None:
+    mdt = mix_dtype(residual.dtype)
+    if not _weights_ok(fn, hc_scale, hc_base, ((m, n * H), (n_scale,), (m,)), mdt, residual.device):
+        _weights(fn, hc_scale, hc_base, n, H, m, n_scale, mdt)
+        _same_device(residual, fn=fn, hc_scale=hc_scale, hc_base=hc_base)
+
+
 def check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps=_D["rms_eps"],
               hc_pre_eps=_D["hc_pre_eps"], hc_sinkhorn_eps=_D["hc_sinkhorn_eps"],
               hc_post_mult_value=_D["hc_post_mult_value"], norm_weight=None,
               norm_eps=_D["norm_eps"]) -> tuple[tuple[int, ...], int, int, int]:
     """Validate ``pre``'s arguments; returns ``(lead_dims, T, n, H)``."""
     lead, T, n, H = _residual(residual)
-    _weights(fn, hc_scale, hc_base, n, H, 2 * n + n * n, 3, mix_dtype(residual.dtype))
-    _same_device(residual, fn=fn, hc_scale=hc_scale, hc_base=hc_base)
+    _check_weights(residual, fn, hc_scale, hc_base, n, H, 2 * n + n * n, 3)
     _pre_scalars(sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value)
     check_norm(norm_weight, norm_eps, residual, H)
     return lead, T, n, H
@@ -183,17 +198,21 @@ def check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps=_D["rms_
 def check_post(x, residual, post_mix, comb_mix) -> tuple[tuple[int, ...], int, int, int]:
     """Validate ``post``'s tensors; returns ``(lead_dims, T, n, H)``."""
     lead, T, n, H = _residual(residual)
-    _exact("x", x, (*lead, H), residual.dtype, "residual's leading dims, H; residual's dtype")
-    _mixes(post_mix, comb_mix, lead, n, mix_dtype(residual.dtype))
-    _same_device(residual, x=x, post_mix=post_mix, comb_mix=comb_mix)
+    mdt, dev = mix_dtype(residual.dtype), residual.device
+    if not (isinstance(x, torch.Tensor) and isinstance(post_mix, torch.Tensor) and isinstance(comb_mix, torch.Tensor)
+            and x.shape == (*lead, H) and post_mix.shape == (*lead, n, 1) and comb_mix.shape == (*lead, n, n)
+            and x.dtype == residual.dtype and post_mix.dtype == mdt and comb_mix.dtype == mdt
+            and x.device == dev and post_mix.device == dev and comb_mix.device == dev):
+        _exact("x", x, (*lead, H), residual.dtype, "residual's leading dims, H; residual's dtype")
+        _mixes(post_mix, comb_mix, lead, n, mdt)
+        _same_device(residual, x=x, post_mix=post_mix, comb_mix=comb_mix)
     return lead, T, n, H
 
 
 def check_head(residual, fn, hc_scale, hc_base, rms_eps=1e-6, hc_eps=1e-6) -> tuple[tuple[int, ...], int, int, int]:
     """Validate ``head``'s arguments; returns ``(lead_dims, T, n, H)``."""
     lead, T, n, H = _residual(residual)
-    _weights(fn, hc_scale, hc_base, n, H, n, 1, mix_dtype(residual.dtype))
-    _same_device(residual, fn=fn, hc_scale=hc_scale, hc_base=hc_base)
+    _check_weights(residual, fn, hc_scale, hc_base, n, H, n, 1)
     _eps("rms_eps", rms_eps)
     _eps("hc_eps", hc_eps)
     return lead, T, n, H
@@ -204,8 +223,7 @@ def check_fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, sinkhorn
     """Validate ``fused_post_pre``'s arguments; returns ``(lead_dims, T, n, H)``."""
     out = check_post(x, residual, post_mix, comb_mix)
     n, H = out[2], out[3]
-    _weights(fn, hc_scale, hc_base, n, H, 2 * n + n * n, 3, mix_dtype(residual.dtype))
-    _same_device(residual, fn=fn, hc_scale=hc_scale, hc_base=hc_base)
+    _check_weights(residual, fn, hc_scale, hc_base, n, H, 2 * n + n * n, 3)
     _pre_scalars(sinkhorn_repeat, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value)
     check_norm(norm_weight, norm_eps, residual, H)
     return out
