@@ -85,6 +85,49 @@ def building_blocks(dev: torch.device) -> None:
             print(f"  {name:48s} failed: {type(e).__name__}: {e}")
 
 
+def layers(dev: torch.device, H: int) -> None:
+    """Unprofiled host µs of each layer of one Triton call (T = 1): the public wrapper, the op layer,
+    the backend's launcher, and inside it validation, selection, the outputs, the launch key and
+    the launcher's C call."""
+    import mhc
+    from mhc import checking, registry, validation
+    from mhc.backends.triton import direct, launch
+
+    print("layers of a Triton call, T = 1 (host µs per call, best of 5 x 2000):")
+    for op in ("pre", "post", "fused_post_pre"):
+        args, kw = checking.device_inputs(op, 1, 4, H, dev)
+        vals = tuple(kw.values())
+        mhc_op, op_layer, impl = getattr(mhc, op), getattr(mhc.ops, op), getattr(launch, op)
+        flat = tuple(a.reshape(1, *a.shape[-2:]) if a.dim() == 3 else a for a in args)
+        res = args[0] if op in ("pre", "head") else args[1]
+        n = res.shape[-2]
+        seen = []
+        real = direct.DirectKernel.__call__
+        direct.DirectKernel.__call__ = lambda self, grid, *a: seen.append((self, grid, a)) or real(self, grid, *a)
+        try:
+            impl(*flat, *vals)
+        finally:
+            direct.DirectKernel.__call__ = real
+        k, grid, largs = seen[-1]
+        key, addrs = direct._key_and_addresses(largs)
+        h = k.handles[key]
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        rows = {
+            f"mhc.{op} (public wrapper)": lambda: mhc_op(*args, **kw, backend="triton"),
+            f"mhc.ops.{op} (op layer + launcher)": lambda: op_layer(*args, *vals, backend="triton"),
+            f"launch.{op} (the backend's launcher)": lambda: impl(*flat, *vals),
+            "registry.select": lambda: registry.select(op, res.device, res.dtype, n, H, 1, "triton"),
+            "DirectKernel call (key + launch)": lambda: k(grid, *largs),
+            "direct._key_and_addresses": lambda: direct._key_and_addresses(largs),
+            "launcher C call (h.run)": lambda: h.run(*grid, stream, h.function, h.packed_metadata, None, None, None,
+                                                     *addrs, *k.tail),
+        }
+        if op == "post":
+            rows["validation.check_post"] = lambda: validation.check_post(*args)
+        for name, f in rows.items():
+            print(f"  {op:15s} {name:40s} {best_us(f):8.2f}")
+
+
 def jit_launch_counter():
     """Counts launches that go through ``JITFunction.run`` (a DirectKernel miss or the JIT path)."""
     from triton.runtime.jit import JITFunction
@@ -177,6 +220,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
     if not a.no_blocks:
         building_blocks(dev)
+        layers(dev, a.H)
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.cases.split(",") if c]
     grad_cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.grad_cases.split(",") if c]
     for backend in a.backends.split(","):
