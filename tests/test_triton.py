@@ -127,12 +127,11 @@ def test_chunked_across_chunk_boundaries(L, monkeypatch, T):
     check_all_ops(L, T, 4, 40, torch.float16, seed=T + 1)
 
 # The small-T paths: the single-launch kernel's register tail (T <= tail_rows; some hidden chunks
-# prefetched, the rest loaded after, early prefetch or not) and the chunked kernel with the in-thread
-# Sinkhorn and the separate post/comb program (b_split); H=40 masks the tiles, n from 1 to 8.
+# prefetched, the rest loaded after) and the chunked kernel with the in-thread Sinkhorn and the
+# separate post/comb program (b_split); H=40 masks the tiles, n from 1 to 8.
 _TAIL = dict(block_m=16, block_h=16, splits=3, block_c=16, num_warps=4, num_stages=1)
 _SMALL_T_ROWS = {
     "tail": (1, dict(_TAIL, tail_rows=1)),
-    "tail-early": (1, dict(_TAIL, tail_rows=1, pf_early=True)),
     "tail-2rows": (2, dict(_TAIL, tail_rows=2)),
     "chunk-bsplit": (None, dict(_SMALL_CHUNKS, sk_elem=True, b_split=True, c_steps=1)),
     "chunk-bsplit-csteps": (None, dict(_SMALL_CHUNKS, sk_elem=True, b_split=True)),
@@ -182,7 +181,7 @@ def test_post_kernel_forms(h_fast, T, n, H, dtype):
     out = torch.full((T, n, H), float("nan"), dtype=dtype, device=DEV)
     kernels.post_kernel[(T * triton.cdiv(H, bh),)](
         t["x"], t["residual"], t["pm"], t["cm"], out, T, H, N=n, NP=triton.next_power_of_2(n), BH=bh,
-        EMULATE_RNE=launch.INTERPRETED, H_FAST=h_fast, num_warps=1)
+        INTERPRET=launch.INTERPRETED, H_FAST=h_fast, num_warps=1)
     _close(out, R.post(r["x"], r["residual"], r["pm"], r["cm"]), dtype, "act")
 
 

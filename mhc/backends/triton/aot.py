@@ -150,7 +150,7 @@ def two_pass_jobs(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str
     mix_ty = act if head else "*fp32"
     common = dict(N3=n3, N3P=n3p, BM=p.block_m, BK=p.block_k, STEPS=p.steps, PREC=p.prec,
                   EXACT_BF16=dtype == torch.bfloat16, EVEN_K=K % (p.steps * p.block_k) == 0)
-    pspec = dict(N3=n3, N3P=n3p, BK=launch.prep_block(n3p), EMULATE_RNE=False)
+    pspec = dict(N3=n3, N3P=n3p, BK=launch.prep_block(n3p), INTERPRET=False)
     yield ("prep", tuple(sorted(pspec.items()))), (f"{'prep':<14} N3={n3:<3}", "prep_kernel",
                                                   {"fn_ptr": "*fp32", "out_ptr": "*bf16", "K": "i32"}, pspec, 4, 1)
     label = f"{op:<14} n={n} H={H:<5} T<={T:<5} {t}"
@@ -159,7 +159,7 @@ def two_pass_jobs(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str
     yield (("prenorm", t, tuple(sorted(spec.items())), p.warps, p.stages),
            (f"{label} prenorm_kernel", "prenorm_kernel", sig, spec, p.warps, p.stages))
     fspec = dict(N=n, NP=1 << (n - 1).bit_length(), N3=n3, N3P=n3p, SP=sp, BT=p.bt, BC=p.bc, BMB=p.bmb,
-                 HEAD=head, SK_ELEM=p.sk_elem, EMULATE_RNE=False)
+                 HEAD=head, SK_ELEM=p.sk_elem, INTERPRET=False)
     fsig = {"src_ptr": act, "out_ptr": act, "part_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
             "post_ptr": mix_ty, "comb_ptr": mix_ty, "T": "i32", "H": "i32", "n_splits": "i32", "sstride": "i32",
             "n_pc": "i32", "rms_eps": "fp32", "pre_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32",

@@ -26,7 +26,12 @@ Every load is cast to fp32 right after ``tl.load`` (the interpreter mishandles b
 GEMM precision: the residual values are exact in bf16 (fp16 residuals are split into two bf16
 terms, exactly) and ``fn`` is split into bf16 hi + lo, so the bf16 tensor-core products carry
 about 16 mantissa bits of ``fn`` with fp32 accumulation: the GEMM's partials are within 4-6e-8
-(relative) of fp64 at H = 4096 and 7168 on the H200 (benchmarks/prenorm_dev.py), no TF32 anywhere. Under the interpreter the dot runs in fp32 directly (``DOT_F32``).
+(relative) of fp64 at H = 4096 and 7168 on the H200 (benchmarks/prenorm_dev.py), no TF32 anywhere.
+
+``INTERPRET`` (a constexpr of every kernel; ``launch.INTERPRETED``): the kernel runs under Triton's
+interpreter, which mishandles bf16: the GEMM then runs one fp32 dot, bf16 rounding is done in
+integer arithmetic (:func:`_to_act`), and tiles that a GPU casts at their use are cast right after
+their load.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _to_act(v, ty: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """fp32 ``v`` rounded to the activation dtype ``ty``, to nearest even. ``EMULATE_RNE``: the
-    interpreter truncates fp32 -> bf16, so round in integer arithmetic first (then exact)."""
-    if EMULATE_RNE and ty == tl.bfloat16:
+def _to_act(v, ty: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``v`` rounded to the activation dtype ``ty``, to nearest even. ``INTERPRET`` (every
+    kernel's flag for Triton's interpreter): it truncates fp32 -> bf16, so round in integer
+    arithmetic first (then exact)."""
+    if INTERPRET and ty == tl.bfloat16:
         b = v.to(tl.uint32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
         v = b.to(tl.float32, bitcast=True)
@@ -47,16 +53,16 @@ def _to_act(v, ty: tl.constexpr, EMULATE_RNE: tl.constexpr):
 
 
 @triton.jit
-def _prenorm_tile(acc, ssq, x, w, DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr):
+def _prenorm_tile(acc, ssq, x, w, INTERPRET: tl.constexpr, EXACT_BF16: tl.constexpr):
     """One K-step of the small-T kernels' prenorm GEMM: ``acc += x @ w``, ``ssq += sum(x*x, 1)``.
 
     ``acc`` [BM, N3P] fp32; ``ssq`` [BM] fp32; ``x`` [BM, K] fp32 holding residual-dtype values;
     ``w`` [K, N3P] fp32 (``fn`` transposed), split here into bf16 hi + lo. ``EXACT_BF16``: x is
     exactly representable in bf16 (a bf16 residual); otherwise (fp16) x is split into two bf16
-    terms. ``DOT_F32``: the interpreter, one fp32 dot.
+    terms. ``INTERPRET``: one fp32 dot (the interpreter mishandles bf16 dots).
     """
     ssq += tl.sum(x * x, axis=1)
-    if DOT_F32:
+    if INTERPRET:
         acc += tl.dot(x, w, input_precision="ieee")
     else:
         w_hi = w.to(tl.bfloat16)
@@ -72,7 +78,7 @@ def _prenorm_tile(acc, ssq, x, w, DOT_F32: tl.constexpr, EXACT_BF16: tl.constexp
 
 @triton.jit
 def prep_kernel(fn_ptr, out_ptr, K, N3: tl.constexpr, N3P: tl.constexpr, BK: tl.constexpr,
-                EMULATE_RNE: tl.constexpr):
+                INTERPRET: tl.constexpr):
     """``fn`` (N3, K) fp32 -> ``out`` (2*N3P, K) bf16: rows [0, N3) the bf16 hi parts
     (round-to-nearest-even), rows [N3P, N3P+N3) the lo parts ``bf16(fn - hi)``, the padding rows
     0. Run once per call before ``prenorm_kernel``: hi + lo carries ~16 mantissa bits of fn.
@@ -81,8 +87,8 @@ def prep_kernel(fn_ptr, out_ptr, K, N3: tl.constexpr, N3P: tl.constexpr, BK: tl.
     k = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK)
     k_ok = k < K
     w = tl.load(fn_ptr + r[:, None] * K + k[None, :], mask=(r < N3)[:, None] & k_ok[None, :], other=0.0)
-    hi = _to_act(w, tl.bfloat16, EMULATE_RNE)
-    lo = _to_act(w - hi.to(tl.float32), tl.bfloat16, EMULATE_RNE)
+    hi = _to_act(w, tl.bfloat16, INTERPRET)
+    lo = _to_act(w - hi.to(tl.float32), tl.bfloat16, INTERPRET)
     tl.store(out_ptr + r[:, None] * K + k[None, :], hi, mask=k_ok[None, :])
     tl.store(out_ptr + (N3P + r[:, None]) * K + k[None, :], lo, mask=k_ok[None, :])
 
@@ -329,7 +335,7 @@ def _post_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K,
 def _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H, h_lo,
                 N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
                 FUSED: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr,
-                DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr):
+                INTERPRET: tl.constexpr, EXACT_BF16: tl.constexpr):
     """One program's slice of the prenorm GEMM: rows [0, n_rows) of a token block (pointers
     already offset to the block), hidden elements [h_lo, h_lo + STEPS*BH) of every stream.
     Returns [BM, N3P] fp32: ``x . fn^T`` in columns < N3, the sum of squares in column N3.
@@ -370,7 +376,7 @@ def _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H
                 cw = tl.load(cm_in_ptr + rows[:, None] * (N * N) + src * N + i[None, :],
                              mask=row_ok[:, None] & i_ok[None, :], other=0.0)
                 v += cw[:, :, None] * r[:, None, :]
-            v = _to_act(v, new_ptr.dtype.element_ty, DOT_F32)
+            v = _to_act(v, new_ptr.dtype.element_ty, INTERPRET)
             tl.store(new_ptr + off3, v, mask=m3)
             # pre reads the new residual as stored: rounded to the residual dtype.
             x = tl.reshape(tl.where(m3, v.to(tl.float32), 0.0), [BM, NP * BH])
@@ -379,14 +385,14 @@ def _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         w = tl.load(fn_ptr + col[None, :] * K + ((kk // BH) * H + hk)[:, None],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc, ssq = _prenorm_tile(acc, ssq, x, w, DOT_F32, EXACT_BF16)
+        acc, ssq = _prenorm_tile(acc, ssq, x, w, INTERPRET, EXACT_BF16)
     # The sum of squares rides in column N3 of the partials, which the GEMM leaves at 0.
     return tl.where(col[None, :] == N3, ssq[:, None], acc)
 
 
 @triton.jit
 def _tail_prefetch(src_ptr, n_rows, H, N: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, PF: tl.constexpr,
-                   EMULATE_RNE: tl.constexpr):
+                   INTERPRET: tl.constexpr):
     """The first PF hidden chunks (BC wide) of every stream of the first RB rows of ``src_ptr``
     (T, N, H): a tuple of PF*N tiles [RB, BC], entry c*N + i = chunk c of stream i. Issued before
     the mixes are known, so that :func:`_tail`'s collapse does not wait for them afterwards."""
@@ -398,7 +404,7 @@ def _tail_prefetch(src_ptr, n_rows, H, N: tl.constexpr, RB: tl.constexpr, BC: tl
         m = (r < n_rows)[:, None] & (h < H)[None, :]
         for i in tl.static_range(N):
             x = tl.load(src_ptr + r[:, None] * (N * H) + i * H + h[None, :], mask=m, other=0.0)
-            if EMULATE_RNE:  # the interpreter: fp32 right after the load
+            if INTERPRET:  # the interpreter: fp32 right after the load
                 x = x.to(tl.float32)
             xs = xs + (x,)
     return xs
@@ -423,7 +429,7 @@ def _tail(part_blk, n_splits, src_ptr, out_ptr, post_ptr, comb_ptr, prm, xs, n_r
           rms_eps, pre_eps, sk_eps, post_mult, sk_repeat,
           N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, HEAD: tl.constexpr,
           BM: tl.constexpr, SP: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, PF: tl.constexpr,
-          EMULATE_RNE: tl.constexpr, nw_ptr=None, norm_eps=0.0, NORM: tl.constexpr = False,
+          INTERPRET: tl.constexpr, nw_ptr=None, norm_eps=0.0, NORM: tl.constexpr = False,
           NCH: tl.constexpr = 1):
     """The last program's work in ``mix_kernel`` (blocks of at most RB valid rows):
     sums the splits' partials straight into registers, one tensor [RB] per mixes column
@@ -463,14 +469,14 @@ def _tail(part_blk, n_splits, src_ptr, out_ptr, post_ptr, comb_ptr, prm, xs, n_r
                     y += w[i][:, None] * x
             ssq += tl.sum(y * y, axis=1)
             ys = ys + (y,)
-        _norm_store(out_ptr, ys, ssq, nw_ptr, r, r_ok, H, norm_eps, BC, NCH, EMULATE_RNE)
+        _norm_store(out_ptr, ys, ssq, nw_ptr, r, r_ok, H, norm_eps, BC, NCH, INTERPRET)
     else:
         for c in tl.static_range(PF):
             h = c * BC + hh
             y = w[0][:, None] * xs[c * N].to(tl.float32)
             for i in tl.static_range(1, N):
                 y += w[i][:, None] * xs[c * N + i].to(tl.float32)
-            tl.store(out_ptr + r[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE),
+            tl.store(out_ptr + r[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, INTERPRET),
                      mask=r_ok[:, None] & (h < H)[None, :])
     h0 = H if NORM else PF * BC
     while h0 < H:
@@ -480,7 +486,7 @@ def _tail(part_blk, n_splits, src_ptr, out_ptr, post_ptr, comb_ptr, prm, xs, n_r
         for i in tl.static_range(N):
             x = tl.load(src_ptr + r[:, None] * K + i * H + h[None, :], mask=msk, other=0.0).to(tl.float32)
             y += w[i][:, None] * x
-        tl.store(out_ptr + r[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE), mask=msk)
+        tl.store(out_ptr + r[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, INTERPRET), mask=msk)
         h0 += BC
     if not HEAD:
         for j in tl.static_range(N):
@@ -513,8 +519,8 @@ def mix_kernel(
     N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
     HEAD: tl.constexpr, FUSED: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr, BC: tl.constexpr,
-    DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr,
-    RB: tl.constexpr = 1, PF: tl.constexpr = 0, PF_EARLY: tl.constexpr = False,
+    INTERPRET: tl.constexpr, EXACT_BF16: tl.constexpr,
+    RB: tl.constexpr = 1, PF: tl.constexpr = 0,
     NORM: tl.constexpr = False, NCH: tl.constexpr = 1,
 ):
     """``pre`` (HEAD=False, FUSED=False), ``head`` (HEAD=True) or ``fused_post_pre`` (FUSED=True).
@@ -526,11 +532,10 @@ def mix_kernel(
     (not for HEAD), ``out_ptr`` (T, H) in the residual dtype. Workspace: ``part_ptr``
     (num_m, n_splits, BM, N3P) fp32 partials, ``cnt_ptr`` (num_m,) int32 counters that are zero on
     entry and left zero on exit.
-    ``DOT_F32``: interpreter mode (fp32 GEMM, bf16 rounding emulated, see :func:`_to_act`).
+    ``INTERPRET``: interpreter mode (fp32 GEMM, bf16 rounding emulated, see :func:`_to_act`).
     Blocks of at most RB valid rows (T <= RB): the last program of a block runs :func:`_tail`
     (partials reduced in registers, collapse from PF prefetched chunks of BC, Sinkhorn in-thread,
-    written last); ``PF_EARLY`` (not FUSED): every program prefetches those chunks before its
-    atomic, so the last one finds them in registers.
+    written last).
     Grid: (cdiv(T, BM), n_splits); split s takes hidden elements [s, s+1) * STEPS*BH;
     ``n_splits <= SP``.
     ``NORM`` (not HEAD): ``layer_input`` gets the fused RMSNorm with ``nw_ptr`` (H,) and
@@ -558,11 +563,8 @@ def mix_kernel(
 
     # Phase 1: this split's slice of the prenorm GEMM and of the sum of squares.
     acc = _gemm_slice(res_ptr, x_ptr, pm_in_ptr, cm_in_ptr, new_ptr, fn_ptr, n_rows, H, pid_s * (STEPS * BH),
-                      N, NP, N3, N3P, FUSED, BM, BH, STEPS, DOT_F32, EXACT_BF16)
+                      N, NP, N3, N3P, FUSED, BM, BH, STEPS, INTERPRET, EXACT_BF16)
     prm = _tail_params(scale_ptr, base_ptr, N3, HEAD)
-    if PF_EARLY:
-        if not FUSED:
-            xs = _tail_prefetch(res_ptr, n_rows, H, N, RB, BC, PF, DOT_F32)
     part_blk = part_ptr + pid_m.to(tl.int64) * n_splits * (BM * N3P)
     tl.store(part_blk + pid_s * (BM * N3P) + rows[:, None] * N3P + col[None, :], acc,
              mask=row_ok[:, None])
@@ -576,10 +578,9 @@ def mix_kernel(
             src = new_ptr
         else:
             src = res_ptr
-        if FUSED or not PF_EARLY:
-            xs = _tail_prefetch(src, n_rows, H, N, RB, BC, PF, DOT_F32)
+        xs = _tail_prefetch(src, n_rows, H, N, RB, BC, PF, INTERPRET)
         _tail(part_blk, n_splits, src, out_ptr, post_ptr, comb_ptr, prm, xs, n_rows, H,
-              rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, N, NP, N3, N3P, HEAD, BM, SP, RB, BC, PF, DOT_F32,
+              rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, N, NP, N3, N3P, HEAD, BM, SP, RB, BC, PF, INTERPRET,
               nw_ptr, norm_eps, NORM, NCH)
         tl.atomic_xchg(cnt_ptr + pid_m, 0)
 
@@ -587,7 +588,7 @@ def mix_kernel(
 @triton.jit
 def _collapse_range(src_ptr, out_ptr, w, n_rows, H, h_lo,
                     N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-                    CSTEPS: tl.constexpr, EMULATE_RNE: tl.constexpr):
+                    CSTEPS: tl.constexpr, INTERPRET: tl.constexpr):
     """:func:`_collapse` over the hidden range [h_lo, h_lo + CSTEPS*BC) only, in [BM, NP, BC]
     tiles; a compile-time trip count, so that Triton pipelines the loads."""
     rows = tl.arange(0, BM)
@@ -599,13 +600,13 @@ def _collapse_range(src_ptr, out_ptr, w, n_rows, H, h_lo,
         h = h_lo + st * BC + tl.arange(0, BC)
         x = tl.load(src + h[None, None, :], mask=base_mask & (h < H)[None, None, :], other=0.0)
         y = tl.sum(x.to(tl.float32) * w[:, :, None], axis=1)
-        tl.store(out_ptr + rows[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, EMULATE_RNE),
+        tl.store(out_ptr + rows[:, None] * H + h[None, :], _to_act(y, out_ptr.dtype.element_ty, INTERPRET),
                  mask=row_ok[:, None] & (h < H)[None, :])
 
 
 @triton.jit
 def _norm_store(out_ptr, ys, ssq, nw_ptr, rows, r_ok, H, norm_eps, BC: tl.constexpr, NCH: tl.constexpr,
-                EMULATE_RNE: tl.constexpr):
+                INTERPRET: tl.constexpr):
     """The fused RMSNorm's end: ``out[r, h] = act(ys[c][r, h'] * rms[r] * nw[h])`` for the NCH
     chunks ``ys`` (a tuple of [R, BC] fp32 tiles, chunk c = hidden [c*BC, (c+1)*BC)) of the
     unrounded collapse of rows ``rows`` (those with ``r_ok``), ``ssq`` [R] their fp32 sums of
@@ -617,14 +618,14 @@ def _norm_store(out_ptr, ys, ssq, nw_ptr, rows, r_ok, H, norm_eps, BC: tl.conste
         h = c * BC + hh
         nw = tl.load(nw_ptr + h, mask=h < H, other=0.0).to(tl.float32)
         z = ys[c] * rms[:, None] * nw[None, :]
-        tl.store(out_ptr + rows[:, None] * H + h[None, :], _to_act(z, out_ptr.dtype.element_ty, EMULATE_RNE),
+        tl.store(out_ptr + rows[:, None] * H + h[None, :], _to_act(z, out_ptr.dtype.element_ty, INTERPRET),
                  mask=r_ok[:, None] & (h < H)[None, :])
 
 
 @triton.jit
 def _collapse_norm(src_ptr, out_ptr, w, nw_ptr, n_rows, H, norm_eps,
                    N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, NCH: tl.constexpr,
-                   EMULATE_RNE: tl.constexpr):
+                   INTERPRET: tl.constexpr):
     """:func:`_collapse_range` over whole rows, RMS-normalised (``pre`` with ``norm_weight``):
     rows [0, n_rows) of ``src_ptr`` (T, N, H) collapsed with weights ``w`` [BM, NP] in NCH
     chunks of BC (NCH * BC >= H) that stay in registers in fp32, so that the residual is read once
@@ -642,13 +643,13 @@ def _collapse_norm(src_ptr, out_ptr, w, nw_ptr, n_rows, H, norm_eps,
         y = tl.sum(x * w[:, :, None], axis=1)
         ssq += tl.sum(y * y, axis=1)
         ys = ys + (y,)
-    _norm_store(out_ptr, ys, ssq, nw_ptr, rows, row_ok, H, norm_eps, BC, NCH, EMULATE_RNE)
+    _norm_store(out_ptr, ys, ssq, nw_ptr, rows, row_ok, H, norm_eps, BC, NCH, INTERPRET)
 
 
 @triton.jit
 def _b_collapse(src, out, mix, scale_ptr, base_ptr, n_rows, H, hc, rms_eps, pre_eps, sstride, n_splits,
                 N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, BMB: tl.constexpr,
-                SP: tl.constexpr, BC: tl.constexpr, CSTEPS: tl.constexpr, EMULATE_RNE: tl.constexpr):
+                SP: tl.constexpr, BC: tl.constexpr, CSTEPS: tl.constexpr, INTERPRET: tl.constexpr):
     """A phase B collapse program of ``chunk_kernel`` with BSPLIT: weights from the partials, then
     hidden chunk ``hc``. With CSTEPS == 1 the residual tile is loaded first, so that its load
     does not wait for the partials'."""
@@ -660,17 +661,17 @@ def _b_collapse(src, out, mix, scale_ptr, base_ptr, n_rows, H, hc, rms_eps, pre_
         row_ok = rows < n_rows
         x = tl.load(src + rows[:, None, None] * K + i[None, :, None] * H + h[None, None, :],
                     mask=row_ok[:, None, None] & (i < N)[None, :, None] & (h < H)[None, None, :], other=0.0)
-        if EMULATE_RNE:  # the interpreter: fp32 right after the load (on GPUs at the use, not to wait)
+        if INTERPRET:  # the interpreter: fp32 right after the load (on GPUs at the use, not to wait)
             x = x.to(tl.float32)
         wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
                            N, NP, N3, N3P, BMB, SP)
         y = tl.sum(x.to(tl.float32) * wts[:, :, None], axis=1)
-        tl.store(out + rows[:, None] * H + h[None, :], _to_act(y, out.dtype.element_ty, EMULATE_RNE),
+        tl.store(out + rows[:, None] * H + h[None, :], _to_act(y, out.dtype.element_ty, INTERPRET),
                  mask=row_ok[:, None] & (h < H)[None, :])
     else:
         wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
                            N, NP, N3, N3P, BMB, SP)
-        _collapse_range(src, out, wts, n_rows, H, hc * (CSTEPS * BC), N, NP, BMB, BC, CSTEPS, EMULATE_RNE)
+        _collapse_range(src, out, wts, n_rows, H, hc * (CSTEPS * BC), N, NP, BMB, BC, CSTEPS, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["T", "c_a", "c_b", "n_b"])
@@ -684,7 +685,7 @@ def chunk_kernel(
     HEAD: tl.constexpr, FUSED: tl.constexpr, CHUNK: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr,
     BMB: tl.constexpr, BC: tl.constexpr, CSTEPS: tl.constexpr,
-    DOT_F32: tl.constexpr, EXACT_BF16: tl.constexpr,
+    INTERPRET: tl.constexpr, EXACT_BF16: tl.constexpr,
     SK_ELEM: tl.constexpr = False, BSPLIT: tl.constexpr = False,
     NORM: tl.constexpr = False, NCH: tl.constexpr = 1,
 ):
@@ -736,7 +737,7 @@ def chunk_kernel(
         if BSPLIT:
             if HEAD:
                 _b_collapse(src, out_ptr + blk * H, mix, scale_ptr, base_ptr, n_rows, H, hc, rms_eps, pre_eps,
-                            sstride, n_splits, N, NP, N3, N3P, BMB, SP, BC, CSTEPS, DOT_F32)
+                            sstride, n_splits, N, NP, N3, N3P, BMB, SP, BC, CSTEPS, INTERPRET)
             elif hc == n_hc:
                 _post_comb(mix, scale_ptr, base_ptr, post_ptr + blk * N, comb_ptr + blk * (N * N), n_rows, K,
                            rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits, N, NP, N3, N3P, BMB, SP,
@@ -745,10 +746,10 @@ def chunk_kernel(
                 wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
                                    N, NP, N3, N3P, BMB, SP)
                 _collapse_norm(src, out_ptr + blk * H, wts, nw_ptr, n_rows, H, norm_eps, N, NP, BMB, BC, NCH,
-                               DOT_F32)
+                               INTERPRET)
             else:
                 _b_collapse(src, out_ptr + blk * H, mix, scale_ptr, base_ptr, n_rows, H, hc, rms_eps, pre_eps,
-                            sstride, n_splits, N, NP, N3, N3P, BMB, SP, BC, CSTEPS, DOT_F32)
+                            sstride, n_splits, N, NP, N3, N3P, BMB, SP, BC, CSTEPS, INTERPRET)
         else:
             if not HEAD:
                 if hc == 0:
@@ -759,10 +760,10 @@ def chunk_kernel(
                                N, NP, N3, N3P, BMB, SP)
             if NORM:
                 _collapse_norm(src, out_ptr + blk * H, wts, nw_ptr, n_rows, H, norm_eps, N, NP, BMB, BC, NCH,
-                               DOT_F32)
+                               INTERPRET)
             else:
                 _collapse_range(src, out_ptr + blk * H, wts, n_rows, H, hc * (CSTEPS * BC),
-                                N, NP, BMB, BC, CSTEPS, DOT_F32)
+                                N, NP, BMB, BC, CSTEPS, INTERPRET)
     else:
         p = pid - n_b
         m = p // n_splits
@@ -772,7 +773,7 @@ def chunk_kernel(
         blk = row0.to(tl.int64)
         acc = _gemm_slice(res_ptr + blk * K, x_ptr + blk * H, pm_in_ptr + blk * N, cm_in_ptr + blk * (N * N),
                           new_ptr + blk * K, fn_ptr, n_rows, H, s * (STEPS * BH),
-                          N, NP, N3, N3P, FUSED, BM, BH, STEPS, DOT_F32, EXACT_BF16)
+                          N, NP, N3, N3P, FUSED, BM, BH, STEPS, INTERPRET, EXACT_BF16)
         rows = tl.arange(0, BM)
         col = tl.arange(0, N3P)
         tl.store(part_ptr + s.to(tl.int64) * T * N3P + (blk + rows[:, None]) * N3P + col[None, :], acc,
@@ -858,7 +859,7 @@ def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, c
                     rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, nw_ptr, norm_eps,
                     N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
                     SP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BMB: tl.constexpr,
-                    HEAD: tl.constexpr, SK_ELEM: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                    HEAD: tl.constexpr, SK_ELEM: tl.constexpr, INTERPRET: tl.constexpr,
                     NORM: tl.constexpr = False, NCH: tl.constexpr = 1):
     """The second pass of ``pre``/``head``/``fused_post_pre`` over T tokens whose partials
     :func:`prenorm_kernel` wrote (``part_ptr``, split stride ``sstride``, ``n_splits`` of them).
@@ -889,7 +890,7 @@ def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, c
         wts = _pre_weights(part_ptr + blk * N3P, scale_ptr, base_ptr, T - row0, K, rms_eps, pre_eps, sstride,
                            n_splits, N, NP, N3, N3P, BT, SP)
         _collapse_norm(src_ptr + blk * K, out_ptr + blk * H, wts, nw_ptr, T - row0, H, norm_eps,
-                       N, NP, BT, BC, NCH, EMULATE_RNE)
+                       N, NP, BT, BC, NCH, INTERPRET)
     else:
         p = pid - n_pc
         n_hb = tl.cdiv(H, BC)
@@ -899,12 +900,12 @@ def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, c
         blk = row0.to(tl.int64)
         _b_collapse(src_ptr + blk * K, out_ptr + blk * H, part_ptr + blk * N3P, scale_ptr, base_ptr,
                     T - row0, H, hb, rms_eps, pre_eps, sstride, n_splits,
-                    N, NP, N3, N3P, BT, SP, BC, 1, EMULATE_RNE)
+                    N, NP, N3, N3P, BT, SP, BC, 1, INTERPRET)
 
 
 @triton.jit
 def post_kernel(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, T, H,
-                N: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                N: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, INTERPRET: tl.constexpr,
                 H_FAST: tl.constexpr = True):
     """``out[t, j, h] = pm[t, j] * x[t, h] + sum_i cm[t, i, j] * res[t, i, h]`` (fp32 math).
 
@@ -912,7 +913,7 @@ def post_kernel(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, T, H,
     (T, N, N) fp32. Grid: (T * cdiv(H, BH),), one program per token x BH hidden columns of every
     stream. ``H_FAST``: consecutive programs take consecutive hidden blocks of the same token, so
     that the programs in flight at once read and write contiguous memory (else consecutive tokens
-    of one hidden block, 2*N*H bytes apart). ``EMULATE_RNE``: under the interpreter (see
+    of one hidden block, 2*N*H bytes apart). ``INTERPRET``: under the interpreter (see
     :func:`_to_act`).
     """
     tb, hb = _grid_order(tl.program_id(0), T, tl.cdiv(H, BH), H_FAST)
@@ -930,5 +931,5 @@ def post_kernel(x_ptr, res_ptr, pm_ptr, cm_ptr, out_ptr, T, H,
         cw = tl.load(cm_ptr + (t[:, None] * N + i) * N + j[None, :], mask=jm, other=0.0)
         acc += cw[:, :, None] * r[:, None, :]
     tl.store(out_ptr + (t[:, None, None] * N + j[None, :, None]) * H + h[None, None, :],
-             _to_act(acc, out_ptr.dtype.element_ty, EMULATE_RNE),
+             _to_act(acc, out_ptr.dtype.element_ty, INTERPRET),
              mask=jm[:, :, None] & (h < H)[None, None, :])

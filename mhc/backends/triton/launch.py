@@ -35,8 +35,9 @@ from mhc.plans import PLANS
 COMPILE_OPTIONS = dict(enable_fp_fusion=True)
 
 #: True when ``TRITON_INTERPRET=1`` was set before the kernels were defined: they then run on CPU
-#: tensors, the GEMM runs in fp32 (the interpreter mishandles bf16 dots) and bf16 rounding is
-#: done in integer arithmetic (the interpreter truncates).
+#: tensors, and every kernel gets it as its ``INTERPRET`` constexpr (the GEMM then runs in fp32,
+#: as the interpreter mishandles bf16 dots, and bf16 rounding is done in integer arithmetic, as
+#: it truncates; see ``kernels``).
 INTERPRETED = type(kernels.mix_kernel).__name__ == "InterpretedFunction"
 
 
@@ -55,8 +56,7 @@ class Config:
     ``sk_elem``: Sinkhorn with one tensor per matrix entry, in-thread (``kernels._sinkhorn_elems``).
     Single launch only: the last program reduces the partials into registers, collapse from ``tail_pf`` prefetched chunks of ``block_c``
     (from a register budget of ``TAIL_PF_BYTES`` per thread), Sinkhorn
-    in-thread); ``pf_early``: every program
-    prefetches those chunks before its atomic (pre/head). Chunked only: ``b_split`` gives
+    in-thread). Chunked only: ``b_split`` gives
     post_mix/comb_mix their own phase B program per token block.
     ``min_cols``: the GEMM's padded output columns (``N3P``) are at least this many (the spare
     ones are zero); 0 keeps ``_mix_columns``'s width (:data:`_AMD` sets 16 for head).
@@ -75,7 +75,6 @@ class Config:
     sk_elem: bool = False
     tail_rows: int = 1
     tail_pf: int = 0
-    pf_early: bool = False
     b_split: bool = False
     min_cols: int = 0
 
@@ -339,14 +338,14 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config, norm_ch
         N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p,
         HEAD=head, FUSED=op == "fused_post_pre",
         BM=cfg.block_m, BH=cfg.block_h, STEPS=cfg.h_per_split // cfg.block_h, SP=sp, BC=cfg.block_c,
-        DOT_F32=INTERPRETED, EXACT_BF16=dtype == torch.bfloat16,
+        INTERPRET=INTERPRETED, EXACT_BF16=dtype == torch.bfloat16,
     )
     if norm_chunks:
         common.update(NORM=True, NCH=norm_chunks)
     if cfg.chunk:
         return dict(common, CHUNK=cfg.chunk, BMB=cfg.block_m_b, CSTEPS=cfg.c_steps, SK_ELEM=cfg.sk_elem,
                     BSPLIT=cfg.b_split)
-    return dict(common, RB=cfg.tail_rows, PF=cfg.tail_pf, PF_EARLY=cfg.pf_early)
+    return dict(common, RB=cfg.tail_rows, PF=cfg.tail_pf)
 
 
 def norm_chunks(H: int, block_c: int) -> int:
@@ -496,7 +495,7 @@ class TwoPassPlan:
 def post_specialization(n: int, cfg: PostConfig) -> dict:
     """Compile-time constants of ``post_kernel`` for n streams and tile ``cfg`` (what the
     launcher passes and ``aot.py`` builds)."""
-    return dict(N=n, NP=triton.next_power_of_2(n), BH=cfg.block_h, EMULATE_RNE=INTERPRETED, H_FAST=cfg.h_fast)
+    return dict(N=n, NP=triton.next_power_of_2(n), BH=cfg.block_h, INTERPRET=INTERPRETED, H_FAST=cfg.h_fast)
 
 
 def _post_plan(n: int, H: int, T: int) -> PostPlan:
@@ -525,14 +524,14 @@ def _two_pass_plan(op: str, tp: TwoPass, n: int, H: int, T: int, dtype: torch.dt
     prep = bk = None
     if prec == "hilo":
         bk = prep_block(n3p)
-        prep = _kernel(kernels.prep_kernel, dict(N3=n3, N3P=n3p, BK=bk, EMULATE_RNE=INTERPRETED), num_warps=4)
+        prep = _kernel(kernels.prep_kernel, dict(N3=n3, N3P=n3p, BK=bk, INTERPRET=INTERPRETED), num_warps=4)
     prenorm = _kernel(kernels.prenorm_kernel,
                       dict(N3=n3, N3P=n3p, BM=tp.block_m, BK=tp.block_k, STEPS=tp.steps, PREC=prec,
                            EXACT_BF16=dtype == torch.bfloat16, EVEN_K=K % k_split == 0, SPLIT_FAST=tp.split_fast),
                       num_warps=tp.warps, num_stages=tp.stages)
     finalize = _kernel(kernels.finalize_kernel,
                        dict(N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, SP=triton.next_power_of_2(splits),
-                            BT=tp.bt, BC=tp.bc, BMB=tp.bmb, HEAD=head, SK_ELEM=tp.sk_elem, EMULATE_RNE=INTERPRETED,
+                            BT=tp.bt, BC=tp.bc, BMB=tp.bmb, HEAD=head, SK_ELEM=tp.sk_elem, INTERPRET=INTERPRETED,
                             **(dict(NORM=True, NCH=norm_chunks(H, tp.bc)) if norm else {})),
                        num_warps=tp.fin_warps)
     post = _post_plan(n, H, T) if op == "fused_post_pre" else None
@@ -564,7 +563,7 @@ def _prep_fn(fn, n3, n3p, kernel: DirectKernel | None = None):
     out = torch.empty((2 * n3p, K), dtype=torch.bfloat16, device=fn.device)
     bk = prep_block(n3p)
     if kernel is None:
-        kernel = _kernel(kernels.prep_kernel, dict(N3=n3, N3P=n3p, BK=bk, EMULATE_RNE=INTERPRETED), num_warps=4)
+        kernel = _kernel(kernels.prep_kernel, dict(N3=n3, N3P=n3p, BK=bk, INTERPRET=INTERPRETED), num_warps=4)
     kernel((_cdiv(K, bk), 1, 1), fn, out, K)
     return out
 
