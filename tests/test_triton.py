@@ -133,8 +133,8 @@ _TAIL = dict(block_m=16, block_h=16, splits=3, block_c=16, num_warps=4, num_stag
 _SMALL_T_ROWS = {
     "tail": (1, dict(_TAIL, tail_rows=1)),
     "tail-2rows": (2, dict(_TAIL, tail_rows=2)),
-    "chunk-bsplit": (None, dict(_SMALL_CHUNKS, sk_elem=True, b_split=True, c_steps=1)),
-    "chunk-bsplit-csteps": (None, dict(_SMALL_CHUNKS, sk_elem=True, b_split=True)),
+    "chunk-bsplit": (None, dict(_SMALL_CHUNKS, b_split=True, c_steps=1)),
+    "chunk-bsplit-csteps": (None, dict(_SMALL_CHUNKS, b_split=True)),
 }
 
 

@@ -159,7 +159,7 @@ def two_pass_jobs(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str
     yield (("prenorm", t, tuple(sorted(spec.items())), p.warps, p.stages),
            (f"{label} prenorm_kernel", "prenorm_kernel", sig, spec, p.warps, p.stages))
     fspec = dict(N=n, NP=1 << (n - 1).bit_length(), N3=n3, N3P=n3p, SP=sp, BT=p.bt, BC=p.bc, BMB=p.bmb,
-                 HEAD=head, SK_ELEM=p.sk_elem, INTERPRET=False)
+                 HEAD=head, INTERPRET=False)
     fsig = {"src_ptr": act, "out_ptr": act, "part_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
             "post_ptr": mix_ty, "comb_ptr": mix_ty, "T": "i32", "H": "i32", "n_splits": "i32", "sstride": "i32",
             "n_pc": "i32", "rms_eps": "fp32", "pre_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32",

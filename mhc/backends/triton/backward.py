@@ -37,59 +37,67 @@ import triton
 import triton.language as tl
 
 from mhc.backends import device_guard, empty
-from mhc.backends.triton.kernels import _rms_factor
+from mhc.backends.triton.kernels import (_elems, _logit, _pre_weight, _rms_factor, _sk_norm, _sk_scale,
+                                         _sk_softmax, _sk_sums)
 from mhc.backends.triton.launch import COMPILE_OPTIONS
 
 # --- Sinkhorn backward ------------------------------------------------------------------------------
 
 
 @triton.jit
-def _normalise(y, step, eps):
-    """Forward normalisation ``step`` of Sinkhorn on ``y`` [BM, NP, NP]: step 0 and every even
-    step divide by column sums (axis 1) + eps, odd steps by row sums (axis 2) + eps."""
-    if step % 2 == 1:
-        y = y / (tl.sum(y, axis=2)[:, :, None] + eps)
-    else:
-        y = y / (tl.sum(y, axis=1)[:, None, :] + eps)
-    return y
+def _sk_centre(g, w, ROWS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
+    """``g - sum(g * w)`` along each row (``ROWS``) or column, in the tuple form (padding passes):
+    the backward of a normalisation (w: its output) and of the softmax (w: the softmax, rows)."""
+    gw = ()
+    for k in tl.static_range(NP * NP):
+        gw = gw + (g[k] * w[k],)
+    d = _sk_sums(gw, ROWS, N, NP)
+    out = ()
+    for i in tl.static_range(NP):
+        for j in tl.static_range(NP):
+            if (i < N) & (j < N):
+                out = out + (g[i * NP + j] - (d[i] if ROWS else d[j]),)
+            else:
+                out = out + (g[i * NP + j],)
+    return out
+
+
+@triton.jit
+def _sk_norm_bwd(y, g, eps, ROWS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
+    """``dL/dy`` for one normalisation ``out = kernels._sk_norm(y, ROWS)`` given ``g = dL/dout``
+    (tuple form): ``(g - sum(g * out along the row or column)) / (sum(y) + eps)``."""
+    out, r = _sk_norm(y, eps, ROWS, N, NP)
+    return _sk_scale(_sk_centre(g, out, ROWS, N, NP), r, ROWS, N, NP)
 
 
 @triton.jit
 def _sinkhorn_bwd(c, g, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
-    """``dL/dc`` for ``comb = sinkhorn(c)`` given ``g = dL/dcomb``; c, g [BM, NP, NP] fp32.
-
-    Padding (i or j >= N) is kept at 0 in every iterate and every gradient, so that the
-    divisions by ``eps`` it meets cannot overflow into the real entries.
+    """``dL/dc`` for ``comb = kernels._sinkhorn(c)`` given ``g = dL/dcomb``, both in the tuple form
+    (entries with i or j >= N pass through). The forward's steps are replayed with its own
+    helpers: normalisation k is a column step at even k, a row step at odd k; to step back
+    through normalisation k, its input is recomputed from ``softmax + eps``.
     """
-    i = tl.arange(0, NP)[None, :, None]
-    j = tl.arange(0, NP)[None, None, :]
-    valid = (i < N) & (j < N)
-    c = tl.where(j < N, c, float("-inf"))
-    p = tl.exp(c - tl.max(c, axis=2)[:, :, None])
-    p = tl.where(valid, p / tl.sum(p, axis=2)[:, :, None], 0.0)
-    a0 = tl.where(valid, p + eps, 0.0)
-    g = tl.where(valid, g, 0.0)
-    k = 2 * repeat - 2  # the last of the 2*repeat - 1 normalisations
-    while k >= 0:
-        y = a0  # replay the forward up to the input of step k
-        s = 0
-        while s < k:
-            y = _normalise(y, s, eps)
-            s += 1
-        # step k: out = y / S; dL/dy = (dL/dout - sum(dL/dout * out along the axis)) / S
-        # S is broadcast to y's full shape in both branches: compiled Triton (unlike the
-        # interpreter) requires a variable set in both arms of a runtime `if` to keep one shape.
-        if k % 2 == 1:
-            S = tl.sum(y, axis=2)[:, :, None] + eps + tl.zeros_like(y)
-            out = y / S
-            g = (g - tl.sum(g * out, axis=2)[:, :, None]) / S
-        else:
-            S = tl.sum(y, axis=1)[:, None, :] + eps + tl.zeros_like(y)
-            out = y / S
-            g = (g - tl.sum(g * out, axis=1)[:, None, :]) / S
-        g = tl.where(valid, g, 0.0)
-        k -= 1
-    return p * (g - tl.sum(g * p, axis=2)[:, :, None])
+    p, a0 = _sk_softmax(c, eps, N, NP)
+    # Back through normalisations 2m (columns) and 2m-1 (rows), m = repeat-1 .. 1; then 0.
+    m = repeat - 1
+    while m > 0:  # while, not range: the interpreter cannot take a run-time range bound
+        yr, _ = _sk_norm(a0, eps, False, N, NP)  # the input of step 1
+        t = 1
+        while t < m:  # -> the input of step 2m-1
+            yr, _ = _sk_norm(yr, eps, True, N, NP)
+            yr, _ = _sk_norm(yr, eps, False, N, NP)
+            t += 1
+        yc, _ = _sk_norm(yr, eps, True, N, NP)  # the input of step 2m
+        g = _sk_norm_bwd(yc, g, eps, False, N, NP)
+        g = _sk_norm_bwd(yr, g, eps, True, N, NP)
+        m -= 1
+    g = _sk_norm_bwd(a0, g, eps, False, N, NP)
+    # the softmax over j: dL/dc = p * (g - sum_j g * p); the + eps passes g through
+    g = _sk_centre(g, p, True, N, NP)
+    out = ()
+    for k in tl.static_range(NP * NP):
+        out = out + (p[k] * g[k],)  # padding: never read
+    return out
 
 
 # --- pre / head backward ------------------------------------------------------------------------------
@@ -139,31 +147,37 @@ def _mix_bwd_kernel(res_ptr, fn_ptr, gout_ptr, gpm_ptr, gcm_ptr, scale_ptr, base
         group = group * 0
     s_col = tl.load(scale_ptr + group).to(tl.float32)
     base = tl.load(base_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    a = mixes * s_col[None, :] + base[None, :]
-    sig = 1.0 / (1.0 + tl.exp(-a))
+    a = _logit(acc, r[:, None], s_col[None, :], base[None, :])
+    sig = tl.sigmoid(a)
     dsig = sig * (1.0 - sig)
     # the collapse weights' gradient, spread onto the first N columns
     colx = cols[None, :, None]
     gw_cols = tl.sum(tl.where(colx == tl.arange(0, NP)[None, None, :], gw[:, None, :], 0.0), axis=2)
     g_a = tl.where(cols[None, :] < N, gw_cols * dsig, 0.0)
-    wts = sig + w_eps  # pre's / head's collapse weights, on the first N columns
+    # pre's / head's collapse weights, on the first N columns
+    wts = _pre_weight(acc, r[:, None], s_col[None, :], base[None, :], w_eps)
     if not HEAD:
         pcols = cols - N
         pmask = (cols >= N) & (cols < 2 * N)
         gpm = tl.load(gpm_ptr + rows[:, None] * N + pcols[None, :], mask=rmask[:, None] & pmask[None, :],
                       other=0.0).to(tl.float32)
         g_a += tl.where(pmask[None, :], gpm * post_mult * dsig, 0.0)
-        # comb: columns 2N + i*N + j <-> [i, j]; moved between layouts by one-hot contractions
-        ii = tl.arange(0, NP)[None, None, :, None]
-        jj = tl.arange(0, NP)[None, None, None, :]
-        sel = (cols[None, :, None, None] == 2 * N + ii * N + jj) & (ii < N) & (jj < N)
-        c3 = tl.sum(tl.where(sel, a[:, :, None, None], 0.0), axis=1)
-        i3 = tl.arange(0, NP)[None, :, None]
-        j3 = tl.arange(0, NP)[None, None, :]
-        gc = tl.load(gcm_ptr + rows[:, None, None] * (N * N) + i3 * N + j3,
-                     mask=rmask[:, None, None] & (i3 < N) & (j3 < N), other=0.0).to(tl.float32)
-        gl = _sinkhorn_bwd(c3, gc, repeat, sk_eps, N, NP)
-        g_a += tl.sum(tl.sum(tl.where(sel, gl[:, None, :, :], 0.0), axis=3), axis=2)
+        # comb: column 2N + i*N + j <-> entry i*NP + j of Sinkhorn's tuple form (kernels._elems)
+        a_col = _elems(a, BM, N3P)
+        c = ()
+        gc = ()
+        for i in tl.static_range(NP):
+            for j in tl.static_range(NP):
+                if (i < N) & (j < N):
+                    c = c + (a_col[2 * N + i * N + j],)
+                    gc = gc + (tl.load(gcm_ptr + rows * (N * N) + i * N + j, mask=rmask, other=0.0).to(tl.float32),)
+                else:  # padding: passes through
+                    c = c + (a_col[0],)
+                    gc = gc + (a_col[0],)
+        gl = _sinkhorn_bwd(c, gc, repeat, sk_eps, N, NP)
+        for i in tl.static_range(N):
+            for j in tl.static_range(N):
+                g_a += tl.where(cols[None, :] == 2 * N + i * N + j, gl[i * NP + j][:, None], 0.0)
     g_a = tl.where(rmask[:, None] & cmask[None, :], g_a, 0.0)
     g_mix = g_a * s_col[None, :]
     coef = tl.sum(g_mix * mixes, axis=1) * r * r / K

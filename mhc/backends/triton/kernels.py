@@ -1,5 +1,10 @@
 """Triton kernels for the mHC ops (the math is ``mhc/reference.py``; shapes are flattened to T tokens).
 
+The mixes' math is written once, in the helpers under "the mixes' math" below, and every kernel
+(``backward.py``'s too) calls them: :func:`_rms_factor`, :func:`_logit`, :func:`_pre_weight`,
+:func:`_post_weight` and Sinkhorn (:func:`_sinkhorn`; its steps :func:`_sk_softmax` and
+:func:`_sk_norm`, on the tuple form that :func:`_elems` makes from a tile).
+
 Above ``launch.SMALL_T`` tokens, ``pre``, ``head`` and ``fused_post_pre`` take two passes
 (``launch.plan``): :func:`prep_kernel` splits fn into bf16 hi/lo; :func:`prenorm_kernel` does the
 prenorm GEMM and the sum of squares, nothing else, split over K into partials; then
@@ -93,28 +98,37 @@ def prep_kernel(fn_ptr, out_ptr, K, N3: tl.constexpr, N3P: tl.constexpr, BK: tl.
     tl.store(out_ptr + (N3P + r[:, None]) * K + k[None, :], lo, mask=k_ok[None, :])
 
 
-@triton.jit
-def _sinkhorn(c, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
-    """Sinkhorn on comb logits ``c`` [BM, NP, NP] fp32 (axis 1: source i, axis 2: destination j).
+# --- the mixes' math, written once: every kernel here and in backward.py calls these ---------------
 
-    Padding (i or j >= N) comes out 0. Softmax over j plus eps, divide by column sums + eps, then
-    ``repeat - 1`` times row then column normalisation, as ``mhc.reference.sinkhorn``.
-    """
-    i = tl.arange(0, NP)[None, :, None]
-    j = tl.arange(0, NP)[None, None, :]
-    valid = (i < N) & (j < N)
-    c = tl.where(j < N, c, float("-inf"))
-    c = tl.exp(c - tl.max(c, axis=2)[:, :, None])
-    c = c / tl.sum(c, axis=2)[:, :, None] + eps
-    c = tl.where(valid, c, 0.0)
-    c = c / (tl.sum(c, axis=1)[:, None, :] + eps)
-    # while, not range: the interpreter cannot take a run-time range bound (newer numpy).
-    it = 1
-    while it < repeat:
-        c = c / (tl.sum(c, axis=2)[:, :, None] + eps)
-        c = c / (tl.sum(c, axis=1)[:, None, :] + eps)
-        it += 1
-    return c
+
+@triton.jit
+def _rms_factor(ssq, K, rms_eps):
+    """The RMS factor ``rsqrt(ssq / K + rms_eps)`` from a token's fp32 sum of squares ``ssq``, but
+    NaN where ``ssq`` overflowed to +inf (rsqrt would give 0, and every mix of the token a
+    finite wrong value): ``mhc.reference.rms_factor``'s rule, for every kernel that scales mixes."""
+    r = 1.0 / tl.sqrt(ssq / K + rms_eps)
+    return tl.where(ssq == float("inf"), float("nan"), r)
+
+
+@triton.jit
+def _logit(m, rms, scale, base):
+    """A mix's pre-activation from its GEMM value ``m`` (``x . fn_row``, before the RMS factor):
+    ``m * rms * scale + base`` (``rms``: the token's :func:`_rms_factor`; ``scale``/``base``: the
+    mix's hc_scale and hc_base entries). Sinkhorn's input for comb. Elementwise: tensors or
+    scalars of any broadcastable shapes."""
+    return m * rms * scale + base
+
+
+@triton.jit
+def _pre_weight(m, rms, scale, base, eps):
+    """``pre``'s (and ``head``'s) collapse weight: ``sigmoid(logit) + eps`` (:func:`_logit`)."""
+    return tl.sigmoid(_logit(m, rms, scale, base)) + eps
+
+
+@triton.jit
+def _post_weight(m, rms, scale, base, mult):
+    """``post_mix``: ``sigmoid(logit) * mult`` (:func:`_logit`; ``mult``: hc_post_mult_value)."""
+    return tl.sigmoid(_logit(m, rms, scale, base)) * mult
 
 
 @triton.jit
@@ -122,7 +136,8 @@ def _elems(x, BM: tl.constexpr, W: tl.constexpr):
     """[BM, W] -> a tuple of W tensors [BM], the columns in order (W a power of two, <= 128).
 
     Built by halving the last axis with ``tl.split``, which makes the compiler keep each row's W
-    values in one thread: whatever is computed on the results needs no cross-thread step."""
+    values in one thread: whatever is computed on the results needs no cross-thread step. The
+    layout adapter from tiles to Sinkhorn's tuple form."""
     if W == 1:
         t = (tl.reshape(x, [BM]),)
     else:
@@ -149,58 +164,60 @@ def _rcp(x):
     return r * r
 
 
+# Sinkhorn works on the *tuple form* of a batch of n x n matrices: a tuple of NP*NP tensors of one
+# shape, entry ``i*NP + j`` = (source i, destination j), NP = next_pow2(N); entries with i or j >= N
+# are padding that every step passes through untouched. A tile of logits becomes that form through
+# :func:`_elems`, which leaves whole matrices in each thread: every step below is in-thread adds and
+# one reciprocal per row or column (:func:`_rcp`), no shuffles, no shared memory.
+
+
 @triton.jit
-def _sk_rows(c, eps, N: tl.constexpr, NP: tl.constexpr):
-    """One row normalisation of the tuple form of :func:`_sinkhorn_elems`."""
-    out = ()
-    for i in tl.static_range(NP):
-        if i < N:
-            s = c[i * NP]
-            for j in tl.static_range(1, N):
-                s = s + c[i * NP + j]
-            r = _rcp(s + eps)
-            for j in tl.static_range(NP):
-                if j < N:
-                    out = out + (c[i * NP + j] * r,)
-                else:
-                    out = out + (c[i * NP + j],)
+def _sk_sums(c, ROWS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
+    """The N row sums (``ROWS``) or column sums of the tuple form ``c``, in index order."""
+    s = ()
+    for a in tl.static_range(N):
+        if ROWS:
+            v = c[a * NP]
+            for b in tl.static_range(1, N):
+                v = v + c[a * NP + b]
         else:
-            for j in tl.static_range(NP):
-                out = out + (c[i * NP + j],)
-    return out
+            v = c[a]
+            for b in tl.static_range(1, N):
+                v = v + c[b * NP + a]
+        s = s + (v,)
+    return s
 
 
 @triton.jit
-def _sk_cols(c, eps, N: tl.constexpr, NP: tl.constexpr):
-    """One column normalisation of the tuple form of :func:`_sinkhorn_elems`."""
-    r = ()
-    for j in tl.static_range(N):
-        s = c[j]
-        for i in tl.static_range(1, N):
-            s = s + c[i * NP + j]
-        r = r + (_rcp(s + eps),)
+def _sk_scale(c, f, ROWS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
+    """Entry (i, j) of the tuple form ``c`` times ``f[i]`` (``ROWS``) or ``f[j]``; padding passes."""
     out = ()
     for i in tl.static_range(NP):
         for j in tl.static_range(NP):
-            if i < N:
-                if j < N:
-                    out = out + (c[i * NP + j] * r[j],)
-                else:
-                    out = out + (c[i * NP + j],)
+            if (i < N) & (j < N):
+                out = out + (c[i * NP + j] * (f[i] if ROWS else f[j]),)
             else:
                 out = out + (c[i * NP + j],)
     return out
 
 
 @triton.jit
-def _sinkhorn_elems(c, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
-    """:func:`_sinkhorn` on comb logits held as a tuple of NP*NP tensors of one shape, entry
-    ``i*NP + j`` = (source i, destination j); entries with i or j >= N pass through untouched.
+def _sk_norm(c, eps, ROWS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
+    """One Sinkhorn normalisation of the tuple form: each row (``ROWS``) or column divided by its
+    sum + eps (times :func:`_rcp` of it). Returns the result and the N factors (for the backward)."""
+    s = _sk_sums(c, ROWS, N, NP)
+    r = ()
+    for a in tl.static_range(N):
+        r = r + (_rcp(s[a] + eps),)
+    return _sk_scale(c, r, ROWS, N, NP), r
 
-    Every thread holds whole matrices (:func:`_elems`), so the 2*repeat normalisations are
-    in-thread adds and one reciprocal per row or column (:func:`_rcp`): no shuffles, no shared
-    memory."""
-    out = ()
+
+@triton.jit
+def _sk_softmax(c, eps, N: tl.constexpr, NP: tl.constexpr):
+    """Sinkhorn's first step on the tuple form: the softmax of each row over j (``p``), and
+    ``p + eps``. Returns ``(p, p + eps)``."""
+    p = ()
+    a = ()
     for i in tl.static_range(NP):
         if i < N:
             mx = c[i * NP]
@@ -215,18 +232,31 @@ def _sinkhorn_elems(c, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
             r = _rcp(tot)
             for j in tl.static_range(NP):
                 if j < N:
-                    out = out + (ex[j] * r + eps,)
+                    p = p + (ex[j] * r,)
+                    a = a + (ex[j] * r + eps,)
                 else:
-                    out = out + (c[i * NP + j],)
+                    p = p + (c[i * NP + j],)
+                    a = a + (c[i * NP + j],)
         else:
             for j in tl.static_range(NP):
-                out = out + (c[i * NP + j],)
-    c = _sk_cols(out, eps, N, NP)
+                p = p + (c[i * NP + j],)
+                a = a + (c[i * NP + j],)
+    return p, a
+
+
+@triton.jit
+def _sinkhorn(c, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
+    """Sinkhorn on comb logits in the tuple form (see above), as ``mhc.reference.sinkhorn``:
+    softmax over j plus eps, divide by column sums + eps, then ``repeat - 1`` times row then
+    column normalisation. Normalisation k (0-based) is a column step at even k, a row step at
+    odd k: ``backward._sinkhorn_bwd`` replays it in that order."""
+    _, c = _sk_softmax(c, eps, N, NP)
+    c, _ = _sk_norm(c, eps, False, N, NP)
     # while, not range: the interpreter cannot take a run-time range bound (newer numpy).
     it = 1
     while it < repeat:
-        c = _sk_rows(c, eps, N, NP)
-        c = _sk_cols(c, eps, N, NP)
+        c, _ = _sk_norm(c, eps, True, N, NP)
+        c, _ = _sk_norm(c, eps, False, N, NP)
         it += 1
     return c
 
@@ -241,15 +271,6 @@ def _ld(ptr, offs, mask, sstride, n_splits, SP: tl.constexpr):
         # masks into int32 and rejects them.
         v += tl.load(ptr + s * sstride + offs, mask=mask & ((offs * 0 + n_splits) > s), other=0.0)
     return v
-
-
-@triton.jit
-def _rms_factor(ssq, K, rms_eps):
-    """The RMS factor ``rsqrt(ssq / K + rms_eps)`` from a token's fp32 sum of squares ``ssq``, but
-    NaN where ``ssq`` overflowed to +inf (rsqrt would give 0, and every mix of the token a
-    finite wrong value): ``mhc.reference.rms_factor``'s rule, for every kernel that scales mixes."""
-    r = 1.0 / tl.sqrt(ssq / K + rms_eps)
-    return tl.where(ssq == float("inf"), float("nan"), r)
 
 
 @triton.jit
@@ -279,7 +300,7 @@ def _pre_weights(mix_ptr, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstr
     cm = c < N
     m = _ld(mix_ptr, rows[:, None] * N3P + c[None, :], ok[:, None] & cm[None, :], sstride, n_splits, SP)
     b = tl.load(base_ptr + c, mask=cm, other=0.0)
-    w = tl.sigmoid(m * rms[:, None] * tl.load(scale_ptr) + b[None, :]) + pre_eps
+    w = _pre_weight(m, rms[:, None], tl.load(scale_ptr), b[None, :], pre_eps)
     return tl.where(cm[None, :], w, 0.0)
 
 
@@ -287,11 +308,10 @@ def _pre_weights(mix_ptr, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstr
 def _post_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K,
                rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits,
                N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
-               BM: tl.constexpr, SP: tl.constexpr, SK_ELEM: tl.constexpr = False):
+               BM: tl.constexpr, SP: tl.constexpr):
     """``pre``'s other outputs for one token block (logits as in :func:`_pre_weights`): writes the
     ``post_mix`` rows ([n_rows, N] at ``post_ptr``) and the Sinkhorn-normalised ``comb_mix`` rows
-    ([n_rows, N, N] at ``comb_ptr``), fp32. ``SK_ELEM``: Sinkhorn on one tensor per matrix entry
-    (:func:`_sinkhorn_elems`, in-thread) instead of [BM, NP, NP] tiles with cross-thread sums."""
+    ([n_rows, N, N] at ``comb_ptr``), fp32; Sinkhorn in-thread (:func:`_sinkhorn`)."""
     rows = tl.arange(0, BM)
     ok = rows < n_rows
     rms = _rms(mix_ptr, rows, n_rows, K, rms_eps, sstride, n_splits, N3, N3P, SP)
@@ -302,33 +322,21 @@ def _post_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, n_rows, K,
     m_post = _ld(mix_ptr, rows[:, None] * N3P + N + c[None, :], ok[:, None] & cm[None, :],
                  sstride, n_splits, SP)
     b_post = tl.load(base_ptr + N + c, mask=cm, other=0.0)
-    w_post = tl.sigmoid(m_post * rms[:, None] * s1 + b_post[None, :]) * post_mult
+    w_post = _post_weight(m_post, rms[:, None], s1, b_post[None, :], post_mult)
     tl.store(post_ptr + rows[:, None] * N + c[None, :], w_post, mask=ok[:, None] & cm[None, :])
 
-    if SK_ELEM:
-        # [BM, NP*NP] logits (k = i*NP + j), then one tensor per entry: Sinkhorn in-thread.
-        k = tl.arange(0, NP * NP)
-        ij = (k // NP) * N + k % NP
-        km = (k // NP < N) & (k % NP < N)
-        m_comb = _ld(mix_ptr, rows[:, None] * N3P + 2 * N + ij[None, :], ok[:, None] & km[None, :],
-                     sstride, n_splits, SP)
-        b_comb = tl.load(base_ptr + 2 * N + ij, mask=km, other=0.0)
-        comb = _sinkhorn_elems(_elems(m_comb * rms[:, None] * s2 + b_comb[None, :], BM, NP * NP),
-                               sk_repeat, sk_eps, N, NP)
-        for i in tl.static_range(N):
-            for j in tl.static_range(N):
-                tl.store(comb_ptr + rows * (N * N) + (i * N + j), comb[i * NP + j], mask=ok)
-    else:
-        i3 = tl.arange(0, NP)[None, :, None]
-        j3 = tl.arange(0, NP)[None, None, :]
-        ij = i3 * N + j3
-        m3 = (i3 < N) & (j3 < N)
-        m_comb = _ld(mix_ptr, rows[:, None, None] * N3P + 2 * N + ij, ok[:, None, None] & m3,
-                     sstride, n_splits, SP)
-        b_comb = tl.load(base_ptr + 2 * N + ij, mask=m3, other=0.0)
-        comb = _sinkhorn(m_comb * rms[:, None, None] * s2 + b_comb, sk_repeat, sk_eps, N, NP)
-        tl.store(comb_ptr + rows[:, None, None] * (N * N) + ij, comb,
-                 mask=ok[:, None, None] & m3)
+    # [BM, NP*NP] logits (k = i*NP + j), then the tuple form (one tensor per entry).
+    k = tl.arange(0, NP * NP)
+    ij = (k // NP) * N + k % NP
+    km = (k // NP < N) & (k % NP < N)
+    m_comb = _ld(mix_ptr, rows[:, None] * N3P + 2 * N + ij[None, :], ok[:, None] & km[None, :],
+                 sstride, n_splits, SP)
+    b_comb = tl.load(base_ptr + 2 * N + ij, mask=km, other=0.0)
+    comb = _sinkhorn(_elems(_logit(m_comb, rms[:, None], s2, b_comb[None, :]), BM, NP * NP),
+                     sk_repeat, sk_eps, N, NP)
+    for i in tl.static_range(N):
+        for j in tl.static_range(N):
+            tl.store(comb_ptr + rows * (N * N) + (i * N + j), comb[i * NP + j], mask=ok)
 
 
 @triton.jit
@@ -450,7 +458,7 @@ def _tail(part_blk, n_splits, src_ptr, out_ptr, post_ptr, comb_ptr, prm, xs, n_r
     B: tl.constexpr = 1 if HEAD else 3  # prm: scales, then hc_base from index B
     w = ()
     for i in tl.static_range(N):
-        w = w + (tl.sigmoid(m[i] * rms * prm[0] + prm[B + i]) + pre_eps,)
+        w = w + (_pre_weight(m[i], rms, prm[0], prm[B + i], pre_eps),)
     hh = tl.arange(0, BC)
     if NORM:
         ys = ()
@@ -490,19 +498,19 @@ def _tail(part_blk, n_splits, src_ptr, out_ptr, post_ptr, comb_ptr, prm, xs, n_r
         h0 += BC
     if not HEAD:
         for j in tl.static_range(N):
-            tl.store(post_ptr + r * N + j, tl.sigmoid(m[N + j] * rms * prm[1] + prm[B + N + j]) * post_mult,
+            tl.store(post_ptr + r * N + j, _post_weight(m[N + j], rms, prm[1], prm[B + N + j], post_mult),
                      mask=r_ok)
         cc = ()
         for i in tl.static_range(NP):
             for j in tl.static_range(NP):
                 if i < N:
                     if j < N:
-                        cc = cc + (m[2 * N + i * N + j] * rms * prm[2] + prm[B + 2 * N + i * N + j],)
+                        cc = cc + (_logit(m[2 * N + i * N + j], rms, prm[2], prm[B + 2 * N + i * N + j]),)
                     else:
                         cc = cc + (rms,)  # padding: passes through
                 else:
                     cc = cc + (rms,)
-        cc = _sinkhorn_elems(cc, sk_repeat, sk_eps, N, NP)
+        cc = _sinkhorn(cc, sk_repeat, sk_eps, N, NP)
         for i in tl.static_range(N):
             for j in tl.static_range(N):
                 tl.store(comb_ptr + r * (N * N) + (i * N + j), cc[i * NP + j], mask=r_ok)
@@ -686,7 +694,7 @@ def chunk_kernel(
     BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr, SP: tl.constexpr,
     BMB: tl.constexpr, BC: tl.constexpr, CSTEPS: tl.constexpr,
     INTERPRET: tl.constexpr, EXACT_BF16: tl.constexpr,
-    SK_ELEM: tl.constexpr = False, BSPLIT: tl.constexpr = False,
+    BSPLIT: tl.constexpr = False,
     NORM: tl.constexpr = False, NCH: tl.constexpr = 1,
 ):
     """The chunked two-role form of ``mix_kernel``: tokens go in chunks of CHUNK, and each launch
@@ -704,7 +712,7 @@ def chunk_kernel(
     redundantly: a few hundred bytes per token), computes the collapse weights and collapses its
     hidden chunk into ``out_ptr``; hidden chunk 0 also writes ``post_mix`` and ``comb_mix``
     (Sinkhorn). Pointers and scalars as in ``mix_kernel``. CHUNK is a multiple of BM and BMB.
-    ``SK_ELEM``: Sinkhorn in-thread (:func:`_sinkhorn_elems`). ``BSPLIT`` (not HEAD): each token
+    ``BSPLIT`` (not HEAD): each token
     block has one more phase B program, hidden chunk ``n_hc``, that writes ``post_mix`` and
     ``comb_mix`` alone, beside the collapse programs instead of before hidden chunk 0's collapse;
     with CSTEPS == 1 a collapse program also loads its residual tile before the partials.
@@ -740,8 +748,7 @@ def chunk_kernel(
                             sstride, n_splits, N, NP, N3, N3P, BMB, SP, BC, CSTEPS, INTERPRET)
             elif hc == n_hc:
                 _post_comb(mix, scale_ptr, base_ptr, post_ptr + blk * N, comb_ptr + blk * (N * N), n_rows, K,
-                           rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits, N, NP, N3, N3P, BMB, SP,
-                           SK_ELEM)
+                           rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits, N, NP, N3, N3P, BMB, SP)
             elif NORM:
                 wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
                                    N, NP, N3, N3P, BMB, SP)
@@ -754,8 +761,7 @@ def chunk_kernel(
             if not HEAD:
                 if hc == 0:
                     _post_comb(mix, scale_ptr, base_ptr, post_ptr + blk * N, comb_ptr + blk * (N * N), n_rows, K,
-                               rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits, N, NP, N3, N3P, BMB, SP,
-                               SK_ELEM)
+                               rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits, N, NP, N3, N3P, BMB, SP)
             wts = _pre_weights(mix, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstride, n_splits,
                                N, NP, N3, N3P, BMB, SP)
             if NORM:
@@ -859,7 +865,7 @@ def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, c
                     rms_eps, pre_eps, sk_eps, post_mult, sk_repeat, nw_ptr, norm_eps,
                     N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
                     SP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BMB: tl.constexpr,
-                    HEAD: tl.constexpr, SK_ELEM: tl.constexpr, INTERPRET: tl.constexpr,
+                    HEAD: tl.constexpr, INTERPRET: tl.constexpr,
                     NORM: tl.constexpr = False, NCH: tl.constexpr = 1):
     """The second pass of ``pre``/``head``/``fused_post_pre`` over T tokens whose partials
     :func:`prenorm_kernel` wrote (``part_ptr``, split stride ``sstride``, ``n_splits`` of them).
@@ -883,7 +889,7 @@ def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, c
             blk = row0.to(tl.int64)
             _post_comb(part_ptr + blk * N3P, scale_ptr, base_ptr, post_ptr + blk * N, comb_ptr + blk * (N * N),
                        T - row0, K, rms_eps, sk_eps, post_mult, sk_repeat, sstride, n_splits,
-                       N, NP, N3, N3P, BMB, SP, SK_ELEM)
+                       N, NP, N3, N3P, BMB, SP)
     elif NORM:
         row0 = (pid - n_pc) * BT
         blk = row0.to(tl.int64)

@@ -53,7 +53,6 @@ class Config:
     taking ``h_per_split`` hidden elements; ``block_c`` hidden elements per collapse step.
     Chunked: phase B programs take ``block_m_b`` tokens and ``c_steps * block_c`` hidden elements.
     ``num_warps``/``num_stages`` as in Triton.
-    ``sk_elem``: Sinkhorn with one tensor per matrix entry, in-thread (``kernels._sinkhorn_elems``).
     Single launch only: the last program reduces the partials into registers, collapse from ``tail_pf`` prefetched chunks of ``block_c``
     (from a register budget of ``TAIL_PF_BYTES`` per thread), Sinkhorn
     in-thread). Chunked only: ``b_split`` gives
@@ -72,7 +71,6 @@ class Config:
     chunk: int = 0
     block_m_b: int = 16
     c_steps: int = 1
-    sk_elem: bool = False
     tail_rows: int = 1
     tail_pf: int = 0
     b_split: bool = False
@@ -89,7 +87,7 @@ _CHUNK_SMALL = dict(chunk_mib=64, block_m=16, block_h=64, splits=32, block_m_b=4
                     num_warps=4, num_stages=1)
 _TABLE = (
     (1, dict(_SL_TINY, block_c=1024, tail_rows=1), None),
-    (128, dict(_CHUNK_SMALL, splits=64, sk_elem=True, b_split=True), None),
+    (128, dict(_CHUNK_SMALL, splits=64, b_split=True), None),
 )
 
 #: AMD (``SharedMemory.amd``: gfx942, gfx950) changes to every ``_TABLE`` row, by op: the VGPR
@@ -343,8 +341,7 @@ def mix_specialization(op: str, n: int, dtype: torch.dtype, cfg: Config, norm_ch
     if norm_chunks:
         common.update(NORM=True, NCH=norm_chunks)
     if cfg.chunk:
-        return dict(common, CHUNK=cfg.chunk, BMB=cfg.block_m_b, CSTEPS=cfg.c_steps, SK_ELEM=cfg.sk_elem,
-                    BSPLIT=cfg.b_split)
+        return dict(common, CHUNK=cfg.chunk, BMB=cfg.block_m_b, CSTEPS=cfg.c_steps, BSPLIT=cfg.b_split)
     return dict(common, RB=cfg.tail_rows, PF=cfg.tail_pf)
 
 
@@ -386,8 +383,8 @@ class TwoPass:
 
     GEMM: ``block_m`` tokens x ``steps * block_k`` columns of K = n*H per program, ``warps``,
     ``stages``, ``split_fast`` program order. Second pass: ``bt`` tokens x ``bc`` hidden columns
-    per collapse program, ``bmb`` tokens per post/comb program (``sk_elem``: Sinkhorn
-    in-thread), ``fin_warps``. ``min_cols``: the GEMM's output columns are padded to at least
+    per collapse program, ``bmb`` tokens per post/comb program (Sinkhorn in-thread),
+    ``fin_warps``. ``min_cols``: the GEMM's output columns are padded to at least
     this many (:func:`_mix_columns`): head's 8 (n = 4) streamed the residual at 2.2 TB/s on the
     H200 where 16 and pre's 32 stream 3.7 TB/s (benchmarks/results/two-pass-h200.md, "ncu").
     """
@@ -403,7 +400,6 @@ class TwoPass:
     bc: int = 1024
     bmb: int = 16
     fin_warps: int = 4
-    sk_elem: bool = True
     min_cols: int = 16
 
 
@@ -531,7 +527,7 @@ def _two_pass_plan(op: str, tp: TwoPass, n: int, H: int, T: int, dtype: torch.dt
                       num_warps=tp.warps, num_stages=tp.stages)
     finalize = _kernel(kernels.finalize_kernel,
                        dict(N=n, NP=triton.next_power_of_2(n), N3=n3, N3P=n3p, SP=triton.next_power_of_2(splits),
-                            BT=tp.bt, BC=tp.bc, BMB=tp.bmb, HEAD=head, SK_ELEM=tp.sk_elem, INTERPRET=INTERPRETED,
+                            BT=tp.bt, BC=tp.bc, BMB=tp.bmb, HEAD=head, INTERPRET=INTERPRETED,
                             **(dict(NORM=True, NCH=norm_chunks(H, tp.bc)) if norm else {})),
                        num_warps=tp.fin_warps)
     post = _post_plan(n, H, T) if op == "fused_post_pre" else None
