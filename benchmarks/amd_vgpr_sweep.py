@@ -5,9 +5,10 @@ candidate AMD overrides of ``launch._AMD``; no GPU needed (``aot.compile_kernel`
     python benchmarks/amd_vgpr_sweep.py --ops fused_post_pre --T 64 \
         --variant '{"block_h": 32}' --variant '{"block_h": 32, "num_warps": 8}'
 
-Each variant replaces ``launch._AMD[op]`` (Config fields of the ``_TABLE`` row, as ``configs``
-applies them); ``{}`` builds the H100/H200 rows unchanged. Prints one line per build: VGPRs (with
-AGPRs on gfx942/gfx950), spilled VGPRs, SGPRs (their spills go to VGPR lanes), scratch bytes, LDS.
+Each variant replaces ``launch._AMD[op]`` (fields of the ``_TABLE`` row, ``launch.Row``, as
+``launch.table_row`` applies them); ``{}`` builds the H100/H200 rows unchanged. Prints one line per
+build: VGPRs (with AGPRs on gfx942/gfx950), spilled VGPRs, SGPRs (their spills go to VGPR lanes),
+scratch bytes, LDS.
 Results that chose ``launch._AMD``: benchmarks/results/aot-amd-vgpr.md.
 """
 import argparse

@@ -108,10 +108,11 @@ def test_sinkhorn_repeat_is_runtime(L, repeat):
     _close(cm, rcm, torch.bfloat16, "mix")
 
 
-# A test-only chunked row: chunk_mib 0.01 gives 32-token chunks at n=4, H=40 (320 B a token),
-# 3 GEMM splits of 16 hidden elements, phase B in blocks of 8 tokens and 2 hidden chunks of 2x16.
-_SMALL_CHUNKS = dict(chunk_mib=0.01, block_m=16, block_h=16, splits=3, block_m_b=8, block_c=16, c_steps=2,
-                     num_warps=4, num_stages=1)
+# A test-only chunked row (launch.Row's fields): chunk_mib 0.01 gives 32-token chunks at n=4, H=40
+# (320 B a token), 3 GEMM splits of 16 hidden elements, phase B in blocks of 8 tokens and 2 hidden
+# chunks of 2x16.
+_SMALL_CHUNKS = dict(max_t=128, chunk_mib=0.01, block_m=16, block_h=16, splits=3, block_c=16, block_m_b=8, c_steps=2,
+                     b_split=False, tail_rows=1, num_warps=4, num_stages=1)
 
 
 @pytest.mark.parametrize("T", [33, 70])
@@ -120,21 +121,22 @@ def test_chunked_across_chunk_boundaries(L, monkeypatch, T):
     phase B of chunk c-1 in one launch must not mix their tokens."""
     from mhc.backends.triton import launch
 
-    monkeypatch.setattr(launch, "_TABLE", ((None, _SMALL_CHUNKS, None),))
+    monkeypatch.setattr(launch, "_TABLE", (launch.Row(**_SMALL_CHUNKS),))
     cfg = launch.configs(4, 40, T)
     assert cfg.chunk == 32 and cfg.splits == 3 and T > cfg.chunk
     check_all_ops(L, T, 4, 40, torch.bfloat16, seed=T)
     check_all_ops(L, T, 4, 40, torch.float16, seed=T + 1)
 
 # The small-T paths: the single-launch kernel's register tail (T <= tail_rows; some hidden chunks
-# prefetched, the rest loaded after) and the chunked kernel with the in-thread Sinkhorn and the
-# separate post/comb program (b_split); H=40 masks the tiles, n from 1 to 8.
-_TAIL = dict(block_m=16, block_h=16, splits=3, block_c=16, num_warps=4, num_stages=1)
+# prefetched, the rest loaded after) and the chunked kernel with the separate post/comb program
+# (b_split); H=40 masks the tiles, n from 1 to 8.
+_TAIL = dict(chunk_mib=0, block_m=16, block_h=16, splits=3, block_c=16, block_m_b=16, c_steps=1, b_split=False,
+             num_warps=4, num_stages=1)
 _SMALL_T_ROWS = {
-    "tail": (1, dict(_TAIL, tail_rows=1)),
-    "tail-2rows": (2, dict(_TAIL, tail_rows=2)),
-    "chunk-bsplit": (None, dict(_SMALL_CHUNKS, b_split=True, c_steps=1)),
-    "chunk-bsplit-csteps": (None, dict(_SMALL_CHUNKS, b_split=True)),
+    "tail": dict(_TAIL, max_t=1, tail_rows=1),
+    "tail-2rows": dict(_TAIL, max_t=2, tail_rows=2),
+    "chunk-bsplit": dict(_SMALL_CHUNKS, b_split=True, c_steps=1),
+    "chunk-bsplit-csteps": dict(_SMALL_CHUNKS, b_split=True),
 }
 
 
@@ -143,13 +145,13 @@ _SMALL_T_ROWS = {
 def test_small_t_paths(L, monkeypatch, kind, n, dtype):
     from mhc.backends.triton import launch
 
-    max_t, row = _SMALL_T_ROWS[kind]
-    monkeypatch.setattr(launch, "_TABLE", ((max_t, row, None), (None, _SMALL_CHUNKS, None)))
-    if "chunk_mib" not in row:
+    row = _SMALL_T_ROWS[kind]
+    monkeypatch.setattr(launch, "_TABLE", (launch.Row(**row), launch.Row(**_SMALL_CHUNKS)))
+    if not row["chunk_mib"]:
         # A budget of 2 chunks a row: part of H prefetched, the rest loaded after the mixes.
         monkeypatch.setattr(launch, "TAIL_PF_BYTES", -(-2 * row["tail_rows"] * n * 16 * 2 // 128))
         assert launch.configs(n, 40, 1).tail_pf == 2 or n == 1
-    for T in ((1, 2) if max_t == 2 else (1,) if max_t == 1 else (5, 33)):
+    for T in ((1, 2) if row["max_t"] == 2 else (1,) if row["max_t"] == 1 else (5, 33)):
         check_all_ops(L, T, n, 40, dtype, seed=T + n + len(kind))
 
 
@@ -212,7 +214,7 @@ def test_configs_depend_on_bucket_not_T():
     configs() up to SMALL_T, plan() above."""
     from mhc.backends.triton import launch
 
-    bounds = [row[0] for row in launch._TABLE]
+    bounds = [row.max_t for row in launch._TABLE]
     assert bounds[-1] == launch.SMALL_T
     buckets = list(zip([1] + [b + 1 for b in bounds[:-1]], bounds))
     for op in ("pre", "head", "fused_post_pre"):
@@ -337,7 +339,7 @@ def test_configs_fit_the_measured_shared_memory():
         cfg = launch.configs(n, 4096, 100, op, smem, measure=measure)
         assert cfg.block_h * next_power_of_2(n) == 16 and asked[0] == est.block_h
         assert cfg.splits * cfg.h_per_split >= 4096 > (cfg.splits - 1) * cfg.h_per_split
-        assert cfg == launch.configs(n, 4096, 100, op, smem, _block_h_cap=cfg.block_h)
+        assert cfg == launch._config(launch.table_row(op, 100, smem.amd), n, 4096, cfg.block_h)
     # On CPU tensors (the interpreter) nothing is compiled: the estimate's config runs.
     assert launch.device_config("pre", 8, 4096, 100, torch.bfloat16, torch.device("cpu")) == launch.configs(8, 4096, 100)
 

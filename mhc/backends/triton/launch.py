@@ -2,9 +2,11 @@
 launch under the input's device. Signatures are those of ``mhc/backends/__init__.py``.
 
 Two launch heuristics, split at ``SMALL_T`` tokens: :func:`configs` (T <= SMALL_T: the latency-bound
-single-launch and chunked kernels; :func:`mix_specialization` turns a config into their
-compile-time constants) and :func:`plan` (above: the two-pass path), plus :func:`post_config` for
-``post``. The launchers and ``aot.py`` use the same functions, so what AOT builds is what runs.
+single-launch and chunked kernels; the T bucket's row of ``_TABLE``, :func:`table_row`, fitted to
+n, H and the device's shared memory by :func:`fit_shared`; :func:`mix_specialization` turns a
+config into their compile-time constants) and :func:`plan` (above: the two-pass path), plus
+:func:`post_config` for ``post``. The launchers and ``aot.py`` use the same functions, so what AOT
+builds is what runs.
 
 Per call, a launcher looks up its launch plan (:func:`plan_for`: config, tiles, the kernels as
 :class:`~mhc.backends.triton.direct.DirectKernel` handles; built once per op, n, H,
@@ -43,22 +45,31 @@ INTERPRETED = type(kernels.mix_kernel).__name__ == "InterpretedFunction"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Launch parameters of one call.
+    """Launch parameters of one small-T call (T <= ``SMALL_T``), made by :func:`configs`.
 
-    ``chunk``: 0 = the single-launch design (``mix_kernel``, T <= ``tail_rows``: the last program
-    of each token block finishes it, ``kernels._tail``); else tokens per chunk of ``chunk_kernel`` (phase A of chunk c runs beside phase
-    B of chunk c-1, one launch per chunk plus one).
-    ``block_m`` tokens per GEMM program (>= 16: the tl.dot minimum); ``block_h`` hidden elements
-    per GEMM step (the step covers all n streams); ``splits`` GEMM programs per token block, each
-    taking ``h_per_split`` hidden elements; ``block_c`` hidden elements per collapse step.
-    Chunked: phase B programs take ``block_m_b`` tokens and ``c_steps * block_c`` hidden elements.
-    ``num_warps``/``num_stages`` as in Triton.
-    Single launch only: the last program reduces the partials into registers, collapse from ``tail_pf`` prefetched chunks of ``block_c``
-    (from a register budget of ``TAIL_PF_BYTES`` per thread), Sinkhorn
-    in-thread). Chunked only: ``b_split`` gives
-    post_mix/comb_mix their own phase B program per token block.
-    ``min_cols``: the GEMM's padded output columns (``N3P``) are at least this many (the spare
-    ones are zero); 0 keeps ``_mix_columns``'s width (:data:`_AMD` sets 16 for head).
+    The kernel: ``chunk`` 0 runs ``kernels.mix_kernel`` in one launch (T <= ``tail_rows``: the
+    last GEMM program of a token block finishes it, ``kernels._tail``); ``chunk`` > 0 runs
+    ``kernels.chunk_kernel``, ``chunk`` tokens per chunk, phase A (GEMM) of chunk c beside phase B
+    (finish and collapse) of chunk c-1, one launch per chunk plus one.
+
+    - ``block_m``: tokens per GEMM program (>= 16: the tl.dot minimum).
+    - ``block_h``: hidden elements per GEMM step; a step covers all n streams (K tile
+      next_pow2(n) x block_h).
+    - ``splits``: GEMM programs per token block, each taking ``h_per_split`` hidden elements.
+    - ``block_c``: hidden elements per collapse step.
+    - ``num_warps``, ``num_stages``: as in Triton.
+    - ``chunk``: see above.
+    - ``block_m_b``: tokens per phase B program (chunked only).
+    - ``c_steps``: collapse steps of ``block_c`` per phase B program (chunked only).
+    - ``tail_rows``: the most tokens a single launch serves (single launch only).
+    - ``tail_pf``: collapse chunks of ``block_c`` that the last program prefetches before the
+      mixes are known (single launch only; from a budget of ``TAIL_PF_BYTES`` a thread).
+    - ``b_split``: ``post_mix``/``comb_mix`` get their own phase B program per token block
+      (chunked only).
+    - ``min_cols``: the GEMM's padded output columns (``N3P``) are at least this many (the spare
+      ones are zero); 0 keeps ``_mix_columns``'s width (:data:`_AMD` sets 16 for head).
+
+    Sinkhorn always runs in-thread (``kernels._sinkhorn``).
     """
 
     block_m: int
@@ -77,17 +88,52 @@ class Config:
     min_cols: int = 0
 
 
-# Per T bucket up to SMALL_T: (max T, Config fields for pre and head, Config fields for
-# fused_post_pre or None for the same); h_per_split is derived, chunk from chunk_mib. Everything
-# compiled depends on the bucket and H only (never on T itself), so a model compiles at most one
-# variant per bucket and op. Rows without chunk_mib run the single-launch kernel. Figures that
-# chose these: docs/tuning/triton.md. Above SMALL_T, :func:`plan` (the two-pass path) serves the mix ops.
-_SL_TINY = dict(block_m=16, block_h=64, splits=128, block_c=2048, num_warps=4, num_stages=1)
-_CHUNK_SMALL = dict(chunk_mib=64, block_m=16, block_h=64, splits=32, block_m_b=4, block_c=256, c_steps=1,
-                    num_warps=4, num_stages=1)
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One T bucket of :data:`_TABLE`: what was tuned, before :func:`fit_shared` sizes it for n,
+    H and the device. Fields as :class:`Config`, except:
+
+    - ``max_t``: the bucket's largest T (the first row with T <= max_t serves T).
+    - ``chunk_mib``: 0 for the single-launch kernel; else the chunked kernel, with chunks of as
+      many tokens as keep their residual (bf16/fp16) under ``chunk_mib`` MiB, in L2 when phase B
+      re-reads it (:func:`fit_shared` derives ``Config.chunk``).
+    - ``block_h``: the K tile to start from (:func:`fit_shared` caps it by H and halves it until
+      the kernel fits the shared memory).
+    - ``splits``: GEMM programs per token block wanted (``Config.splits``/``h_per_split`` follow
+      from H and the K tile).
+    """
+
+    max_t: int
+    chunk_mib: float
+    block_m: int
+    block_h: int
+    splits: int
+    block_c: int
+    block_m_b: int
+    c_steps: int
+    b_split: bool
+    tail_rows: int
+    num_warps: int
+    num_stages: int
+    min_cols: int = 0
+
+
+#: Above this many tokens ``pre``, ``head`` and ``fused_post_pre`` take the two-pass path
+#: (:func:`plan`); at or below it, :func:`configs`.
+SMALL_T = 128
+
+#: Register budget of ``kernels._tail_prefetch`` (bytes of residual held per thread).
+TAIL_PF_BYTES = 256
+
+#: The small-T launch table: one complete row per T bucket, as tuned on the H100/H200 for pre,
+#: head and fused_post_pre alike (the figures that chose them: docs/tuning/triton.md, run 7).
+#: What is compiled depends on the bucket and H only (never on T itself), so a model compiles at
+#: most one variant per bucket and op. block_m_b, c_steps and b_split are read by the chunked
+#: kernel only, tail_rows by the single launch only.
 _TABLE = (
-    (1, dict(_SL_TINY, block_c=1024, tail_rows=1), None),
-    (128, dict(_CHUNK_SMALL, splits=64, b_split=True), None),
+    #   max_t    chunk_mib block_m block_h splits block_c block_m_b c_steps b_split tail_rows warps stages
+    Row(1,       0,        16,     64,     128,   1024,   16,       1,      False,  1,        4,    1),
+    Row(SMALL_T, 64,       16,     64,     64,    256,    4,        1,      True,   1,        4,    1),
 )
 
 #: AMD (``SharedMemory.amd``: gfx942, gfx950) changes to every ``_TABLE`` row, by op: the VGPR
@@ -109,9 +155,10 @@ _AMD = {
     "fused_post_pre": dict(block_h=16),
 }
 
-#: Above this many tokens ``pre``, ``head`` and ``fused_post_pre`` take the two-pass path
-#: (:func:`plan`); at or below it, :func:`configs`.
-SMALL_T = 128
+#: The fused RMSNorm's change to the chunked rows: a collapse program owns whole rows (held in
+#: registers, ``NORM_MAX_H``), one token each, in chunks of up to 1024 (few, so that the unrolled
+#: row stays short).
+_NORM_CHUNKED = dict(block_m_b=1, block_c=1024, c_steps=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,9 +239,10 @@ def shared_estimate(op: str, n: int, block_m: int, block_h: int, num_stages: int
     a GEMM step of ``block_m`` tokens x ``block_h`` hidden elements (K = next_pow2(n) x block_h)
     and ``num_stages``, on AMD (``amd``) or NVIDIA: fitted to Triton 3.6's allocations, of which
     it was an upper bound at the shapes of tests/test_triton_compile.py; Triton 3.9 asks 2-8 KB
-    more at n >= 6 (unpipelined pre: 73728 B at n = 6 against an estimate of 65536 B). It is the first guess of :func:`configs`, which needs no compiler (the
-    interpreter, the CPU tests); on a GPU and in ``aot.py`` the compiled kernel's real size
-    decides (``configs(..., measure=...)``).
+    more at n >= 6 (unpipelined pre: 73728 B at n = 6 against an estimate of 65536 B). It is the
+    first guess of :func:`fit_shared`, which needs no compiler (the interpreter, the CPU tests);
+    on a GPU and in ``aot.py`` the compiled kernel's real size decides (``fit_shared(...,
+    measure=...)``).
 
     Tiles of one GEMM step: residual a = block_m x K x 2 B, fn b = K x max(16, N3P) x 4 B (fp32,
     or bf16 hi + lo: 4 B a column either way, at least the MMA's narrowest N), and for
@@ -217,73 +265,83 @@ def shared_estimate(op: str, n: int, block_m: int, block_h: int, num_stages: int
     return max(gemm, OTHER_PHASES_SHARED)
 
 
-def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None = None,
-            measure: Callable[[Config], int] | None = None, _block_h_cap: int | None = None,
-            norm: bool = False) -> Config:
-    """The launch config of ``op`` for ``n`` streams, hidden size ``H``, ``T <= SMALL_T`` tokens
-    (any n <= 8, any H), on a GPU with shared memory ``smem`` (default: the H100's,
-    ``SHARED_MEMORY["sm90"]``; the launchers pass the input device's).
+def table_row(op: str, T: int, amd: bool = False, norm: bool = False) -> Row:
+    """The :data:`_TABLE` row that serves ``op`` at T tokens (T <= SMALL_T), with :data:`_AMD`'s
+    changes on AMD (``amd``) and :data:`_NORM_CHUNKED` for the fused RMSNorm (``norm``)."""
+    row = next((r for r in _TABLE if T <= r.max_t), None)
+    if row is None:
+        raise ValueError(f"configs() covers T <= {_TABLE[-1].max_t}; plan() serves T = {T}")
+    if amd:
+        row = dataclasses.replace(row, **_AMD.get(op, {}))
+    if norm and row.chunk_mib:
+        row = dataclasses.replace(row, **_NORM_CHUNKED)
+    return row
 
-    The K tile is first fitted by :func:`shared_estimate`. With ``measure`` (a config -> the
-    compiled kernel's ``metadata.shared`` in bytes, which a compiler update can change), it is
-    then halved until the compiled kernel really fits ``smem.limit``: the estimate only picks
-    where to start (:func:`device_config` and ``aot.py`` pass one)."""
-    smem = smem or SHARED_MEMORY["sm90"]
-    for max_t, row, fused_row in _TABLE:
-        if max_t is None or T <= max_t:
-            break
-    else:
-        raise ValueError(f"configs() covers T <= {_TABLE[-1][0]}; plan() serves T = {T}")
-    row = dict(fused_row if op == "fused_post_pre" and fused_row is not None else row)
-    if smem.amd:
-        row.update(_AMD.get(op, {}))
-    if norm and row.get("chunk_mib"):
-        # The fused RMSNorm: a collapse program owns whole rows (held in registers, NORM_MAX_H),
-        # one token each, in chunks of up to 1024 (few, so that the unrolled row stays short).
-        row.update(block_m_b=1, block_c=1024, c_steps=1)
-    chunk_mib = row.pop("chunk_mib", 0)
-    if chunk_mib:
-        # Tokens per chunk: as many as keep one chunk's residual (bf16/fp16) under chunk_mib MiB,
-        # so that it is still in L2 when phase B re-reads it, in multiples of both block sizes;
-        # never more than the bucket's largest T needs (one chunk: two launches).
-        m = max(row["block_m"], row.get("block_m_b", 16))
-        chunk = max(m, int(chunk_mib * 2**20 // (n * H * 2)) // m * m)
-        if max_t is not None:
-            chunk = min(chunk, triton.cdiv(max_t, m) * m)
-        row["chunk"] = chunk
-    p2 = triton.next_power_of_2(H)
-    # A GEMM step's K tile (n streams x block_h): >= 16 for tl.dot (tiny H, e.g. H=1), <= 256, and
-    # <= 128 where the fn tile is 128 columns wide (pre/fused at n = 8). The shared-memory rule
-    # below would reach the same tiles at T > 1024; the 128 cap still decides n = 8's unpipelined
-    # small-T rows, which ran that way in the H100 contract tests (256 is unmeasured there).
+
+def _config(row: Row, n: int, H: int, block_h: int) -> Config:
+    """The :class:`Config` of ``row`` for n streams, hidden size H and a K tile of ``block_h``."""
+    h_per_split = triton.cdiv(triton.cdiv(H, row.splits), block_h) * block_h
+    block_c = max(16, min(row.block_c, triton.next_power_of_2(H)))  # 1-wide tiles (H=1) crash Triton 3.6
+    chunk = tail_pf = 0
+    c_steps = row.c_steps
+    if row.chunk_mib:
+        # Tokens per chunk: as many as keep one chunk's residual (bf16/fp16) under chunk_mib MiB, in
+        # multiples of both block sizes; never more than the bucket's largest T needs (one chunk:
+        # two launches).
+        m = max(row.block_m, row.block_m_b)
+        chunk = max(m, int(row.chunk_mib * 2**20 // (n * H * 2)) // m * m)
+        chunk = min(chunk, triton.cdiv(row.max_t, m) * m)
+        c_steps = max(1, min(c_steps, triton.cdiv(H, block_c)))  # phase B's chunk never wider than H
+    else:  # the single-launch kernel: its tail serves T <= tail_rows only
+        if row.max_t > row.tail_rows or row.tail_rows > row.block_m:
+            raise ValueError(f"tail needs T <= tail_rows <= block_m (bucket up to T={row.max_t})")
+        # Prefetched collapse chunks: as many as H needs, within TAIL_PF_BYTES per thread. H == 1 is
+        # specialised to a constant, and the prefetch's tiles then crash Triton 3.6's coalescing
+        # pass: nothing to prefetch at that size anyway.
+        per_chunk = row.tail_rows * n * block_c * 2  # bf16/fp16 bytes
+        budget = TAIL_PF_BYTES * 32 * row.num_warps
+        tail_pf = 0 if H == 1 else min(triton.cdiv(H, block_c), budget // per_chunk)
+    return Config(block_m=row.block_m, block_h=block_h, splits=triton.cdiv(H, h_per_split),
+                  h_per_split=h_per_split, block_c=block_c, num_warps=row.num_warps, num_stages=row.num_stages,
+                  chunk=chunk, block_m_b=row.block_m_b, c_steps=c_steps, tail_rows=row.tail_rows, tail_pf=tail_pf,
+                  b_split=row.b_split, min_cols=row.min_cols)
+
+
+def fit_shared(row: Row, op: str, n: int, H: int, smem: SharedMemory,
+               measure: Callable[[Config], int] | None = None) -> Config:
+    """The :class:`Config` of ``row`` for ``op`` with n streams and hidden size H whose GEMM K tile
+    fits the device's shared memory ``smem`` (which Triton checks only when it loads the kernel).
+
+    The K tile (next_pow2(n) x block_h) starts at ``row.block_h``, capped by H and kept between
+    16 (tl.dot's minimum: tiny H, e.g. 1) and 256, or 128 where the fn tile is 128 columns wide
+    (pre/fused at n = 8: the shared-memory rule would reach it at T > 1024; it still decides
+    n = 8's unpipelined small-T rows, which ran that way in the H100 contract tests). It is halved
+    while :func:`shared_estimate` exceeds ``smem.limit`` (at T > 1024, n >= 5 asked 80-160 KB of
+    MI300X's 64 KB, and fused_post_pre 280-308 KB of the H100's 227 KB; n = 4 keeps its tuned
+    tiles everywhere). With ``measure`` (a config -> the compiled kernel's ``metadata.shared`` in bytes,
+    which a compiler update can change) it is then halved until the compiled kernel really fits:
+    the estimate only picks where to start (:func:`device_config` and ``aot.py`` pass one)."""
     np2 = triton.next_power_of_2(n)
     k_max = 128 if _mix_columns(op, n)[1] > 64 else 256
-    bh = max(min(row.pop("block_h"), p2, k_max // np2, _block_h_cap or p2), 16 // np2)
-    # Halve the K tile until the kernel fits the device's shared memory, which Triton checks only
-    # when it loads the kernel: at T > 1024, n >= 5 asked 80-160 KB on MI300X (64 KB of LDS), and
-    # fused_post_pre 280-308 KB on the H100 (227 KB). n = 4 keeps its tuned tiles everywhere.
-    while bh * np2 > 16 and shared_estimate(op, n, row["block_m"], bh, row["num_stages"],
-                                            smem.amd) > smem.limit:
+    bh = max(min(row.block_h, triton.next_power_of_2(H), k_max // np2), 16 // np2)
+    while bh * np2 > 16 and shared_estimate(op, n, row.block_m, bh, row.num_stages, smem.amd) > smem.limit:
         bh //= 2
-    splits = row.pop("splits")
-    h_per_split = triton.cdiv(triton.cdiv(H, splits), bh) * bh
-    row["block_c"] = max(16, min(row["block_c"], p2))  # 1-wide tiles (H=1) crash Triton 3.6's coalescing
-    if row.get("chunk", 0):
-        # Phase B's hidden chunk never wider than H needs.
-        row["c_steps"] = max(1, min(row.get("c_steps", 1), triton.cdiv(H, row["block_c"])))
-    if not row.get("chunk", 0):  # the single-launch kernel: its tail serves T <= tail_rows only
-        if max_t is None or max_t > row.get("tail_rows", 1) or row.get("tail_rows", 1) > row["block_m"]:
-            raise ValueError(f"tail needs T <= tail_rows <= block_m (bucket up to T={max_t})")
-        # Prefetched collapse chunks: as many as H needs, within TAIL_PF_BYTES per thread.
-        per_chunk = row.get("tail_rows", 1) * n * row["block_c"] * 2  # bf16/fp16 bytes
-        budget = TAIL_PF_BYTES * 32 * row["num_warps"]
-        # H == 1 is specialised to a constant, and the prefetch's tiles then crash Triton 3.6's
-        # coalescing pass: nothing to prefetch at that size anyway.
-        row["tail_pf"] = 0 if H == 1 else min(triton.cdiv(H, row["block_c"]), budget // per_chunk)
-    cfg = Config(block_h=bh, splits=triton.cdiv(H, h_per_split), h_per_split=h_per_split, **row)
-    if measure is not None and bh * np2 > 16 and measure(cfg) > smem.limit:
-        return configs(n, H, T, op, smem, measure, bh // 2, norm)
+    cfg = _config(row, n, H, bh)
+    while measure is not None and bh * np2 > 16 and measure(cfg) > smem.limit:
+        bh //= 2
+        cfg = _config(row, n, H, bh)
     return cfg
+
+
+def configs(n: int, H: int, T: int, op: str = "pre", smem: SharedMemory | None = None,
+            measure: Callable[[Config], int] | None = None, norm: bool = False) -> Config:
+    """The launch config of ``op`` for ``n`` streams, hidden size ``H``, ``T <= SMALL_T`` tokens
+    (any n <= 8, any H), on a GPU with shared memory ``smem`` (default: the H100's,
+    ``SHARED_MEMORY["sm90"]``; the launchers pass the input device's), with the fused RMSNorm
+    (``norm``) or not: the table's row (:func:`table_row`), fitted to n, H and the shared memory
+    (:func:`fit_shared`, ``measure`` as there)."""
+    smem = smem or SHARED_MEMORY["sm90"]
+    return fit_shared(table_row(op, T, smem.amd, norm), op, n, H, smem, measure)
 
 
 _FITTED: dict[tuple, Config] = {}
@@ -355,10 +413,6 @@ def prep_block(n3p: int) -> int:
     columns (n3p = 32 at 1024 columns spilled 144 B on sm90 under Triton 3.9, and n = 8's
     128 x 1024 spilled 8 KB on sm90 and 242 VGPRs on gfx942 under 3.6; none spill at 16K)."""
     return min(1024, 16384 // n3p)
-
-
-#: Register budget of ``kernels._tail_prefetch`` (bytes of residual held per thread).
-TAIL_PF_BYTES = 256
 
 
 def t_bucket(T: int) -> int:
