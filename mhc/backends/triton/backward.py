@@ -23,8 +23,10 @@ intermediate:
 Sinkhorn's backward *recomputes* the iterations from the recomputed logits, in registers: to
 step back through normalisation k it replays the forward from the softmax up to step k
 (O(repeat^2) n x n steps a token: about 800 at repeat=20, a few thousand flops a token, nothing
-next to the GEMM). Storing the iterates instead would need a (T, 2*repeat, n, n) scratch buffer
-(2.5 KB a token, round-tripping through memory) or dynamic register indexing, which Triton lacks.
+next to the GEMM), with the forward's own steps (``kernels._sk_softmax``, ``kernels._sk_norm``)
+on the same in-thread tuple form; the activations are ``kernels._logit`` and ``_pre_weight``.
+Storing the iterates instead would need a (T, 2*repeat, n, n) scratch buffer (2.5 KB a token,
+round-tripping through memory) or dynamic register indexing, which Triton lacks.
 
 Every load is cast to fp32 right after ``tl.load``; dots are fp32 (``ieee``: the gradient of fn
 sums T products, TF32's 10-bit mantissa would cost ~1e-3).

@@ -287,7 +287,8 @@ def _pre_weights(mix_ptr, scale_ptr, base_ptr, n_rows, K, rms_eps, pre_eps, sstr
                  N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
                  BM: tl.constexpr, SP: tl.constexpr):
     """Collapse weights [BM, NP] fp32 of one token block: ``sigmoid(mixes[:, :N] * rms * scale[0]
-    + base[:N]) + pre_eps`` (``pre``; ``head`` is the same with its own eps), 0 in the padding.
+    + base[:N]) + pre_eps`` (:func:`_pre_weight`; ``head`` is the same with its own eps), 0 in
+    the padding.
 
     The logits of block row r, column c are ``sum_{s < n_splits} mix_ptr[s * sstride + r * N3P + c]``
     (fp32; the sum of squares in column N3): the reduced scratch (n_splits = 1) or the per-split
