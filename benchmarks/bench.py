@@ -80,7 +80,7 @@ from mhc.checking import (Check, check_outputs, device_inputs, nan_empty, poison
                           token_args)
 from mhc.progress import Progress
 from mhc.registry import OPS
-from mhc.timing import _sync, eager_us, floor_bytes, time_cold, time_warm
+from mhc.timing import _sync, eager_us, floor_bytes, host_us, time_cold, time_warm
 
 GRID_T = (1, 8, 64, 512, 4096, 16384)
 GRID_H = (4096, 7168)
@@ -688,15 +688,7 @@ def summary(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _best_us(fn, n: int = 2000, rounds: int = 7) -> float:
-    for _ in range(200):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t) / n * 1e6)
-    return best
+    return host_us(fn, n, rounds, warmup=200)
 
 
 class _AnyKey(dict):

@@ -18,7 +18,6 @@ import cProfile
 import collections
 import io
 import pstats
-import time
 
 import torch
 import triton
@@ -26,17 +25,12 @@ import triton.language as tl
 
 
 def best_us(f, n: int = 2000, rounds: int = 5) -> float:
-    """Best-of-rounds host µs per call of ``f`` (no device sync inside: launches queue)."""
-    for _ in range(50):
-        f()
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
-            f()
-        out.append((time.perf_counter() - t) / n * 1e6)
+    """``mhc.timing.host_us``, then a device sync (the rounds queue launches)."""
+    from mhc.timing import host_us
+
+    us = host_us(f, n, rounds)
     torch.cuda.synchronize()
-    return min(out)
+    return us
 
 
 @triton.jit

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -60,15 +59,9 @@ class StandInDriver:
 
 
 def best_us(f, n=300, rounds=5) -> float:
-    for _ in range(20):
-        f()
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
-            f()
-        out.append((time.perf_counter() - t) / n * 1e6)
-    return min(out)
+    from mhc.timing import host_us
+
+    return host_us(f, n, rounds, warmup=20)
 
 
 def main() -> None:

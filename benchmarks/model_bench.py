@@ -168,19 +168,6 @@ def graph_mask(model, tok, cache):
                                                  attention_mask=None, past_key_values=cache)
 
 
-def cache_tensors(cache):
-    """Every tensor ``cache`` holds: a graph captured on it reads them on every replay, and the
-    capture swaps them out of the cache (it appends the step), so the replayer keeps them alive."""
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            return [v]
-        if isinstance(v, dict):
-            return [t for x in v.values() for t in walk(x)]
-        return []
-
-    return [t for layer in cache.layers for t in walk(vars(layer))]
-
-
 def mask_matches_own(model, cache, tok) -> bool:
     """The step with the prebuilt mask gives the model's own step's logits bit for bit."""
     mask = graph_mask(model, tok, cache)
@@ -196,6 +183,8 @@ def decode_graph(model, timer, cache, tok, iters):
     mask = graph_mask(model, tok, cache)
     static_tok = tok.clone()
     copies = [copy.deepcopy(cache) for _ in range(3)]  # two warm-up steps, then the captured one
+    from mhc.integrations.transformers import cache_tensors
+
     keep = cache_tensors(copies[-1])
 
     def step():

@@ -5,8 +5,8 @@ benchmark harness (``benchmarks/bench.py``) and the dev scripts in ``benchmarks/
   written once); over a copy bandwidth it is the op's floor in µs.
 - :func:`time_warm` (CUDA-graph replays: the device's time), :func:`time_cold` (L2 flushed
   before every call), :func:`median_us` (event-timed calls), :func:`eager_us` (wall time per
-  call of back-to-back eager calls: host overhead included). On the CPU they fall back to
-  ``time.perf_counter`` medians.
+  call of back-to-back eager calls: host overhead included), :func:`host_us` (the host's µs per
+  call alone, no device sync inside). On the CPU they fall back to ``time.perf_counter`` medians.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from mhc.registry import OPS
 
-__all__ = ["floor_bytes", "median_us", "time_warm", "time_cold", "eager_us"]
+__all__ = ["floor_bytes", "median_us", "time_warm", "time_cold", "eager_us", "host_us"]
 
 
 def floor_bytes(op: str, T: int, n: int, H: int, act_bytes: int = 2, mix_bytes: int = 4) -> int:
@@ -133,3 +133,19 @@ def eager_us(fn, device: torch.device, calls: int = 200, rounds: int = 5) -> flo
         _sync(device)
         per_call.append((time.perf_counter() - t) / calls * 1e6)
     return statistics.median(per_call)
+
+
+def host_us(fn, calls: int = 2000, rounds: int = 5, warmup: int = 50) -> float:
+    """Host µs per call of ``fn()``: the best of ``rounds`` rounds of ``calls`` back-to-back calls
+    after ``warmup`` calls, with no device sync inside a round (launches queue: on a GPU this is
+    the host's time only while the device keeps up). What the overhead reports time with
+    (``benchmarks/bench.py --overhead``, ``benchmarks/host_profile.py``)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t) / calls * 1e6)
+    return best

@@ -490,20 +490,6 @@ def test_transformers_logits_match_on_cuda(dtype):
     assert ti._rel(step, ti._logits(model, ids[:, :1])) < ti.TOL[dtype]
 
 
-def _cache_tensors(cache):
-    """Every tensor ``cache`` holds now. A graph captured on the cache reads them on every replay,
-    and the capture itself swaps them out of the cache (it appends the step), so whoever replays
-    must keep them alive: freed, their memory would go to other tensors."""
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            return [v]
-        if isinstance(v, dict):
-            return [t for x in v.values() for t in walk(x)]
-        return []
-
-    return [t for layer in cache.layers for t in walk(vars(layer))]
-
-
 @pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
 def test_transformers_cuda_graph_capture_with_apply(experts):
     """The bf16 model, unpatched and patched, captured the same way: a forward without a cache,
@@ -540,7 +526,7 @@ def test_transformers_cuda_graph_capture_with_apply(experts):
             assert torch.equal(out, eager), f"{variant}, {experts}: forward replay differs from eager"
 
             copies = [copy.deepcopy(cache) for _ in range(3)]  # two warm-up steps, then the captured one
-            keep = _cache_tensors(copies[-1])
+            keep = ti.mt.cache_tensors(copies[-1])
             static_tok = tok.clone()
             step_graph, step = _capture(lambda: model(static_tok, attention_mask=step_mask,
                                                       past_key_values=copies.pop(0), use_cache=True).logits)

@@ -428,3 +428,19 @@ def test_graph_inputs_leave_nothing_a_capture_refuses(experts):
             assert any(why.startswith("nonzero") for why, _ in found_step), found_step
         else:
             assert found == [] and found_step == [], (found, found_step)
+
+
+def test_cache_tensors_lists_what_a_decode_step_swaps_out():
+    """``mt.cache_tensors``: every tensor the cache holds, among them the key/value tensors that a
+    decode step replaces (what a replayer of a graph captured on the cache must keep alive)."""
+    model = _model(torch.float32)
+    with torch.no_grad():
+        prompt = model(_ids(batch=1, seq=6), use_cache=True)
+    cache = prompt.past_key_values
+    held = mt.cache_tensors(cache)
+    assert held and all(isinstance(t, torch.Tensor) for t in held)
+    before = {id(t) for t in held}
+    with torch.no_grad():
+        model(prompt.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    after = {id(t) for t in mt.cache_tensors(cache)}
+    assert before - after, "the step replaced none of the cache's tensors: nothing to keep alive"

@@ -69,7 +69,7 @@ import torch
 import mhc
 from mhc.validation import MAX_SINKHORN_REPEAT, mix_dtype
 
-__all__ = ["apply", "undo", "Handle", "UnsupportedModelError", "TESTED_VERSION"]
+__all__ = ["apply", "undo", "cache_tensors", "Handle", "UnsupportedModelError", "TESTED_VERSION"]
 
 #: The transformers release whose DeepSeek-V4 code is mapped and tested (the ``transformers`` extra).
 TESTED_VERSION = "5.17.0"
@@ -254,3 +254,19 @@ def undo(model: torch.nn.Module) -> None:
     for mod in model.modules():
         if _patched(mod):
             del mod.__dict__["forward"]
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a transformers cache (``DynamicCache`` and the like: ``cache.layers``, each
+    layer's attributes, nested dicts) holds now. A CUDA graph captured on a cache reads them on
+    every replay, and the capture itself swaps them out of the cache (the step appends to it), so
+    whoever replays must keep this list alive: freed, their memory would go to other tensors
+    (README, "CUDA graphs")."""
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            return [v]
+        if isinstance(v, dict):
+            return [t for x in v.values() for t in walk(x)]
+        return []
+
+    return [t for layer in cache.layers for t in walk(vars(layer))]
