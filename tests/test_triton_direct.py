@@ -1,11 +1,12 @@
 """The direct launch of compiled Triton kernels (``mhc.backends.triton.direct``) against the
 installed Triton, with no GPU: CI runs this file under the oldest (3.6) and the newest (3.9)
 Triton of the supported range, so a Triton release that changes what the direct path relies on
-(the three points of ``direct``'s docstring) fails here, not in a user's call.
+(the four points of ``direct``'s docstring) fails here, not in a user's call.
 
-- Point 3: :func:`direct.spec_key` separates every pair of arguments that Triton's own
-  specialiser (``native_specialize_impl``, what ``JITFunction.run`` calls) tells apart.
-- Points 1 and 2, end to end: a child Python without ``TRITON_INTERPRET`` installs a stand-in
+- Point 4: the launch key (``direct._key_and_addresses``) separates every pair of argument
+  tuples that Triton's own specialiser (``native_specialize_impl``, what ``JITFunction.run``
+  calls) tells apart.
+- Points 1 to 3, end to end: a child Python without ``TRITON_INTERPRET`` installs a stand-in
   GPU driver (``triton.runtime.driver.set_active``) whose launcher records its arguments, then
   launches real kernels compiled for sm90 through ``JITFunction.run`` (the first call of a key)
   and through the handle (later calls): both must hand the launcher the same arguments.
@@ -36,7 +37,12 @@ def _specialise(backend, v):
 
 
 @pytest.mark.parametrize("arch", ["sm90", "gfx942"])
-def test_spec_key_separates_what_triton_specialises(arch):
+def test_the_launch_key_separates_what_triton_specialises(arch):
+    """``direct._key_and_addresses`` (what a launch looks its compiled handle up by) never puts
+    together two argument tuples that Triton's own specialiser tells apart, is not so fine that
+    a warm call misses, and hands the launcher each tensor's address."""
+    import random
+
     from triton.compiler.compiler import make_backend
 
     from mhc.backends.triton import aot, direct
@@ -47,37 +53,17 @@ def test_spec_key_separates_what_triton_specialises(arch):
     base = {dt: torch.empty(64, dtype=dt) for dt in (torch.bfloat16, torch.float16, torch.float32, torch.int32)}
     tensors = [t[off:] for t in base.values() for off in range(0, 9)]
     values = ints + tensors + [0.0, 1.0, 1e-6, 16.0, True, False, None, torch.nn.Parameter(torch.empty(4))]
-    seen: dict = {}
-    for v in values:
-        key = direct.spec_key((v,))
-        got = _specialise(backend, v)
-        if key in seen:
-            assert seen[key][1] == got, f"spec_key puts {seen[key][0]!r} and {v!r} together; Triton: {seen[key][1]} vs {got}"
-        else:
-            seen[key] = (v, got)
-    # and the key is not so fine that a warm call misses: one per Triton specialisation of ints
-    assert direct.spec_key((4096,)) == direct.spec_key((32,)) and direct.spec_key((5,)) == direct.spec_key((7,))
-
-
-def test_the_launch_key_is_as_fine_as_spec_key():
-    """``direct._key_and_addresses`` (what a launch looks its handle up by) never puts together
-    two argument tuples that :func:`direct.spec_key` (checked against Triton above) tells apart,
-    and hands the launcher each tensor's address."""
-    import random
-
-    from mhc.backends.triton import direct
-
-    base = {dt: torch.empty(64, dtype=dt) for dt in (torch.bfloat16, torch.float32)}
-    values = ([t[off:] for t in base.values() for off in (0, 1, 8)] + [0, 1, 2, 16, 17, 2**31, 2**31 - 16, -1, 2**40]
-              + [0.5, 1.0, True, False, None, torch.nn.Parameter(torch.empty(4))])
     rng = random.Random(0)
+    cases = [(v,) for v in values] + [tuple(rng.choice(values) for _ in range(4)) for _ in range(4000)]
     seen: dict = {}
-    for _ in range(4000):
-        args = tuple(rng.choice(values) for _ in range(4))
+    for args in cases:
         key, addrs = direct._key_and_addresses(args)
         assert all(a == v.data_ptr() if isinstance(v, torch.Tensor) else a is v for a, v in zip(addrs, args))
-        spec = direct.spec_key(args)
-        assert seen.setdefault(key, spec) == spec, (args, key)
+        got = tuple(_specialise(backend, v) for v in args)
+        assert seen.setdefault(key, (args, got))[1] == got, \
+            f"one key for {seen[key][0]!r} and {args!r}; Triton: {seen[key][1]} vs {got}"
+    key = lambda *a: direct._key_and_addresses(a)[0]  # noqa: E731
+    assert key(4096) == key(32) and key(5) == key(7) and key(1e-6) == key(2.0)
 
 
 _SCRIPT = r"""

@@ -27,8 +27,8 @@ checks each point against the installed Triton, and CI runs it on both):
 4. Triton specialises a launch on, per non-constexpr argument: a tensor's dtype and whether its
    ``data_ptr()`` is a multiple of 16; an int's width class (i32 / i64 / u64), whether it equals 1
    (then it becomes a constexpr) and whether it is a multiple of 16; a float, bool or None by
-   its type. :func:`spec_key` captures at least all of that, so two launches with one key can
-   share one binary (the test compares it with Triton's own ``native_specialize_impl``).
+   its type. :func:`_key_and_addresses` captures at least all of that, so two launches with one
+   key can share one binary (the test compares it with Triton's own ``native_specialize_impl``).
 
 The handle is per device (a ``CompiledKernel`` holds a function loaded into one device's
 context): a :class:`DirectKernel` serves one device, and the launcher keeps one per plan, whose
@@ -51,7 +51,7 @@ from triton.runtime import driver
 
 _RUNTIME = knobs.runtime
 
-__all__ = ["DirectKernel", "spec_key", "ENABLED"]
+__all__ = ["DirectKernel", "ENABLED"]
 
 #: False turns the direct path off (every launch through ``JITFunction.run``): the GPU tests
 #: compare the two paths bitwise. The interpreter never takes it (see ``DirectKernel``).
@@ -60,27 +60,11 @@ ENABLED = True
 _I32 = (-(2**31), 2**31)
 
 
-_TENSOR = torch.Tensor
-
-
-def _arg_spec(v):
-    """What Triton specialises one runtime argument on (point 3 of the module docstring), or
-    something finer; plain tensors and floats are inlined in :func:`spec_key`."""
-    c = v.__class__
-    if c is int:
-        if _I32[0] <= v < _I32[1]:
-            return 1 if v == 1 else 2 if v & 15 == 0 else 3
-        return (c, v == 1, v & 15 == 0, v >= 0)
-    if isinstance(v, torch.Tensor):  # nn.Parameter and other subclasses
-        return (v.dtype, v.data_ptr() & 15 == 0)
-    return (c, v)  # bool, None, anything else: by value (hashable, or the key cannot be built)
-
-
-def spec_key(args) -> tuple:
-    """A hashable key that determines Triton's specialisation of ``args`` (the runtime arguments
-    of one launch): equal keys mean one compiled binary serves both launches."""
-    return tuple([(v.dtype, v.data_ptr() & 15 == 0) if v.__class__ is _TENSOR else
-                  float if v.__class__ is float else _arg_spec(v) for v in args])
+def _int_spec(v: int):
+    """What Triton specialises an int on (point 4 of the module docstring), or something finer."""
+    if _I32[0] <= v < _I32[1]:
+        return 1 if v == 1 else 2 if v & 15 == 0 else 3
+    return (v == 1, v & 15 == 0, v >= 0)
 
 
 class DirectKernel:
@@ -89,7 +73,8 @@ class DirectKernel:
     the kernel's runtime (non-constexpr) parameters in declaration order. One instance serves
     one device (see the module docstring).
 
-    ``runtime_names`` lists those parameters; ``handles`` maps a :func:`spec_key` to the
+    ``runtime_names`` lists those parameters; ``handles`` maps a launch key
+    (:func:`_key_and_addresses`) to the
     ``_Handle`` (the ``CompiledKernel`` and what its direct launch calls) that serves it."""
 
     def __init__(self, fn, constexprs: dict, options: dict, interpreted: bool) -> None:
@@ -173,11 +158,14 @@ def _layout(kinds: tuple) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, 
 
 
 def _key_and_addresses(args) -> tuple[tuple, list]:
-    """A key at least as fine as :func:`spec_key` of ``args`` (tests/test_triton_direct.py checks
-    it), and ``args`` with every tensor replaced by its address (point 3). Built per launch, so
-    it takes the common case short: the argument types (one C-level pass) name where the
-    tensors and ints are; one OR of the addresses says whether all are 16-byte aligned (the
-    per-pointer pattern is keyed only when one is not)."""
+    """The specialisation key of one launch's runtime arguments ``args`` (equal keys mean one
+    compiled binary serves both launches: it captures at least what point 4 of the module
+    docstring lists; tests/test_triton_direct.py checks it against Triton's own specialiser),
+    and ``args`` with every tensor replaced by its address (point 3). Built per launch, so it
+    takes the common case short: the argument types (one C-level pass) name where the tensors,
+    ints and other values (None, bool: keyed by value) are; one OR of the addresses says whether
+    all are 16-byte aligned (the per-pointer pattern is keyed only when one is not); floats are
+    keyed by their type alone."""
     kinds = tuple(map(type, args))
     tensors, ints, others = _LAYOUTS.get(kinds) or _layout(kinds)
     addrs = list(args)
@@ -190,6 +178,5 @@ def _key_and_addresses(args) -> tuple[tuple, list]:
         any_bits |= p
         dtypes.append(t.dtype)
     aligned = None if not any_bits & 15 else tuple([addrs[i] & 15 == 0 for i in tensors])
-    int_specs = tuple([(1 if v == 1 else 2 if v & 15 == 0 else 3) if -2147483648 <= v < 2147483648 else _arg_spec(v)
-                       for v in [args[i] for i in ints]])
-    return (kinds, tuple(dtypes), aligned, int_specs, tuple([args[i] for i in others])), addrs
+    return (kinds, tuple(dtypes), aligned, tuple([_int_spec(args[i]) for i in ints]),
+            tuple([args[i] for i in others])), addrs
