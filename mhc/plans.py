@@ -37,6 +37,10 @@ class PlanCache:
         self._plans: dict[Hashable, Any] = {}
         self.builds = 0
 
+    def find(self, key: Hashable) -> Any:
+        """The plan stored under ``key``, or None (the warm call's lookup: no builder to make)."""
+        return self._plans.get(key)
+
     def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
         """The plan stored under ``key``, built by ``build()`` on the first call."""
         plan = self._plans.get(key)

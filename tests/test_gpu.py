@@ -316,6 +316,50 @@ def test_triton_direct_launch_equals_the_jit_path_bitwise(op, T):
         assert torch.equal(a, b) and torch.equal(a, c), f"triton.{op}.{name}: direct launch differs from the JIT path"
 
 
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a view whose address is 2 elements past an allocation (not 16-byte aligned)."""
+    buf = torch.empty(t.numel() + 2, dtype=t.dtype, device=t.device)
+    out = buf[2:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_triton_launch_keys_pick_the_binary_triton_would(op):
+    """The launchers look compiled kernels up by keys of their own (``DirectKernel.launch``). With
+    ``direct.CHECK_KEYS`` every keyed launch also computes the generic key (which matches Triton's
+    specialiser, tests/test_triton_direct.py) and raises if the two pick different binaries: run
+    over every T bucket, a misaligned residual, sinkhorn_repeat 1 and 16 (Triton specialises ints
+    on == 1 and % 16) and, for pre and fused_post_pre, a norm weight in bf16 and fp32. The same
+    calls with the check off (the keyed fast path) then give bitwise the same outputs."""
+    _gpu_backend("triton", op, 1024, 1)
+    from mhc.backends.triton import direct
+
+    cases = []
+    for T in (1, 64, 513, 2048):
+        args, kwargs = checking.device_inputs(op, T, N, 1024, DEVICE, seed=T)
+        cases.append((args, kwargs))
+        if T in (1, 513):
+            r = 1 if op in ("post", "fused_post_pre") else 0  # the residual's position
+            cases.append((args[:r] + (_misaligned(args[r]),) + args[r + 1:], kwargs))
+        if op != "post" and op != "head" and T in (1, 64):
+            cases.append((args, dict(kwargs, sinkhorn_repeat=1)))
+            cases.append((args, dict(kwargs, sinkhorn_repeat=16)))
+            if T == 1:
+                for dt in (torch.bfloat16, torch.float32):
+                    w = (torch.rand(1024, device=DEVICE) + 0.5).to(dt)
+                    cases.append((args, dict(kwargs, norm_weight=w, norm_eps=1e-5)))
+    direct.CHECK_KEYS = True
+    try:
+        checked = [checking.call(op, a, kw, "triton") for a, kw in cases for _ in range(2)][1::2]
+    finally:
+        direct.CHECK_KEYS = False
+    for (a, kw), want in zip(cases, checked):
+        got = checking.call(op, a, kw, "triton")
+        for (name, _), x, y in zip(checking.OUTPUTS[op], got, want):
+            assert torch.equal(x, y), f"triton.{op}.{name}: the keyed launch differs from the checked one"
+
+
 def _direct_kernels(plan):
     from mhc.backends.triton import direct
 

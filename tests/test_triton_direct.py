@@ -80,7 +80,7 @@ class Launcher:  # what a launch hands Triton's C launcher: grid, stream, functi
 
     def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
         assert len(args) == self.n_params, (len(args), self.n_params)
-        launched.append(((gx, gy, gz), stream, function, packed_metadata, enter, exit_, args))
+        launched.append(((gx, gy, gz), stream, function, packed_metadata, enter, exit_, args, self))
 
 
 class Utils:
@@ -167,6 +167,37 @@ fn = torch.randn(24, n * H)
 tp = launch.plan_for("pre", n, H, 500, torch.bfloat16, torch.device("cpu"))
 check(tp.prep, tp.prep_grid, fn, torch.empty(64, n * H, dtype=torch.bfloat16), n * H)
 
+# Keyed launches (DirectKernel.launch, the launchers' path): the caller's key finds the binary
+# the generic key would; a misaligned call takes the generic path; CHECK_KEYS catches a caller
+# key that puts together two calls Triton specialises apart.
+k = launch._post_plan(n, H, 4).kernel
+key = (x.dtype, res.dtype, pm.dtype, cm.dtype, direct.int_spec(4))
+direct.CHECK_KEYS = True
+k.launch((4, 1, 1), key, x, res, pm, cm, out, 4, H)  # first of the key: JITFunction.run, compiles
+k.launch((4, 1, 1), key, x, res, pm, cm, out, 4, H)  # checked against the generic key
+direct.CHECK_KEYS = False
+k((4, 1, 1), x, res, pm, cm, out, 4, H)
+generic = launched[-1]
+k.launch((4, 1, 1), key, x, res, pm, cm, out, 4, H)  # the keyed fast path
+assert launched[-1][:4] == generic[:4] and launched[-1][6] == generic[6] and launched[-1][7] is generic[7]
+k((4, 1, 1), x_odd, res, pm, cm, out, 4, H)  # a misaligned input: its own binary
+odd = launched[-1]
+assert odd[7] is not generic[7]
+k.launch((4, 1, 1), key, x_odd, res, pm, cm, out, 4, H)
+assert launched[-1][7] is odd[7] and all(same(a, b) for a, b in zip(odd[6], launched[-1][6]))
+x16 = x.to(torch.float16)
+bad = ("a key that leaves out x's dtype",)
+direct.CHECK_KEYS = True
+k.launch((4, 1, 1), bad, x, res, pm, cm, out, 4, H)
+try:
+    k.launch((4, 1, 1), bad, x16, res, pm, cm, out, 4, H)
+except AssertionError as e:
+    assert "specialises differently" in str(e), e
+else:
+    raise SystemExit("CHECK_KEYS let one key serve an fp16 and a bf16 x")
+direct.CHECK_KEYS = False
+print("OK keyed")
+
 # With the direct path off, every launch goes through JITFunction.run: no handle is kept.
 direct.ENABLED = False
 k = launch._post_plan(n, H, 4).kernel
@@ -205,4 +236,4 @@ def test_direct_launch_hands_the_launcher_what_the_jit_does(tmp_path):
     script.write_text(_SCRIPT)
     rc, out = run_python([str(script)], env)
     assert rc == 0, failure_report(out, markers=("Error", "assert", "Traceback"))
-    assert out.count("OK") == 6, out
+    assert out.count("OK") == 7, out

@@ -39,17 +39,22 @@ def test_a_call_that_never_returns_its_ticket_leaves_nothing_behind():
     assert cnt2 is not cnt and int(cnt2.count_nonzero()) == 0 and a2 is not a
 
 
-def test_counters_come_zeroed_and_are_pooled_apart_from_the_layout():
+def test_counters_come_zeroed_and_belong_to_their_entry():
+    """Counters are part of a pool entry (one take, one put a call): the entry of a layout and
+    count hands back the same zeroed counters; another layout or count gets its own."""
     w = Workspaces()
-    t1, (cnt, _) = w.take(CPU, LAYOUT[:1], counters=100)
+    t1, (cnt, a) = w.take(CPU, LAYOUT[:1], counters=100)
     assert cnt.dtype == torch.int32 and cnt.numel() >= 100 and int(cnt.count_nonzero()) == 0
     w.put(t1)
-    t2, (cnt2, _, _) = w.take(CPU, LAYOUT, counters=10)  # another layout, the same counters
-    assert cnt2 is cnt
+    t2, (cnt2, a2) = w.take(CPU, LAYOUT[:1], counters=100)
+    assert cnt2 is cnt and a2 is a
     w.put(t2)
-    _, (cnt3, _) = w.take(CPU, LAYOUT[:1], counters=cnt.numel() + 1)  # more than it holds: a larger one
-    assert cnt3 is not cnt and cnt3.numel() > cnt.numel()
-    assert all(int(c.count_nonzero()) == 0 for c in w.counter_buffers())
+    t3, (cnt3, _, _) = w.take(CPU, LAYOUT, counters=100)  # another layout: its own entry and counters
+    assert cnt3 is not cnt
+    w.put(t3)
+    _, (cnt4, _) = w.take(CPU, LAYOUT[:1], counters=cnt.numel() + 1)  # more than it holds: a larger one
+    assert cnt4 is not cnt and cnt4.numel() > cnt.numel()
+    assert len(w.counter_buffers()) == 2 and all(int(c.count_nonzero()) == 0 for c in w.counter_buffers())
 
 
 def test_layouts_over_the_limit_are_not_pooled():

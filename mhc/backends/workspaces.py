@@ -8,8 +8,8 @@ never per call: no memset launch). It gets them with a ticket, launches, and ret
 The rule that keeps this safe: a set of buffers is used by one stream's launches only, or by one
 captured CUDA graph only, never by both and never by two of either.
 
-- Eager launches: one pool entry per (device, stream, layout), and one counter buffer per
-  (device, stream). :meth:`Workspaces.take` removes
+- Eager launches: one pool entry per (device, stream, layout, counter count), its counters
+  (if any) part of the entry. :meth:`Workspaces.take` removes
   it from the pool and :meth:`Workspaces.put` returns it once the call's launches have been
   issued; launches on one stream run in order, so the next call finds the counters zero and
   overwrites the scratch only after the previous call's kernels have read it. Concurrent calls
@@ -49,8 +49,8 @@ class Workspaces:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._scratch: dict[tuple, list] = {}  # (device, stream, layout) -> [tensor per (shape, dtype)]
-        self._cnt: dict[tuple, torch.Tensor] = {}  # (device, stream) -> zeroed counters
+        # (device index, stream, layout, counters) -> [counters or None, tensor per (shape, dtype)]
+        self._pool: dict[tuple, list] = {}
         self._spares: dict[torch.device, torch.Tensor] = {}  # zeroed counters, never used: for a capture
         self._all: list[torch.Tensor] = []
 
@@ -64,46 +64,39 @@ class Workspaces:
         """``(ticket, [cnt, *scratch])``: at least ``counters`` zeroed int32 counters (``cnt`` is
         None for 0) and one uninitialised tensor per ``(shape, dtype)`` of ``layout``. Hand the
         ticket to :meth:`put` once the launches that use them are issued. Call it with ``device``
-        current."""
-        if device.type == "cuda":
+        (a CUDA device or the CPU) current."""
+        index = device.index  # None: the CPU (device.type costs more: a new string per read)
+        if index is not None:
             if torch._C._cuda_isCurrentStreamCapturing():  # the graph's own buffers: never pooled
                 cnt = None
                 if counters:
                     cnt = self._spares.pop(device, None)
                     if cnt is None or cnt.numel() < counters:
                         cnt = self._counters(device, counters)
-                return (None, None, None), [cnt, *_allocate(layout, device)]
-            where = (device, torch._C._cuda_getCurrentRawStream(device.index))
+                return (None, None), [cnt, *_allocate(layout, device)]
+            key = (index, torch._C._cuda_getCurrentRawStream(index), layout, counters)
         else:
-            where = (device, 0)
-        key = (*where, layout)
-        scratch = self._scratch.pop(key, None)  # atomic under the GIL: two callers never get one entry
-        if scratch is None:
-            scratch = _allocate(layout, device)
-            if sum(t.numel() * t.element_size() for t in scratch) > POOL_MAX_BYTES:
+            key = (None, 0, layout, counters)
+        entry = self._pool.pop(key, None)  # atomic under the GIL: two callers never get one entry
+        if entry is None:
+            entry = [self._counters(device, counters) if counters else None, *_allocate(layout, device)]
+            if sum(t.numel() * t.element_size() for t in entry[1:]) > POOL_MAX_BYTES:
                 key = None
-        cnt = None
-        if counters:
-            cnt = self._cnt.pop(where, None)
-            if cnt is None or cnt.numel() < counters:
-                cnt = self._counters(device, counters)
-                if device.type == "cuda" and device not in self._spares:
-                    self._spares[device] = self._counters(device, counters)
-        return (key, scratch, (where, cnt) if cnt is not None else None), [cnt, *scratch]
+            if counters and index is not None and device not in self._spares:
+                self._spares[device] = self._counters(device, counters)
+        return (key, entry), entry
 
     def put(self, ticket: tuple) -> None:
         """Return a :meth:`take`'s buffers to their pool after the launches that use them were
         issued (the kernels leave the counters zero); a graph's, and oversized scratch, are not
         kept."""
-        key, scratch, counters = ticket
+        key, entry = ticket
         if key is not None:
-            self._scratch[key] = scratch
-        if counters is not None:
-            self._cnt[counters[0]] = counters[1]
+            self._pool[key] = entry
 
     def counter_buffers(self) -> list[torch.Tensor]:
         """The pooled counter buffers (each must hold zeros between calls)."""
-        return list(self._cnt.values())
+        return [entry[0] for entry in list(self._pool.values()) if entry[0] is not None]
 
 
 def _allocate(layout: Layout, device: torch.device) -> list[torch.Tensor]:

@@ -30,6 +30,12 @@ checks each point against the installed Triton, and CI runs it on both):
    its type. :func:`_key_and_addresses` captures at least all of that, so two launches with one
    key can share one binary (the test compares it with Triton's own ``native_specialize_impl``).
 
+The launchers call :meth:`DirectKernel.launch` with a key of their own, which costs a fraction
+of :func:`_key_and_addresses` (it reads no dtype of a tensor the launcher allocated and specs no
+int that a plan fixes): the first launch of such a key goes through the generic path, which
+records the handle it used under that key too. Its rule and its check (``CHECK_KEYS``, on in
+the GPU tests) are in the method's docstring.
+
 The handle is per device (a ``CompiledKernel`` holds a function loaded into one device's
 context): a :class:`DirectKernel` serves one device, and the launcher keeps one per plan, whose
 key names the device. Under ``TRITON_INTERPRET=1`` (the CPU tests) there is no compiled kernel:
@@ -41,6 +47,7 @@ first launch (they are part of ``JITFunction.run``'s key, not of ours).
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import NamedTuple
 
@@ -51,17 +58,21 @@ from triton.runtime import driver
 
 _RUNTIME = knobs.runtime
 
-__all__ = ["DirectKernel", "ENABLED"]
+__all__ = ["DirectKernel", "ENABLED", "CHECK_KEYS", "int_spec"]
 
 #: False turns the direct path off (every launch through ``JITFunction.run``): the GPU tests
 #: compare the two paths bitwise. The interpreter never takes it (see ``DirectKernel``).
 ENABLED = True
 
+#: True: every :meth:`DirectKernel.launch` also checks its caller's key against the generic one.
+CHECK_KEYS = os.environ.get("MHC_CHECK_LAUNCH_KEYS", "") == "1"
+
 _I32 = (-(2**31), 2**31)
 
 
-def _int_spec(v: int):
-    """What Triton specialises an int on (point 4 of the module docstring), or something finer."""
+def int_spec(v: int):
+    """What Triton specialises an int on (point 4 of the module docstring), or something finer:
+    the part of a :meth:`DirectKernel.launch` key that an int argument contributes."""
     if _I32[0] <= v < _I32[1]:
         return 1 if v == 1 else 2 if v & 15 == 0 else 3
     return (v == 1, v & 15 == 0, v >= 0)
@@ -84,6 +95,7 @@ class DirectKernel:
         self.kwargs = {**self.constexprs, **self.options}
         self.interpreted = interpreted
         self.handles: dict[tuple, object] = {}
+        self.keyed: dict[tuple, tuple] = {}  # the callers' keys (:meth:`launch`) -> (handle, tensor positions)
         self._lock = threading.Lock()
         if interpreted:  # an InterpretedFunction: launched through fn[grid] only
             self.runtime_names, self.tail = [a for a in fn.arg_names if a not in constexprs], ()
@@ -103,6 +115,57 @@ class DirectKernel:
         if names[:n_rt] != self.runtime_names:
             raise TypeError(f"{fn.__name__}: the direct launch needs its constexpr parameters after the runtime ones")
         self.tail = tuple(self.constexprs.get(p.name, p.default) for p in declared)
+
+    def launch(self, grid: tuple, key: tuple, *args) -> None:
+        """``self(grid, *args)`` looked up by the caller's ``key`` instead of
+        :func:`_key_and_addresses`: the launchers' hot path (about a quarter of the host time of
+        the generic key for a 23-argument kernel).
+
+        ``key`` must tell apart every pair of calls at one launch site that Triton could
+        specialise differently *other than by pointer alignment*: the dtypes of the tensors the
+        caller was given, the :func:`int_spec` of every int that varies between calls, whether an
+        optional pointer is None. What the launcher allocates itself, and ints that are constant
+        for a plan, are fixed by the plan, which owns the kernel. Alignment is checked here: a
+        call with any address not a multiple of 16 takes the generic path. With
+        :data:`CHECK_KEYS` (``MHC_CHECK_LAUNCH_KEYS=1``; the GPU tests and the stand-in driver
+        test set it) every keyed launch also computes the generic key and raises if the two pick
+        different binaries."""
+        entry = self.keyed.get(key)
+        if entry is None or CHECK_KEYS:
+            self._launch_and_key(grid, key, args)
+            return
+        h, tensors = entry
+        addrs = list(args)
+        bits = 0
+        for i in tensors:
+            p = args[i].data_ptr()
+            addrs[i] = p
+            bits |= p
+        enter, leave = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+        if bits & 15 or _hooked(enter) or _hooked(leave):  # misaligned (another binary) or a profiler
+            self(grid, *args)
+            return
+        h.run(grid[0], grid[1], grid[2], h.stream(h.device()), h.function, h.packed_metadata, None, None, None,
+              *addrs, *self.tail)
+
+    def _launch_and_key(self, grid: tuple, key: tuple, args: tuple) -> None:
+        """The first keyed launch of ``key`` (and every one under :data:`CHECK_KEYS`): through the
+        generic path, then ``key`` maps to the handle it used (for aligned calls only)."""
+        self(grid, *args)
+        if self.interpreted or not ENABLED:
+            return
+        generic, addrs = _key_and_addresses(args)
+        h = self.handles.get(generic)
+        if h is None:
+            return
+        tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        entry = self.keyed.get(key)
+        if entry is not None and CHECK_KEYS and (entry[0] is not h or entry[1] != tensors):
+            raise AssertionError(f"{self.fn.__name__}: launch key {key!r} served a binary that Triton "
+                                 f"specialises differently for these arguments (generic key {generic!r})")
+        if entry is None and not any(addrs[i] & 15 for i in tensors):
+            with self._lock:
+                self.keyed[key] = (h, tensors)
 
     def __call__(self, grid: tuple, *args) -> None:
         if self.interpreted or not ENABLED:
@@ -178,5 +241,5 @@ def _key_and_addresses(args) -> tuple[tuple, list]:
         any_bits |= p
         dtypes.append(t.dtype)
     aligned = None if not any_bits & 15 else tuple([addrs[i] & 15 == 0 for i in tensors])
-    return (kinds, tuple(dtypes), aligned, tuple([_int_spec(args[i]) for i in ints]),
+    return (kinds, tuple(dtypes), aligned, tuple([int_spec(args[i]) for i in ints]),
             tuple([args[i] for i in others])), addrs

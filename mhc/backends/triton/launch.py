@@ -27,7 +27,7 @@ import triton
 
 from mhc.backends import device_guard, empty
 from mhc.backends.triton import NORM_MAX_H, kernels  # noqa: F401 (NORM_MAX_H: the docstrings' limit)
-from mhc.backends.triton.direct import DirectKernel
+from mhc.backends.triton.direct import DirectKernel, int_spec
 from mhc.backends.workspaces import WORKSPACES
 from mhc.plans import PLANS
 
@@ -522,6 +522,10 @@ class SmallPlan:
     head: bool
     norm: bool  # the fused RMSNorm's variant (NORM)
     kernel: DirectKernel
+    # mix_kernel's launch (it serves T <= tail_rows <= block_m: one token block): its grid and
+    # its workspace layout (the GEMM's partials; arrival counters besides), made once here.
+    grid: tuple = ()
+    layout: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -559,8 +563,11 @@ def _small_plan(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: tor
     cfg = device_config(op, n, H, T, dtype, device, norm=norm)
     spec = mix_specialization(op, n, dtype, cfg, norm_chunks(H, cfg.block_c) if norm else 0)
     fn = kernels.chunk_kernel if cfg.chunk else kernels.mix_kernel
-    return SmallPlan(cfg, spec["N3P"], op == "head", norm,
-                     _kernel(fn, spec, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    kernel = _kernel(fn, spec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.chunk:
+        return SmallPlan(cfg, spec["N3P"], op == "head", norm, kernel)
+    return SmallPlan(cfg, spec["N3P"], op == "head", norm, kernel, (1, cfg.splits, 1),
+                     _flat(cfg.splits * cfg.block_m * spec["N3P"], torch.float32))
 
 
 def _two_pass_plan(op: str, tp: TwoPass, n: int, H: int, T: int, dtype: torch.dtype,
@@ -588,19 +595,24 @@ def _two_pass_plan(op: str, tp: TwoPass, n: int, H: int, T: int, dtype: torch.dt
     return TwoPassPlan(tp, n3, n3p, splits, norm, prep, (_cdiv(K, bk), 1, 1) if bk else (), prenorm, finalize, post)
 
 
+def _build(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device, norm: bool):
+    if op == "post":
+        return _post_plan(n, H, T)
+    if T <= SMALL_T:
+        return _small_plan(op, n, H, T, dtype, device, norm)
+    return _two_pass_plan(op, plan(op, n, H, T, device_shared_memory(device)), n, H, T, dtype, norm)
+
+
 def plan_for(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: torch.device, norm: bool = False):
     """The launch plan of ``op`` (any of the four) for n streams, hidden size H, T tokens,
     residual ``dtype`` on ``device`` (``norm``: with the fused RMSNorm, ``pre`` and
     ``fused_post_pre``): built once per ``t_bucket(T)`` and kept in :data:`mhc.plans.PLANS`.
     A :class:`PostPlan`, :class:`SmallPlan` or :class:`TwoPassPlan`."""
-    def build():
-        if op == "post":
-            return _post_plan(n, H, T)
-        if T <= SMALL_T:
-            return _small_plan(op, n, H, T, dtype, device, norm)
-        return _two_pass_plan(op, plan(op, n, H, T, device_shared_memory(device)), n, H, T, dtype, norm)
-
-    return PLANS.get(("triton", op, n, H, t_bucket(T), dtype, device, norm), build)
+    key = ("triton", op, n, H, t_bucket(T), dtype, device, norm)
+    p = PLANS.find(key)  # the warm call: one dict lookup, no closure made
+    if p is None:
+        p = PLANS.get(key, lambda: _build(op, n, H, T, dtype, device, norm))
+    return p
 
 
 def _prep_fn(fn, n3, n3p, kernel: DirectKernel | None = None):
@@ -633,58 +645,74 @@ def _outputs(op, residual, fused):
     return out, post_mix, comb_mix, new
 
 
+def _inputs_key(residual, fn, hc_scale, hc_base, fused_inputs, nw) -> tuple:
+    """What the launch keys of a mix op (:meth:`DirectKernel.launch`) hold of the tensors the op
+    was given: their dtypes, and the norm weight's (None without one). Every other tensor its
+    kernels get is allocated by the launcher, in dtypes the plan fixes."""
+    return (residual.dtype, fn.dtype, hc_scale.dtype, hc_base.dtype,
+            None if fused_inputs is None else (fused_inputs[0].dtype, fused_inputs[1].dtype, fused_inputs[2].dtype),
+            None if nw is None else nw.dtype)
+
+
 def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None, norm=None):
     """``op`` in {"pre", "head", "fused_post_pre"} by its plan; returns ``(layer_input, post_mix,
-    comb_mix, new_residual)`` (the ones ``op`` does not make are placeholders). ``norm``: None,
-    or ``(norm_weight, norm_eps)`` for the fused RMSNorm (pre and fused_post_pre)."""
+    comb_mix, new_residual)`` (the ones ``op`` does not make are placeholders). ``scalars``: the
+    kernels' five (floats, then ``sinkhorn_repeat`` an int); ``norm``: None, or ``(norm_weight,
+    norm_eps)`` for the fused RMSNorm (pre and fused_post_pre)."""
     T, n, H = residual.shape
-    p = plan_for(op, n, H, T, residual.dtype, residual.device, norm is not None)
-    scalars = (*scalars, *(norm if norm is not None else (None, 0.0)))  # + the kernels' nw_ptr, norm_eps
-    if T > SMALL_T:
-        return _run_two_pass(op, p, residual, fn, hc_scale, hc_base, scalars, fused_inputs)
-    cfg = p.cfg
     dev = residual.device
+    p = plan_for(op, n, H, T, residual.dtype, dev, norm is not None)
+    nw = None if norm is None else norm[0]
+    ik = _inputs_key(residual, fn, hc_scale, hc_base, fused_inputs, nw)
+    scalars = (*scalars, nw, 0.0 if norm is None else norm[1])  # + the kernels' nw_ptr, norm_eps
+    if T > SMALL_T:
+        return _run_two_pass(op, p, residual, fn, hc_scale, hc_base, scalars, fused_inputs, ik)
+    cfg = p.cfg
     out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs is not None)
     x, pm_in, cm_in = fused_inputs if fused_inputs is not None else (residual,) * 3  # read only if FUSED
     with device_guard(dev):
         if cfg.chunk:
-            _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix, out, T, H, scalars)
+            _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix, out, T, H,
+                     scalars, ik)
             return out, post_mix, comb_mix, new
-        num_m = _cdiv(T, cfg.block_m)
-        ticket, (cnt, part) = WORKSPACES.take(dev, _flat(num_m * cfg.splits * cfg.block_m * p.n3p, torch.float32),
-                                              counters=num_m)
-        p.kernel((num_m, cfg.splits, 1), residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
-                 post_mix, comb_mix, out, part, cnt, T, H, cfg.splits, *scalars)
+        ticket, (cnt, part) = WORKSPACES.take(dev, p.layout, counters=1)
+        p.kernel.launch(p.grid, (ik, int_spec(T), int_spec(scalars[4])),
+                        residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
+                        post_mix, comb_mix, out, part, cnt, T, H, cfg.splits, *scalars)
         WORKSPACES.put(ticket)  # not reached if the launch raised: those buffers are dropped
     return out, post_mix, comb_mix, new
 
 
-def _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix, out, T, H, scalars):
+def _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix, comb_mix, out, T, H, scalars, ik):
     """``chunk_kernel`` launches: (A 0), (A 1, B 0), ..., (B last). The chunk count depends on T
     only (a shape), so this is capturable; the partials are [splits, T, N3P] fp32."""
     cfg = p.cfg
     n_chunks = _cdiv(T, cfg.chunk)
     ticket, (_, part) = WORKSPACES.take(residual.device, _flat(cfg.splits * T * p.n3p, torch.float32))
     n_hc = (1 if p.norm else _cdiv(H, cfg.c_steps * cfg.block_c)) + (1 if cfg.b_split and not p.head else 0)
-    for a, b in [(c, c - 1) for c in range(n_chunks + 1)]:
-        rows_a = min(cfg.chunk, T - a * cfg.chunk) if 0 <= a < n_chunks else 0
-        rows_b = min(cfg.chunk, T - b * cfg.chunk) if 0 <= b < n_chunks else 0
+    key = (ik, int_spec(T), int_spec(scalars[4]))
+    for a in range(n_chunks + 1):
+        b = a - 1
+        rows_a = min(cfg.chunk, T - a * cfg.chunk) if a < n_chunks else 0
+        rows_b = min(cfg.chunk, T - b * cfg.chunk) if b >= 0 else 0
         n_a = _cdiv(rows_a, cfg.block_m) * cfg.splits
         n_b = _cdiv(rows_b, cfg.block_m_b) * n_hc
-        p.kernel((n_b + n_a, 1, 1), residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
-                 post_mix, comb_mix, out, part, T, H, cfg.splits, a, b, n_b, *scalars)
+        p.kernel.launch((n_b + n_a, 1, 1), (key, int_spec(a), int_spec(b), int_spec(n_b)),
+                        residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base,
+                        post_mix, comb_mix, out, part, T, H, cfg.splits, a, b, n_b, *scalars)
     WORKSPACES.put(ticket)
 
 
-def _run_two_pass(op, p: TwoPassPlan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None):
+def _run_two_pass(op, p: TwoPassPlan, residual, fn, hc_scale, hc_base, scalars, fused_inputs, ik):
     T, n, H = residual.shape
     tp = p.tp
     out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs is not None)
     sstride = T * p.n3p
+    ts, ss = int_spec(T), int_spec(sstride)
     with device_guard(residual.device):
         if fused_inputs is not None:
             x, pm_in, cm_in = fused_inputs
-            p.post.kernel((T * p.post.h_blocks, 1, 1), x, residual, pm_in, cm_in, new, T, H)
+            p.post.kernel.launch((T * p.post.h_blocks, 1, 1), (ik, ts), x, residual, pm_in, cm_in, new, T, H)
         src = new if fused_inputs is not None else residual
         K = n * H
         layout = _flat(p.splits * sstride, torch.float32)
@@ -694,11 +722,13 @@ def _run_two_pass(op, p: TwoPassPlan, residual, fn, hc_scale, hc_base, scalars, 
         w = fn
         if p.prep is not None:  # fn as bf16 hi/lo rows, made on every call (an update of fn is seen)
             w = hilo[0]
-            p.prep(p.prep_grid, fn, w, K)
-        p.prenorm((_cdiv(T, tp.block_m) * p.splits, 1, 1), src, w, part, T, K, sstride)
+            p.prep.launch(p.prep_grid, ik, fn, w, K)
+        p.prenorm.launch((_cdiv(T, tp.block_m) * p.splits, 1, 1), (ik, ts, ss), src, w, part, T, K, sstride)
         n_pc = 0 if op == "head" else _cdiv(T, tp.bmb)
-        p.finalize((n_pc + _cdiv(T, tp.bt) * (1 if p.norm else _cdiv(H, tp.bc)), 1, 1),
-                   src, out, part, hc_scale, hc_base, post_mix, comb_mix, T, H, p.splits, sstride, n_pc, *scalars)
+        p.finalize.launch((n_pc + _cdiv(T, tp.bt) * (1 if p.norm else _cdiv(H, tp.bc)), 1, 1),
+                          (ik, ts, ss, int_spec(n_pc), int_spec(scalars[4])),
+                          src, out, part, hc_scale, hc_base, post_mix, comb_mix, T, H, p.splits, sstride, n_pc,
+                          *scalars)
         WORKSPACES.put(ticket)
     return out, post_mix, comb_mix, new
 
@@ -712,8 +742,10 @@ def _two_pass(op, plan, residual, fn, hc_scale, hc_base, scalars, fused_inputs=N
     dtype, dev = residual.dtype, residual.device
     p = PLANS.get(("triton", "two_pass", op, n, H, t_bucket(T), dtype, dev, plan, norm is not None),
                   lambda: _two_pass_plan(op, plan, n, H, T, dtype, norm is not None))
-    scalars = (*scalars, *(norm if norm is not None else (None, 0.0)))
-    return _run_two_pass(op, p, residual, fn, hc_scale, hc_base, scalars, fused_inputs)
+    nw = None if norm is None else norm[0]
+    ik = _inputs_key(residual, fn, hc_scale, hc_base, fused_inputs, nw)
+    scalars = (*scalars, nw, 0.0 if norm is None else norm[1])
+    return _run_two_pass(op, p, residual, fn, hc_scale, hc_base, scalars, fused_inputs, ik)
 
 
 def _norm(norm_weight, norm_eps):
@@ -772,8 +804,10 @@ def post(x, residual, post_mix, comb_mix):
     (T, n, n) fp32. Returns (T, n, H) in the residual's dtype.
     """
     T, n, H = residual.shape
-    p = plan_for("post", n, H, T, residual.dtype, residual.device)
-    out = empty((T, n, H), residual.dtype, residual.device)
-    with device_guard(residual.device):
-        p.kernel((T * p.h_blocks, 1, 1), x, residual, post_mix, comb_mix, out, T, H)
+    dev = residual.device
+    p = plan_for("post", n, H, T, residual.dtype, dev)
+    out = empty((T, n, H), residual.dtype, dev)
+    with device_guard(dev):
+        p.kernel.launch((T * p.h_blocks, 1, 1), (x.dtype, residual.dtype, post_mix.dtype, comb_mix.dtype, int_spec(T)),
+                        x, residual, post_mix, comb_mix, out, T, H)
     return out
