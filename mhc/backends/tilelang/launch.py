@@ -8,7 +8,8 @@ synchronisation (CUDA-graph capturable). Per call they look up a :class:`Plan` (
 compiled function, config, workspace widths) in :data:`mhc.plans.PLANS` (one dict lookup, keyed
 by op, n, H, dtype and device), allocate their outputs, take their workspaces and the zeroed
 arrival counters from :mod:`mhc.backends.workspaces` (no memset: the kernel leaves the counters
-zero) and call the kernel. The keyword-only ``_cfg`` of the mix launchers is a
+zero) and call the kernel's compiled function directly (:mod:`.direct`: TileLang's per-call
+Python skipped, the launch on the current stream kept). The keyword-only ``_cfg`` of the mix launchers is a
 tuning hook (a :class:`~mhc.backends.tilelang.kernels.MixConfig`), not part of the interface.
 """
 
@@ -21,6 +22,7 @@ import torch
 
 from mhc.backends import device_guard, empty
 from mhc.backends.workspaces import WORKSPACES
+from mhc.backends.tilelang import direct as D
 from mhc.backends.tilelang import kernels as K
 from mhc.plans import PLANS
 
@@ -116,7 +118,8 @@ def get_kernel(op: str, n: int, H: int, dtype: str, target: dict, num_sms: int, 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What a launcher needs for one (op, n, H, dtype, device), kept in :data:`mhc.plans.PLANS`:
-    the compiled kernel, what a launch calls (``call``), its config, and for the mix kernels the workspace's row width ``e`` (floats
+    the compiled kernel, what a launch calls (``call``: the kernel's compiled function, see
+    :mod:`.direct`), its config, and for the mix kernels the workspace's row width ``e`` (floats
     per token block and slice), the column slices ``splits`` and the tokens per block ``bm``.
     Nothing in it depends on T or on tensor values; ``layouts`` memoises the workspace layout
     per number of token blocks (:meth:`layout`), so that a call builds no tuples for it."""
@@ -140,7 +143,16 @@ class Plan:
 
 
 def _plan(kern, cfg, op: str, n: int, H: int) -> Plan:
-    call = kern  # what a launch calls
+    # The compiled function (mhc.backends.tilelang.direct); TileLang's own call path where the
+    # direct path is off, for stand-ins in the CPU tests (not a TileLang kernel), and where a
+    # TileLang other than the tested one no longer matches what the direct path relies on
+    # (tests/test_tilelang_direct.py fails then: slower, never wrong).
+    call = kern
+    if D.ENABLED and D.is_tilelang_kernel(kern):
+        try:
+            call = D.compiled_function(kern)
+        except (TypeError, AttributeError):
+            pass
     if op == "post":
         return Plan(kern, cfg, call)
     m = K.mix_width(op, n)
