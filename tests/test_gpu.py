@@ -14,7 +14,9 @@ in the benchmarks (``python benchmarks/bench.py``).
 - device scoping (2 GPUs): inputs on cuda:1 while cuda:0 is current give correct results on
   cuda:1 and leave ``torch.cuda.memory_allocated(0)`` unchanged;
 - compute-sanitizer memcheck and racecheck over one call of every Triton kernel;
-- the eager launch path (issue 14): Triton's direct launches equal the JIT path bitwise; graphs
+- the eager launch path (issue 14): Triton's direct launches equal the JIT path bitwise, and
+  TileLang's direct calls its own path; TileLang's counters stay zero over repeated calls and
+  graph replays (T = 1, 64, 4096); graphs
   captured after eager calls, replayed on two streams between eager calls, stay exact; two
   threads on two streams, and calls alternating between two unsynchronised streams, agree with
   serial calls.
@@ -366,6 +368,74 @@ def _direct_kernels(plan):
     subs = [plan, getattr(plan, "post", None)]
     return [k for q in subs if q is not None for k in (getattr(q, a, None) for a in ("kernel", "prep", "prenorm", "finalize"))
             if isinstance(k, direct.DirectKernel)]
+
+
+@pytest.mark.parametrize("T", (1, 64, 513))
+@pytest.mark.parametrize("op", OPS)
+def test_tilelang_direct_call_equals_the_tilelang_path_bitwise(op, T):
+    """The launchers call each kernel's compiled function (``mhc.backends.tilelang.direct``):
+    the outputs are bitwise those of ``kernel(*args)``, TileLang's own path (``direct.ENABLED =
+    False``), and the plans really hold the compiled function."""
+    _gpu_backend("tilelang", op, 4096, T)
+    from mhc import plans
+    from mhc.backends.tilelang import direct
+
+    args, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=22)
+    direct.ENABLED = False
+    try:
+        plans.PLANS.clear("tilelang")
+        via_tilelang = checking.call(op, args, kwargs, "tilelang")
+        assert all(p.call is p.kernel for _, p in plans.PLANS.items("tilelang"))
+    finally:
+        direct.ENABLED = True
+    plans.PLANS.clear("tilelang")
+    first, warm = (checking.call(op, args, kwargs, "tilelang") for _ in range(2))
+    torch.cuda.synchronize()
+    ps = [p for _, p in plans.PLANS.items("tilelang")]
+    assert ps and all(p.call is not p.kernel for p in ps), "a plan does not call the compiled function"
+    for (name, _), a, b, c in zip(checking.OUTPUTS[op], via_tilelang, first, warm):
+        assert torch.equal(a, b) and torch.equal(a, c), f"tilelang.{op}.{name}: direct call differs"
+
+
+@pytest.mark.parametrize("T", (1, 64, 4096))
+@pytest.mark.parametrize("op", OPS)
+def test_tilelang_counters_stay_zero_over_repeated_calls_and_replays(op, T):
+    """The TileLang mix kernels leave their arrival counters zero (no memset per call; the last
+    CTA of a token block to leave resets them): 20 eager calls in a row each equal the first
+    bitwise (the first matches the oracle, outputs poisoned), a graph captured after them and
+    replayed 5 times on new inputs matches an eager call each time, and every pooled counter
+    buffer is all zero afterwards. A counter left non-zero would let the next call's wait pass
+    before the partials are in: wrong or varying results."""
+    _gpu_backend("tilelang", op, 4096, T)
+    from mhc.backends.workspaces import WORKSPACES
+
+    args, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=71)
+    static = tuple(a.clone() for a in args)
+    first = checking.call(op, static, kwargs, "tilelang")
+    rows = checking.sample_rows(T, DEVICE, k=ORACLE_ROWS, seed=T)
+    torch.cuda.synchronize()
+    _assert_correct(op, static, kwargs, first, rows, checking.reference_rows(op, static, kwargs, rows), "tilelang")
+    for i in range(20):
+        again = checking.call(op, static, kwargs, "tilelang")
+        for (name, _), a, b in zip(checking.OUTPUTS[op], first, again):
+            assert torch.equal(a, b), f"tilelang.{op}.{name}: call {i + 2} differs from the first"
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = checking.call(op, static, kwargs, "tilelang")
+    for r in range(5):
+        new, _ = checking.device_inputs(op, T, N, 4096, DEVICE, seed=80 + r)
+        for s, v in zip(static, new):
+            s.copy_(v)
+        g.replay()
+        want = checking.call(op, new, kwargs, "tilelang")
+        torch.cuda.synchronize()
+        for (name, _), c, w in zip(checking.OUTPUTS[op], captured, want):
+            assert torch.equal(c, w), f"tilelang.{op}.{name}: replay {r + 1} differs from eager"
+    torch.cuda.synchronize()
+    bufs = WORKSPACES.counter_buffers()
+    assert op == "post" or bufs, "no pooled counter buffer: the mix launchers did not take their counters from the pool"
+    for buf in bufs:
+        assert int(buf.count_nonzero()) == 0, f"tilelang.{op} T={T}: a pooled counter buffer is not zero"
 
 
 @pytest.mark.parametrize("T", (1, 64, 513))

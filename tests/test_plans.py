@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from mhc import checking, plans
+from mhc.backends.workspaces import WORKSPACES
 from mhc.plans import PLANS, PlanCache
 
 from conftest import DEVICE
@@ -196,8 +197,10 @@ def test_tilelang_plans_and_workspaces(monkeypatch):
         launch.pre(res, fn, s, b, *kw.values())
         parts, fin, flags = calls[-1][1][7:10]
         nb = -(-T // 64)
-        assert parts.shape == (nb, 4, 64 * 28) and fin.shape == (nb, 64 * 28) and flags.shape == (nb, 2)
-        assert int(flags.count_nonzero()) == 0
+        assert parts.shape == (nb, 4, 64 * 28) and fin.shape == (nb, 64 * 28)
+        # the arrival counters: the pool's flat zeroed int32 buffer, two per token block
+        assert flags.dtype == torch.int32 and flags.dim() == 1 and flags.numel() >= 2 * nb
+        assert int(flags.count_nonzero()) == 0 and any(flags is c for c in WORKSPACES.counter_buffers())
     assert builds == ["pre"] and PLANS.keys("tilelang") == [("tilelang", "pre", 4, 512, torch.bfloat16,
                                                                torch.device("cpu"))]
     plans.PLANS.clear("tilelang")

@@ -35,14 +35,18 @@ once, in the helpers that the kernels call: :func:`_rms_factor`, :func:`_logit`,
 
     Waiting in step 4 is safe because the S CTAs of one token block are adjacent in launch order
     (grid x = slice) and the launcher keeps S at most the number of SMs, so they are co-resident
-    or earlier-dispatched (CTAs are dispatched in linear-index order). The counters come zeroed
-    from the launcher (one small memset) and are never reused, so the kernel needs no host
+    or earlier-dispatched (CTAs are dispatched in linear-index order). The counters (two
+    per token block) come zeroed and the kernel leaves them zero: after the second wait each CTA
+    adds a departure to the block's first counter, and the last to depart resets both (the
+    argument is in the code). So the launcher takes them from a pool, zeroed once
+    (:mod:`mhc.backends.workspaces`), with no memset per call; the kernel needs no host
     synchronisation and is CUDA-graph capturable; results are bitwise reproducible.
 
 Shapes and dtypes (T = tokens, m = 2n + n*n for pre/fused, n for head):
     residual, new_residual (T, n, H) bf16; x, layer_input (T, H) bf16; fn (m, n*H) fp32;
     hc_scale (3,) or (1,) fp32; hc_base (m,) fp32; post_mix (T, n, 1) fp32; comb_mix (T, n, n) fp32;
-    workspace: parts (NB, S, BM*MP) and fin (NB, BM*MP) fp32, flags (NB, 2) int32 (zeroed), with
+    workspace: parts (NB, S, BM*MP) and fin (NB, BM*MP) fp32, flags (NC,) int32 with NC >= 2 * NB
+    (block b counts at 2b and 2b + 1; zero on entry, left zero), with
     NB = ceil(T / BM), S = ceil(H / HC), MP = round_up(m + 1, 4).
 """
 
@@ -227,6 +231,7 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
     inv_k = 1.0 / K
     NT = T.dynamic("num_tokens")
     NB = T.dynamic("num_blocks")
+    NC = T.dynamic("num_counters")  # >= 2 * NB: the launcher passes its whole pooled counter buffer
     has_sinkhorn = mode != "head"
     sinkhorn = _sinkhorn(n)
     fused = mode == "fused"
@@ -323,8 +328,8 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
             #    block's partials, in slice order (deterministic), publish it and wait again.
             #    Relaxed atomic loads read L2 (never a stale L1 line).
             if tx == 0:
-                T.atomic_add(flags[b, 0], 1, memory_order="release")
-                while T.atomic_load(flags[b, 0], memory_order="acquire") < S:
+                T.atomic_add(flags[2 * b], 1, memory_order="release")
+                while T.atomic_load(flags[2 * b], memory_order="acquire") < S:
                     T.call_extern("handle", "__nanosleep", 32)  # back off: fewer L2 polls
             T.sync_threads()
             for e in T.Parallel(SH):
@@ -338,9 +343,25 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
             T.call_extern("handle", "__threadfence")
             T.sync_threads()
             if tx == 0:
-                T.atomic_add(flags[b, 1], 1, memory_order="release")
-                while T.atomic_load(flags[b, 1], memory_order="acquire") < S:
+                T.atomic_add(flags[2 * b + 1], 1, memory_order="release")
+                while T.atomic_load(flags[2 * b + 1], memory_order="acquire") < S:
                     T.call_extern("handle", "__nanosleep", 32)
+                # Departure: leave both counters of the block zero for the next launch (no memset
+                # per call). Each CTA adds 1 to counter 0 (S after the arrivals) once it has
+                # passed the second wait; the CTA whose add returns 2S - 1 departs last and
+                # resets both. Safe: a CTA departs only after passing wait 2, and wait 2 passes
+                # only once all S CTAs have arrived at counter 1, i.e. passed wait 1; so at the
+                # last departure every CTA of the block is past both waits and nobody reads
+                # either counter again in this launch (counter 0 exceeding S during departures
+                # is read by no one). acq_rel: each departure releases its CTA's earlier polls,
+                # and the last one acquires all of them, so the polls happen-before the reset
+                # and cannot read it. The next launch on the stream (or graph replay) starts
+                # after this one has finished, so it sees the zeros.
+                prev = T.alloc_var(T.int32)
+                prev = T.atomic_add(flags[2 * b], 1, memory_order="acq_rel", return_prev=True)
+                if prev == 2 * S - 1:
+                    T.atomic_store(flags[2 * b], 0, memory_order="relaxed")
+                    T.atomic_store(flags[2 * b + 1], 0, memory_order="relaxed")
             T.sync_threads()
 
             # 5. RMS-scaled logits and collapse weights.
@@ -386,7 +407,7 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
             layer_input: T.Tensor[(NT, H), dtype],
             parts: T.Tensor[(NB, S, E), T.float32],
             fin: T.Tensor[(NB, E), T.float32],
-            flags: T.Tensor[(NB, 2), T.int32],
+            flags: T.Tensor[(NC,), T.int32],
             rms_eps: T.float32,
             hc_pre_eps: T.float32,
             hc_sinkhorn_eps: T.float32,
@@ -410,7 +431,7 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
             layer_input: T.Tensor[(NT, H), dtype],
             parts: T.Tensor[(NB, S, E), T.float32],
             fin: T.Tensor[(NB, E), T.float32],
-            flags: T.Tensor[(NB, 2), T.int32],
+            flags: T.Tensor[(NC,), T.int32],
             rms_eps: T.float32,
             hc_eps: T.float32,
         ):
@@ -434,7 +455,7 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
         layer_input: T.Tensor[(NT, H), dtype],
         parts: T.Tensor[(NB, S, E), T.float32],
         fin: T.Tensor[(NB, E), T.float32],
-        flags: T.Tensor[(NB, 2), T.int32],
+        flags: T.Tensor[(NC,), T.int32],
         rms_eps: T.float32,
         hc_pre_eps: T.float32,
         hc_sinkhorn_eps: T.float32,

@@ -4,9 +4,12 @@ Imported by ``BACKEND.load()`` only (it imports tilelang through :mod:`.kernels`
 functions take flattened, validated, contiguous tensors with T >= 1, exactly as documented in
 ``mhc/backends/__init__.py``; they allocate with :func:`mhc.backends.empty` on the residual's
 device and launch under :func:`mhc.backends.device_guard` on the current stream, with no host
-synchronisation (CUDA-graph capturable). Per call they look up a :class:`Plan` (kernel, config,
-workspace widths) in :data:`mhc.plans.PLANS`, keyed by op, n, H, dtype and device, allocate
-their outputs and take their workspaces from :mod:`mhc.backends.workspaces`. The keyword-only ``_cfg`` of the mix launchers is a
+synchronisation (CUDA-graph capturable). Per call they look up a :class:`Plan` (kernel, its
+compiled function, config, workspace widths) in :data:`mhc.plans.PLANS` (one dict lookup, keyed
+by op, n, H, dtype and device), allocate their outputs, take their workspaces and the zeroed
+arrival counters from :mod:`mhc.backends.workspaces` (no memset: the kernel leaves the counters
+zero) and call the kernel's compiled function directly (:mod:`.direct`: TileLang's per-call
+Python skipped, the launch on the current stream kept). The keyword-only ``_cfg`` of the mix launchers is a
 tuning hook (a :class:`~mhc.backends.tilelang.kernels.MixConfig`), not part of the interface.
 """
 
@@ -19,6 +22,7 @@ import torch
 
 from mhc.backends import device_guard, empty
 from mhc.backends.workspaces import WORKSPACES
+from mhc.backends.tilelang import direct as D
 from mhc.backends.tilelang import kernels as K
 from mhc.plans import PLANS
 
@@ -114,14 +118,45 @@ def get_kernel(op: str, n: int, H: int, dtype: str, target: dict, num_sms: int, 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What a launcher needs for one (op, n, H, dtype, device), kept in :data:`mhc.plans.PLANS`:
-    the compiled kernel, its config, and for the mix kernels the workspace's row width ``e``
-    (floats per token block and slice) and the column slices ``splits``. Nothing in it depends
-    on T (the workspaces are sized per call) or on tensor values."""
+    the compiled kernel, what a launch calls (``call``: the kernel's compiled function, see
+    :mod:`.direct`), its config, and for the mix kernels the workspace's row width ``e`` (floats
+    per token block and slice), the column slices ``splits`` and the tokens per block ``bm``.
+    Nothing in it depends on T or on tensor values; ``layouts`` memoises the workspace layout
+    per number of token blocks (:meth:`layout`), so that a call builds no tuples for it."""
 
     kernel: object
     cfg: object
+    call: object = None
     e: int = 0
     splits: int = 0
+    bm: int = 0
+    layouts: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def layout(self, nb: int) -> tuple:
+        """The workspace layout for ``nb`` token blocks: partials (nb, S, e) and reduced partials
+        (nb, e) fp32 (every element written before it is read). The arrival counters are not in
+        it: they come from the pool's counters (:func:`_workspace`)."""
+        lay = self.layouts.get(nb)
+        if lay is None:
+            lay = self.layouts.setdefault(nb, (((nb, self.splits, self.e), torch.float32), ((nb, self.e), torch.float32)))
+        return lay
+
+
+def _plan(kern, cfg, op: str, n: int, H: int) -> Plan:
+    # The compiled function (mhc.backends.tilelang.direct); TileLang's own call path where the
+    # direct path is off, for stand-ins in the CPU tests (not a TileLang kernel), and where a
+    # TileLang other than the tested one no longer matches what the direct path relies on
+    # (tests/test_tilelang_direct.py fails then: slower, never wrong).
+    call = kern
+    if D.ENABLED and D.is_tilelang_kernel(kern):
+        try:
+            call = D.compiled_function(kern)
+        except (TypeError, AttributeError):
+            pass
+    if op == "post":
+        return Plan(kern, cfg, call)
+    m = K.mix_width(op, n)
+    return Plan(kern, cfg, call, cfg.BM * (-(-(m + 1) // 4) * 4), cfg.splits(H), cfg.BM)
 
 
 def plan_for(op: str, n: int, H: int, dtype: torch.dtype, device: torch.device) -> Plan:
@@ -130,37 +165,37 @@ def plan_for(op: str, n: int, H: int, dtype: torch.dtype, device: torch.device) 
     def build():
         target = target_for(device)
         kern, cfg = get_kernel(op, n, H, _DTYPES[dtype], target, KERNELS.num_sms[device])
-        if op == "post":
-            return Plan(kern, cfg)
-        m = K.mix_width(op, n)
-        return Plan(kern, cfg, cfg.BM * (-(-(m + 1) // 4) * 4), cfg.splits(H))
+        return _plan(kern, cfg, op, n, H)
 
     return PLANS.get(("tilelang", op, n, H, dtype, device), build)
 
 
 def _workspace(p: Plan, T: int, device: torch.device):
-    """``(ticket, parts, fin, flags)``: partials (NB, S, BM*MP) and reduced partials (NB, BM*MP)
-    fp32, uninitialised (every element is written before it is read), and arrival counters (NB, 2)
-    int32, zeroed here: the kernel does not reset them (one small memset, stream-ordered, captured
-    into a CUDA graph with the launch). Pooled per device, stream and NB
+    """``(ticket, parts, fin, flags)``: partials (NB, S, e) and reduced partials (NB, e) fp32,
+    uninitialised (every element is written before it is read), and the arrival counters, a flat
+    int32 buffer of at least 2 * NB elements (block b counts at 2b and 2b + 1), zero: the kernel
+    leaves them zero, so they come from the pool's counters, zeroed once, with no memset per call.
+    Pooled per device and stream, a CUDA graph's capture getting its own
     (:mod:`mhc.backends.workspaces`); hand the ticket back after the launch."""
-    nb = -(-T // p.cfg.BM)
-    layout = (((nb, p.splits, p.e), torch.float32), ((nb, p.e), torch.float32), ((nb, 2), torch.int32))
-    ticket, (_, parts, fin, flags) = WORKSPACES.take(device, layout)
-    flags.zero_()
+    nb = -(-T // p.bm)
+    lay = p.layouts.get(nb) or p.layout(nb)
+    ticket, (flags, parts, fin) = WORKSPACES.take(device, lay, nb + nb)
     return ticket, parts, fin, flags
 
 
 def _mix_plan(op: str, residual: torch.Tensor, cfg) -> Plan:
+    """The plan for a tuning override ``cfg`` (benchmarks/tilelang_dev.py sweeps with it):
+    compiled through the same kernel cache, kept in :data:`mhc.plans.PLANS` under a key that
+    names the config."""
     T, n, H = residual.shape
-    if cfg is None:
-        return plan_for(op, n, H, residual.dtype, residual.device)
-    # a tuning override (benchmarks/tilelang_dev.py): compiled through the same kernel cache
-    dev = residual.device
-    target = target_for(dev)
-    kern, cfg = get_kernel(op, n, H, _DTYPES[residual.dtype], target, KERNELS.num_sms[dev], cfg)
-    m = K.mix_width(op, n)
-    return Plan(kern, cfg, cfg.BM * (-(-(m + 1) // 4) * 4), cfg.splits(H))
+    dev, dtype = residual.device, residual.dtype
+
+    def build():
+        target = target_for(dev)
+        kern, c = get_kernel(op, n, H, _DTYPES[dtype], target, KERNELS.num_sms[dev], cfg)
+        return _plan(kern, c, op, n, H)
+
+    return PLANS.get(("tilelang", op, n, H, dtype, dev, cfg), build)
 
 
 def post(x, residual, post_mix, comb_mix):
@@ -171,8 +206,12 @@ def post(x, residual, post_mix, comb_mix):
     p = plan_for("post", n, H, residual.dtype, dev)
     out = empty((T, n, H), residual.dtype, dev)
     with device_guard(dev):
-        p.kernel(x, residual, post_mix, comb_mix, out)
+        p.call(x, residual, post_mix, comb_mix, out)
     return out
+
+
+# The mix launchers pass the scalars as they come (Python floats and an int from the op layer):
+# the compiled function converts them (it takes a float, an int or a bool for a float parameter).
 
 
 def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
@@ -181,15 +220,14 @@ def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, h
     fp32. Returns ``post_mix`` (T, n, 1), ``comb_mix`` (T, n, n) fp32, ``layer_input`` (T, H)."""
     T, n, H = residual.shape
     dev = residual.device
-    p = _mix_plan("pre", residual, _cfg)
+    p = plan_for("pre", n, H, residual.dtype, dev) if _cfg is None else _mix_plan("pre", residual, _cfg)
     post_mix = empty((T, n, 1), torch.float32, dev)
     comb_mix = empty((T, n, n), torch.float32, dev)
     layer_input = empty((T, H), residual.dtype, dev)
     with device_guard(dev):
-        ticket, *ws = _workspace(p, T, dev)
-        p.kernel(residual, fn, hc_scale, hc_base, post_mix, comb_mix, layer_input, *ws,
-                 float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
-                 int(sinkhorn_repeat))
+        ticket, parts, fin, flags = _workspace(p, T, dev)
+        p.call(residual, fn, hc_scale, hc_base, post_mix, comb_mix, layer_input, parts, fin, flags,
+               rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
         WORKSPACES.put(ticket)
     return post_mix, comb_mix, layer_input
 
@@ -199,11 +237,11 @@ def head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps, *, _cfg=None):
     Returns (T, H) bf16."""
     T, n, H = residual.shape
     dev = residual.device
-    p = _mix_plan("head", residual, _cfg)
+    p = plan_for("head", n, H, residual.dtype, dev) if _cfg is None else _mix_plan("head", residual, _cfg)
     out = empty((T, H), residual.dtype, dev)
     with device_guard(dev):
-        ticket, *ws = _workspace(p, T, dev)
-        p.kernel(residual, fn, hc_scale, hc_base, out, *ws, float(rms_eps), float(hc_eps))
+        ticket, parts, fin, flags = _workspace(p, T, dev)
+        p.call(residual, fn, hc_scale, hc_base, out, parts, fin, flags, rms_eps, hc_eps)
         WORKSPACES.put(ticket)
     return out
 
@@ -214,15 +252,14 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
     Returns ``(new_residual (T, n, H), post_mix (T, n, 1), comb_mix (T, n, n), layer_input (T, H))``."""
     T, n, H = residual.shape
     dev = residual.device
-    p = _mix_plan("fused", residual, _cfg)
+    p = plan_for("fused", n, H, residual.dtype, dev) if _cfg is None else _mix_plan("fused", residual, _cfg)
     new = empty((T, n, H), residual.dtype, dev)
     pm = empty((T, n, 1), torch.float32, dev)
     cm = empty((T, n, n), torch.float32, dev)
     li = empty((T, H), residual.dtype, dev)
     with device_guard(dev):
-        ticket, *ws = _workspace(p, T, dev)
-        p.kernel(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, new, pm, cm, li, *ws,
-                 float(rms_eps), float(hc_pre_eps), float(hc_sinkhorn_eps), float(hc_post_mult_value),
-                 int(sinkhorn_repeat))
+        ticket, parts, fin, flags = _workspace(p, T, dev)
+        p.call(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, new, pm, cm, li, parts, fin, flags,
+               rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
         WORKSPACES.put(ticket)
     return new, pm, cm, li
