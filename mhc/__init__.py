@@ -58,7 +58,7 @@ def _type_error(op, msg: str) -> str:
 
 
 def _typed(op, n_tensors: int, also: tuple[int, ...] = ()):
-    """``op`` for the public wrappers: the dispatcher's argument-type errors (a RuntimeError naming
+    """``op`` for the public wrappers' general path (the calls their fast path refuses): the dispatcher's argument-type errors (a RuntimeError naming
     the argument) re-raised as a one-line ``TypeError``, sparse and nested tensors refused with a
     ``TypeError`` naming the argument, ``backend`` checked (None or a non-empty str: the dispatcher
     would take ``b"torch"`` as a str and ``""`` as no choice), and the autograd layer skipped when

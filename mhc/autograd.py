@@ -346,7 +346,8 @@ for _name, _bwd, _setup in (("pre", _pre_bwd, _pre_setup), ("post", _post_bwd, _
 def _eager_function(name: str, setup, bwd) -> type[torch.autograd.Function]:
     """An ``autograd.Function`` that runs ``torch.ops.mhc.<name>`` below autograd and records the
     same backward as the op's ``register_autograd`` (``setup``/``bwd`` above). The public
-    wrappers (``mhc.pre`` ...) call it when a gradient can flow and nothing is being compiled:
+    wrappers (``mhc.pre`` ...) call it when a gradient can flow, nothing is being compiled and
+    their fast path (:data:`FAST_APPLY`) has refused the call:
     ``register_autograd``'s kernel re-fills the schema's defaults on every call
     (``torch._library.utils.fill_defaults``: ~30 of its ~70 µs a call on CPU with a kernel that
     does nothing, ``python benchmarks/bench.py --overhead``); and where :func:`mhc.ops.direct_ok`
