@@ -781,6 +781,13 @@ def overhead() -> dict[str, float | str]:
             res[f"mhc.{op} (public wrapper)"] = _best_us(lambda: f(*a, **kw, backend="overhead_probe"))
             g = requiring_grad(a)
             res[f"mhc.{op}, inputs requiring grad"] = _best_us(lambda: f(*g, **kw, backend="overhead_probe"), n=500)
+        for op in OPS:  # the probe's outputs keep T = 1's shapes: the layers above do not look at them
+            a, kw = checking.make_inputs(op, (64,), 4, 64)
+            f = getattr(mhc, op)
+            res[f"mhc.{op}, T=64"] = _best_us(lambda: f(*a, **kw, backend="overhead_probe"))
+            g = requiring_grad(a)
+            res[f"mhc.{op}, T=64, inputs requiring grad"] = _best_us(lambda: f(*g, **kw, backend="overhead_probe"),
+                                                                    n=500)
     finally:
         registry.unregister("overhead_probe")
         del lib

@@ -8,13 +8,14 @@ nothing optional: triton, tilelang and aiter load on first use of their backend.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
 from mhc import ops as _ops  # registers torch.ops.mhc.*
 from mhc import autograd as _autograd  # registers torch.ops.mhc.*_backward and the ops' autograd
-from mhc import reference, validation
+from mhc import reference, registry, validation
 from mhc.reference import DEFAULTS as _D
 from mhc.registry import Backend, BackendError, Capabilities, Explanation, Problem, register, use_backend
 
@@ -57,7 +58,7 @@ def _type_error(op, msg: str) -> str:
 
 
 def _typed(op, n_tensors: int, also: tuple[int, ...] = ()):
-    """``op`` for the public wrappers: the dispatcher's argument-type errors (a RuntimeError naming
+    """``op`` for the public wrappers' general path (the calls their fast path refuses): the dispatcher's argument-type errors (a RuntimeError naming
     the argument) re-raised as a one-line ``TypeError``, sparse and nested tensors refused with a
     ``TypeError`` naming the argument, ``backend`` checked (None or a non-empty str: the dispatcher
     would take ``b"torch"`` as a str and ``""`` as no choice), and the autograd layer skipped when
@@ -115,25 +116,168 @@ def _typed(op, n_tensors: int, also: tuple[int, ...] = ()):
     return call
 
 
+_PRE, _POST, _HEAD, _FUSED = (torch.ops.mhc.pre.default, torch.ops.mhc.post.default, torch.ops.mhc.head.default,
+                               torch.ops.mhc.fused_post_pre.default)
 _pre_op = _typed(torch.ops.mhc.pre.default, 4, also=(9,))  # 9: norm_weight
 _post_op = _typed(torch.ops.mhc.post.default, 4)
 _head_op = _typed(torch.ops.mhc.head.default, 4)
 _fused_op = _typed(torch.ops.mhc.fused_post_pre.default, 7, also=(12,))  # 12: norm_weight
 
 
+# --- the fast path ---------------------------------------------------------------------------
+# Each public function first tries, in one expression, whether the call is the usual one: nothing
+# compiling (checked first, so that Dynamo never traces the C queries after it; under Dynamo it is
+# True and the wrapper below is traced as before), no mode, transform, autocast region or profiler,
+# plain dense non-meta tensors (as ``mhc.ops.direct_ok``), exact float/int scalars and every
+# validation passing (``mhc.validation``'s checks, as their hot paths do them). Then it chooses
+# the backend and runs it (``mhc.ops.run_*``), or records the call with
+# ``mhc.autograd.FAST_APPLY`` where a gradient can flow. Anything else, including every call that
+# fails a check, goes to the general path (``_typed``), which finds the argument to name.
+# Each attribute read and call costs ~50-150 ns on CPU and the per-call budget is a few µs, so the
+# test is inlined rather than shared through helpers; the layers it replaces cost ~9 µs a call on
+# CPU with a kernel that does nothing (``python benchmarks/bench.py --overhead``).
+
+_T, _P, _S, _INF = torch.Tensor, torch.nn.Parameter, torch.strided, math.inf
+_MAX_N, _MAX_REPEAT, _MIX = validation.MAX_N, validation.MAX_SINKHORN_REPEAT, validation.MIX_DTYPES
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_dispatch_modes, _function_modes, _autocast, _profiling, _functorch_level = (
+    _ops._dispatch_modes, _ops._function_modes, _ops._autocast, _ops._profiling, _ops._functorch_level)
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead  # as Function.apply does
+_select = registry.select
+_run_pre, _run_post, _run_head, _run_fused = _ops.run_pre, _ops.run_post, _ops.run_head, _ops.run_fused
+_PRE_APPLY, _POST_APPLY, _HEAD_APPLY, _FUSED_APPLY = (_autograd.FAST_APPLY[op]
+                                                      for op in ("pre", "post", "head", "fused_post_pre"))
+
+
+def _retyped(op, e: RuntimeError) -> Exception:
+    """What the general path raises for ``e``: the dispatcher's argument-type error as a
+    ``TypeError`` (see :func:`_typed`), anything else as it is."""
+    return TypeError(_type_error(op, str(e))) if "xpected a value of type" in str(e) else e
+
+
 def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["hc_pre_eps"],
         hc_sinkhorn_eps=_D["hc_sinkhorn_eps"], hc_post_mult_value=_D["hc_post_mult_value"],
         sinkhorn_repeat=_D["sinkhorn_repeat"], norm_weight=None, norm_eps=_D["norm_eps"], *, backend=None):
+    if (not _is_compiling()
+            and (residual.__class__ is _T or residual.__class__ is _P) and (fn.__class__ is _P or fn.__class__ is _T)
+            and (hc_scale.__class__ is _P or hc_scale.__class__ is _T)
+            and (hc_base.__class__ is _P or hc_base.__class__ is _T)
+            and not (_dispatch_modes() or _function_modes() or _autocast() or _profiling())
+            and _functorch_level() is None
+            and residual.layout is _S and fn.layout is _S and hc_scale.layout is _S and hc_base.layout is _S
+            and not (residual.is_nested or fn.is_nested or hc_scale.is_nested or hc_base.is_nested or residual.is_meta)
+            and sinkhorn_repeat.__class__ is int and 1 <= sinkhorn_repeat <= _MAX_REPEAT
+            and rms_eps.__class__ is float and 0.0 <= rms_eps < _INF
+            and hc_pre_eps.__class__ is float and 0.0 <= hc_pre_eps < _INF
+            and hc_sinkhorn_eps.__class__ is float and 0.0 <= hc_sinkhorn_eps < _INF
+            and hc_post_mult_value.__class__ is float and -_INF < hc_post_mult_value < _INF
+            and norm_eps.__class__ is float and 0.0 <= norm_eps < _INF
+            and (backend is None or (backend.__class__ is str and backend))):
+        shape = residual.shape
+        if len(shape) == 3:
+            T, n, H = shape
+        else:
+            T = shape[:-2].numel() if len(shape) > 1 else 0  # (n, H): one token; (H,) and T == 0: general
+            n, H = shape[-2:] if T else (0, 0)
+        dt, dev = residual.dtype, residual.device
+        mdt, m = _MIX.get(dt), 2 * n + n * n
+        if (T and 1 <= n <= _MAX_N and H >= 1 and fn.shape == (m, n * H) and hc_scale.shape == (3,)
+                and hc_base.shape == (m,) and fn.dtype is mdt and hc_scale.dtype is mdt and hc_base.dtype is mdt
+                and fn.device == dev and hc_scale.device == dev and hc_base.device == dev
+                and (norm_weight is None
+                     or ((norm_weight.__class__ is _P or norm_weight.__class__ is _T) and norm_weight.layout is _S
+                         and not norm_weight.is_nested and norm_weight.shape == (H,)
+                         and (norm_weight.dtype is dt or norm_weight.dtype is mdt) and norm_weight.device == dev))):
+            try:
+                if _grad_enabled() and (residual.requires_grad or fn.requires_grad or hc_scale.requires_grad
+                                        or hc_base.requires_grad
+                                        or (norm_weight is not None and norm_weight.requires_grad)):
+                    return _PRE_APPLY(_unwrap_if_dead(residual), _unwrap_if_dead(fn), _unwrap_if_dead(hc_scale),
+                                      _unwrap_if_dead(hc_base),
+                                      None if norm_weight is None else _unwrap_if_dead(norm_weight),
+                                      (_select("pre", dev, dt, n, H, T, backend, False, norm_weight is not None),
+                                       T, n, H, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+                                       sinkhorn_repeat, norm_eps))
+                return _run_pre(_select("pre", dev, dt, n, H, T, backend, False, norm_weight is not None), residual,
+                                fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+                                sinkhorn_repeat, norm_weight, norm_eps, T, n, H)
+            except RuntimeError as e:
+                raise _retyped(_PRE, e) from None
     validation.check_sinkhorn_repeat(sinkhorn_repeat)  # before dispatch, which takes True as 1
     return _pre_op(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
                    hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps, backend=backend)
 
 
 def post(x, residual, post_mix, comb_mix, *, backend=None):
+    if (not _is_compiling()
+            and (x.__class__ is _T or x.__class__ is _P) and (residual.__class__ is _T or residual.__class__ is _P)
+            and (post_mix.__class__ is _T or post_mix.__class__ is _P)
+            and (comb_mix.__class__ is _T or comb_mix.__class__ is _P)
+            and not (_dispatch_modes() or _function_modes() or _autocast() or _profiling())
+            and _functorch_level() is None
+            and x.layout is _S and residual.layout is _S and post_mix.layout is _S and comb_mix.layout is _S
+            and not (x.is_nested or residual.is_nested or post_mix.is_nested or comb_mix.is_nested or residual.is_meta)
+            and (backend is None or (backend.__class__ is str and backend))):
+        shape = residual.shape
+        if len(shape) == 3:
+            T, n, H = shape
+            xs, ps, cs = (T, H), (T, n, 1), (T, n, n)
+        else:
+            T = shape[:-2].numel() if len(shape) > 1 else 0
+            n, H = shape[-2:] if T else (0, 0)
+            lead = shape[:-2]
+            xs, ps, cs = (*lead, H), (*lead, n, 1), (*lead, n, n)
+        dt, dev = residual.dtype, residual.device
+        mdt = _MIX.get(dt)
+        if (T and 1 <= n <= _MAX_N and H >= 1 and x.shape == xs and post_mix.shape == ps and comb_mix.shape == cs
+                and x.dtype is dt and post_mix.dtype is mdt and comb_mix.dtype is mdt
+                and x.device == dev and post_mix.device == dev and comb_mix.device == dev):
+            try:
+                if _grad_enabled() and (x.requires_grad or residual.requires_grad or post_mix.requires_grad
+                                        or comb_mix.requires_grad):
+                    return _POST_APPLY(_unwrap_if_dead(x), _unwrap_if_dead(residual), _unwrap_if_dead(post_mix),
+                                       _unwrap_if_dead(comb_mix),
+                                       (_select("post", dev, dt, n, H, T, backend), T, n, H))
+                return _run_post(_select("post", dev, dt, n, H, T, backend), x, residual, post_mix, comb_mix, T, n, H)
+            except RuntimeError as e:
+                raise _retyped(_POST, e) from None
     return _post_op(x, residual, post_mix, comb_mix, backend=backend)
 
 
 def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_eps"], *, backend=None):
+    if (not _is_compiling()
+            and (residual.__class__ is _T or residual.__class__ is _P) and (fn.__class__ is _P or fn.__class__ is _T)
+            and (hc_scale.__class__ is _P or hc_scale.__class__ is _T)
+            and (hc_base.__class__ is _P or hc_base.__class__ is _T)
+            and not (_dispatch_modes() or _function_modes() or _autocast() or _profiling())
+            and _functorch_level() is None
+            and residual.layout is _S and fn.layout is _S and hc_scale.layout is _S and hc_base.layout is _S
+            and not (residual.is_nested or fn.is_nested or hc_scale.is_nested or hc_base.is_nested or residual.is_meta)
+            and rms_eps.__class__ is float and 0.0 <= rms_eps < _INF and hc_eps.__class__ is float
+            and 0.0 <= hc_eps < _INF
+            and (backend is None or (backend.__class__ is str and backend))):
+        shape = residual.shape
+        if len(shape) == 3:
+            T, n, H = shape
+        else:
+            T = shape[:-2].numel() if len(shape) > 1 else 0
+            n, H = shape[-2:] if T else (0, 0)
+        dt, dev = residual.dtype, residual.device
+        mdt = _MIX.get(dt)
+        if (T and 1 <= n <= _MAX_N and H >= 1 and fn.shape == (n, n * H) and hc_scale.shape == (1,)
+                and hc_base.shape == (n,) and fn.dtype is mdt and hc_scale.dtype is mdt and hc_base.dtype is mdt
+                and fn.device == dev and hc_scale.device == dev and hc_base.device == dev):
+            try:
+                if _grad_enabled() and (residual.requires_grad or fn.requires_grad or hc_scale.requires_grad
+                                        or hc_base.requires_grad):
+                    return _HEAD_APPLY(_unwrap_if_dead(residual), _unwrap_if_dead(fn), _unwrap_if_dead(hc_scale),
+                                       _unwrap_if_dead(hc_base),
+                                       (_select("head", dev, dt, n, H, T, backend), T, n, H, rms_eps, hc_eps))
+                return _run_head(_select("head", dev, dt, n, H, T, backend), residual, fn, hc_scale, hc_base, rms_eps,
+                                 hc_eps, T, n, H)
+            except RuntimeError as e:
+                raise _retyped(_HEAD, e) from None
     return _head_op(residual, fn, hc_scale, hc_base, rms_eps, hc_eps, backend=backend)
 
 
@@ -141,6 +285,65 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
                    hc_pre_eps=_D["hc_pre_eps"], hc_sinkhorn_eps=_D["hc_sinkhorn_eps"],
                    hc_post_mult_value=_D["hc_post_mult_value"], sinkhorn_repeat=_D["sinkhorn_repeat"],
                    norm_weight=None, norm_eps=_D["norm_eps"], *, backend=None):
+    if (not _is_compiling()
+            and (x.__class__ is _T or x.__class__ is _P) and (residual.__class__ is _T or residual.__class__ is _P)
+            and (post_mix.__class__ is _T or post_mix.__class__ is _P)
+            and (comb_mix.__class__ is _T or comb_mix.__class__ is _P)
+            and (fn.__class__ is _P or fn.__class__ is _T) and (hc_scale.__class__ is _P or hc_scale.__class__ is _T)
+            and (hc_base.__class__ is _P or hc_base.__class__ is _T)
+            and not (_dispatch_modes() or _function_modes() or _autocast() or _profiling())
+            and _functorch_level() is None
+            and x.layout is _S and residual.layout is _S and post_mix.layout is _S and comb_mix.layout is _S
+            and fn.layout is _S and hc_scale.layout is _S and hc_base.layout is _S
+            and not (x.is_nested or residual.is_nested or post_mix.is_nested or comb_mix.is_nested or fn.is_nested
+                     or hc_scale.is_nested or hc_base.is_nested or residual.is_meta)
+            and sinkhorn_repeat.__class__ is int and 1 <= sinkhorn_repeat <= _MAX_REPEAT
+            and rms_eps.__class__ is float and 0.0 <= rms_eps < _INF
+            and hc_pre_eps.__class__ is float and 0.0 <= hc_pre_eps < _INF
+            and hc_sinkhorn_eps.__class__ is float and 0.0 <= hc_sinkhorn_eps < _INF
+            and hc_post_mult_value.__class__ is float and -_INF < hc_post_mult_value < _INF
+            and norm_eps.__class__ is float and 0.0 <= norm_eps < _INF
+            and (backend is None or (backend.__class__ is str and backend))):
+        shape = residual.shape
+        if len(shape) == 3:
+            T, n, H = shape
+            xs, ps, cs = (T, H), (T, n, 1), (T, n, n)
+        else:
+            T = shape[:-2].numel() if len(shape) > 1 else 0
+            n, H = shape[-2:] if T else (0, 0)
+            lead = shape[:-2]
+            xs, ps, cs = (*lead, H), (*lead, n, 1), (*lead, n, n)
+        dt, dev = residual.dtype, residual.device
+        mdt, m = _MIX.get(dt), 2 * n + n * n
+        if (T and 1 <= n <= _MAX_N and H >= 1 and x.shape == xs and post_mix.shape == ps and comb_mix.shape == cs
+                and fn.shape == (m, n * H) and hc_scale.shape == (3,) and hc_base.shape == (m,)
+                and x.dtype is dt and post_mix.dtype is mdt and comb_mix.dtype is mdt
+                and fn.dtype is mdt and hc_scale.dtype is mdt and hc_base.dtype is mdt
+                and x.device == dev and post_mix.device == dev and comb_mix.device == dev
+                and fn.device == dev and hc_scale.device == dev and hc_base.device == dev
+                and (norm_weight is None
+                     or ((norm_weight.__class__ is _P or norm_weight.__class__ is _T) and norm_weight.layout is _S
+                         and not norm_weight.is_nested and norm_weight.shape == (H,)
+                         and (norm_weight.dtype is dt or norm_weight.dtype is mdt) and norm_weight.device == dev))):
+            try:
+                if _grad_enabled() and (x.requires_grad or residual.requires_grad or post_mix.requires_grad
+                                        or comb_mix.requires_grad or fn.requires_grad or hc_scale.requires_grad
+                                        or hc_base.requires_grad
+                                        or (norm_weight is not None and norm_weight.requires_grad)):
+                    return _FUSED_APPLY(_unwrap_if_dead(x), _unwrap_if_dead(residual), _unwrap_if_dead(post_mix),
+                                        _unwrap_if_dead(comb_mix), _unwrap_if_dead(fn), _unwrap_if_dead(hc_scale),
+                                        _unwrap_if_dead(hc_base),
+                                        None if norm_weight is None else _unwrap_if_dead(norm_weight),
+                                        (_select("fused_post_pre", dev, dt, n, H, T, backend, False,
+                                                 norm_weight is not None),
+                                         T, n, H, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+                                         sinkhorn_repeat, norm_eps))
+                return _run_fused(_select("fused_post_pre", dev, dt, n, H, T, backend, False, norm_weight is not None),
+                                  x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
+                                  hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps,
+                                  T, n, H)
+            except RuntimeError as e:
+                raise _retyped(_FUSED, e) from None
     validation.check_sinkhorn_repeat(sinkhorn_repeat)
     return _fused_op(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
                      hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps, backend=backend)

@@ -29,11 +29,13 @@ a second-order gradient of None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mhc import reference, registry, validation
 from mhc import ops as _ops
-from mhc.ops import DIRECT, _c, register_dense_only, register_no_autocast
+from mhc.ops import DIRECT, _c, register_dense_only, register_no_autocast, run_fused, run_head, run_post, run_pre
 
 __all__ = ["SCHEMAS"]
 
@@ -242,10 +244,9 @@ def _or_zeros(g, like: torch.Tensor) -> torch.Tensor:
 
 
 def _pre_setup(ctx, inputs, keyword_only_inputs, output):
-    residual, fn, hc_scale, hc_base, *scalars = inputs[:9]
     # every gradient needs the recomputed mixes; norm_weight (inputs[9], or None) the fused norm's
-    ctx.save_for_backward(residual, fn, hc_scale, hc_base, inputs[9])
-    ctx.scalars = scalars
+    ctx.save_for_backward(*inputs[:4], inputs[9])
+    ctx.scalars = inputs[4:9]
     ctx.norm_eps = inputs[10]
     ctx.bwd_backend = registry.current_choice("pre_backward")
 
@@ -274,9 +275,8 @@ def _pre_bwd(ctx, g_pm, g_cm, g_li):
 
 
 def _head_setup(ctx, inputs, keyword_only_inputs, output):
-    residual, fn, hc_scale, hc_base, *scalars = inputs
-    ctx.save_for_backward(residual, fn, hc_scale, hc_base)
-    ctx.scalars = scalars
+    ctx.save_for_backward(*inputs[:4])
+    ctx.scalars = inputs[4:]
     ctx.bwd_backend = registry.current_choice("head_backward")
 
 
@@ -306,13 +306,13 @@ def _post_bwd(ctx, g):
 
 
 def _fused_setup(ctx, inputs, keyword_only_inputs, output):
-    x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, *scalars = inputs[:12]
+    x, residual, post_mix, comb_mix, fn, hc_scale, hc_base = inputs[:7]
     need = ctx.needs_input_grad
     # pre's half needs the new residual (an output: what pre read), its parameters and the norm
     # weight (inputs[12], or None) whatever is asked for; post's half what post's backward needs.
     ctx.save_for_backward(output[0], fn, hc_scale, hc_base, inputs[12],
                           *_post_saved(x, residual, post_mix, comb_mix, need[:4]))
-    ctx.scalars = scalars
+    ctx.scalars = inputs[7:12]
     ctx.norm_eps = inputs[13]
     ctx.bwd_backend = (registry.current_choice("pre_backward"), registry.current_choice("post_backward"))
 
@@ -346,7 +346,8 @@ for _name, _bwd, _setup in (("pre", _pre_bwd, _pre_setup), ("post", _post_bwd, _
 def _eager_function(name: str, setup, bwd) -> type[torch.autograd.Function]:
     """An ``autograd.Function`` that runs ``torch.ops.mhc.<name>`` below autograd and records the
     same backward as the op's ``register_autograd`` (``setup``/``bwd`` above). The public
-    wrappers (``mhc.pre`` ...) call it when a gradient can flow and nothing is being compiled:
+    wrappers (``mhc.pre`` ...) call it when a gradient can flow, nothing is being compiled and
+    their fast path (:data:`FAST_APPLY`) has refused the call:
     ``register_autograd``'s kernel re-fills the schema's defaults on every call
     (``torch._library.utils.fill_defaults``: ~30 of its ~70 µs a call on CPU with a kernel that
     does nothing, ``python benchmarks/bench.py --overhead``); and where :func:`mhc.ops.direct_ok`
@@ -386,3 +387,78 @@ EAGER_FUNCTIONS = {name: _eager_function(name, setup, bwd)
                    for name, bwd, setup in (("pre", _pre_bwd, _pre_setup), ("post", _post_bwd, _post_setup),
                                             ("head", _head_bwd, _head_setup),
                                             ("fused_post_pre", _fused_bwd, _fused_setup))}
+
+
+# --- the public API's fast path: validated arguments, the backend already chosen ------------------
+
+def _fast_function(name: str, forward, positions: tuple[int, ...], n_inputs: int, bwd) -> Callable:
+    """The C ``apply`` of an ``autograd.Function`` for the public wrappers' fast path (``mhc.pre``
+    ...), which have validated the call and chosen the backend. Its ``forward(ctx, <the op's
+    tensor arguments>, call)`` takes the op's tensors (optional ``norm_weight`` included, at
+    ``positions`` among the op's ``n_inputs`` positional arguments) and a tuple ``call`` (the
+    backend callable, T, n, H, the scalars) that gets no gradient; the backward is the op's
+    ``register_autograd`` formula ``bwd``.
+
+    ``Function.apply`` costs ~3 µs a call before its C ``apply`` on CPU: most of it unwrapping
+    functorch's dead wrappers (the callers do that, ``unwrap_if_dead``) and checking for a
+    functorch transform or a ``setup_context`` (the callers take this path with no transform
+    active; the class has no ``setup_context``)."""
+
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad
+        full = [False] * n_inputs
+        for i, p in enumerate(positions):
+            full[p] = needs[i]
+        try:  # the formulas index the op's positional arguments
+            ctx.needs_input_grad = tuple(full)
+            result = bwd(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        return (*(result[p] for p in positions), None)
+
+    cls = type(f"Mhc_{name}_fast", (torch.autograd.Function,),
+               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return super(torch.autograd.Function, cls).apply  # torch._C._FunctionBase.apply, bound to cls
+
+
+def _pre_forward(ctx, residual, fn, hc_scale, hc_base, norm_weight, call):
+    impl, T, n, H, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_eps = call
+    inputs = (residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+              sinkhorn_repeat, norm_weight, norm_eps)
+    out = run_pre(impl, *inputs, T, n, H)
+    _pre_setup(ctx, inputs, None, out)
+    return out
+
+
+def _post_forward(ctx, x, residual, post_mix, comb_mix, call):
+    impl, T, n, H = call
+    out = run_post(impl, x, residual, post_mix, comb_mix, T, n, H)
+    _post_setup(ctx, (x, residual, post_mix, comb_mix), None, out)
+    return out
+
+
+def _head_forward(ctx, residual, fn, hc_scale, hc_base, call):
+    impl, T, n, H, rms_eps, hc_eps = call
+    inputs = (residual, fn, hc_scale, hc_base, rms_eps, hc_eps)
+    out = run_head(impl, *inputs, T, n, H)
+    _head_setup(ctx, inputs, None, out)
+    return out
+
+
+def _fused_forward(ctx, x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, norm_weight, call):
+    impl, T, n, H, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_eps = call
+    inputs = (x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+              hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps)
+    out = run_fused(impl, *inputs, T, n, H)
+    _fused_setup(ctx, inputs, None, out)
+    return out
+
+
+#: ``apply(<the op's tensors>, call)`` of each forward op for the public wrappers' fast path (see
+#: :func:`_fast_function`; ``call``: the backend callable, T, n, H, then the op's scalars in order).
+FAST_APPLY = {
+    "pre": _fast_function("pre", _pre_forward, (0, 1, 2, 3, 9), 11, _pre_bwd),
+    "post": _fast_function("post", _post_forward, (0, 1, 2, 3), 4, _post_bwd),
+    "head": _fast_function("head", _head_forward, (0, 1, 2, 3), 6, _head_bwd),
+    "fused_post_pre": _fast_function("fused_post_pre", _fused_forward, (0, 1, 2, 3, 4, 5, 6, 12), 14, _fused_bwd),
+}

@@ -24,7 +24,7 @@ import torch
 
 from mhc import reference, registry, validation
 
-__all__ = ["SCHEMAS", "pre", "post", "head", "fused_post_pre"]
+__all__ = ["SCHEMAS", "pre", "post", "head", "fused_post_pre", "run_pre", "run_post", "run_head", "run_fused"]
 
 #: The scalars' defaults have one home, ``mhc.reference.DEFAULTS``: the schemas and the Python
 #: signatures below take them from there.
@@ -67,26 +67,77 @@ def _c(t: torch.Tensor, *shape: int) -> torch.Tensor:
     return t.contiguous()
 
 
-def _norm_args(norm_weight, norm_eps) -> tuple:
-    """The trailing backend arguments of a call with the fused RMSNorm; none without it, so that a
-    backend without ``norm_weight`` parameters is called as before (mhc/backends/__init__.py)."""
-    return () if norm_weight is None else (norm_weight.contiguous(), norm_eps)
+def run_pre(impl, residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+            sinkhorn_repeat, norm_weight, norm_eps, T: int, n: int, H: int):
+    """``pre`` on arguments already validated, with T >= 1 tokens, by the backend callable ``impl``
+    (:func:`mhc.registry.select`'s): flatten to (T, n, H), make contiguous, call, restore the
+    leading dims. One home for the op's kernel below, the public wrappers' fast path and
+    ``mhc.autograd``'s recorded call."""
+    shape = residual.shape
+    res = residual.contiguous() if len(shape) == 3 else residual.reshape(T, n, H).contiguous()
+    if norm_weight is None:  # a backend without norm_weight parameters is called as before
+        p, c, li = impl(res, fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps, hc_pre_eps,
+                        hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
+    else:
+        p, c, li = impl(res, fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps, hc_pre_eps,
+                        hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_weight.contiguous(), norm_eps)
+    if len(shape) == 3:
+        return p, c, li
+    lead = shape[:-2]
+    return p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
+
+
+def run_post(impl, x, residual, post_mix, comb_mix, T: int, n: int, H: int):
+    """``post`` on validated arguments with T >= 1 (see :func:`run_pre`)."""
+    shape = residual.shape
+    if len(shape) == 3:
+        return impl(x.contiguous(), residual.contiguous(), post_mix.contiguous(), comb_mix.contiguous())
+    out = impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n))
+    return out.view(shape)
+
+
+def run_head(impl, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, T: int, n: int, H: int):
+    """``head`` on validated arguments with T >= 1 (see :func:`run_pre`)."""
+    shape = residual.shape
+    if len(shape) == 3:
+        return impl(residual.contiguous(), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps,
+                    hc_eps)
+    out = impl(residual.reshape(T, n, H).contiguous(), fn.contiguous(), hc_scale.contiguous(),
+               hc_base.contiguous(), rms_eps, hc_eps)
+    return out.view(*shape[:-2], H)
+
+
+def run_fused(impl, x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+              hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps, T: int, n: int, H: int):
+    """``fused_post_pre`` on validated arguments with T >= 1 (see :func:`run_pre`)."""
+    shape = residual.shape
+    if len(shape) == 3:
+        ins = (x.contiguous(), residual.contiguous(), post_mix.contiguous(), comb_mix.contiguous())
+    else:
+        ins = (_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n))
+    if norm_weight is None:
+        new, p, c, li = impl(*ins, fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps,
+                             hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
+    else:
+        new, p, c, li = impl(*ins, fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps,
+                             hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat,
+                             norm_weight.contiguous(), norm_eps)
+    if len(shape) == 3:
+        return new, p, c, li
+    lead = shape[:-2]
+    return new.view(shape), p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
 
 
 def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["hc_pre_eps"],
         hc_sinkhorn_eps=_D["hc_sinkhorn_eps"], hc_post_mult_value=_D["hc_post_mult_value"],
         sinkhorn_repeat=_D["sinkhorn_repeat"], norm_weight=None, norm_eps=_D["norm_eps"], *, backend=None):
     lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps, hc_pre_eps,
-                                                  hc_sinkhorn_eps, hc_post_mult_value, norm_weight, norm_eps)
+                                         hc_sinkhorn_eps, hc_post_mult_value, norm_weight, norm_eps)
     impl = registry.select("pre", residual.device, residual.dtype, n, H, T, backend, norm=norm_weight is not None)
     if T == 0:
         return _pre_outputs(residual, lead, n, H)
-    p, c, li = impl(_c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
-                    rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat,
-                    *_norm_args(norm_weight, norm_eps))
-    if len(lead) == 1:
-        return p, c, li
-    return p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
+    return run_pre(impl, residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+                   sinkhorn_repeat, norm_weight, norm_eps, T, n, H)
 
 
 def post(x, residual, post_mix, comb_mix, *, backend=None):
@@ -94,8 +145,7 @@ def post(x, residual, post_mix, comb_mix, *, backend=None):
     impl = registry.select("post", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return residual.new_empty(residual.shape)
-    out = impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n))
-    return out if len(lead) == 1 else out.view(*lead, n, H)
+    return run_post(impl, x, residual, post_mix, comb_mix, T, n, H)
 
 
 def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_eps"], *, backend=None):
@@ -103,9 +153,7 @@ def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_e
     impl = registry.select("head", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return residual.new_empty((*lead, H))
-    out = impl(_c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(),
-               rms_eps, hc_eps)
-    return out if len(lead) == 1 else out.view(*lead, H)
+    return run_head(impl, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, T, n, H)
 
 
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"],
@@ -119,12 +167,8 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
                            norm=norm_weight is not None)
     if T == 0:
         return (residual.new_empty(residual.shape), *_pre_outputs(residual, lead, n, H))
-    new, p, c, li = impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n),
-                         fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps, hc_pre_eps,
-                         hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, *_norm_args(norm_weight, norm_eps))
-    if len(lead) == 1:
-        return new, p, c, li
-    return new.view(*lead, n, H), p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
+    return run_fused(impl, x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
+                     hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps, T, n, H)
 
 
 # --- the direct call: the op's kernel without the dispatcher, where that changes nothing -------------

@@ -20,11 +20,13 @@ import torch
 from mhc.reference import acc_dtype as mix_dtype
 from mhc.reference import DEFAULTS as _D  # the scalars' defaults (one home)
 
-__all__ = ["ACT_DTYPES", "MAX_N", "MAX_SINKHORN_REPEAT", "check_pre", "check_post", "check_head", "check_fused",
+__all__ = ["ACT_DTYPES", "MIX_DTYPES", "MAX_N", "MAX_SINKHORN_REPEAT", "check_pre", "check_post", "check_head", "check_fused",
            "check_sinkhorn_repeat", "check_norm", "check_backend", "non_dense", "mix_dtype"]
 
 #: Residual / activation dtypes the op layer accepts; backends narrow this in their capabilities.
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+#: The mix dtype of each accepted residual dtype (:func:`mix_dtype`), for lookups in hot paths.
+MIX_DTYPES = {d: mix_dtype(d) for d in ACT_DTYPES}
 MAX_N = 8
 #: Largest ``sinkhorn_repeat`` accepted. DeepSeek-V4 uses 20 and the normalisation has converged
 #: to fp32 precision long before 1000; the bound keeps a typo (10**9) from running for minutes

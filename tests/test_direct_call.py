@@ -1,9 +1,11 @@
-"""The public wrappers' direct call (``mhc.ops.direct_ok``): where the dispatcher would only box the
-arguments and call the op's kernel, ``mhc.pre`` and the others call that kernel themselves. These
-tests check both halves of that promise on CPU: the plain call takes the direct path and gives
-what ``torch.ops.mhc.*`` gives, and every case the dispatcher treats differently (modes,
-transforms, autocast, the profiler, subclasses, meta/sparse tensors, scalars the schema would
-convert or refuse) goes through the dispatcher and keeps its behaviour.
+"""The public wrappers' direct call: where the dispatcher would only box the arguments and call the
+op's kernel, ``mhc.pre`` and the others run it themselves: their fast path (the usual call, checked
+inline: ``mhc.ops.run_*`` or ``mhc.autograd.FAST_APPLY``), else the general path's
+``mhc.ops.direct_ok``. These tests check both halves of that promise on CPU: the plain call takes
+the fast path and gives what ``torch.ops.mhc.*`` gives (values, gradients, errors), and every case
+the dispatcher treats differently (modes, transforms, autocast, the profiler, subclasses,
+meta/sparse tensors, scalars the schema would convert or refuse) goes through the dispatcher and
+keeps its behaviour.
 """
 
 from __future__ import annotations
@@ -18,17 +20,30 @@ from mhc import checking, ops
 OPS = ("pre", "post", "head", "fused_post_pre")
 
 
+_FAST = ("_run_pre", "_run_post", "_run_head", "_run_fused", "_PRE_APPLY", "_POST_APPLY", "_HEAD_APPLY",
+         "_FUSED_APPLY")
+
+
 @pytest.fixture
 def verdicts(monkeypatch):
-    """Every ``direct_ok`` answer the wrappers get, in order."""
-    seen: list[bool] = []
+    """The path each public call takes, in order: ``"fast"`` (the wrapper's fast path), else every
+    ``direct_ok`` answer of the general path."""
+    seen: list[bool | str] = []
     real = ops.direct_ok
 
     def spy(*a):
         seen.append(real(*a))
         return seen[-1]
 
+    def fast(f):
+        def spy_fast(*a):
+            seen.append("fast")
+            return f(*a)
+        return spy_fast
+
     monkeypatch.setattr(ops, "direct_ok", spy)
+    for name in _FAST:
+        monkeypatch.setattr(mhc, name, fast(getattr(mhc, name)))
     return seen
 
 
@@ -45,7 +60,7 @@ def _via_dispatcher(op, args, kw):
 def test_the_plain_call_is_direct_and_equals_the_dispatched_op(op, verdicts):
     args, kw = _inputs(op, seed=1)
     got = checking.call(op, args, kw, "torch")
-    assert verdicts == [True]
+    assert verdicts == ["fast"]
     for g, w in zip(got, _via_dispatcher(op, args, kw)):
         assert torch.equal(g, w)
 
@@ -54,7 +69,7 @@ def test_parameters_are_plain_tensors(verdicts):
     args, kw = _inputs("pre", seed=2)
     args = (args[0], torch.nn.Parameter(args[1], requires_grad=False), *args[2:])
     mhc.pre(*args, **kw, backend="torch")
-    assert verdicts == [True]
+    assert verdicts == ["fast"]
 
 
 def test_a_dispatch_mode_sees_the_op(verdicts):
@@ -156,6 +171,138 @@ def test_inputs_requiring_grad_use_the_direct_kernel_below_autograd(verdicts):
     args, kw = _inputs("pre", seed=13)
     args = tuple(a.detach().requires_grad_() for a in args)
     post_mix, comb_mix, li = mhc.pre(*args, **kw, backend="torch")
-    assert verdicts == [True]  # the eager autograd function's forward
+    assert verdicts == ["fast"]  # mhc.autograd.FAST_APPLY
     (li.float().sum() + post_mix.sum() + comb_mix.sum()).backward()
     assert all(a.grad is not None and torch.isfinite(a.grad).all() for a in args)
+
+
+# --- the fast path against the general path ------------------------------------------------------
+
+
+def _outcome(op, args, kw):
+    """``("ok", outputs)`` or ``(exception type, message)`` of ``mhc.<op>(*args, **kw)``."""
+    try:
+        out = getattr(mhc, op)(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - the point is to compare whatever is raised
+        return type(e), str(e)
+    return "ok", out if isinstance(out, tuple) else (out,)
+
+
+def _general(monkeypatch):
+    """Send every public call to the general path (``_typed``), as under torch.compile."""
+    monkeypatch.setattr(mhc, "_is_compiling", lambda: True)
+
+
+def _same(got, want):
+    assert got[0] == want[0], (got, want)
+    if got[0] == "ok":
+        assert len(got[1]) == len(want[1])
+        for g, w in zip(got[1], want[1]):
+            assert g.shape == w.shape and g.dtype == w.dtype and torch.equal(g, w)
+    else:
+        assert got[1] == want[1]
+
+
+def _norm_weight(args, dtype=torch.float32, H=64, seed=0):
+    """A norm weight in [0.5, 1.5) for ``args``' H."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(H, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+
+
+_WITH_NORM = [(op, norm) for op in OPS for norm in (False, True) if op in ("pre", "fused_post_pre") or not norm]
+
+
+@pytest.mark.parametrize("op,norm", _WITH_NORM)
+@pytest.mark.parametrize("lead", [(3,), (2, 3), (), (1,)])
+def test_the_fast_path_equals_the_general_path(op, lead, norm, verdicts, monkeypatch):
+    args, kw = checking.make_inputs(op, lead, 4, 64, torch.bfloat16, seed=30)
+    if norm:
+        kw = dict(kw, norm_weight=_norm_weight(args), norm_eps=1e-5)
+    kw = dict(kw, backend="torch")
+    fast = _outcome(op, args, kw)
+    assert verdicts == ["fast"]
+    _general(monkeypatch)
+    _same(fast, _outcome(op, args, kw))
+
+
+@pytest.mark.parametrize("op,norm", _WITH_NORM)
+def test_the_fast_path_records_the_ops_gradients(op, norm, verdicts):
+    args, kw = checking.make_inputs(op, (2, 3), 4, 64, torch.float32, seed=31)
+    if norm:
+        kw = dict(kw, norm_weight=_norm_weight(args, seed=32))
+    grads = []
+    for f in (getattr(mhc, op), getattr(torch.ops.mhc, op)):  # the fast path; register_autograd's
+        leaves = [a.detach().requires_grad_() for a in args]
+        extra = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        out = f(*leaves, **extra, backend="torch")
+        out = out if isinstance(out, tuple) else (out,)
+        g = torch.Generator().manual_seed(33)
+        sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in out).backward()
+        grads.append([t.grad for t in leaves] + [v.grad for v in extra.values() if isinstance(v, torch.Tensor)])
+    assert verdicts == ["fast"]
+    for g, w in zip(*grads):
+        assert g is not None and torch.equal(g, w)
+
+
+def _bad_calls():
+    """Calls the fast path refuses (each with the op): it must raise or return what the general
+    path does."""
+    cases = []
+    for op in OPS:
+        args, kw = checking.make_inputs(op, (2,), 4, 64, torch.bfloat16, seed=34)
+        t = list(args)
+
+        def with_arg(i, value, t=t):
+            return tuple(value if j == i else a for j, a in enumerate(t))
+
+        res = 0 if op in ("pre", "head") else 1
+        cases += [
+            (op, with_arg(res, t[res][:, :, :32]), kw, "residual H mismatch"),
+            (op, with_arg(res, t[res][:0]), kw, "T == 0"),
+            (op, with_arg(res, t[res][0, 0]), kw, "1-D residual"),
+            (op, with_arg(res, t[res].tolist()), kw, "a list"),
+            (op, with_arg(res, t[res].to(torch.int32)), kw, "int residual"),
+            (op, with_arg(res, torch.zeros(2, 9, 64, dtype=torch.bfloat16)), kw, "n = 9"),
+            (op, args, dict(kw, backend=""), "backend ''"),
+            (op, args, dict(kw, backend=b"torch"), "backend bytes"),
+            (op, args, dict(kw, backend="nosuch"), "unknown backend"),
+            (op, args, dict(kw, backend="torch"), "a fine call"),
+        ]
+        if op != "post":
+            w = 1 if op in ("pre", "head") else 4
+            cases += [
+                (op, with_arg(w, t[w][:, :-1]), kw, "fn shape"),
+                (op, with_arg(w, t[w].double()), kw, "fn dtype"),
+                (op, with_arg(w + 1, t[w + 1][:1] if op != "head" else t[w + 1].repeat(2)), kw, "hc_scale shape"),
+                (op, args, dict(kw, rms_eps=-1.0), "negative eps"),
+                (op, args, dict(kw, rms_eps=0), "an int eps"),
+                (op, args, dict(kw, rms_eps=float("nan")), "a NaN eps"),
+            ]
+        if op in ("post", "fused_post_pre"):
+            cases += [
+                (op, with_arg(0, t[0].float()), kw, "x dtype"),
+                (op, with_arg(2, t[2].to(torch.bfloat16)), kw, "post_mix dtype"),
+                (op, with_arg(3, t[3][:, :2]), kw, "comb_mix shape"),
+            ]
+        if op in ("pre", "fused_post_pre"):
+            cases += [
+                (op, args, dict(kw, sinkhorn_repeat=True), "a bool repeat"),
+                (op, args, dict(kw, sinkhorn_repeat=0), "repeat 0"),
+                (op, args, dict(kw, sinkhorn_repeat=10**6), "repeat too large"),
+                (op, args, dict(kw, hc_post_mult_value=float("inf")), "an infinite mult"),
+                (op, args, dict(kw, norm_eps=-1.0), "negative norm_eps"),
+                (op, args, dict(kw, norm_weight=torch.ones(32)), "norm_weight shape"),
+                (op, args, dict(kw, norm_weight=torch.ones(64, dtype=torch.float16)), "norm_weight dtype"),
+                (op, args, dict(kw, norm_weight=[1.0] * 64), "norm_weight a list"),
+                (op, args, dict(kw, norm_weight=torch.ones(64).to_sparse()), "sparse norm_weight"),
+            ]
+    return cases
+
+
+@pytest.mark.parametrize("op,args,kw,what", _bad_calls(), ids=[c[3] + "-" + c[0] for c in _bad_calls()])
+def test_calls_the_fast_path_refuses_behave_as_on_the_general_path(op, args, kw, what, monkeypatch):
+    kw = dict(kw)
+    kw.setdefault("backend", "torch")
+    got = _outcome(op, args, kw)
+    _general(monkeypatch)
+    _same(got, _outcome(op, args, kw))
