@@ -81,8 +81,8 @@ def building_blocks(dev: torch.device) -> None:
 
 def layers(dev: torch.device, H: int) -> None:
     """Unprofiled host µs of each layer of one Triton call (T = 1): the public wrapper, the op layer,
-    the backend's launcher, and inside it validation, selection, the outputs, the launch key and
-    the launcher's C call."""
+    the backend's launcher, and inside it validation, selection, the keyed launch the launchers
+    make, the generic key and launch it replaces, and the launcher's C call."""
     import mhc
     from mhc import checking, registry, validation
     from mhc.backends.triton import direct, launch
@@ -96,13 +96,13 @@ def layers(dev: torch.device, H: int) -> None:
         res = args[0] if op in ("pre", "head") else args[1]
         n = res.shape[-2]
         seen = []
-        real = direct.DirectKernel.__call__
-        direct.DirectKernel.__call__ = lambda self, grid, *a: seen.append((self, grid, a)) or real(self, grid, *a)
+        real = direct.DirectKernel.launch
+        direct.DirectKernel.launch = lambda self, grid, key, *a: seen.append((self, grid, key, a)) or real(self, grid, key, *a)
         try:
             impl(*flat, *vals)
         finally:
-            direct.DirectKernel.__call__ = real
-        k, grid, largs = seen[-1]
+            direct.DirectKernel.launch = real
+        k, grid, lkey, largs = seen[-1]
         key, addrs = direct._key_and_addresses(largs)
         h = k.handles[key]
         stream = torch.cuda.current_stream(dev).cuda_stream
@@ -111,8 +111,9 @@ def layers(dev: torch.device, H: int) -> None:
             f"mhc.ops.{op} (op layer + launcher)": lambda: op_layer(*args, *vals, backend="triton"),
             f"launch.{op} (the backend's launcher)": lambda: impl(*flat, *vals),
             "registry.select": lambda: registry.select(op, res.device, res.dtype, n, H, 1, "triton"),
-            "DirectKernel call (key + launch)": lambda: k(grid, *largs),
-            "direct._key_and_addresses": lambda: direct._key_and_addresses(largs),
+            "DirectKernel.launch (keyed: the launchers')": lambda: k.launch(grid, lkey, *largs),
+            "DirectKernel call (generic key + launch)": lambda: k(grid, *largs),
+            "direct._key_and_addresses (generic key)": lambda: direct._key_and_addresses(largs),
             "launcher C call (h.run)": lambda: h.run(*grid, stream, h.function, h.packed_metadata, None, None, None,
                                                      *addrs, *k.tail),
         }
