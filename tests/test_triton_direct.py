@@ -185,6 +185,10 @@ odd = launched[-1]
 assert odd[7] is not generic[7]
 k.launch((4, 1, 1), key, x_odd, res, pm, cm, out, 4, H)
 assert launched[-1][7] is odd[7] and all(same(a, b) for a, b in zip(odd[6], launched[-1][6]))
+direct.CHECK_KEYS = True
+k.launch((4, 1, 1), key, x_odd, res, pm, cm, out, 4, H)  # checked too: not the key's binary, and not an error
+direct.CHECK_KEYS = False
+assert launched[-1][7] is odd[7]
 x16 = x.to(torch.float16)
 bad = ("a key that leaves out x's dtype",)
 direct.CHECK_KEYS = True

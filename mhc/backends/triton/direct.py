@@ -159,11 +159,13 @@ class DirectKernel:
         if h is None:
             return
         tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        if any(addrs[i] & 15 for i in tensors):  # the keyed path never serves a misaligned call
+            return
         entry = self.keyed.get(key)
         if entry is not None and CHECK_KEYS and (entry[0] is not h or entry[1] != tensors):
             raise AssertionError(f"{self.fn.__name__}: launch key {key!r} served a binary that Triton "
                                  f"specialises differently for these arguments (generic key {generic!r})")
-        if entry is None and not any(addrs[i] & 15 for i in tensors):
+        if entry is None:
             with self._lock:
                 self.keyed[key] = (h, tensors)
 
