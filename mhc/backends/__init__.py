@@ -34,7 +34,7 @@ import contextlib
 # shadow ``import torch`` here (torch.empty -> AttributeError on mhc.backends.torch).
 import torch as _torch
 
-__all__ = ["empty", "device_guard"]
+__all__ = ["empty", "empty_like", "device_guard"]
 
 
 def _plain_empty(shape, dtype: _torch.dtype, device: _torch.device) -> _torch.Tensor:
@@ -57,6 +57,15 @@ _ALLOCATOR = _plain_empty
 def empty(shape, dtype: _torch.dtype, device: _torch.device) -> _torch.Tensor:
     """Allocate an output tensor of ``shape``/``dtype`` on ``device`` (never the current device)."""
     return _ALLOCATOR(shape, dtype, device)
+
+
+def empty_like(t: _torch.Tensor) -> _torch.Tensor:
+    """:func:`empty` of ``t``'s shape, dtype and device, for a contiguous ``t`` (an output shaped
+    as an input): ``torch.empty_like`` skips the shape's parsing (1.8 against 3.2 µs a call for
+    ``torch.empty`` on the H200 machine's CPU)."""
+    if _ALLOCATOR is _plain_empty:
+        return _torch.empty_like(t)
+    return _ALLOCATOR(t.shape, t.dtype, t.device)
 
 
 _NO_SWITCH = contextlib.nullcontext()

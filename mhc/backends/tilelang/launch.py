@@ -20,7 +20,7 @@ import threading
 
 import torch
 
-from mhc.backends import device_guard, empty
+from mhc.backends import device_guard, empty, empty_like
 from mhc.backends.workspaces import WORKSPACES
 from mhc.backends.tilelang import direct as D
 from mhc.backends.tilelang import kernels as K
@@ -204,7 +204,7 @@ def post(x, residual, post_mix, comb_mix):
     T, n, H = residual.shape
     dev = residual.device
     p = plan_for("post", n, H, residual.dtype, dev)
-    out = empty((T, n, H), residual.dtype, dev)
+    out = empty_like(residual)
     with device_guard(dev):
         p.call(x, residual, post_mix, comb_mix, out)
     return out
@@ -253,9 +253,7 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
     T, n, H = residual.shape
     dev = residual.device
     p = plan_for("fused", n, H, residual.dtype, dev) if _cfg is None else _mix_plan("fused", residual, _cfg)
-    new = empty((T, n, H), residual.dtype, dev)
-    pm = empty((T, n, 1), torch.float32, dev)
-    cm = empty((T, n, n), torch.float32, dev)
+    new, pm, cm = empty_like(residual), empty_like(post_mix), empty_like(comb_mix)
     li = empty((T, H), residual.dtype, dev)
     with device_guard(dev):
         ticket, parts, fin, flags = _workspace(p, T, dev)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import triton
 
-from mhc.backends import device_guard, empty
+from mhc.backends import device_guard, empty, empty_like
 from mhc.backends.triton import NORM_MAX_H, kernels  # noqa: F401 (NORM_MAX_H: the docstrings' limit)
 from mhc.backends.triton.direct import DirectKernel, int_spec
 from mhc.backends.workspaces import WORKSPACES
@@ -630,19 +630,18 @@ def _prep_fn(fn, n3, n3p, kernel: DirectKernel | None = None):
     return out
 
 
-def _outputs(op, residual, fused):
+def _outputs(op, residual, fused_inputs):
     """The outputs of a mix op: ``(layer_input, post_mix, comb_mix, new_residual)``, with the
-    layer input standing in for what ``op`` does not make (never written)."""
+    layer input standing in for what ``op`` does not make (never written); fused_post_pre's
+    new residual and mixes are shaped as its inputs (``fused_inputs``)."""
     T, n, H = residual.shape
     dev = residual.device
     out = empty((T, H), residual.dtype, dev)
+    if fused_inputs is not None:
+        return out, empty_like(fused_inputs[1]), empty_like(fused_inputs[2]), empty_like(residual)
     if op == "head":
-        post_mix = comb_mix = out
-    else:
-        post_mix = empty((T, n, 1), torch.float32, dev)
-        comb_mix = empty((T, n, n), torch.float32, dev)
-    new = empty((T, n, H), residual.dtype, dev) if fused else out
-    return out, post_mix, comb_mix, new
+        return out, out, out, out
+    return out, empty((T, n, 1), torch.float32, dev), empty((T, n, n), torch.float32, dev), out
 
 
 def _inputs_key(residual, fn, hc_scale, hc_base, fused_inputs, nw) -> tuple:
@@ -668,7 +667,7 @@ def _mix(op, residual, fn, hc_scale, hc_base, scalars, fused_inputs=None, norm=N
     if T > SMALL_T:
         return _run_two_pass(op, p, residual, fn, hc_scale, hc_base, scalars, fused_inputs, ik)
     cfg = p.cfg
-    out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs is not None)
+    out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs)
     x, pm_in, cm_in = fused_inputs if fused_inputs is not None else (residual,) * 3  # read only if FUSED
     with device_guard(dev):
         if cfg.chunk:
@@ -706,7 +705,7 @@ def _chunked(p, residual, x, pm_in, cm_in, new, fn, hc_scale, hc_base, post_mix,
 def _run_two_pass(op, p: TwoPassPlan, residual, fn, hc_scale, hc_base, scalars, fused_inputs, ik):
     T, n, H = residual.shape
     tp = p.tp
-    out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs is not None)
+    out, post_mix, comb_mix, new = _outputs(op, residual, fused_inputs)
     sstride = T * p.n3p
     ts, ss = int_spec(T), int_spec(sstride)
     with device_guard(residual.device):
@@ -806,7 +805,7 @@ def post(x, residual, post_mix, comb_mix):
     T, n, H = residual.shape
     dev = residual.device
     p = plan_for("post", n, H, T, residual.dtype, dev)
-    out = empty((T, n, H), residual.dtype, dev)
+    out = empty_like(residual)
     with device_guard(dev):
         p.kernel.launch((T * p.h_blocks, 1, 1), (x.dtype, residual.dtype, post_mix.dtype, comb_mix.dtype, int_spec(T)),
                         x, residual, post_mix, comb_mix, out, T, H)
