@@ -116,13 +116,18 @@ def time_cold(fn, device: torch.device, rep_ms: int) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def eager_us(fn, device: torch.device, calls: int = 200, rounds: int = 5) -> float:
+def eager_us(fn, device: torch.device, calls: int = 200, rounds: int = 5, warmup_s: float = 0.05) -> float:
     """Wall µs per call of ``fn()`` run eagerly: ``calls`` back-to-back calls synchronised once,
-    the median of ``rounds`` rounds, after one warm-up call. What a model run without CUDA graphs
-    pays per call: the host's time (op layer, launcher, launches) and the device's, whichever is
-    longer. Next to :func:`time_warm` (graph replays: the device's time alone) it shows the host
-    overhead; on the CPU it is the whole call."""
+    the median of ``rounds`` rounds, after ``warmup_s`` seconds of calls (the host's caches and
+    clock settle after the GPU-bound timings that come before it in a benchmark). What a model
+    run without CUDA graphs pays per call: the host's time (op layer, launcher, launches) and the
+    device's, whichever is longer. Next to :func:`time_warm` (graph replays: the device's time
+    alone) it shows the host overhead; on the CPU it is the whole call."""
     fn()
+    _sync(device)
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        fn()
     _sync(device)
     per_call = []
     for _ in range(rounds):
