@@ -710,7 +710,7 @@ def _stub_handle():
         def __getitem__(self, grid):
             return lambda *args, **kw: None
 
-    return direct._Handle(Stub(), lambda *args: None, 0, (), lambda: 0, lambda device: 0)
+    return direct._Handle(Stub(), lambda *args: None, 0, (), 0, lambda device: 0)
 
 
 def _triton_launch_paths(res: dict) -> None:

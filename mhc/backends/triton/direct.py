@@ -14,8 +14,9 @@ checks each point against the installed Triton, and CI runs it on both):
    the driver's ``launcher_cls`` instance) as ``run(gx, gy, gz, stream, function, packed_metadata,
    launch_metadata, enter_hook, exit_hook, *args)``, ``args`` being *every* parameter of the kernel
    in declaration order, constexprs included (the launcher skips their slots; their values are
-   baked into the binary). The direct path makes that same call itself, with the stream of the
-   current device (the launchers run under ``device_guard``), no launch metadata and no hooks
+   baked into the binary). The direct path makes that same call itself, with the current stream
+   of the device the kernel was loaded on (current at its first launch, and at every later one:
+   the launchers run under ``device_guard``), no launch metadata and no hooks
    when Triton's launch hooks (``knobs.runtime.launch_enter_hook``/``launch_exit_hook``) are
    empty; when a hook is installed (a profiler), it launches through ``CompiledKernel[grid]``,
    which builds the metadata and calls the hooks.
@@ -148,7 +149,7 @@ class DirectKernel:
                 or (leave is not None and (leave.__class__ is not HookChain or leave.calls))):
             self(grid, *args)
             return
-        h.run(grid[0], grid[1], grid[2], h.stream(h.device()), h.function, h.packed_metadata, None, None, None,
+        h.run(grid[0], grid[1], grid[2], h.stream(h.device), h.function, h.packed_metadata, None, None, None,
               *addrs, *self.tail)
 
     def _launch_and_key(self, grid: tuple, key: tuple, args: tuple) -> None:
@@ -184,7 +185,7 @@ class DirectKernel:
                 drv = driver.active
                 with self._lock:
                     self.handles[key] = _Handle(k, k.run, k.function, k.packed_metadata,
-                                                drv.get_current_device, drv.get_current_stream)
+                                                drv.get_current_device(), drv.get_current_stream)
             return
         if len(grid) != 3:
             grid = (*grid, 1, 1)[:3]
@@ -192,7 +193,7 @@ class DirectKernel:
         if _hooked(enter) or _hooked(leave):  # a profiler listens: Triton's own launch calls it
             h.kernel[grid](*args, *self.tail)
             return
-        h.run(grid[0], grid[1], grid[2], h.stream(h.device()), h.function, h.packed_metadata, None, None, None,
+        h.run(grid[0], grid[1], grid[2], h.stream(h.device), h.function, h.packed_metadata, None, None, None,
               *addrs, *self.tail)
 
 
@@ -203,7 +204,11 @@ class _Handle(NamedTuple):
     run: object  # its launcher
     function: int
     packed_metadata: tuple
-    device: object  # the driver's get_current_device
+    # The device the kernel was loaded on (current at its first launch): its later launches run
+    # there too (the launchers launch under device_guard of their plan's device), on that
+    # device's current stream; torch.cuda.current_device() per launch would cost more.
+    device: int
+
     stream: object  # the driver's get_current_stream
 
 
