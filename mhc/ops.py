@@ -74,7 +74,7 @@ def run_pre(impl, residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkh
     leading dims. One home for the op's kernel below, the public wrappers' fast path and
     ``mhc.autograd``'s recorded call."""
     shape = residual.shape
-    res = residual.contiguous() if len(shape) == 3 else residual.reshape(T, n, H).contiguous()
+    res = residual.contiguous() if len(shape) == 3 else _c(residual, T, n, H)
     if norm_weight is None:  # a backend without norm_weight parameters is called as before
         p, c, li = impl(res, fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps, hc_pre_eps,
                         hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
@@ -102,8 +102,8 @@ def run_head(impl, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, T: int, n: 
     if len(shape) == 3:
         return impl(residual.contiguous(), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps,
                     hc_eps)
-    out = impl(residual.reshape(T, n, H).contiguous(), fn.contiguous(), hc_scale.contiguous(),
-               hc_base.contiguous(), rms_eps, hc_eps)
+    out = impl(_c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps,
+               hc_eps)
     return out.view(*shape[:-2], H)
 
 

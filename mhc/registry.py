@@ -506,7 +506,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype, n: int, H: int, T:
     serve, and ``ValueError`` for unknown names or a malformed ``MHC_BACKEND``.
     """
     choice = current_choice(op) if backend is None else backend  # "" is a (bad) name, not auto
-    key = (op, choice, device, dtype, n, H, 0 if T <= 64 else (1 if T < 2048 else 2), create_graph, norm)  # t_bucket
+    key = (op, choice, device, dtype, n, H, t_bucket(T), create_graph, norm)
     hit = _STATE.decisions.get(key)
     if hit is None:
         if choice != "auto":

@@ -66,6 +66,24 @@ def test_layouts_over_the_limit_are_not_pooled():
     assert a2 is not a
 
 
+def test_the_counters_of_a_layout_over_the_limit_are_pooled():
+    """Scratch over the limit is made per call, but its counters are not: the same zeroed buffer
+    serves every call (no buffer made, zeroed and kept for good per call), and a call still
+    out of the pool gets another."""
+    w = Workspaces()
+    big = (((POOL_MAX_BYTES // 4 + 1,), torch.float32),)
+    ticket, (cnt, a) = w.take(CPU, big, counters=64)
+    assert cnt.numel() >= 64 and int(cnt.count_nonzero()) == 0
+    w.put(ticket)
+    ticket2, (cnt2, a2) = w.take(CPU, big, counters=64)
+    assert cnt2 is cnt and a2 is not a
+    _, (cnt3, _) = w.take(CPU, big, counters=64)  # the first caller has not returned its ticket
+    assert cnt3 is not cnt2
+    w.put(ticket2)
+    buffers = w.counter_buffers()
+    assert len(w._all) == 2 and len(buffers) == 1 and buffers[0] is cnt
+
+
 def test_each_layout_has_its_own_entry():
     w = Workspaces()
     t1, (_, a) = w.take(CPU, (((64,), torch.float32),))

@@ -73,26 +73,32 @@ class Workspaces:
                     cnt = self._spares.pop(device, None)
                     if cnt is None or cnt.numel() < counters:
                         cnt = self._counters(device, counters)
-                return (None, None), [cnt, *_allocate(layout, device)]
+                return (None, None, None), [cnt, *_allocate(layout, device)]
             key = (index, torch._C._cuda_getCurrentRawStream(index), layout, counters)
         else:
             key = (None, 0, layout, counters)
         entry = self._pool.pop(key, None)  # atomic under the GIL: two callers never get one entry
         if entry is None:
-            entry = [self._counters(device, counters) if counters else None, *_allocate(layout, device)]
-            if sum(t.numel() * t.element_size() for t in entry[1:]) > POOL_MAX_BYTES:
-                key = None
+            scratch = _allocate(layout, device)
+            if sum(t.numel() * t.element_size() for t in scratch) > POOL_MAX_BYTES:
+                # Scratch this large is not kept, but its counters are: from the pool's entry of
+                # counters alone, so that no call makes (and zeroes) a counter buffer of its own.
+                sub, (cnt,) = self.take(device, (), counters) if counters else (None, (None,))
+                return (None, None, sub), [cnt, *scratch]
+            entry = [self._counters(device, counters) if counters else None, *scratch]
             if counters and index is not None and device not in self._spares:
                 self._spares[device] = self._counters(device, counters)
-        return (key, entry), entry
+        return (key, entry, None), entry
 
     def put(self, ticket: tuple) -> None:
         """Return a :meth:`take`'s buffers to their pool after the launches that use them were
         issued (the kernels leave the counters zero); a graph's, and oversized scratch, are not
-        kept."""
-        key, entry = ticket
+        kept (an oversized layout's counters are)."""
+        key, entry, sub = ticket
         if key is not None:
             self._pool[key] = entry
+        if sub is not None:
+            self.put(sub)
 
     def counter_buffers(self) -> list[torch.Tensor]:
         """The pooled counter buffers (each must hold zeros between calls)."""

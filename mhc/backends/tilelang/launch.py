@@ -178,8 +178,7 @@ def _workspace(p: Plan, T: int, device: torch.device):
     Pooled per device and stream, a CUDA graph's capture getting its own
     (:mod:`mhc.backends.workspaces`); hand the ticket back after the launch."""
     nb = -(-T // p.bm)
-    lay = p.layouts.get(nb) or p.layout(nb)
-    ticket, (flags, parts, fin) = WORKSPACES.take(device, lay, nb + nb)
+    ticket, (flags, parts, fin) = WORKSPACES.take(device, p.layout(nb), nb + nb)
     return ticket, parts, fin, flags
 
 

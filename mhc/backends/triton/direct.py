@@ -208,7 +208,6 @@ class _Handle(NamedTuple):
     # there too (the launchers launch under device_guard of their plan's device), on that
     # device's current stream; torch.cuda.current_device() per launch would cost more.
     device: int
-
     stream: object  # the driver's get_current_stream
 
 
