@@ -170,7 +170,7 @@ def profile_case(op: str, T: int, backend: str, dev: torch.device, H: int, calls
         print(f"\n== {label}: cannot run ({type(e).__name__}: {e})")
         return
     torch.cuda.synchronize()
-    eager = timing.eager_us.__wrapped__(call, dev)
+    eager = timing.eager_us(call, dev)
     host = best_us(call, n=500, rounds=3)
     graph = float("nan")
     if not grad:

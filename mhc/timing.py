@@ -11,7 +11,6 @@ benchmark harness (``benchmarks/bench.py``) and the dev scripts in ``benchmarks/
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 
@@ -115,7 +114,6 @@ def time_cold(fn, device: torch.device, rep_ms: int) -> float:
         return triton.testing.do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, return_mode="median") * 1e3
 
 
-@functools.lru_cache(maxsize=None)
 def eager_us(fn, device: torch.device, calls: int = 200, rounds: int = 5, warmup_s: float = 0.05) -> float:
     """Wall µs per call of ``fn()`` run eagerly: ``calls`` back-to-back calls synchronised once,
     the median of ``rounds`` rounds, after ``warmup_s`` seconds of calls (the host's caches and

@@ -50,6 +50,33 @@ def test_floor_bytes_count_each_input_once_and_each_output_once():
         timing.floor_bytes("nope", 1, 4, 64)
 
 
+def test_eager_us_times_every_call_and_keeps_no_callable():
+    """eager_us measures on every call: a callable timed twice, slower the second time, gives two
+    different figures (an eager_us memoised by its callable returned the first figure again, and
+    kept every timed closure, with the inputs it holds, alive for good)."""
+    import gc
+    import time
+    import weakref
+
+    cpu = torch.device("cpu")
+    state = {"sleep": 0.0}
+
+    class Call:
+        def __call__(self):
+            if state["sleep"]:
+                time.sleep(state["sleep"])
+
+    call = Call()
+    fast = timing.eager_us(call, cpu, calls=20, rounds=3, warmup_s=0.0)
+    state["sleep"] = 0.002
+    slow = timing.eager_us(call, cpu, calls=20, rounds=3, warmup_s=0.0)
+    assert fast < 1000 < slow  # µs per call: the second measures the 2 ms sleep
+    ref = weakref.ref(call)
+    del call
+    gc.collect()
+    assert ref() is None
+
+
 @pytest.mark.parametrize("op", registry.OPS)
 def test_device_inputs_have_the_ops_shapes_and_no_zeros(op):
     args, kwargs = checking.device_inputs(op, 5, 4, 64, "cpu", seed=3)
