@@ -292,30 +292,48 @@ def test_triton_kernels_are_clean_under_compute_sanitizer(tool, tmp_path):
 # --- the eager launch path (issue 14): cached plans, direct Triton launches, counters ---------------
 
 
+def _direct_path_is_bitwise_the_backends_own(backend: str, op: str, T: int, seed: int, own, direct) -> None:
+    """``op`` by ``backend`` with its direct launch path off (``mhc.backends.<backend>.direct.ENABLED
+    = False``: the backend's own launch), then on, twice (the first call of a plan, a warm one):
+    the three give bitwise the same outputs. ``own(plans)`` and ``direct(plans)`` check that the
+    plans of each run really took that path."""
+    import importlib
+
+    from mhc import plans
+
+    _gpu_backend(backend, op, 4096, T)
+    switch = importlib.import_module(f"mhc.backends.{backend}.direct")
+    args, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=seed)
+    switch.ENABLED = False
+    try:
+        plans.PLANS.clear(backend)
+        via_own = checking.call(op, args, kwargs, backend)
+        torch.cuda.synchronize()
+        ps = [p for _, p in plans.PLANS.items(backend)]
+        assert ps and own(ps), f"{backend}.{op}: with the direct path off a plan still took it"
+    finally:
+        switch.ENABLED = True
+    plans.PLANS.clear(backend)
+    first, warm = (checking.call(op, args, kwargs, backend) for _ in range(2))
+    torch.cuda.synchronize()
+    ps = [p for _, p in plans.PLANS.items(backend)]
+    assert ps and direct(ps), f"{backend}.{op}: a warm call did not take the direct path"
+    for (name, _), a, b, c in zip(checking.OUTPUTS[op], via_own, first, warm):
+        assert torch.equal(a, b) and torch.equal(a, c), f"{backend}.{op}.{name}: the direct path differs"
+
+
 @pytest.mark.parametrize("T", (1, 64, 513))
 @pytest.mark.parametrize("op", OPS)
 def test_triton_direct_launch_equals_the_jit_path_bitwise(op, T):
     """``DirectKernel`` launches the handle that ``JITFunction.run`` returned: the same binary,
-    so the outputs are bitwise those of the JIT path (``direct.ENABLED = False``), on the first
-    (JIT) call of a key and on the warm (direct) calls after it."""
-    _gpu_backend("triton", op, 4096, T)
-    from mhc import plans
-    from mhc.backends.triton import direct
+    so the outputs are bitwise those of the JIT path (``direct.ENABLED = False``, where no handle
+    is kept), on the first (JIT) call of a key and on the warm (direct) calls after it."""
+    def kernels(ps):
+        return [k for p in ps for k in _direct_kernels(p)]
 
-    args, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=21)
-    direct.ENABLED = False
-    try:
-        plans.PLANS.clear("triton")
-        via_jit = checking.call(op, args, kwargs, "triton")
-    finally:
-        direct.ENABLED = True
-    plans.PLANS.clear("triton")
-    first, warm = (checking.call(op, args, kwargs, "triton") for _ in range(2))
-    torch.cuda.synchronize()
-    kernels = [k for _, p in plans.PLANS.items("triton") for k in _direct_kernels(p)]
-    assert kernels and all(k.handles for k in kernels), "a warm call did not go through a kept handle"
-    for (name, _), a, b, c in zip(checking.OUTPUTS[op], via_jit, first, warm):
-        assert torch.equal(a, b) and torch.equal(a, c), f"triton.{op}.{name}: direct launch differs from the JIT path"
+    _direct_path_is_bitwise_the_backends_own(
+        "triton", op, T, 21, own=lambda ps: kernels(ps) and not any(k.handles for k in kernels(ps)),
+        direct=lambda ps: kernels(ps) and all(k.handles for k in kernels(ps)))
 
 
 def _misaligned(t: torch.Tensor) -> torch.Tensor:
@@ -376,25 +394,9 @@ def test_tilelang_direct_call_equals_the_tilelang_path_bitwise(op, T):
     """The launchers call each kernel's compiled function (``mhc.backends.tilelang.direct``):
     the outputs are bitwise those of ``kernel(*args)``, TileLang's own path (``direct.ENABLED =
     False``), and the plans really hold the compiled function."""
-    _gpu_backend("tilelang", op, 4096, T)
-    from mhc import plans
-    from mhc.backends.tilelang import direct
-
-    args, kwargs = checking.device_inputs(op, T, N, 4096, DEVICE, seed=22)
-    direct.ENABLED = False
-    try:
-        plans.PLANS.clear("tilelang")
-        via_tilelang = checking.call(op, args, kwargs, "tilelang")
-        assert all(p.call is p.kernel for _, p in plans.PLANS.items("tilelang"))
-    finally:
-        direct.ENABLED = True
-    plans.PLANS.clear("tilelang")
-    first, warm = (checking.call(op, args, kwargs, "tilelang") for _ in range(2))
-    torch.cuda.synchronize()
-    ps = [p for _, p in plans.PLANS.items("tilelang")]
-    assert ps and all(p.call is not p.kernel for p in ps), "a plan does not call the compiled function"
-    for (name, _), a, b, c in zip(checking.OUTPUTS[op], via_tilelang, first, warm):
-        assert torch.equal(a, b) and torch.equal(a, c), f"tilelang.{op}.{name}: direct call differs"
+    _direct_path_is_bitwise_the_backends_own(
+        "tilelang", op, T, 22, own=lambda ps: all(p.call is p.kernel for p in ps),
+        direct=lambda ps: all(p.call is not p.kernel for p in ps))
 
 
 @pytest.mark.parametrize("T", (1, 64, 4096))

@@ -202,11 +202,17 @@ else:
 direct.CHECK_KEYS = False
 print("OK keyed")
 
-# With the direct path off, every launch goes through JITFunction.run: no handle is kept.
+# With the direct path off, every launch goes through JITFunction.run: no handle is kept, and a
+# keyed launch whose key was recorded before the switch does not take its handle either.
+keyed = launch._post_plan(n, H, 4).kernel
+keyed.launch((4, 1, 1), key, x, res, pm, cm, out, 4, H)
+assert keyed.keyed
 direct.ENABLED = False
 k = launch._post_plan(n, H, 4).kernel
 k((4, 1, 1), x, res, pm, cm, out, 4, H)
 assert not k.handles and launched[-1][6][:5] == (x, res, pm, cm, out)
+keyed.launch((4, 1, 1), key, x, res, pm, cm, out, 4, H)
+assert launched[-1][6][:5] == (x, res, pm, cm, out), "a keyed launch took its handle with the direct path off"
 direct.ENABLED = True
 
 # Every plan's launches pass each kernel its runtime parameters, tensors where pointers go.
