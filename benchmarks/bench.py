@@ -54,7 +54,9 @@ sizes, where the kernels themselves take a few µs; CI prints it, so a regressio
 ``--eager`` adds the eager µs per call (:func:`mhc.timing.eager_us`: 200 back-to-back calls synchronised
 once, median of 5 rounds) of every implementation, and of the mhc backends and the eager peer
 with inputs requiring grad: on a GPU, next to the graph replay µs (the kernels' time), it is
-what a model run without CUDA graphs pays, host overhead included.
+what a model run without CUDA graphs pays, host overhead included. Before each eager cell it
+times a host yardstick (a one-element ``torch.add``: :func:`host_yardstick_us`), kept in the CSV
+and summarised under the eager table.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ PEERS = ("eager", "compile", "tile-kernels")
 DEFAULT_OUT = "mhc-bench"
 CSV_FIELDS = ("date", "device", "op", "impl", "kind", "n", "H", "T", "dtype", "floor_bytes", "copy_GBps",
               "floor_us", "warm_us", "cold_us", "warm_GBps", "cold_GBps", "warm_ratio", "cold_ratio", "check",
-              "max_rel_err", "warm_timer", "note", "eager_us", "eager_grad_us")
+              "max_rel_err", "warm_timer", "note", "eager_us", "eager_grad_us", "host_yardstick_us")
 
 
 
@@ -416,6 +418,16 @@ def _fmt_row(r: dict) -> str:
             f"cold {_num(r['cold_us']):9.1f} us {eager}{rate}{flag}")
 
 
+def host_yardstick_us(device: torch.device) -> float:
+    """The host's speed at this moment: host µs per call of a one-element ``torch.add`` on
+    ``device`` (best of 3 rounds of 1000 calls, :func:`host_us`). The eager cells are host time at
+    small T, and the machine's host speed moves between runs and within one (by up to a half on
+    the H200 machine: benchmarks/results/eager-repeats-h200.md); ``--eager`` records this next to
+    each eager cell so that a table carries its own measure of the host."""
+    x = torch.ones(1, device=device)
+    return host_us(lambda: torch.add(x, 1.0), 1000, 3, warmup=50)
+
+
 def run(ops: Sequence[str], impls: list[Impl], Ts: Sequence[int], Hs: Sequence[int], n: int,
         device: torch.device, dtype: torch.dtype, out_csv: pathlib.Path, rep_ms: int, cold: bool,
         seed: int, copy_bytes: int, log, eager: bool = False) -> tuple[list[dict], list[str], list[str]]:
@@ -491,6 +503,7 @@ def run(ops: Sequence[str], impls: list[Impl], Ts: Sequence[int], Hs: Sequence[i
                                     row["cold_GBps"] = f"{fb / (c * 1e-6) / 1e9:.1f}"
                                     row["cold_ratio"] = f"{c / floor_us:.3f}"
                             if eager:
+                                row["host_yardstick_us"] = f"{host_yardstick_us(device):.2f}"
                                 row["eager_us"] = f"{eager_us(fn, device):.3f}"
                                 if impl.kind == "backend" or impl.name in _GRAD_PEERS:
                                     g = functools.partial(impl.prepare(op, requiring_grad(args), kwargs), False)
@@ -587,6 +600,11 @@ def markdown(rows: list[dict], skipped: Sequence[str] = ()) -> str:
                     cells.append(f"{_num(r['warm_us']):.1f} / {_num(r['eager_us']):.1f}{grad}")
                 lines.append(f"| {op} | {H} | {T} | " + " | ".join(cells) + " |")
         lines.append("")
+        ys = sorted(_num(r["host_yardstick_us"]) for r in rows if r.get("host_yardstick_us"))
+        if ys:
+            lines += [f"Host yardstick (a one-element `torch.add` on the device, host µs per call, timed right "
+                      f"before each eager cell; `host_yardstick_us` in the CSV): {ys[0]:.1f} to {ys[-1]:.1f} µs, "
+                      f"median {ys[len(ys) // 2]:.1f}. The eager cells move with the host's speed.", ""]
     if skipped:
         lines += ["Not run:", ""] + [f"- {s}" for s in skipped] + [""]
     return "\n".join(lines)

@@ -150,6 +150,24 @@ def test_results_go_to_out_or_to_a_folder_of_the_current_directory(tmp_path):
     assert bench.DEFAULT_OUT + "/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
+def test_eager_run_on_cpu_records_eager_times_and_the_host_yardstick(tmp_path, capsys):
+    """``--eager``: every row gets its eager µs, the mhc backends and the eager peer also with
+    inputs requiring grad, and each row the host yardstick timed before it; the table shows the
+    eager section and the yardstick's range."""
+    rc = bench.main(["--device", "cpu", "--impls", "torch,eager", "--ops", "post", "--T", "2", "--H", "64",
+                     "--no-cold", "--eager", "--out", str(tmp_path), "--prefix", "eager"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = _rows(tmp_path / "eager.csv")
+    assert {r["impl"] for r in rows} == {"torch", "eager"}
+    for r in rows:
+        assert float(r["eager_us"]) > 0 and float(r["eager_grad_us"]) > 0, r
+        assert 0 < float(r["host_yardstick_us"]) < 1e4, r
+    md = (tmp_path / "eager.md").read_text()
+    assert "**Eager µs per call**" in md and "| post | 64 | 2 |" in md
+    assert "Host yardstick" in md
+
+
 def test_a_wrong_backend_is_marked_loudly(tmp_path, capsys):
     """A backend whose post is off by a little fails the check: ``!!`` in its row, a summary of
     failures at the end, ``FAIL``-free CSV check column, and exit status 1."""
