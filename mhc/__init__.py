@@ -134,8 +134,9 @@ _fused_op = _typed(torch.ops.mhc.fused_post_pre.default, 7, also=(12,))  # 12: n
 # ``mhc.autograd.FAST_APPLY`` where a gradient can flow. Anything else, including every call that
 # fails a check, goes to the general path (``_typed``), which finds the argument to name.
 # Each attribute read and call costs ~50-150 ns on CPU and the per-call budget is a few µs, so the
-# test is inlined rather than shared through helpers; the layers it replaces cost ~9 µs a call on
-# CPU with a kernel that does nothing (``python benchmarks/bench.py --overhead``).
+# per-tensor tests are inlined; what the ops share beyond them (the context, pre's scalars, the
+# norm weight) is one helper call each. The layers this replaces cost ~9 µs a call on CPU with a
+# kernel that does nothing (``python benchmarks/bench.py --overhead``).
 
 _T, _P, _S, _INF = torch.Tensor, torch.nn.Parameter, torch.strided, math.inf
 _MAX_N, _MAX_REPEAT, _MIX = validation.MAX_N, validation.MAX_SINKHORN_REPEAT, validation.MIX_DTYPES
@@ -148,6 +149,31 @@ _select = registry.select
 _run_pre, _run_post, _run_head, _run_fused = _ops.run_pre, _ops.run_post, _ops.run_head, _ops.run_fused
 _PRE_APPLY, _POST_APPLY, _HEAD_APPLY, _FUSED_APPLY = (_autograd.FAST_APPLY[op]
                                                       for op in ("pre", "post", "head", "fused_post_pre"))
+
+
+def _plain_context() -> bool:
+    """No dispatch or function mode, autocast region, profiler or functorch transform is active:
+    the fast path's condition on the call's context (the same for every op)."""
+    return not (_dispatch_modes() or _function_modes() or _autocast() or _profiling()) and _functorch_level() is None
+
+
+def _pre_scalars_ok(rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_eps) -> bool:
+    """``pre``'s scalars (and ``fused_post_pre``'s) as ``validation.check_pre`` accepts them, as
+    exact Python floats and an int (anything else takes the general path)."""
+    return (sinkhorn_repeat.__class__ is int and 1 <= sinkhorn_repeat <= _MAX_REPEAT
+            and rms_eps.__class__ is float and 0.0 <= rms_eps < _INF
+            and hc_pre_eps.__class__ is float and 0.0 <= hc_pre_eps < _INF
+            and hc_sinkhorn_eps.__class__ is float and 0.0 <= hc_sinkhorn_eps < _INF
+            and hc_post_mult_value.__class__ is float and -_INF < hc_post_mult_value < _INF
+            and norm_eps.__class__ is float and 0.0 <= norm_eps < _INF)
+
+
+def _norm_weight_ok(norm_weight, H: int, dt: torch.dtype, mdt: torch.dtype, dev: torch.device) -> bool:
+    """A norm weight the fused RMSNorm accepts (``validation.check_norm``): a plain dense (H,)
+    tensor in the residual's dtype ``dt`` or the mix dtype ``mdt``, on ``dev``."""
+    return ((norm_weight.__class__ is _P or norm_weight.__class__ is _T) and norm_weight.layout is _S
+            and not norm_weight.is_nested and norm_weight.shape == (H,)
+            and (norm_weight.dtype is dt or norm_weight.dtype is mdt) and norm_weight.device == dev)
 
 
 def _retyped(op, e: RuntimeError) -> Exception:
@@ -163,16 +189,10 @@ def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["h
             and (residual.__class__ is _T or residual.__class__ is _P) and (fn.__class__ is _P or fn.__class__ is _T)
             and (hc_scale.__class__ is _P or hc_scale.__class__ is _T)
             and (hc_base.__class__ is _P or hc_base.__class__ is _T)
-            and not (_dispatch_modes() or _function_modes() or _autocast() or _profiling())
-            and _functorch_level() is None
+            and _plain_context()
             and residual.layout is _S and fn.layout is _S and hc_scale.layout is _S and hc_base.layout is _S
             and not (residual.is_nested or fn.is_nested or hc_scale.is_nested or hc_base.is_nested or residual.is_meta)
-            and sinkhorn_repeat.__class__ is int and 1 <= sinkhorn_repeat <= _MAX_REPEAT
-            and rms_eps.__class__ is float and 0.0 <= rms_eps < _INF
-            and hc_pre_eps.__class__ is float and 0.0 <= hc_pre_eps < _INF
-            and hc_sinkhorn_eps.__class__ is float and 0.0 <= hc_sinkhorn_eps < _INF
-            and hc_post_mult_value.__class__ is float and -_INF < hc_post_mult_value < _INF
-            and norm_eps.__class__ is float and 0.0 <= norm_eps < _INF
+            and _pre_scalars_ok(rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_eps)
             and (backend is None or (backend.__class__ is str and backend))):
         shape = residual.shape
         if len(shape) == 3:
@@ -185,10 +205,7 @@ def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["h
         if (T and 1 <= n <= _MAX_N and H >= 1 and fn.shape == (m, n * H) and hc_scale.shape == (3,)
                 and hc_base.shape == (m,) and fn.dtype is mdt and hc_scale.dtype is mdt and hc_base.dtype is mdt
                 and fn.device == dev and hc_scale.device == dev and hc_base.device == dev
-                and (norm_weight is None
-                     or ((norm_weight.__class__ is _P or norm_weight.__class__ is _T) and norm_weight.layout is _S
-                         and not norm_weight.is_nested and norm_weight.shape == (H,)
-                         and (norm_weight.dtype is dt or norm_weight.dtype is mdt) and norm_weight.device == dev))):
+                and (norm_weight is None or _norm_weight_ok(norm_weight, H, dt, mdt, dev))):
             try:
                 if _grad_enabled() and (residual.requires_grad or fn.requires_grad or hc_scale.requires_grad
                                         or hc_base.requires_grad
@@ -214,8 +231,7 @@ def post(x, residual, post_mix, comb_mix, *, backend=None):
             and (x.__class__ is _T or x.__class__ is _P) and (residual.__class__ is _T or residual.__class__ is _P)
             and (post_mix.__class__ is _T or post_mix.__class__ is _P)
             and (comb_mix.__class__ is _T or comb_mix.__class__ is _P)
-            and not (_dispatch_modes() or _function_modes() or _autocast() or _profiling())
-            and _functorch_level() is None
+            and _plain_context()
             and x.layout is _S and residual.layout is _S and post_mix.layout is _S and comb_mix.layout is _S
             and not (x.is_nested or residual.is_nested or post_mix.is_nested or comb_mix.is_nested or residual.is_meta)
             and (backend is None or (backend.__class__ is str and backend))):
@@ -250,8 +266,7 @@ def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_e
             and (residual.__class__ is _T or residual.__class__ is _P) and (fn.__class__ is _P or fn.__class__ is _T)
             and (hc_scale.__class__ is _P or hc_scale.__class__ is _T)
             and (hc_base.__class__ is _P or hc_base.__class__ is _T)
-            and not (_dispatch_modes() or _function_modes() or _autocast() or _profiling())
-            and _functorch_level() is None
+            and _plain_context()
             and residual.layout is _S and fn.layout is _S and hc_scale.layout is _S and hc_base.layout is _S
             and not (residual.is_nested or fn.is_nested or hc_scale.is_nested or hc_base.is_nested or residual.is_meta)
             and rms_eps.__class__ is float and 0.0 <= rms_eps < _INF and hc_eps.__class__ is float
@@ -291,18 +306,12 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
             and (comb_mix.__class__ is _T or comb_mix.__class__ is _P)
             and (fn.__class__ is _P or fn.__class__ is _T) and (hc_scale.__class__ is _P or hc_scale.__class__ is _T)
             and (hc_base.__class__ is _P or hc_base.__class__ is _T)
-            and not (_dispatch_modes() or _function_modes() or _autocast() or _profiling())
-            and _functorch_level() is None
+            and _plain_context()
             and x.layout is _S and residual.layout is _S and post_mix.layout is _S and comb_mix.layout is _S
             and fn.layout is _S and hc_scale.layout is _S and hc_base.layout is _S
             and not (x.is_nested or residual.is_nested or post_mix.is_nested or comb_mix.is_nested or fn.is_nested
                      or hc_scale.is_nested or hc_base.is_nested or residual.is_meta)
-            and sinkhorn_repeat.__class__ is int and 1 <= sinkhorn_repeat <= _MAX_REPEAT
-            and rms_eps.__class__ is float and 0.0 <= rms_eps < _INF
-            and hc_pre_eps.__class__ is float and 0.0 <= hc_pre_eps < _INF
-            and hc_sinkhorn_eps.__class__ is float and 0.0 <= hc_sinkhorn_eps < _INF
-            and hc_post_mult_value.__class__ is float and -_INF < hc_post_mult_value < _INF
-            and norm_eps.__class__ is float and 0.0 <= norm_eps < _INF
+            and _pre_scalars_ok(rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_eps)
             and (backend is None or (backend.__class__ is str and backend))):
         shape = residual.shape
         if len(shape) == 3:
@@ -321,10 +330,7 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
                 and fn.dtype is mdt and hc_scale.dtype is mdt and hc_base.dtype is mdt
                 and x.device == dev and post_mix.device == dev and comb_mix.device == dev
                 and fn.device == dev and hc_scale.device == dev and hc_base.device == dev
-                and (norm_weight is None
-                     or ((norm_weight.__class__ is _P or norm_weight.__class__ is _T) and norm_weight.layout is _S
-                         and not norm_weight.is_nested and norm_weight.shape == (H,)
-                         and (norm_weight.dtype is dt or norm_weight.dtype is mdt) and norm_weight.device == dev))):
+                and (norm_weight is None or _norm_weight_ok(norm_weight, H, dt, mdt, dev))):
             try:
                 if _grad_enabled() and (x.requires_grad or residual.requires_grad or post_mix.requires_grad
                                         or comb_mix.requires_grad or fn.requires_grad or hc_scale.requires_grad
