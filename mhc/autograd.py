@@ -3,8 +3,8 @@
 Backward ops are ``torch.library`` ops of their own (``torch.ops.mhc.pre_backward``,
 ``post_backward``, ``head_backward``), dispatched through :mod:`mhc.registry` exactly like the
 forward ops, so that a backend can serve them with fast kernels; the torch backend serves them on
-every device with :mod:`mhc.backward` (the hand-derived math). ``fused_post_pre``'s backward
-chains ``pre_backward`` (through the new residual) and ``post_backward``.
+every device with :mod:`mhc.backward` (the hand-derived math). ``fused_post_pre_backward`` is
+pre's backward on the new residual followed by post's, one op, so that a backend can fuse them.
 
 Each backward op takes an ``output_mask`` (which gradients to compute: the autograd passes
 ``ctx.needs_input_grad``) and returns ``None`` for the gradients it was not asked for. The
@@ -54,6 +54,15 @@ SCHEMAS = {
     "head_backward": (
         "head_backward(Tensor grad_out, Tensor residual, Tensor fn, Tensor hc_scale, Tensor hc_base, "
         "float rms_eps, float hc_eps, bool[4] output_mask, *, str? backend=None) -> (" + _MASK_OUT + ")"),
+    "fused_post_pre_backward": (
+        "fused_post_pre_backward(Tensor grad_new_residual, Tensor grad_post_mix, Tensor grad_comb_mix, "
+        "Tensor grad_layer_input, Tensor new_residual, Tensor? x, Tensor? residual, Tensor? post_mix, "
+        "Tensor? comb_mix, Tensor fn, Tensor hc_scale, Tensor hc_base, float rms_eps, float hc_pre_eps, "
+        "float hc_sinkhorn_eps, float hc_post_mult_value, int sinkhorn_repeat, bool[7] output_mask, "
+        f"Tensor? norm_weight=None, float norm_eps={reference.DEFAULTS['norm_eps']!r}, bool norm_weight_grad=False, "
+        "*, str? backend=None) -> (Tensor? grad_x, Tensor? grad_residual, Tensor? grad_post_mix, "
+        "Tensor? grad_comb_mix, Tensor? grad_fn, Tensor? grad_hc_scale, Tensor? grad_hc_base, "
+        "Tensor? grad_norm_weight)"),
 }
 
 _LIB = torch.library.Library("mhc", "FRAGMENT")
@@ -75,9 +84,9 @@ def _grad(name: str, g, shape: tuple[int, ...], dtype: torch.dtype, device: torc
         raise ValueError(f"{name} is on {g.device} but residual is on {device}; move them to one device")
 
 
-def _mask(output_mask) -> list[bool]:
-    if len(output_mask) != 4:
-        raise ValueError(f"output_mask must have 4 entries, got {len(output_mask)}")
+def _mask(output_mask, size: int = 4) -> list[bool]:
+    if len(output_mask) != size:
+        raise ValueError(f"output_mask must have {size} entries, got {len(output_mask)}")
     return [bool(b) for b in output_mask]
 
 
@@ -123,6 +132,17 @@ def _check_post_backward(g, x, residual, post_mix, comb_mix, output_mask):
         if t is not None:
             _grad(name, t, shape, dtype, g.device)
     T = lead[0] if len(lead) == 1 else torch.Size(lead).numel()
+    return lead, T, n, H, mask
+
+
+def _check_fused_backward(g_new, g_pm, g_cm, g_li, new, x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
+                          scalars, output_mask, norm_weight=None, norm_eps=reference.DEFAULTS["norm_eps"]):
+    """pre's checks on the new residual, then post's on the post inputs that the mask needs."""
+    mask = _mask(output_mask, 7)
+    lead, T, n, H, _ = _check_pre_backward(g_pm, g_cm, g_li, new, fn, hc_scale, hc_base, scalars, mask[:4],
+                                           norm_weight, norm_eps)
+    _grad("grad_new_residual", g_new, tuple(new.shape), new.dtype, new.device)
+    _check_post_backward(g_new, x, residual, post_mix, comb_mix, mask[:4])
     return lead, T, n, H, mask
 
 
@@ -199,6 +219,38 @@ def _post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask, *, ba
     return tuple(None if g is None else g.view(s) for g, s in zip(outs, shapes))
 
 
+def _fused_post_pre_backward(grad_new_residual, grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, x,
+                             residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
+                             hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, norm_weight=None,
+                             norm_eps=reference.DEFAULTS["norm_eps"], norm_weight_grad=False, *, backend=None):
+    scalars = (rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
+    lead, T, n, H, mask = _check_fused_backward(grad_new_residual, grad_post_mix, grad_comb_mix, grad_layer_input,
+                                                new_residual, x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
+                                                scalars, output_mask, norm_weight, norm_eps)
+    norm = norm_weight is not None
+    nw_grad = norm and bool(norm_weight_grad)
+    impl = registry.select("fused_post_pre_backward", new_residual.device, new_residual.dtype, n, H, T, backend,
+                           _create_graph(grad_new_residual, grad_post_mix, grad_comb_mix, grad_layer_input,
+                                         new_residual, x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
+                                         norm_weight), norm=norm)
+    shapes = ((*lead, H), (*lead, n, H), (*lead, n, 1), (*lead, n, n))
+    if T == 0:
+        mdt = validation.mix_dtype(new_residual.dtype)
+        dts = (new_residual.dtype, new_residual.dtype, mdt, mdt)
+        post = tuple(new_residual.new_empty(s, dtype=d) if want else None for s, d, want in zip(shapes, dts, mask))
+        return (*post, *_param_grads(fn, hc_scale, hc_base, [False, *mask[4:]]),
+                torch.zeros_like(norm_weight) if nw_grad else None)
+    flat = ((T, H), (T, n, H), (T, n, 1), (T, n, n))
+    ins = [None if t is None else _c(t, *f) for t, f in zip((x, residual, post_mix, comb_mix), flat)]
+    norm_args = (norm_weight.contiguous(), norm_eps, nw_grad) if norm else ()
+    outs = list(impl(_c(grad_new_residual, T, n, H), _c(grad_post_mix, T, n, 1), _c(grad_comb_mix, T, n, n),
+                     _c(grad_layer_input, T, H), _c(new_residual, T, n, H), *ins, fn.contiguous(),
+                     hc_scale.contiguous(), hc_base.contiguous(), *scalars, mask, *norm_args))
+    if not norm:
+        outs.append(None)
+    return (*(None if g is None else g.view(s) for g, s in zip(outs[:4], shapes)), *outs[4:])
+
+
 # --- fake impls: shapes and dtypes only, same validation ------------------------------------------
 
 
@@ -226,7 +278,26 @@ def _post_backward_fake(grad_out, x, residual, post_mix, comb_mix, output_mask, 
     return tuple(grad_out.new_empty(s, dtype=d) if want else None for (s, d), want in zip(specs, mask))
 
 
+def _fused_post_pre_backward_fake(grad_new_residual, grad_post_mix, grad_comb_mix, grad_layer_input, new_residual,
+                                  x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
+                                  hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask,
+                                  norm_weight=None, norm_eps=reference.DEFAULTS["norm_eps"], norm_weight_grad=False,
+                                  *, backend=None):
+    lead, _, n, H, mask = _check_fused_backward(grad_new_residual, grad_post_mix, grad_comb_mix, grad_layer_input,
+                                                new_residual, x, residual, post_mix, comb_mix, fn, hc_scale, hc_base,
+                                                (rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+                                                 sinkhorn_repeat), output_mask, norm_weight, norm_eps)
+    mdt = validation.mix_dtype(new_residual.dtype)
+    act = new_residual.dtype
+    specs = (((*lead, H), act), ((*lead, n, H), act), ((*lead, n, 1), mdt), ((*lead, n, n), mdt))
+    post = tuple(new_residual.new_empty(s, dtype=d) if want else None for (s, d), want in zip(specs, mask))
+    params = tuple(t.new_empty(t.shape) if want else None for t, want in zip((fn, hc_scale, hc_base), mask[4:]))
+    g_nw = norm_weight.new_empty(norm_weight.shape) if norm_weight is not None and norm_weight_grad else None
+    return (*post, *params, g_nw)
+
+
 for _name, _real, _fake in (("pre_backward", _pre_backward, _pre_backward_fake),
+                            ("fused_post_pre_backward", _fused_post_pre_backward, _fused_post_pre_backward_fake),
                             ("post_backward", _post_backward, _post_backward_fake),
                             ("head_backward", _head_backward, _head_backward_fake)):
     _LIB.impl(_name, _real, "CompositeExplicitAutograd")
@@ -314,25 +385,21 @@ def _fused_setup(ctx, inputs, keyword_only_inputs, output):
                           *_post_saved(x, residual, post_mix, comb_mix, need[:4]))
     ctx.scalars = inputs[7:12]
     ctx.norm_eps = inputs[13]
-    ctx.bwd_backend = (registry.current_choice("pre_backward"), registry.current_choice("post_backward"))
+    ctx.bwd_backend = registry.current_choice("fused_post_pre_backward")
 
 
 def _fused_bwd(ctx, g_new, g_pm, g_cm, g_li):
     new, fn, hc_scale, hc_base, norm_weight, *post_saved = ctx.saved_tensors
     need = ctx.needs_input_grad
-    need_post = any(need[:4])
     lead, n, H = new.shape[:-2], new.shape[-2], new.shape[-1]
+    g_new = _or_zeros(g_new, new)
     g_pm = _or_zeros(g_pm, new.new_empty((*lead, n, 1), dtype=fn.dtype))
     g_cm = _or_zeros(g_cm, new.new_empty((*lead, n, n), dtype=fn.dtype))
     g_li = _or_zeros(g_li, new.new_empty((*lead, H)))
-    g_new_pre, g_fn, g_s, g_b, g_nw = torch.ops.mhc.pre_backward(
-        g_pm, g_cm, g_li, new, fn, hc_scale, hc_base, *ctx.scalars, [need_post, need[4], need[5], need[6]],
-        **_norm_kwargs(ctx, norm_weight, 12), backend=ctx.bwd_backend[0])
-    post_grads = (None,) * 4
-    if need_post:
-        g_new = g_new_pre if g_new is None else g_new + g_new_pre
-        post_grads = torch.ops.mhc.post_backward(g_new, *post_saved, list(need[:4]), backend=ctx.bwd_backend[1])
-    return (*post_grads, g_fn, g_s, g_b, *(None,) * len(ctx.scalars), g_nw, None)
+    *grads, g_nw = torch.ops.mhc.fused_post_pre_backward(
+        g_new, g_pm, g_cm, g_li, new, *post_saved, fn, hc_scale, hc_base, *ctx.scalars, list(need[:7]),
+        **_norm_kwargs(ctx, norm_weight, 12), backend=ctx.bwd_backend)
+    return (*grads, *(None,) * len(ctx.scalars), g_nw, None)
 
 
 for _name, _bwd, _setup in (("pre", _pre_bwd, _pre_setup), ("post", _post_bwd, _post_setup),

@@ -41,7 +41,7 @@ from mhc.reference import acc_dtype, rms_factor
 from mhc.validation import mix_dtype
 
 __all__ = ["sinkhorn_backward", "prenorm_backward", "rms_norm_backward", "pre_backward", "post_backward",
-           "head_backward"]
+           "head_backward", "fused_post_pre_backward"]
 
 
 def sinkhorn_backward(grad: torch.Tensor, logits: torch.Tensor, repeat: int, eps: float) -> torch.Tensor:
@@ -207,6 +207,30 @@ def post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask):
     if need_cm:
         g_cm = torch.einsum("tih,tjh->tij", residual.to(acc), g).to(mix_dtype(grad_out.dtype))
     return g_x, g_res, g_pm, g_cm
+
+
+def fused_post_pre_backward(grad_new_residual, grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, x,
+                            residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
+                            hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *norm):
+    """Gradients of ``reference.fused_post_pre``: :func:`pre_backward` on the new residual, whose
+    gradient (plus ``grad_new_residual``, the new residual's own upstream gradient) then enters
+    :func:`post_backward`.
+
+    ``grad_new_residual`` and ``new_residual`` (T, n, H); the other gradients and inputs as in
+    those two functions (``x``, ``residual``, ``post_mix``, ``comb_mix`` may be None where
+    post_backward would not need them). ``output_mask``: seven bools (x, residual, post_mix,
+    comb_mix, fn, hc_scale, hc_base). Returns the seven gradients in that order, None where the
+    mask is false, then ``grad_norm_weight`` when ``norm`` is given (as pre_backward).
+    """
+    post_mask = [bool(b) for b in output_mask[:4]]
+    need_post = any(post_mask)
+    g_new_pre, *params = pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, fn, hc_scale,
+                                      hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
+                                      sinkhorn_repeat, [need_post, *output_mask[4:7]], *norm)
+    post_grads = (None,) * 4
+    if need_post:
+        post_grads = post_backward(grad_new_residual + g_new_pre, x, residual, post_mix, comb_mix, post_mask)
+    return (*post_grads, *params)
 
 
 def _collapse_backward(g_out: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,11 @@ Backward ops (:data:`BACKWARD_OPS`, called by ``mhc.autograd``) are selected the
 two differences: a backend serves one only if its ``Capabilities.ops`` lists it (the default
 lists the forward ops only, so a backend without backward kernels gives that as its reason and
 ``auto`` moves on, ending at torch), and a bare backend name (``MHC_BACKEND=triton``,
-``use_backend("triton")``) covers forward ops only: a backward op follows only an entry that names
-it (``pre_backward:triton``), else ``auto``. So a forward backend without backward kernels still
-trains, and an explicit backward choice that cannot serve raises as any explicit choice does.
+``use_backend("triton")``) covers the backward ops that backend lists and no other: for those it
+lists not, a backward op follows an entry that names it (``pre_backward:torch``), else ``auto``.
+So asking for Triton trains on Triton's backward kernels, a forward backend without backward
+kernels still trains, and an explicit backward choice that cannot serve raises as any explicit
+choice does.
 """
 
 from __future__ import annotations
@@ -55,9 +57,8 @@ __all__ = [
 ]
 
 OPS = ("pre", "post", "head", "fused_post_pre")
-#: The backward ops (``torch.ops.mhc.<name>``, defined in ``mhc.autograd``). fused_post_pre's
-#: backward chains pre_backward and post_backward, so it has no op of its own.
-BACKWARD_OPS = ("pre_backward", "post_backward", "head_backward")
+#: The backward ops (``torch.ops.mhc.<name>``, defined in ``mhc.autograd``).
+BACKWARD_OPS = ("pre_backward", "post_backward", "head_backward", "fused_post_pre_backward")
 _ALL_OPS = OPS + BACKWARD_OPS
 _BACKWARD = frozenset(BACKWARD_OPS)  # set membership: current_choice runs on every call
 ENV_VAR = "MHC_BACKEND"
@@ -398,9 +399,17 @@ def _env_choice(op: str) -> str:
     if raw.__class__ is not cached_raw.__class__ or raw != cached_raw:
         parsed = parse_spec(_ENVIRON.decodevalue(raw) if isinstance(raw, bytes) else raw)
         _STATE.env_cache = (raw, parsed)
-    if op in _BACKWARD:  # a bare name covers forward ops only (see the module docstring)
-        return parsed.get(op) or "auto"
+    if op in _BACKWARD:
+        return parsed.get(op) or _bare_backward(parsed.get("*"), op) or "auto"
     return parsed.get(op) or parsed.get("*") or "auto"
+
+
+def _bare_backward(name: str | None, op: str) -> str | None:
+    """``name`` if that bare backend name covers backward ``op`` (its record lists it), else None."""
+    if name is None or name == "auto":
+        return None
+    rec = _records().get(name)
+    return name if rec is not None and op in rec.capabilities.ops else None
 
 
 def current_choice(op: str) -> str:
@@ -408,7 +417,7 @@ def current_choice(op: str) -> str:
     ``backend=`` argument: the innermost :func:`use_backend`, else ``MHC_BACKEND``, else auto."""
     ctx = _CONTEXT.get()
     if ctx:
-        c = ctx.get(op) if op in _BACKWARD else (ctx.get(op) or ctx.get("*"))
+        c = (ctx.get(op) or _bare_backward(ctx.get("*"), op)) if op in _BACKWARD else (ctx.get(op) or ctx.get("*"))
         if c:
             return c
     return _env_choice(op)
@@ -429,8 +438,8 @@ def use_backend(spec: str | None = None, **per_op: str) -> Iterator[None]:
         if name != "auto":
             get(name)  # unknown names fail here, at the with statement, not at the first call
     merged = dict(_CONTEXT.get())
-    if "*" in new:  # a new default replaces the outer per-op choices too (but not the backward
-        merged = {k: v for k, v in merged.items() if k in _BACKWARD}  # ops', which it does not cover)
+    if "*" in new:  # a new default replaces the outer per-op choices too
+        merged = {}
     merged.update(new)
     token = _CONTEXT.set(merged)
     try:

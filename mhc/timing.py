@@ -18,7 +18,7 @@ import torch
 
 from mhc.registry import OPS
 
-__all__ = ["floor_bytes", "median_us", "time_warm", "time_cold", "eager_us", "host_us"]
+__all__ = ["floor_bytes", "backward_floor_bytes", "median_us", "time_warm", "time_cold", "eager_us", "host_us"]
 
 
 def floor_bytes(op: str, T: int, n: int, H: int, act_bytes: int = 2, mix_bytes: int = 4) -> int:
@@ -49,6 +49,37 @@ def floor_bytes(op: str, T: int, n: int, H: int, act_bytes: int = 2, mix_bytes: 
         return T * n * H * a + n * n * H * f + f + n * f + T * H * a
     if op == "fused_post_pre":
         return post_inputs + pre_params + T * n * H * a + pre_outputs
+    raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+
+
+def backward_floor_bytes(op: str, T: int, n: int, H: int, act_bytes: int = 2, mix_bytes: int = 4) -> int:
+    """The fewest bytes ``op``'s backward must move, every float input's gradient asked for: each
+    tensor it needs read once, each gradient written once (sizes as :func:`floor_bytes`).
+
+    - ``pre``: read residual, grad_layer_input ``T*H*a``, grad_post_mix ``T*n*f``, grad_comb_mix
+      ``T*n*n*f``, fn, hc_scale, hc_base; write grad_residual and the parameters' gradients.
+    - ``head``: read residual, grad_out ``T*H*a``, fn ``n*n*H*f``, hc_scale, hc_base; write
+      grad_residual and the parameters' gradients.
+    - ``post``: read grad_out ``T*n*H*a``, x, residual, post_mix, comb_mix; write grad_x,
+      grad_residual, grad_post_mix, grad_comb_mix.
+    - ``fused_post_pre``: read the new residual's gradient and the new residual (saved by the
+      forward) ``T*n*H*a`` each, pre's upstream gradients, post's inputs and pre's parameters;
+      write post's input gradients and pre's parameter gradients. The gradient of the new
+      residual as pre's backward sees it is never written: fusing the two backwards saves it.
+    """
+    a, f, m = act_bytes, mix_bytes, 2 * n + n * n
+    res = T * n * H * a
+    params = 2 * (m * n * H * f + 3 * f + m * f)  # read, and the gradient written
+    pre_grads_in = T * H * a + T * n * f + T * n * n * f
+    post_io = 2 * (T * H * a + res + T * n * f + T * n * n * f)  # x, residual, mixes: read, gradient written
+    if op == "pre":
+        return 2 * res + pre_grads_in + params
+    if op == "head":
+        return 2 * res + T * H * a + 2 * (n * n * H * f + f + n * f)
+    if op == "post":
+        return res + post_io
+    if op == "fused_post_pre":
+        return 2 * res + pre_grads_in + params + post_io
     raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
 
 

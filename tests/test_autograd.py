@@ -259,11 +259,22 @@ def test_backward_choice_is_taken_when_the_forward_runs(with_bwd, monkeypatch):
         new = mhc.post(out[2], ins[0], out[0], out[1])
     (new.sum() + out[1].sum()).backward()  # outside the block: the choice made at forward holds
     assert sorted(with_bwd.calls) == ["post_backward", "pre_backward"]
-    monkeypatch.setenv("MHC_BACKEND", "withbwd")  # a bare name: backward stays auto (torch)
+    monkeypatch.setenv("MHC_BACKEND", "withbwd")  # a bare name covers the backward ops the backend lists
+    with_bwd.calls.clear()
+    ins, kw = _pre_leaves()
+    sum(o.sum() for o in mhc.pre(*ins, **kw)).backward()
+    assert with_bwd.calls == ["pre", "pre_backward"]
+    monkeypatch.setenv("MHC_BACKEND", "withbwd,pre_backward:torch")  # ... unless an entry names another
     with_bwd.calls.clear()
     ins, kw = _pre_leaves()
     sum(o.sum() for o in mhc.pre(*ins, **kw)).backward()
     assert with_bwd.calls == ["pre"]
+    with_bwd.calls.clear()
+    ins, kw = _pre_leaves()
+    with mhc.use_backend("withbwd"):
+        out = mhc.pre(*ins, **kw)
+    sum(o.sum() for o in out).backward()
+    assert with_bwd.calls == ["pre", "pre_backward"]
     monkeypatch.setenv("MHC_BACKEND", "pre_backward:withbwd")
     with_bwd.calls.clear()
     ins, kw = _pre_leaves()
@@ -274,4 +285,4 @@ def test_backward_choice_is_taken_when_the_forward_runs(with_bwd, monkeypatch):
 def test_parse_spec_accepts_backward_ops():
     assert registry.parse_spec("triton,pre_backward:torch") == {"*": "triton", "pre_backward": "torch"}
     with pytest.raises(ValueError, match="unknown op"):
-        registry.parse_spec("fused_post_pre_backward:torch")
+        registry.parse_spec("post_pre_backward:torch")

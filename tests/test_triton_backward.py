@@ -67,6 +67,74 @@ def test_triton_backward_matches_fp64_math(op, T, n, H, repeat):
         assert err < TOL[kind], f"{op} gradient {k}: rel error {err:.2e} (tolerance {TOL[kind]:.0e})"
 
 
+@pytest.mark.parametrize("T,n,H,post_mask", [
+    (37, 4, 48, (True, True, True, True)),   # several token blocks and hidden tiles, partial ones
+    (5, 4, 64, (False, True, False, True)),
+    (3, 2, 16, (True, False, True, False)),
+])
+@pytest.mark.parametrize("norm", [False, True])
+def test_triton_fused_and_norm_backward_match_fp64_math(T, n, H, post_mask, norm):
+    """pre's backward with the fused RMSNorm, and fused_post_pre's backward (post's backward fused
+    into pre's last kernel), against the torch backward in fp64, every gradient the masks ask for."""
+    fwd, kw = checking.make_inputs("pre", (T,), n, H, torch.bfloat16, device=DEVICE, seed=T + H)
+    kw["sinkhorn_repeat"] = 3
+    g = torch.Generator().manual_seed(T * 7 + n)
+
+    def rnd(*shape, dt=torch.bfloat16, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dt).to(DEVICE)
+
+    new = fwd[0]
+    up = (rnd(T, n, 1, dt=torch.float32), rnd(T, n, n, dt=torch.float32), rnd(T, H))
+    nrm = (rnd(H, s=0.2) + 1.0, 1e-6, True) if norm else ()
+    post = (rnd(T, H), rnd(T, n, H), torch.rand(T, n, 1, generator=g).to(DEVICE),
+            torch.rand(T, n, n, generator=g).to(DEVICE))
+    mask = [*post_mask, True, False, True]
+    args = (rnd(T, n, H), *up, new, *post, *fwd[1:], *kw.values(), mask, *nrm)
+    ours = _tb().fused_post_pre_backward(*args)
+    refs = backward.fused_post_pre_backward(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in args])
+    kinds = ("act", "act", "mix", "mix", "mix", "mix", "mix", "act")
+    assert [o is not None for o in ours] == [r is not None for r in refs] == mask + ([True] if norm else [])
+    for k, (o, r, kind) in enumerate(zip(ours, refs, kinds)):
+        if o is not None:
+            err = checking.rel_error(o, r)
+            assert err < TOL[kind], f"gradient {k}: rel error {err:.2e} (tolerance {TOL[kind]:.0e})"
+    pre = _tb().pre_backward(*up, new, *fwd[1:], *kw.values(), [True] * 4, *nrm)
+    pre_ref = backward.pre_backward(*[_f64(a) if isinstance(a, torch.Tensor) else a
+                                      for a in (*up, new, *fwd[1:], *kw.values(), [True] * 4, *nrm)])
+    for k, (o, r, kind) in enumerate(zip(pre, pre_ref, ("act", "mix", "mix", "mix", "act"))):
+        err = checking.rel_error(o, r)
+        assert err < TOL[kind], f"pre gradient {k}: rel error {err:.2e} (tolerance {TOL[kind]:.0e})"
+
+
+@pytest.mark.parametrize("op", ["pre", "fused_post_pre"])
+def test_triton_backward_writes_everything_and_repeats_bitwise(op, monkeypatch):
+    """Every buffer the launchers allocate (outputs, partials, scratch) starts as NaN, so an element
+    that no kernel writes shows in the gradients; and the reductions over tokens (grad_fn,
+    grad_hc_scale, grad_hc_base, grad_norm_weight, post's mix gradients) have a fixed order: two
+    runs on the same inputs give the same bits."""
+    tb = _tb()
+    monkeypatch.setattr(tb, "empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                             device=device))
+    T, n, H = 70, 4, 96
+    args = _args("pre", T, n, H, 2, [True] * 4, seed=11)
+    nrm = (torch.rand(H).to(torch.bfloat16).to(DEVICE) + 0.5, 1e-6, True)
+    if op == "pre":
+        run = lambda: tb.pre_backward(*args, *nrm)  # noqa: E731
+    else:
+        g = torch.Generator().manual_seed(12)
+        post = (torch.randn(T, n, H, generator=g).bfloat16(), torch.randn(T, H, generator=g).bfloat16(),
+                torch.randn(T, n, H, generator=g).bfloat16(), torch.rand(T, n, 1, generator=g),
+                torch.rand(T, n, n, generator=g))
+        post = [t.to(DEVICE) for t in post]
+        run = lambda: tb.fused_post_pre_backward(post[0], *args[:4], *post[1:], *args[4:-1], [True] * 7,  # noqa: E731
+                                                 *nrm)
+    first, second = run(), run()
+    assert len(first) == (5 if op == "pre" else 8)
+    for a, b in zip(first, second):
+        assert torch.isfinite(a.float()).all()
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("op,mask", [("pre", [False, True, False, True]), ("pre", [True, False, True, False]),
                                      ("head", [True, False, False, False]), ("post", [True, False, False, True]),
                                      ("post", [False, True, True, False])])

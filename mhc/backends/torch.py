@@ -32,7 +32,7 @@ BACKEND = Backend(
         # Its backward ops are torch ops, which record history under create_graph=True (through
         # PyTorch's autograd fallback for ops without an autograd kernel, which warns).
         double_backward=True,
-        norm_ops=frozenset({"pre", "fused_post_pre", "pre_backward"}),
+        norm_ops=frozenset({"pre", "fused_post_pre", "pre_backward", "fused_post_pre_backward"}),
     ),
     load=_load,
 )

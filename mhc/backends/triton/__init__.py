@@ -80,8 +80,7 @@ BACKEND = Backend(
         device_types=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.bfloat16, torch.float16}),
         ops=frozenset(OPS + BACKWARD_OPS),
-        # forward only: pre_backward with norm_weight is the torch backend's (auto moves on)
-        norm_ops=frozenset({"pre", "fused_post_pre"}),
+        norm_ops=frozenset({"pre", "fused_post_pre", "pre_backward", "fused_post_pre_backward"}),
     ),
     load=_load,
     probe=_probe,

@@ -70,43 +70,52 @@ def _post_signature(dtype: torch.dtype) -> dict[str, str]:
             "T": "i32", "H": "i32"}
 
 
-def _backward_jobs():
-    """The backward kernels (``backward.py``) for n=4, H in H_VALUES, with every gradient asked
-    for, at the specialisations the launchers pass (:func:`mhc.backends.triton.backward.mix_specializations`
-    and ``post_specialization``, for T <= 1024 and above): what AOT builds is what runs."""
+def _backward_jobs(arch: str):
+    """The backward kernels (``backward.py``) for n=4, H in H_VALUES, T = 4096, with every
+    gradient asked for: pre (with and without the fused RMSNorm), head, fused_post_pre (with and
+    without), at the specialisations the launchers pass (:func:`mhc.backends.triton.backward.specializations`
+    and ``post_specialization``): what AOT builds is what runs. Smaller T changes only the step
+    counts of the streaming loops."""
     from mhc.backends.triton import backward
 
-    act, f32 = "*bf16", "*fp32"
+    act, f32, bf = "*bf16", "*fp32", "*bf16"
     seen = set()
+    T = 4096
     for H in H_VALUES:
-        for T in (1, 4096):
-            for head in (False, True):
-                spec, rspec, warps = backward.mix_specializations(4, H, T, head)
-                g = act if head else f32
-                sig = {"res_ptr": act, "fn_ptr": f32, "gout_ptr": act, "gpm_ptr": g, "gcm_ptr": g,
-                       "scale_ptr": f32, "base_ptr": f32, "gmix_ptr": f32, "r_ptr": f32, "coef_ptr": f32,
-                       "w_ptr": f32, "part_ptr": f32, "T": "i32", "H": "i32", "rms_eps": "fp32",
-                       "w_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32", "repeat": "i32"}
-                key = ("mix_bwd", tuple(sorted(spec.items())), warps)
+        for op, norm in (("pre", False), ("pre", True), ("head", False), ("fused_post_pre", False),
+                         ("fused_post_pre", True)):
+            head, fused = op == "head", op == "fused_post_pre"
+            stats, tail, res, _ = backward.specializations(4, H, T, torch.bfloat16, head, norm, fused,
+                                                            need_nw=norm, amd=arch != "sm90")
+            label = f"{op}_backward{'+norm' if norm else ''} H={H:<5} T={T:<5} bf16"
+            g = act if head else f32
+            sigs = {
+                "_bwd_stats_kernel": {"res_ptr": act, "fnp_ptr": bf, "gout_ptr": act, "nw_ptr": act, "part_ptr": f32,
+                                      "T": "i32", "H": "i32"},
+                "_bwd_tail_kernel": {"part_ptr": f32, "n_splits": "i32", "gpm_ptr": g, "gcm_ptr": g,
+                                     "scale_ptr": f32, "base_ptr": f32, "gz_ptr": f32, "tok_ptr": f32,
+                                     "sums_ptr": f32, "T": "i32", "H": "i32", "rms_eps": "fp32", "w_eps": "fp32",
+                                     "sk_eps": "fp32", "post_mult": "fp32", "repeat": "i32", "norm_eps": "fp32"},
+                "_bwd_res_kernel": {"res_ptr": act, "fnp_ptr": bf, "gout_ptr": act, "nw_ptr": act, "gz_ptr": f32,
+                                    "tok_ptr": f32, "gres_ptr": act, "gfn_ptr": f32, "gnw_ptr": f32 if norm else act,
+                                    "gext_ptr": act, "x_ptr": act, "res0_ptr": act, "pm_ptr": f32 if fused else act,
+                                    "cm_ptr": f32 if fused else act, "gx_ptr": act, "gpost_ptr": f32 if fused else act,
+                                    "T": "i32", "H": "i32"},
+            }
+            for kname, spec in (("_bwd_stats_kernel", stats), ("_bwd_tail_kernel", tail), ("_bwd_res_kernel", res)):
+                spec = dict(spec)
+                warps, stages = spec.pop("num_warps"), spec.pop("num_stages")
+                key = (kname, tuple(sorted(spec.items())), warps, stages)
                 if key not in seen:
                     seen.add(key)
-                    yield (f"{'head' if head else 'pre'}_backward H={H:<5} T<={T:<5} bf16 _mix_bwd_kernel",
-                           "backward._mix_bwd_kernel", sig, spec, warps, 1)
-                rsig = {"res_ptr": act, "fn_ptr": f32, "gout_ptr": act, "gmix_ptr": f32, "r_ptr": f32,
-                        "coef_ptr": f32, "w_ptr": f32, "gres_ptr": act, "gfn_ptr": f32, "T": "i32", "H": "i32"}
-                key = ("res_bwd", tuple(sorted(rspec.items())), warps)
-                if key not in seen:
-                    seen.add(key)
-                    yield (f"{'head' if head else 'pre'}_backward H={H:<5} T<={T:<5} bf16 _res_bwd_kernel",
-                           "backward._res_bwd_kernel", rsig, rspec, warps, 1)
-            pspec, warps = backward.post_specialization(4, H, T)
-            psig = {"g_ptr": act, "x_ptr": act, "res_ptr": act, "pm_ptr": f32, "cm_ptr": f32, "gx_ptr": act,
-                    "gres_ptr": act, "gpm_ptr": f32, "gcm_ptr": f32, "H": "i32"}
-            key = ("post_bwd", tuple(sorted(pspec.items())), warps)
-            if key not in seen:
-                seen.add(key)
-                yield (f"post_backward  H=any   T<={T:<5} bf16 _post_bwd_kernel", "backward._post_bwd_kernel",
-                       psig, pspec, warps, 1)
+                    yield f"{label} {kname}", f"backward.{kname}", sigs[kname], spec, warps, stages
+        pspec, warps = backward.post_specialization(4, H, T)
+        psig = {"g_ptr": act, "x_ptr": act, "res_ptr": act, "pm_ptr": f32, "cm_ptr": f32, "gx_ptr": act,
+                "gres_ptr": act, "gpm_ptr": f32, "gcm_ptr": f32, "H": "i32"}
+        key = ("post_bwd", tuple(sorted(pspec.items())), warps)
+        if key not in seen:
+            seen.add(key)
+            yield f"post_backward H=any T={T:<5} bf16 _post_bwd_kernel", "backward._post_bwd_kernel", psig, pspec, warps, 1
 
 
 def mix_build(op: str, n: int, dtype: torch.dtype, cfg, h_aligned: bool) -> tuple:
@@ -219,7 +228,7 @@ def _jobs(arch: str = "sm90"):
                     seen.add(key)
                     yield (f"{'post':<14} H=any   T<={T:<5} {_TYPE[dtype]}", "post_kernel",
                            _post_signature(dtype), spec, pc.warps, 1)
-    yield from _backward_jobs()
+    yield from _backward_jobs(arch)
 
 
 def _cuda_resources(cubin: bytes) -> str:
@@ -392,8 +401,6 @@ def main(archs: list[str]) -> int:
 #: (benchmarks/results/aot-amd-vgpr.md; SGPR spills to VGPR lanes remain in ``chunk_kernel``).
 SPILL_WAIVERS = {
     ("sm90", "chunk_kernel"): "T <= 128 chunked kernel at H = 7168: 255 registers, 8-224 B of stack: to rebuild",
-    ("sm90", "_res_bwd_kernel"): "backward: 255 registers, 16-392 B of stack: not yet tuned",
-    ("sm90", "_mix_bwd_kernel"): "backward: 24 B of stack: not yet tuned",
 }
 
 

@@ -1,35 +1,48 @@
-"""Triton backward kernels for ``pre``, ``head`` and ``post`` (the math: ``mhc/backward.py``), and
-their launchers, with the signatures of the torch backend's ``pre_backward``, ``head_backward``
-and ``post_backward`` (flattened, contiguous, T >= 1; see ``mhc/autograd.py``).
+"""Triton backward kernels for ``pre``, ``head``, ``post`` and ``fused_post_pre`` (the math:
+``mhc/backward.py``), and their launchers, with the signatures of the torch backend's backward
+functions (flattened, contiguous, T >= 1; see ``mhc/autograd.py``).
 
-``post_backward``: one program per token, looping over H: ``grad_x`` and ``grad_residual`` are
-elementwise plus an n x n mix; ``grad_post_mix``/``grad_comb_mix`` are reductions over H kept in
-registers (no atomics, so the result is deterministic).
+``pre_backward`` / ``head_backward`` (and ``fused_post_pre_backward``) read the residual twice:
+the weight gradients of the collapse need a full pass over it before ``grad_residual`` can be
+written. Four launches:
 
-``pre_backward``/``head_backward`` read the residual twice, because the forward returns no
-intermediate:
+1. ``kernels.prep_kernel`` splits ``fn`` into bf16 hi and lo rows, as the forward does.
+2. :func:`_bwd_stats_kernel`, per (block of BM tokens, split of the hidden axis), every stream:
+   the prenorm GEMM (the mixes, recomputed), the sum of squares, the collapse's weight gradient
+   ``c_i = g . x_i`` (``g`` the upstream gradient, times the norm weight with the fused RMSNorm)
+   and, with the fused RMSNorm, the Gram matrix ``x_i . x_j`` of the streams (what the norm's
+   backward needs of the collapse ``y = sum_i w_i x_i`` before the weights w are known:
+   ``|y|^2 = w^T G w``, ``y . x_i = (G w)_i``). Written as fp32 partials per split.
+3. :func:`_bwd_tail_kernel`, per BT tokens: reduces the partials in a fixed order, applies the
+   activations' backward (sigmoid derivatives; for pre also Sinkhorn's backward) and writes per
+   token ``gz = dL/dmixes * r`` (the rsqrt factor r), the collapse weights, the RMS coefficient
+   and the norm's two factors; and per-block sums for ``grad_hc_base`` / ``grad_hc_scale``.
+4. :func:`_bwd_res_kernel`, per (chunk of tokens, BH hidden columns of every stream):
+   ``grad_residual_i = w_i g_y + gz @ fn_i - coef x_i`` and the partial ``grad_fn`` of its chunk
+   (``gz^T x_i``), plus ``grad_norm_weight``'s. In ``fused_post_pre``'s backward the same
+   program adds the new residual's own upstream gradient and runs ``post``'s backward on it in
+   registers, so that gradient never goes through memory.
 
-1. ``_mix_bwd_kernel``, per block of BM tokens: recompute the prenorm GEMM and sum of squares
-   (the mixes), in the same pass the collapse's weight gradient ``g_w[i] = g_out . x_i``; then the
-   activations' backward (sigmoid derivatives; for pre also Sinkhorn's backward) gives
-   ``g_a = dL/d(mixes*scale+base)``. It writes ``g_mixes = g_a*scale`` (T, m), the rsqrt factor
-   ``r`` and the RMS coefficient ``(g_mixes . mixes) r^2 / K`` per token, the collapse weights,
-   and per-block partial sums for ``grad_hc_base`` and ``grad_hc_scale`` (summed by torch after:
-   (blocks, m+3) floats, deterministic).
-2. ``_res_bwd_kernel``, per (stream, BK hidden slice), looping over all tokens:
-   ``grad_residual = w * g_out + r * (g_mixes @ fn) - coef * x`` and
-   ``grad_fn[:, slice] = sum_t (g_mixes * r)^T x`` accumulated in registers (no atomics).
+Every reduction over tokens is deterministic: partials per split, block or chunk, summed in a
+fixed order (by the tail kernel, or ``torch.sum`` over the partials' first axis), no atomics.
+
+Precision: the GEMMs run on bf16 tensor cores with fp32 accumulation, each fp32 operand split in
+bf16 hi + lo (about 16 mantissa bits; the residual is exact in bf16, an fp16 one is split too),
+as the forward's prenorm GEMM: no TF32. ``grad_fn`` sums T products of such operands in fp32.
 
 Sinkhorn's backward *recomputes* the iterations from the recomputed logits, in registers: to
 step back through normalisation k it replays the forward from the softmax up to step k
-(O(repeat^2) n x n steps a token: about 800 at repeat=20, a few thousand flops a token, nothing
-next to the GEMM), with the forward's own steps (``kernels._sk_softmax``, ``kernels._sk_norm``)
-on the same in-thread tuple form; the activations are ``kernels._logit`` and ``_pre_weight``.
-Storing the iterates instead would need a (T, 2*repeat, n, n) scratch buffer (2.5 KB a token,
-round-tripping through memory) or dynamic register indexing, which Triton lacks.
+(O(repeat^2) n x n steps a token: about 800 at repeat=20, nothing next to the GEMM), with the
+forward's own steps (``kernels._sk_softmax``, ``kernels._sk_norm``) on the same in-thread tuple
+form. Storing the iterates instead would need a (T, 2*repeat, n, n) scratch buffer or dynamic
+register indexing, which Triton lacks.
 
-Every load is cast to fp32 right after ``tl.load``; dots are fp32 (``ieee``: the gradient of fn
-sums T products, TF32's 10-bit mantissa would cost ~1e-3).
+``post_backward``: one program per token, looping over H: ``grad_x`` and ``grad_residual`` are
+elementwise plus an n x n mix; ``grad_post_mix``/``grad_comb_mix`` are reductions over H kept in
+registers (no atomics).
+
+Every load is cast to fp32 before arithmetic; ``INTERPRET`` (Triton's interpreter, which
+mishandles bf16 dots) runs each split GEMM as one fp32 dot of the re-assembled operands.
 """
 
 from __future__ import annotations
@@ -39,10 +52,9 @@ import triton
 import triton.language as tl
 
 from mhc.backends import device_guard, empty
-from mhc.backends.triton.kernels import (_elems, _logit, _pre_weight, _rms_factor, _sk_norm, _sk_scale,
-                                         _sk_softmax, _sk_sums)
-from mhc.backends.triton.launch import COMPILE_OPTIONS
-
+from mhc.backends.triton.kernels import (_elems, _logit, _rms_factor, _sk_norm, _sk_scale, _sk_softmax, _sk_sums,
+                                         _to_act, prep_kernel)
+from mhc.backends.triton.launch import COMPILE_OPTIONS, INTERPRETED, device_shared_memory, prep_block
 # --- Sinkhorn backward ------------------------------------------------------------------------------
 
 
@@ -102,136 +114,357 @@ def _sinkhorn_bwd(c, g, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
     return out
 
 
-# --- pre / head backward ------------------------------------------------------------------------------
+# --- shared pieces ------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _mix_bwd_kernel(res_ptr, fn_ptr, gout_ptr, gpm_ptr, gcm_ptr, scale_ptr, base_ptr,
-                    gmix_ptr, r_ptr, coef_ptr, w_ptr, part_ptr,
-                    T, H, rms_eps, w_eps, sk_eps, post_mult, repeat,
-                    N: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, NP: tl.constexpr,
-                    HEAD: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
-    """Stage 1 of pre/head backward for tokens ``[pid*BM, pid*BM + BM)`` (see the module doc).
+def _col(tile, col, k):
+    """Column ``k`` of a [B, W] tile as a [B] vector (``col``: ``tl.arange(0, W)``)."""
+    return tl.sum(tl.where(col[None, :] == k, tile, 0.0), axis=1)
 
-    ``res`` (T, N, H); ``fn`` (N3, N*H); ``gout`` (T, H) the layer_input / head gradient;
-    ``gpm`` (T, N), ``gcm`` (T, N, N) (pre only); ``scale`` (3,) or (1,); ``base`` (N3,).
-    Writes ``gmix`` (T, N3), ``r`` (T,), ``coef`` (T,), ``w`` (T, N) and ``part`` (blocks, N3+3).
+
+@triton.jit
+def _put(tile, col, k, v):
+    """The [B, W] tile with column ``k`` replaced by the [B] vector ``v``."""
+    return tl.where(col[None, :] == k, v[:, None], tile)
+
+
+@triton.jit
+def _split(v, INTERPRET: tl.constexpr):
+    """An fp32 tile as bf16 ``(hi, lo)``, ``lo = bf16(v - hi)``: ~16 mantissa bits together."""
+    hi = _to_act(v, tl.bfloat16, INTERPRET)
+    return hi, _to_act(v - hi.to(tl.float32), tl.bfloat16, INTERPRET)
+
+
+@triton.jit
+def _dot_hl(a_hi, a_lo, b_hi, b_lo, acc, A_LO: tl.constexpr, B_LO: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc + (a_hi + a_lo) @ (b_hi + b_lo)`` on bf16 tensor cores, without the lo x lo term;
+    ``A_LO``/``B_LO`` false: that operand is exact in bf16 and its lo part is not read."""
+    if INTERPRET:
+        a = a_hi.to(tl.float32)
+        if A_LO:
+            a += a_lo.to(tl.float32)
+        b = b_hi.to(tl.float32)
+        if B_LO:
+            b += b_lo.to(tl.float32)
+        return acc + tl.dot(a, b, input_precision="ieee")
+    acc = tl.dot(a_hi, b_hi, acc)
+    if B_LO:
+        acc = tl.dot(a_hi, b_lo, acc)
+    if A_LO:
+        acc = tl.dot(a_lo, b_hi, acc)
+    return acc
+
+
+@triton.jit
+def _gram(i, j, N: tl.constexpr):
+    """Index of the pair i <= j among the upper triangle of an N x N matrix, row by row."""
+    return i * N - (i * (i - 1)) // 2 + (j - i)
+
+
+# --- pre / head backward ------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T"])
+def _bwd_stats_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, part_ptr, T, H,
+                      N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, SP: tl.constexpr, GP: tl.constexpr,
+                      NORM: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, STEPS: tl.constexpr,
+                      EXACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """Stage 2 (module doc) for tokens [tb*BM, tb*BM + BM) and hidden columns
+    [s*STEPS*BH, (s+1)*STEPS*BH) of every stream (program ``tb * n_splits + s``).
+
+    ``res`` (T, N, H); ``fnp`` (2*SP, N*H) bf16 fn hi rows then lo rows (``prep_kernel``; rows
+    past N3 zero); ``gout`` (T, H) the upstream gradient of the collapse; ``nw`` (H,) the norm
+    weight (``NORM``). Writes ``part[s, t, :]`` (SP fp32): columns [0, N3) ``x . fn_c``; then
+    without NORM ``N3``: the sum of squares, ``N3+1+i``: ``g . x_i``; with NORM ``N3+i``:
+    ``(g*nw) . x_i`` and ``N3+N+_gram(i, j)``: ``x_i . x_j`` (i <= j).
+    """
+    n_s = tl.cdiv(H, STEPS * BH)
+    pid = tl.program_id(0)
+    tb = pid // n_s
+    s = pid % n_s
+    rows = tb * BM + tl.arange(0, BM)
+    r_ok = rows < T
+    rows = rows.to(tl.int64)  # rows * K passes 2**31 at large T
+    K = N * H
+    col = tl.arange(0, SP)
+    sc = tl.arange(0, NP)
+    gc = tl.arange(0, GP)
+    acc = tl.zeros([BM, SP], dtype=tl.float32)
+    ssq = tl.zeros([BM], dtype=tl.float32)
+    cg = tl.zeros([BM, NP], dtype=tl.float32)
+    gram = tl.zeros([BM, GP], dtype=tl.float32)
+    for step in range(0, STEPS):
+        h = (s * STEPS + step) * BH + tl.arange(0, BH)
+        h_ok = h < H
+        m2 = r_ok[:, None] & h_ok[None, :]
+        g = tl.load(gout_ptr + rows[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
+        if NORM:
+            g = g * tl.load(nw_ptr + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        xs = ()
+        for i in tl.static_range(N):
+            x = tl.load(res_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0)
+            xf = x.to(tl.float32)
+            x_hi, x_lo = _split(xf, INTERPRET)
+            w_off = col[None, :] * K + i * H + h[:, None]
+            w_hi = tl.load(fnp_ptr + w_off, mask=h_ok[:, None], other=0.0)
+            w_lo = tl.load(fnp_ptr + SP * K + w_off, mask=h_ok[:, None], other=0.0)
+            acc = _dot_hl(x_hi, x_lo, w_hi, w_lo, acc, not EXACT_BF16, True, INTERPRET)
+            cg += tl.where(sc[None, :] == i, tl.sum(xf * g, axis=1)[:, None], 0.0)
+            if NORM:
+                xs = xs + (xf,)
+            else:
+                ssq += tl.sum(xf * xf, axis=1)
+        if NORM:
+            for i in tl.static_range(N):
+                for j in tl.static_range(i, N):
+                    gram += tl.where(gc[None, :] == _gram(i, j, N), tl.sum(xs[i] * xs[j], axis=1)[:, None], 0.0)
+    # fn's rows past N3 are zero: acc's columns there are free for the per-token sums
+    if NORM:
+        for i in tl.static_range(N):
+            acc = _put(acc, col, N3 + i, _col(cg, sc, i))
+        for q in tl.static_range(N * (N + 1) // 2):
+            acc = _put(acc, col, N3 + N + q, _col(gram, gc, q))
+    else:
+        acc = _put(acc, col, N3, ssq)
+        for i in tl.static_range(N):
+            acc = _put(acc, col, N3 + 1 + i, _col(cg, sc, i))
+    tl.store(part_ptr + s.to(tl.int64) * T * SP + rows[:, None] * SP + col[None, :], acc, mask=r_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "n_splits"])
+def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, gz_ptr, tok_ptr, sums_ptr,
+                     T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps,
+                     N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr,
+                     STW: tl.constexpr, TW: tl.constexpr, HEAD: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr):
+    """Stage 3 (module doc) for tokens [pid*BT, pid*BT + BT): sums the ``n_splits`` partials of
+    :func:`_bwd_stats_kernel` in order (the mix columns as a [BT, N3P] tile, the per-token sums
+    after them as a [BT, STW] one), then the activations' backward.
+
+    ``gpm`` (T, N), ``gcm`` (T, N, N) fp32: the upstream gradients of post_mix and comb_mix
+    (pre only); ``scale`` (3,) or (1,), ``base`` (N3,). Writes ``gz`` (T, N3P): ``dL/dmixes * r``
+    (zero past N3); ``tok`` (T, TW): the collapse weights w_i at [0, N), the RMS coefficient
+    ``(dL/dmixes . mixes) r^2 / K`` at N, and with NORM the norm's ``alpha = r_y`` at N+1 and
+    ``beta = r_y^3 (g_u . y) / H`` at N+2 (``g_y = alpha * g * nw - beta * y``); ``sums`` (blocks,
+    N3+3): this block's sums of ``dL/d(logit)`` per column, then of ``dL/d(logit) * mixes`` per
+    hc_scale group.
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BM + tl.arange(0, BM)  # int64: rows * K passes 2**31 at large T
-    rmask = rows < T
-    cols = tl.arange(0, N3P)
-    cmask = cols < N3
+    rows = pid * BT + tl.arange(0, BT)
+    r_ok = rows < T
+    rows = rows.to(tl.int64)
     K = N * H
-    acc = tl.zeros((BM, N3P), dtype=tl.float32)
-    ssq = tl.zeros((BM,), dtype=tl.float32)
-    gw = tl.zeros((BM, NP), dtype=tl.float32)
-    streams = tl.arange(0, NP)[None, :]
-    for i in tl.static_range(N):
-        h0 = 0
-        while h0 < H:  # while, not range: the interpreter cannot take a run-time range bound
-            hs = h0 + tl.arange(0, BH)
-            hmask = hs < H
-            m2 = rmask[:, None] & hmask[None, :]
-            x = tl.load(res_ptr + rows[:, None] * K + i * H + hs[None, :], mask=m2, other=0.0).to(tl.float32)
-            w = tl.load(fn_ptr + cols[None, :] * K + i * H + hs[:, None], mask=cmask[None, :] & hmask[:, None],
-                        other=0.0).to(tl.float32)
-            go = tl.load(gout_ptr + rows[:, None] * H + hs[None, :], mask=m2, other=0.0).to(tl.float32)
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-            ssq += tl.sum(x * x, axis=1)
-            gw += tl.where(streams == i, tl.sum(x * go, axis=1)[:, None], 0.0)
-            h0 += BH
+    col = tl.arange(0, N3P)
+    cm = col < N3
+    scol = tl.arange(0, STW)
+    p = tl.zeros([BT, N3P], dtype=tl.float32)
+    q = tl.zeros([BT, STW], dtype=tl.float32)
+    s = tl.zeros((), dtype=tl.int64)
+    while s < n_splits:  # while, not range: the interpreter cannot take a run-time range bound
+        blk = part_ptr + s * T * SP + rows[:, None] * SP
+        p += tl.load(blk + col[None, :], mask=r_ok[:, None] & cm[None, :], other=0.0)
+        q += tl.load(blk + N3 + scol[None, :], mask=r_ok[:, None] & (N3 + scol < SP)[None, :], other=0.0)
+        s += 1
+    if NORM:  # q: c_i at i, the Gram matrix at N + _gram(i, j)
+        ssq = _col(q, scol, N)
+        for i in tl.static_range(1, N):
+            ssq += _col(q, scol, N + _gram(i, i, N))
+    else:  # q: the sum of squares at 0, c_i at 1 + i
+        ssq = _col(q, scol, 0)
     r = _rms_factor(ssq, K, rms_eps)
-    mixes = acc * r[:, None]
     # per-column scale: hc_scale[0] for the first N columns, [1] for the next N, [2] for comb
-    group = tl.where(cols < N, 0, tl.where(cols < 2 * N, 1, 2))
+    group = tl.where(col < N, 0, tl.where(col < 2 * N, 1, 2))
     if HEAD:
         group = group * 0
-    s_col = tl.load(scale_ptr + group).to(tl.float32)
-    base = tl.load(base_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    a = _logit(acc, r[:, None], s_col[None, :], base[None, :])
+    s_col = tl.load(scale_ptr + group, mask=cm, other=0.0).to(tl.float32)
+    base = tl.load(base_ptr + col, mask=cm, other=0.0).to(tl.float32)
+    mixes = p * r[:, None]
+    a = _logit(p, r[:, None], s_col[None, :], base[None, :])
     sig = tl.sigmoid(a)
     dsig = sig * (1.0 - sig)
-    # the collapse weights' gradient, spread onto the first N columns
-    colx = cols[None, :, None]
-    gw_cols = tl.sum(tl.where(colx == tl.arange(0, NP)[None, None, :], gw[:, None, :], 0.0), axis=2)
-    g_a = tl.where(cols[None, :] < N, gw_cols * dsig, 0.0)
-    # pre's / head's collapse weights, on the first N columns
-    wts = _pre_weight(acc, r[:, None], s_col[None, :], base[None, :], w_eps)
+    tcol = tl.arange(0, TW)
+    tok = tl.zeros([BT, TW], dtype=tl.float32)
+    ws = ()
+    for i in tl.static_range(N):
+        ws = ws + (_col(sig, col, i) + w_eps,)
+        tok = _put(tok, tcol, i, ws[i])
+    gw = tl.zeros([BT, N3P], dtype=tl.float32)
+    if NORM:
+        # y = sum_i w_i x_i: |y|^2 = w^T G w, y . x_i = (G w)_i; g_u = g * nw, c_i = g_u . x_i
+        ds = ()
+        for i in tl.static_range(N):
+            d = tl.zeros([BT], dtype=tl.float32)
+            for j in tl.static_range(N):
+                d += ws[j] * _col(q, scol, N + (_gram(i, j, N) if i <= j else _gram(j, i, N)))
+            ds = ds + (d,)
+        ysq = ws[0] * ds[0]
+        gu_y = ws[0] * _col(q, scol, 0)
+        for i in tl.static_range(1, N):
+            ysq += ws[i] * ds[i]
+            gu_y += ws[i] * _col(q, scol, i)
+        ry = 1.0 / tl.sqrt(ysq / H + norm_eps)
+        beta = ry * ry * ry * gu_y / H  # r_y^2 (g_u . u) / H with u = r_y y
+        for i in tl.static_range(N):
+            gw = _put(gw, col, i, ry * _col(q, scol, i) - beta * ds[i])
+        tok = _put(tok, tcol, N + 1, ry)
+        tok = _put(tok, tcol, N + 2, beta)
+    else:
+        for i in tl.static_range(N):
+            gw = _put(gw, col, i, _col(q, scol, 1 + i))
+    g_a = tl.where(col[None, :] < N, gw * dsig, 0.0)
     if not HEAD:
-        pcols = cols - N
-        pmask = (cols >= N) & (cols < 2 * N)
-        gpm = tl.load(gpm_ptr + rows[:, None] * N + pcols[None, :], mask=rmask[:, None] & pmask[None, :],
+        pcols = col - N
+        pmask = (col >= N) & (col < 2 * N)
+        gpm = tl.load(gpm_ptr + rows[:, None] * N + pcols[None, :], mask=r_ok[:, None] & pmask[None, :],
                       other=0.0).to(tl.float32)
         g_a += tl.where(pmask[None, :], gpm * post_mult * dsig, 0.0)
         # comb: column 2N + i*N + j <-> entry i*NP + j of Sinkhorn's tuple form (kernels._elems)
-        a_col = _elems(a, BM, N3P)
+        a_col = _elems(a, BT, N3P)
         c = ()
         gc = ()
         for i in tl.static_range(NP):
             for j in tl.static_range(NP):
                 if (i < N) & (j < N):
                     c = c + (a_col[2 * N + i * N + j],)
-                    gc = gc + (tl.load(gcm_ptr + rows * (N * N) + i * N + j, mask=rmask, other=0.0).to(tl.float32),)
+                    gc = gc + (tl.load(gcm_ptr + rows * (N * N) + i * N + j, mask=r_ok, other=0.0).to(tl.float32),)
                 else:  # padding: passes through
                     c = c + (a_col[0],)
                     gc = gc + (a_col[0],)
         gl = _sinkhorn_bwd(c, gc, repeat, sk_eps, N, NP)
         for i in tl.static_range(N):
             for j in tl.static_range(N):
-                g_a += tl.where(cols[None, :] == 2 * N + i * N + j, gl[i * NP + j][:, None], 0.0)
-    g_a = tl.where(rmask[:, None] & cmask[None, :], g_a, 0.0)
+                g_a = _put(g_a, col, 2 * N + i * N + j, gl[i * NP + j])
+    g_a = tl.where(r_ok[:, None] & cm[None, :], g_a, 0.0)
     g_mix = g_a * s_col[None, :]
-    coef = tl.sum(g_mix * mixes, axis=1) * r * r / K
-    tl.store(gmix_ptr + rows[:, None] * N3 + cols[None, :], g_mix, mask=rmask[:, None] & cmask[None, :])
-    tl.store(r_ptr + rows, r, mask=rmask)
-    tl.store(coef_ptr + rows, coef, mask=rmask)
-    tl.store(w_ptr + rows[:, None] * N + cols[None, :], wts, mask=rmask[:, None] & (cols[None, :] < N))
-    # partial sums: dL/dbase per column, then dL/dscale per group
-    tl.store(part_ptr + pid * (N3 + 3) + cols, tl.sum(g_a, axis=0), mask=cmask)
+    tok = _put(tok, tcol, N, tl.sum(g_mix * mixes, axis=1) * r * r / K)
+    tl.store(gz_ptr + rows[:, None] * N3P + col[None, :], g_mix * r[:, None], mask=r_ok[:, None])
+    tl.store(tok_ptr + rows[:, None] * TW + tcol[None, :], tok, mask=r_ok[:, None])
+    tl.store(sums_ptr + pid * (N3 + 3) + col, tl.sum(g_a, axis=0), mask=cm)
     ga_m = tl.sum(g_a * mixes, axis=0)
     for k in tl.static_range(3):
-        tl.store(part_ptr + pid * (N3 + 3) + N3 + k, tl.sum(tl.where(group == k, ga_m, 0.0), axis=0))
+        tl.store(sums_ptr + pid * (N3 + 3) + N3 + k, tl.sum(tl.where(group == k, ga_m, 0.0), axis=0))
 
 
-@triton.jit
-def _res_bwd_kernel(res_ptr, fn_ptr, gout_ptr, gmix_ptr, r_ptr, coef_ptr, w_ptr, gres_ptr, gfn_ptr,
-                    T, H, N: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr,
-                    NEED_RES: tl.constexpr, NEED_FN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """Stage 2 for stream ``i`` and hidden slice ``[hb*BK, hb*BK + BK)`` (program ``i*cdiv(H, BK) + hb``),
-    looping over every token: writes ``gres`` (T, N, H) there and ``gfn[:, i*H + slice]``."""
+@triton.jit(do_not_specialize=["T"])
+def _bwd_res_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gres_ptr, gfn_ptr, gnw_ptr,
+                    gext_ptr, x_ptr, res0_ptr, pm_ptr, cm_ptr, gx_ptr, gpost_ptr, T, H,
+                    N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr,
+                    TW: tl.constexpr, NORM: tl.constexpr, NEED_RES: tl.constexpr, NEED_FN: tl.constexpr,
+                    NEED_NW: tl.constexpr, FUSED: tl.constexpr, NEED_X: tl.constexpr, NEED_PM: tl.constexpr,
+                    NEED_CM: tl.constexpr, PP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
+                    STEPS: tl.constexpr, EXACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """Stage 4 (module doc) for the chunk of tokens [c*STEPS*BM, (c+1)*STEPS*BM) and hidden columns
+    [hb*BH, hb*BH + BH) of every stream (program ``c * cdiv(H, BH) + hb``).
+
+    Reads ``res`` (T, N, H), ``fnp`` (as :func:`_bwd_stats_kernel`), ``gout`` (T, H), ``nw`` (H,)
+    (NORM), ``gz`` (T, N3P) and ``tok`` (T, TW) (:func:`_bwd_tail_kernel`). Writes ``gres`` (T, N,
+    H) (NEED_RES), the chunk's ``gfn[c]`` (N3, N*H) fp32 (NEED_FN) and ``gnw[c]`` (H,) fp32
+    (NEED_NW). ``FUSED`` (fused_post_pre: ``res`` is the new residual): adds ``gext`` (T, N, H),
+    the new residual's own upstream gradient, then post's backward with ``x`` (T, H), ``res0``
+    (T, N, H) post's residual, ``pm`` (T, N), ``cm`` (T, N, N): writes ``gx`` (T, H) (NEED_X),
+    ``gres`` as post's grad_residual (NEED_RES), and per hidden block ``gpost[hb]`` (T, PP):
+    ``g_new_j . x`` at [0, N) (NEED_PM), ``res0_i . g_new_j`` at N + i*N + j (NEED_CM).
+    """
+    n_hb = tl.cdiv(H, BH)
     pid = tl.program_id(0)
-    nhb = tl.cdiv(H, BK)
-    i = pid // nhb
-    hs = (pid % nhb) * BK + tl.arange(0, BK)
-    hmask = hs < H
+    c = pid // n_hb
+    hb = pid % n_hb
+    h = hb * BH + tl.arange(0, BH)
+    h_ok = h < H
     K = N * H
-    cols = tl.arange(0, N3P)
-    cmask = cols < N3
-    fn_blk = tl.load(fn_ptr + cols[:, None] * K + i * H + hs[None, :], mask=cmask[:, None] & hmask[None, :],
-                     other=0.0).to(tl.float32)
-    gfn = tl.zeros((N3P, BK), dtype=tl.float32)
-    t0 = tl.zeros((), dtype=tl.int64)  # int64: rows * K passes 2**31 at large T
-    while t0 < T:
-        rows = t0 + tl.arange(0, BM)
-        rmask = rows < T
-        m2 = rmask[:, None] & hmask[None, :]
-        x = tl.load(res_ptr + rows[:, None] * K + i * H + hs[None, :], mask=m2, other=0.0).to(tl.float32)
-        gm = tl.load(gmix_ptr + rows[:, None] * N3 + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                     other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + rows, mask=rmask, other=0.0)
-        gz = gm * r[:, None]
+    zc = tl.arange(0, N3P)
+    tcol = tl.arange(0, TW)
+    gfn = ()
+    for i in tl.static_range(N):
+        gfn = gfn + (tl.zeros([N3P, BH], dtype=tl.float32),)
+    gnw = tl.zeros([BH], dtype=tl.float32)
+    if NORM:
+        nw = tl.load(nw_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
+    for step in range(0, STEPS):
+        rows = (c * STEPS + step) * BM + tl.arange(0, BM)
+        r_ok = rows < T
+        rows = rows.to(tl.int64)
+        m2 = r_ok[:, None] & h_ok[None, :]
+        gz = tl.load(gz_ptr + rows[:, None] * N3P + zc[None, :], mask=r_ok[:, None], other=0.0)
+        tok = tl.load(tok_ptr + rows[:, None] * TW + tcol[None, :], mask=r_ok[:, None], other=0.0)
+        g = tl.load(gout_ptr + rows[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
+        xs = ()
+        for i in tl.static_range(N):
+            xs = xs + (tl.load(res_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32),)
+        if NORM:
+            y = _col(tok, tcol, 0)[:, None] * xs[0]
+            for i in tl.static_range(1, N):
+                y += _col(tok, tcol, i)[:, None] * xs[i]
+            ry = _col(tok, tcol, N + 1)[:, None]
+            if NEED_NW:
+                gnw += tl.sum(g * ry * y, axis=0)
+            gy = ry * g * nw[None, :] - _col(tok, tcol, N + 2)[:, None] * y
+        else:
+            gy = g
+        coef = _col(tok, tcol, N)[:, None]
+        gz_hi, gz_lo = _split(gz, INTERPRET)
+        gzt_hi = tl.trans(gz_hi)
+        gzt_lo = tl.trans(gz_lo)
+        gxs = ()
+        new_gfn = ()
+        for i in tl.static_range(N):
+            gx = _col(tok, tcol, i)[:, None] * gy - coef * xs[i]
+            # fn's tiles are re-read every step (from L2): held across the loop they cost more
+            # registers than the streams' tiles
+            f_off = zc[:, None] * K + i * H + h[None, :]
+            f_hi = tl.load(fnp_ptr + f_off, mask=h_ok[None, :], other=0.0)
+            f_lo = tl.load(fnp_ptr + SP * K + f_off, mask=h_ok[None, :], other=0.0)
+            gx = _dot_hl(gz_hi, gz_lo, f_hi, f_lo, gx, True, True, INTERPRET)
+            if FUSED:
+                gxs = gxs + (gx + tl.load(gext_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2,
+                                          other=0.0).to(tl.float32),)
+            elif NEED_RES:
+                tl.store(gres_ptr + rows[:, None] * K + i * H + h[None, :],
+                         _to_act(gx, gres_ptr.dtype.element_ty, INTERPRET), mask=m2)
+            if NEED_FN:
+                x_hi, x_lo = _split(xs[i], INTERPRET)
+                new_gfn = new_gfn + (_dot_hl(gzt_hi, gzt_lo, x_hi, x_lo, gfn[i], True, not EXACT_BF16, INTERPRET),)
         if NEED_FN:
-            gfn = tl.dot(tl.trans(gz), x, gfn, input_precision="ieee")
-        if NEED_RES:
-            go = tl.load(gout_ptr + rows[:, None] * H + hs[None, :], mask=m2, other=0.0).to(tl.float32)
-            wi = tl.load(w_ptr + rows * N + i, mask=rmask, other=0.0)
-            coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
-            gx = wi[:, None] * go + tl.dot(gz, fn_blk, input_precision="ieee") - coef[:, None] * x
-            tl.store(gres_ptr + rows[:, None] * K + i * H + hs[None, :], gx.to(gres_ptr.dtype.element_ty), mask=m2)
-        t0 += BM
+            gfn = new_gfn
+        if FUSED:  # post's backward on g_new = gxs (T, N, H), in registers
+            sc = tl.arange(0, NP)
+            smask = r_ok[:, None] & (sc < N)[None, :]
+            if NEED_X:
+                pm = tl.load(pm_ptr + rows[:, None] * N + sc[None, :], mask=smask, other=0.0)
+                gxo = _col(pm, sc, 0)[:, None] * gxs[0]
+                for j in tl.static_range(1, N):
+                    gxo += _col(pm, sc, j)[:, None] * gxs[j]
+                tl.store(gx_ptr + rows[:, None] * H + h[None, :], _to_act(gxo, gx_ptr.dtype.element_ty, INTERPRET),
+                         mask=m2)
+            if NEED_RES:
+                for i in tl.static_range(N):
+                    cmi = tl.load(cm_ptr + rows[:, None] * (N * N) + i * N + sc[None, :], mask=smask, other=0.0)
+                    gr = _col(cmi, sc, 0)[:, None] * gxs[0]
+                    for j in tl.static_range(1, N):
+                        gr += _col(cmi, sc, j)[:, None] * gxs[j]
+                    tl.store(gres_ptr + rows[:, None] * K + i * H + h[None, :],
+                             _to_act(gr, gres_ptr.dtype.element_ty, INTERPRET), mask=m2)
+            if NEED_PM or NEED_CM:
+                pc = tl.arange(0, PP)
+                pp = tl.zeros([BM, PP], dtype=tl.float32)
+                if NEED_PM:
+                    x0 = tl.load(x_ptr + rows[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
+                    for j in tl.static_range(N):
+                        pp = _put(pp, pc, j, tl.sum(gxs[j] * x0, axis=1))
+                if NEED_CM:
+                    for i in tl.static_range(N):
+                        r0 = tl.load(res0_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2,
+                                     other=0.0).to(tl.float32)
+                        for j in tl.static_range(N):
+                            pp = _put(pp, pc, N + i * N + j, tl.sum(r0 * gxs[j], axis=1))
+                tl.store(gpost_ptr + hb.to(tl.int64) * T * PP + rows[:, None] * PP + pc[None, :], pp,
+                         mask=r_ok[:, None])
     if NEED_FN:
-        tl.store(gfn_ptr + cols[:, None] * K + i * H + hs[None, :], gfn, mask=cmask[:, None] & hmask[None, :])
+        for i in tl.static_range(N):
+            tl.store(gfn_ptr + c.to(tl.int64) * (N3 * K) + zc[:, None] * K + i * H + h[None, :], gfn[i],
+                     mask=(zc < N3)[:, None] & h_ok[None, :])
+    if NEED_NW:
+        tl.store(gnw_ptr + c.to(tl.int64) * H + h, gnw, mask=h_ok)
 
 
 # --- post backward -------------------------------------------------------------------------------------
@@ -278,80 +511,177 @@ def _post_bwd_kernel(g_ptr, x_ptr, res_ptr, pm_ptr, cm_ptr, gx_ptr, gres_ptr, gp
 
 
 # --- launchers -----------------------------------------------------------------------------------------
+# --- launchers -----------------------------------------------------------------------------------------
+
+#: Target programs per launch of the streaming stages: two per SM of the H200 (132 SMs), so that
+#: the split of the hidden axis (stage 2) and the token chunks (stage 4) keep every SM busy.
+_PROGRAMS = 264
 
 
-def configs(n: int, H: int, T: int) -> dict:
-    """Launch parameters (the one heuristic of this module). ``bm``: tokens per stage-1 program and
-    per stage-2 step (>= 16, the tl.dot minimum); ``bh``: stage-1 hidden step; ``bk``: stage-2
-    hidden slice per program (n*H/bk programs, each looping over T); ``post_bh``: post's step.
-    Not tuned on hardware yet: sizes that keep every register tile under ~16K fp32 elements."""
-    return dict(bm=16 if T <= 1024 else 32, bh=64, bk=64, post_bh=256 if H >= 256 else 64,
-                num_warps=4)
+def _pow2_ceil(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def mix_specializations(n: int, H: int, T: int, head: bool, need_res: bool = True,
-                        need_fn: bool = True) -> tuple[dict, dict, int]:
-    """Compile-time constants of ``_mix_bwd_kernel`` and of ``_res_bwd_kernel`` for pre
-    (``head`` False) or head backward with n streams, hidden size H, T tokens, and their
-    ``num_warps``: what the launcher passes and what ``aot.py`` builds."""
-    cfg = configs(n, H, T)
+def configs(n: int, H: int, T: int, head: bool, norm: bool = False, fused: bool = False, amd: bool = False) -> dict:
+    """Launch parameters of the pre/head backward (the one heuristic of this module).
+
+    ``sp``: stage 2's partial width (the mix columns, then the per-token sums of the module doc),
+    ``stw`` the sums' tile width in stage 3;
+    ``n3p``: ``gz``'s width (>= 16, tl.dot's minimum); ``tw``: ``tok``'s width. Stage 2: BM tokens
+    x BH hidden columns per step, ``stats_steps`` steps per program; stage 3: ``bt`` tokens a
+    program; stage 4: BM tokens x BH columns per step, ``res_steps`` steps (its chunk of tokens).
+    Step counts are powers of two chosen from T, so a model compiles a few variants at most.
+    Stage 4's tile is the one of the AOT builds' register sweep that spills nothing at 8 warps
+    (its grad_fn accumulators, n x N3P x BH fp32, dominate); ``amd`` (gfx942, gfx950: 64 KB of
+    shared memory; <= 256 VGPRs and no spill wanted): a narrower hidden tile there and two pipeline
+    stages in stage 2, chosen by VGPR counts alone (nothing timed on AMD).
+    """
     m = n if head else 2 * n + n * n
-    n3p = max(16, triton.next_power_of_2(m))
-    mix = dict(N=n, N3=m, N3P=n3p, NP=max(2, triton.next_power_of_2(n)), HEAD=head, BM=cfg["bm"], BH=cfg["bh"])
-    res = dict(N=n, N3=m, N3P=n3p, NEED_RES=need_res, NEED_FN=need_fn, BM=cfg["bm"], BK=cfg["bk"])
-    return mix, res, cfg["num_warps"]
+    np_ = max(2, triton.next_power_of_2(n))
+    stats = m + n + n * (n + 1) // 2 if norm else m + 1 + n
+    cfg = dict(m=m, np=np_, sp=max(16, triton.next_power_of_2(stats)), n3p=max(16, triton.next_power_of_2(m)),
+               tw=max(2, triton.next_power_of_2(n + 3)), gp=max(2, triton.next_power_of_2(n * (n + 1) // 2)),
+               pp=max(2, triton.next_power_of_2(n + n * n)),
+               stw=max(2, triton.next_power_of_2(stats - m)),
+               bm=64, bh=32, stats_warps=4, stats_stages=2 if amd else 3, bt=32, tail_warps=2,
+               res_bm=32 if amd else 16, res_bh=16 if amd else 64, res_warps=8, res_stages=2)
+    n_hb = triton.cdiv(H, cfg["bh"])
+    n_tb = triton.cdiv(T, cfg["bm"])
+    splits = max(1, min(n_hb, triton.cdiv(_PROGRAMS, n_tb)))
+    cfg["stats_steps"] = _pow2_ceil(triton.cdiv(n_hb, splits))
+    n_rb = triton.cdiv(H, cfg["res_bh"])
+    chunks = max(1, min(triton.cdiv(T, cfg["res_bm"]), triton.cdiv(_PROGRAMS, n_rb)))
+    cfg["res_steps"] = _pow2_ceil(triton.cdiv(triton.cdiv(T, cfg["res_bm"]), chunks))
+    return cfg
 
 
-def post_specialization(n: int, H: int, T: int, output_mask=(True, True, True, True)) -> tuple[dict, int]:
-    """Compile-time constants of ``_post_bwd_kernel`` for n streams, hidden size H, T tokens and
-    the gradients asked for (``output_mask``: x, residual, post_mix, comb_mix), and its ``num_warps``."""
-    cfg = configs(n, H, T)
-    need_x, need_res, need_pm, need_cm = (bool(b) for b in output_mask)
-    return dict(N=n, NP=max(2, triton.next_power_of_2(n)), NEED_X=need_x, NEED_RES=need_res, NEED_PM=need_pm,
-                NEED_CM=need_cm, BH=cfg["post_bh"]), cfg["num_warps"]
+def specializations(n: int, H: int, T: int, dtype: torch.dtype, head: bool, norm: bool = False,
+                    fused: bool = False, mask=(True,) * 4, need_nw: bool = False,
+                    post_mask=(True,) * 4, amd: bool = False) -> tuple[dict, dict, dict, dict]:
+    """Compile-time constants, ``num_warps`` and ``num_stages`` of the three backward kernels (stats, tail, res)
+    and the config (:func:`configs`): what the launcher passes and what ``aot.py`` builds.
+    ``mask``: the four gradients of pre/head asked for; ``post_mask``: post's four (fused only)."""
+    cfg = configs(n, H, T, head, norm, fused, amd)
+    need_res, need_fn = bool(mask[0]), bool(mask[1])
+    common = dict(N=n, NP=cfg["np"], N3=cfg["m"], SP=cfg["sp"])
+    stats = dict(common, GP=cfg["gp"], NORM=norm, BM=cfg["bm"], BH=cfg["bh"], STEPS=cfg["stats_steps"],
+                 EXACT_BF16=dtype == torch.bfloat16, INTERPRET=INTERPRETED, num_warps=cfg["stats_warps"],
+                 num_stages=cfg["stats_stages"])
+    tail = dict(common, N3P=cfg["n3p"], STW=cfg["stw"], TW=cfg["tw"], HEAD=head, NORM=norm, BT=cfg["bt"],
+                num_warps=cfg["tail_warps"], num_stages=1)
+    if fused:
+        need_x, need_res, need_pm, need_cm = (bool(b) for b in post_mask)
+    else:
+        need_x = need_pm = need_cm = False
+    res = dict(common, N3P=cfg["n3p"], TW=cfg["tw"], NORM=norm, NEED_RES=need_res, NEED_FN=need_fn,
+               NEED_NW=need_nw, FUSED=fused, NEED_X=need_x, NEED_PM=need_pm, NEED_CM=need_cm, PP=cfg["pp"],
+               BM=cfg["res_bm"], BH=cfg["res_bh"], STEPS=cfg["res_steps"], EXACT_BF16=dtype == torch.bfloat16,
+               INTERPRET=INTERPRETED, num_warps=cfg["res_warps"], num_stages=cfg["res_stages"])
+    return stats, tail, res, cfg
 
 
 def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w_eps, sk_eps, post_mult,
-                  repeat, mask, head):
+                  repeat, mask, head, norm=(), post=None):
+    """pre's (``head`` False) or head's backward; ``norm``: () or (norm_weight, norm_eps,
+    norm_weight_grad); ``post``: None, or fused_post_pre's (grad_new_residual, x, residual,
+    post_mix, comb_mix, post_mask), whose post backward then runs in the last kernel."""
     T, n, H = residual.shape
+    K = n * H
     m = fn.shape[0]
     dev = residual.device
-    need_res, need_fn, need_scale, need_base = mask
-    mix_spec, res_spec, warps = mix_specializations(n, H, T, head, bool(need_res), bool(need_fn))
-    bm = mix_spec["BM"]
-    blocks = triton.cdiv(T, bm)
+    need_res, need_fn, need_scale, need_base = (bool(b) for b in mask)
+    nw, norm_eps, need_nw = norm if norm else (None, 0.0, False)
+    fused = post is not None
+    post_mask = post[5] if fused else (False,) * 4
+    stats, tail, res, cfg = specializations(n, H, T, residual.dtype, head, bool(norm), fused,
+                                            (need_res, need_fn, need_scale, need_base), bool(need_nw), post_mask,
+                                            device_shared_memory(dev).amd)
     f32 = torch.float32
-    gmix, r, coef = empty((T, m), f32, dev), empty((T,), f32, dev), empty((T,), f32, dev)
-    w, part = empty((T, n), f32, dev), empty((blocks, m + 3), f32, dev)
-    g_res = empty((T, n, H), residual.dtype, dev) if need_res else None
-    g_fn = empty(fn.shape, f32, dev) if need_fn else None
+    sp, n3p, tw, pp = cfg["sp"], cfg["n3p"], cfg["tw"], cfg["pp"]
+    n_tb = triton.cdiv(T, cfg["bm"])
+    splits = triton.cdiv(H, cfg["bh"] * cfg["stats_steps"])
+    tail_blocks = triton.cdiv(T, cfg["bt"])
+    n_rb = triton.cdiv(H, cfg["res_bh"])
+    chunks = triton.cdiv(T, cfg["res_bm"] * cfg["res_steps"])
+    fnp = empty((2 * sp, K), torch.bfloat16, dev)
+    part = empty((splits, T, sp), f32, dev)
+    gz, tok, sums = empty((T, n3p), f32, dev), empty((T, tw), f32, dev), empty((tail_blocks, m + 3), f32, dev)
+    gfn = empty((chunks, m, K), f32, dev) if need_fn else None
+    gnw = empty((chunks, H), f32, dev) if need_nw else None
+    run_res = need_res or need_fn or need_nw or (fused and any(post_mask))
+    if fused:
+        g_new, x, res0, pm, cm, _ = post
+        post_x, post_res, post_pm, post_cm = (bool(b) for b in post_mask)
+        g_x = empty((T, H), residual.dtype, dev) if post_x else None
+        g_res = empty((T, n, H), residual.dtype, dev) if post_res else None
+        gpost = empty((n_rb, T, pp), f32, dev) if (post_pm or post_cm) else None
+    else:
+        g_new = x = res0 = pm = cm = g_x = gpost = None
+        g_res = empty((T, n, H), residual.dtype, dev) if need_res else None
+
+    def ptr(t):  # absent tensors are never touched (their flag is false): pass any pointer
+        return residual if t is None else t
+
     with device_guard(dev):
-        _mix_bwd_kernel[(blocks,)](
-            residual, fn, g_out, g_out if head else g_pm, g_out if head else g_cm, hc_scale, hc_base,
-            gmix, r, coef, w, part, T, H, rms_eps, w_eps, sk_eps, post_mult, repeat,
-            num_warps=warps, **mix_spec, **COMPILE_OPTIONS)
-        if need_res or need_fn:
-            _res_bwd_kernel[(n * triton.cdiv(H, res_spec["BK"]),)](
-                residual, fn, g_out, gmix, r, coef, w, g_res if need_res else gmix, g_fn if need_fn else gmix,
-                T, H, num_warps=warps, **res_spec, **COMPILE_OPTIONS)
-        sums = part.sum(0)
-    g_base = sums[:m].clone() if need_base else None
-    g_scale = sums[m:m + hc_scale.shape[0]].clone() if need_scale else None
-    return g_res, g_fn, g_scale, g_base
+        prep_kernel[(triton.cdiv(K, prep_block(sp)),)](fn, fnp, K, N3=m, N3P=sp, BK=prep_block(sp),
+                                                       INTERPRET=INTERPRETED, **COMPILE_OPTIONS)
+        _bwd_stats_kernel[(n_tb * splits,)](residual, fnp, g_out, ptr(nw), part, T, H, **stats, **COMPILE_OPTIONS)
+        _bwd_tail_kernel[(tail_blocks,)](
+            part, splits, g_out if head else g_pm, g_out if head else g_cm, hc_scale, hc_base, gz, tok, sums,
+            T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps, **tail, **COMPILE_OPTIONS)
+        if run_res:
+            _bwd_res_kernel[(chunks * n_rb,)](
+                residual, fnp, g_out, ptr(nw), gz, tok, ptr(g_res), ptr(gfn), ptr(gnw),
+                ptr(g_new), ptr(x), ptr(res0), ptr(pm), ptr(cm), ptr(g_x), ptr(gpost), T, H, **res,
+                **COMPILE_OPTIONS)
+        # the reductions over token blocks and chunks: torch.sum over the first axis, a fixed order
+        totals = sums.sum(0)
+        g_fn = None if gfn is None else (gfn[0] if chunks == 1 else gfn.sum(0))
+        g_nw = None if gnw is None else (gnw[0] if chunks == 1 else gnw.sum(0)).to(nw.dtype)
+        g_post = None if gpost is None else gpost.sum(0)
+    g_base = totals[:m] if need_base else None
+    g_scale = totals[m:m + hc_scale.shape[0]] if need_scale else None
+    if fused:
+        g_pm_in = g_post[:, :n].reshape(T, n, 1) if post_mask[2] else None
+        g_cm_in = g_post[:, n:n + n * n].reshape(T, n, n) if post_mask[3] else None
+        return (g_x, g_res, g_pm_in, g_cm_in), (g_fn, g_scale, g_base), g_nw
+    return (g_res, g_fn, g_scale, g_base), g_nw
 
 
 def pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base, rms_eps,
-                 hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask):
-    """As ``mhc.backward.pre_backward`` (shapes and dtypes there), in two Triton kernels."""
-    return _mix_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base,
-                         rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask,
-                         head=False)
+                 hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *norm):
+    """As ``mhc.backward.pre_backward`` (shapes and dtypes there, the fused RMSNorm's ``norm``
+    too), in four Triton launches."""
+    grads, g_nw = _mix_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base,
+                                rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat,
+                                output_mask, False, norm)
+    return (*grads, g_nw) if norm else grads
 
 
 def head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask):
-    """As ``mhc.backward.head_backward`` (shapes and dtypes there), in two Triton kernels."""
+    """As ``mhc.backward.head_backward`` (shapes and dtypes there), in four Triton launches."""
     return _mix_backward(None, None, grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, 0.0, 0.0, 1,
-                         output_mask, head=True)
+                         output_mask, True)[0]
+
+
+def fused_post_pre_backward(grad_new_residual, grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, x,
+                            residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
+                            hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *norm):
+    """As ``mhc.backward.fused_post_pre_backward`` (shapes, dtypes and the mask there): pre's
+    backward on the new residual with post's backward fused into its last kernel, so that the new
+    residual's gradient never goes through memory."""
+    post_mask = tuple(bool(b) for b in output_mask[:4])
+    pre_mask = (any(post_mask), *output_mask[4:7])
+    if not any(post_mask):
+        (_, *params), g_nw = _mix_backward(grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, fn,
+                                           hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+                                           hc_post_mult_value, sinkhorn_repeat, pre_mask, False, norm)
+        return (None,) * 4 + tuple(params) + ((g_nw,) if norm else ())
+    post_grads, params, g_nw = _mix_backward(
+        grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
+        hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, pre_mask, False, norm,
+        (grad_new_residual, x, residual, post_mix, comb_mix, post_mask))
+    return (*post_grads, *params) + ((g_nw,) if norm else ())
 
 
 def post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask):
@@ -374,3 +704,11 @@ def post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask):
             grad_out, ptr(x), ptr(residual), ptr(post_mix), ptr(comb_mix), ptr(g_x), ptr(g_res), ptr(g_pm),
             ptr(g_cm), H, num_warps=warps, **spec, **COMPILE_OPTIONS)
     return g_x, g_res, g_pm, g_cm
+
+
+def post_specialization(n: int, H: int, T: int, output_mask=(True, True, True, True)) -> tuple[dict, int]:
+    """Compile-time constants of ``_post_bwd_kernel`` for n streams, hidden size H, T tokens and
+    the gradients asked for (``output_mask``: x, residual, post_mix, comb_mix), and its ``num_warps``."""
+    need_x, need_res, need_pm, need_cm = (bool(b) for b in output_mask)
+    return dict(N=n, NP=max(2, triton.next_power_of_2(n)), NEED_X=need_x, NEED_RES=need_res, NEED_PM=need_pm,
+                NEED_CM=need_cm, BH=256 if H >= 256 else 64), 4
