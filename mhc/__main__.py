@@ -443,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     prog = _prog()
     argv = sys.argv[1:] if argv is None else list(argv)
     real = sys.stdout
-    sys.stdout = _Stdout(real)
+    if real is not None:  # None: no console (pythonw), where print() writes nothing
+        sys.stdout = _Stdout(real)
     try:
         try:
             args, p = _parse(argv, prog)
@@ -456,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             return rc
         finally:  # also after --help and argument errors (SystemExit): their text is written too
             try:
-                sys.stdout.flush()
+                if real is not None:
+                    sys.stdout.flush()
             finally:
                 sys.stdout = real
     except _WriteError as e:
