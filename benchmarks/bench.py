@@ -72,6 +72,7 @@ import os
 import pathlib
 import platform
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -825,6 +826,19 @@ def _names(s: str) -> list[str]:
     return [v.strip() for v in s.split(",") if v.strip()]
 
 
+def _out_error(out_dir: pathlib.Path) -> str | None:
+    """Why the results cannot be written to ``out_dir`` (made here if missing), or None."""
+    if out_dir.exists() and not out_dir.is_dir():
+        return f"--out {out_dir}: not a folder"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        return f"--out {out_dir}: cannot write there ({e.strerror or e})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python benchmarks/bench.py", description="Check and time every mhc op per backend and peer, "
@@ -853,6 +867,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", metavar="CSV", help="rebuild the markdown table and plots from a CSV and exit")
     args = ap.parse_args(argv)
+    out_dir = pathlib.Path(args.out or DEFAULT_OUT)
+    why = None if args.overhead or args.report else _out_error(out_dir)  # before anything runs
+    if why:
+        ap.error(why)
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -879,8 +897,6 @@ def main(argv: list[str] | None = None) -> int:
         if op not in OPS:
             ap.error(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     prefix_name = args.prefix or ("cpu-quick" if small else "quick" if args.quick else "bench")
-    out_dir = pathlib.Path(args.out or DEFAULT_OUT)
-    out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / prefix_name
     dtype = getattr(torch, args.dtype)
     if small:

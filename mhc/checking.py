@@ -189,7 +189,7 @@ def sample_rows(T: int, device, k: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def reference_rows(op: str, args: tuple, kwargs: dict, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """:func:`mhc.oracle` (fp64, CPU) on the token ``rows`` of ``args``."""
+    """:func:`oracle` (fp64, CPU) on the token ``rows`` of ``args``."""
     k = token_args(op)
     sub = tuple(a.index_select(0, rows) for a in args[:k]) + tuple(args[k:])
     return oracle(op, sub, kwargs)
@@ -208,8 +208,9 @@ def check_outputs(op: str, outs: Sequence[torch.Tensor], refs: Sequence[torch.Te
                   dtype: torch.dtype) -> Check:
     """Compare ``outs`` (full outputs of ``op``) with ``refs`` (the oracle on ``rows``).
 
-    Fails if any output element anywhere is NaN/inf (outputs are poisoned before the call, so
-    this also catches unwritten elements) or if a sampled output exceeds the tolerance.
+    Fails if any output element anywhere is NaN/inf (under :func:`poisoned_outputs`, outputs
+    allocated through ``mhc.backends.empty``, Triton's and TileLang's, start as NaN, so this also
+    catches elements they never write) or if a sampled output exceeds the tolerance.
     """
     if len(outs) != len(refs):
         return Check(False, f"returned {len(outs)} outputs, expected {len(refs)}", math.inf)

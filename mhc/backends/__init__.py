@@ -21,8 +21,13 @@ contiguous and on one device:
 ``fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)``
     Returns ``(new_residual (T, n, H), post_mix, comb_mix, layer_input)``.
 
-Backends allocate outputs with :func:`empty` (so tests can poison them) on the input's device,
-and GPU backends launch inside :func:`device_guard`.
+Every backend returns its outputs on the input's device, and GPU backends launch inside
+:func:`device_guard`. The Triton and TileLang launchers allocate their outputs with :func:`empty`
+or :func:`empty_like`, so that tests can poison them (an element a kernel never writes then shows
+as NaN). The others do not: the torch backend returns the tensors that its PyTorch math
+(``mhc.reference``, ``mhc.backward``) makes, and AITER allocates ``pre``'s, ``head``'s and its
+fused op's outputs itself (only ``post``'s ``out`` and the T == 0 outputs come from
+:func:`empty`), so poisoning does not reach those.
 """
 
 from __future__ import annotations

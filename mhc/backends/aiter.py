@@ -39,6 +39,12 @@ Quirks handled here (each is covered by a test in ``tests/test_aiter.py``):
   torch; a direct call raises ``ValueError`` instead of reaching the assertion;
 - releases < 0.1.14 have a sum-of-squares race at large T: :data:`BACKEND`'s ``notes()`` says
   so in ``python -m mhc info``, and loading such a release warns once.
+
+Not served: the fused RMSNorm (``norm_weight`` of ``pre`` and ``fused_post_pre``). The record's
+``Capabilities.norm_ops`` lists ``pre`` and ``fused_post_pre`` anyway, only so that such a call
+passes the capability check and reaches the probe, which refuses it with :data:`NORM_REASON`
+(why AITER's own ``norm_weight`` is not used) instead of the generic "does not fuse the RMSNorm".
+So, for this backend, ``norm_ops`` does not mean "served".
 """
 
 from __future__ import annotations
@@ -400,7 +406,8 @@ BACKEND = Backend(
         dtypes=frozenset({torch.bfloat16}),
         n_values=frozenset({N_STREAMS}),
         h_multiple=H_MULTIPLE,
-        # listed so that the probe says why (NORM_REASON) instead of the generic reason
+        # NOT served: listed only so that a call with norm_weight reaches the probe, which refuses
+        # it with NORM_REASON (why) instead of the generic reason (the module docstring says more)
         norm_ops=frozenset({"pre", "fused_post_pre"}),
     ),
     load=_load,
