@@ -70,14 +70,7 @@ for _schema in SCHEMAS.values():
 
 
 def _grad(name: str, g, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    if not isinstance(g, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(g).__name__}")
-    if g.shape != shape:
-        raise ValueError(f"{name} must have shape {shape} (the forward output's), got {tuple(g.shape)}")
-    if g.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {g.dtype}")
-    if g.device != device:
-        raise ValueError(f"{name} is on {g.device} but residual is on {device}; move them to one device")
+    validation.check_tensor(name, g, shape, dtype, "the forward output's", device)
 
 
 def _mask(output_mask) -> list[bool]:
@@ -231,9 +224,16 @@ def _post_backward_fake(grad_out, x, residual, post_mix, comb_mix, output_mask, 
     return tuple(grad_out.new_empty(s, dtype=d) if want else None for (s, d), want in zip(specs, mask))
 
 
-for _name, _real, _fake in (("pre_backward", _pre_backward, _pre_backward_fake),
-                            ("post_backward", _post_backward, _post_backward_fake),
-                            ("head_backward", _head_backward, _head_backward_fake)):
+#: Each backward op's kernel and fake impl. Adding a backward op: its schema in :data:`SCHEMAS`,
+#: its entry here and its name in ``mhc.registry.BACKWARD_OPS`` (which backends' capabilities and
+#: ``MHC_BACKEND`` read); the formula of the forward op that calls it is in :data:`FORMULAS`.
+BACKWARD_KERNELS = {"pre_backward": (_pre_backward, _pre_backward_fake),
+                    "post_backward": (_post_backward, _post_backward_fake),
+                    "head_backward": (_head_backward, _head_backward_fake)}
+if set(SCHEMAS) != set(BACKWARD_KERNELS) or set(SCHEMAS) != set(registry.BACKWARD_OPS):
+    raise ImportError(f"mhc.autograd: the backward ops' schemas {sorted(SCHEMAS)}, kernels {sorted(BACKWARD_KERNELS)} "
+                      f"and mhc.registry.BACKWARD_OPS {sorted(registry.BACKWARD_OPS)} must name the same ops")
+for _name, (_real, _fake) in BACKWARD_KERNELS.items():
     _LIB.impl(_name, _real, "CompositeExplicitAutograd")
     torch.library.register_fake(f"mhc::{_name}", _fake, lib=_LIB)
     register_no_autocast(_LIB, _name)  # backward under autocast: the same math as outside
