@@ -1,4 +1,11 @@
-"""Autograd for ``torch.ops.mhc.*``: the backward ops and ``register_autograd`` for the forward ops.
+"""Autograd for the mhc ops: the backward ops, and one ``autograd.Function`` per forward op.
+
+Each forward op's formulas (what to save, which backward ops to call) are one entry of
+:data:`FORMULAS`; :data:`FUNCTIONS` holds the ``autograd.Function`` built from each, which both
+ways in use: the op's autograd kernel (``torch.ops.mhc.<op>``, registered here at the
+``Autograd`` dispatch key, as ``torch.library.register_autograd`` would, so that
+``torch.compile`` and CUDA graphs see the same op) and the public function (``mhc.<op>``), which
+applies it directly where the dispatcher would do nothing else (``mhc.ops.direct_ok``).
 
 Backward ops are ``torch.library`` ops of their own (``torch.ops.mhc.pre_backward``,
 ``post_backward``, ``head_backward``), dispatched through :mod:`mhc.registry` exactly like the
@@ -29,15 +36,13 @@ a second-order gradient of None.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from mhc import reference, registry, validation
 from mhc import ops as _ops
-from mhc.ops import DIRECT, _c, register_dense_only, register_no_autocast, run_fused, run_head, run_post, run_pre
+from mhc.ops import _c, register_dense_only, register_no_autocast
 
-__all__ = ["SCHEMAS"]
+__all__ = ["SCHEMAS", "FORMULAS", "FUNCTIONS"]
 
 _MASK_OUT = ("Tensor? grad_residual, Tensor? grad_fn, Tensor? grad_hc_scale, Tensor? grad_hc_base")
 SCHEMAS = {
@@ -74,14 +79,7 @@ for _schema in SCHEMAS.values():
 
 
 def _grad(name: str, g, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    if not isinstance(g, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(g).__name__}")
-    if g.shape != shape:
-        raise ValueError(f"{name} must have shape {shape} (the forward output's), got {tuple(g.shape)}")
-    if g.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {g.dtype}")
-    if g.device != device:
-        raise ValueError(f"{name} is on {g.device} but residual is on {device}; move them to one device")
+    validation.check_tensor(name, g, shape, dtype, "the forward output's", device)
 
 
 def _mask(output_mask, size: int = 4) -> list[bool]:
@@ -296,17 +294,27 @@ def _fused_post_pre_backward_fake(grad_new_residual, grad_post_mix, grad_comb_mi
     return (*post, *params, g_nw)
 
 
-for _name, _real, _fake in (("pre_backward", _pre_backward, _pre_backward_fake),
-                            ("fused_post_pre_backward", _fused_post_pre_backward, _fused_post_pre_backward_fake),
-                            ("post_backward", _post_backward, _post_backward_fake),
-                            ("head_backward", _head_backward, _head_backward_fake)):
+#: Each backward op's kernel and fake impl. Adding a backward op: its schema in :data:`SCHEMAS`,
+#: its entry here and its name in ``mhc.registry.BACKWARD_OPS`` (which backends' capabilities and
+#: ``MHC_BACKEND`` read); the formula of the forward op that calls it is in :data:`FORMULAS`.
+BACKWARD_KERNELS = {"pre_backward": (_pre_backward, _pre_backward_fake),
+                    "post_backward": (_post_backward, _post_backward_fake),
+                    "head_backward": (_head_backward, _head_backward_fake),
+                    "fused_post_pre_backward": (_fused_post_pre_backward, _fused_post_pre_backward_fake)}
+if set(SCHEMAS) != set(BACKWARD_KERNELS) or set(SCHEMAS) != set(registry.BACKWARD_OPS):
+    raise ImportError(f"mhc.autograd: the backward ops' schemas {sorted(SCHEMAS)}, kernels {sorted(BACKWARD_KERNELS)} "
+                      f"and mhc.registry.BACKWARD_OPS {sorted(registry.BACKWARD_OPS)} must name the same ops")
+for _name, (_real, _fake) in BACKWARD_KERNELS.items():
     _LIB.impl(_name, _real, "CompositeExplicitAutograd")
     torch.library.register_fake(f"mhc::{_name}", _fake, lib=_LIB)
     register_no_autocast(_LIB, _name)  # backward under autocast: the same math as outside
     register_dense_only(_LIB, _name)
 
 
-# --- register_autograd for the forward ops ---------------------------------------------------------
+# --- the forward ops' autograd: one formula per op, one autograd.Function per op ---------------------
+# Each forward op has a ``setup(ctx, inputs, output)`` (what to save) and a ``backward(ctx, *grads)``
+# (which backward ops to call), indexed by the op's positional arguments; :data:`FORMULAS` is
+# their one table, and :func:`_function` turns each entry into the op's ``autograd.Function``.
 
 
 def _or_zeros(g, like: torch.Tensor) -> torch.Tensor:
@@ -314,7 +322,7 @@ def _or_zeros(g, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def _pre_setup(ctx, inputs, keyword_only_inputs, output):
+def _pre_setup(ctx, inputs, output):
     # every gradient needs the recomputed mixes; norm_weight (inputs[9], or None) the fused norm's
     ctx.save_for_backward(*inputs[:4], inputs[9])
     ctx.scalars = inputs[4:9]
@@ -345,9 +353,9 @@ def _pre_bwd(ctx, g_pm, g_cm, g_li):
     return (*grads, *(None,) * len(ctx.scalars), g_nw, None)
 
 
-def _head_setup(ctx, inputs, keyword_only_inputs, output):
+def _head_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:4])
-    ctx.scalars = inputs[4:]
+    ctx.scalars = inputs[4:6]
     ctx.bwd_backend = registry.current_choice("head_backward")
 
 
@@ -365,8 +373,8 @@ def _post_saved(x, residual, post_mix, comb_mix, need):
             comb_mix if need_res else None)
 
 
-def _post_setup(ctx, inputs, keyword_only_inputs, output):
-    x, residual, post_mix, comb_mix = inputs
+def _post_setup(ctx, inputs, output):
+    x, residual, post_mix, comb_mix = inputs[:4]
     ctx.save_for_backward(*_post_saved(x, residual, post_mix, comb_mix, ctx.needs_input_grad[:4]))
     ctx.bwd_backend = registry.current_choice("post_backward")
 
@@ -376,7 +384,7 @@ def _post_bwd(ctx, g):
                                        backend=ctx.bwd_backend)
 
 
-def _fused_setup(ctx, inputs, keyword_only_inputs, output):
+def _fused_setup(ctx, inputs, output):
     x, residual, post_mix, comb_mix, fn, hc_scale, hc_base = inputs[:7]
     need = ctx.needs_input_grad
     # pre's half needs the new residual (an output: what pre read), its parameters and the norm
@@ -402,130 +410,64 @@ def _fused_bwd(ctx, g_new, g_pm, g_cm, g_li):
     return (*grads, *(None,) * len(ctx.scalars), g_nw, None)
 
 
-for _name, _bwd, _setup in (("pre", _pre_bwd, _pre_setup), ("post", _post_bwd, _post_setup),
-                            ("head", _head_bwd, _head_setup), ("fused_post_pre", _fused_bwd, _fused_setup)):
-    torch.library.register_autograd(f"mhc::{_name}", _bwd, setup_context=_setup, lib=_LIB)
+#: Each forward op's autograd formulas, ``(setup, backward)``: their one home. ``setup(ctx, inputs,
+#: output)`` saves what the backward needs (``inputs``: every positional argument of the op);
+#: ``backward(ctx, *grads)`` returns one gradient (or None) per positional argument.
+FORMULAS = {"pre": (_pre_setup, _pre_bwd), "post": (_post_setup, _post_bwd), "head": (_head_setup, _head_bwd),
+            "fused_post_pre": (_fused_setup, _fused_bwd)}
+
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
 
 
-# --- the public API's autograd: the same formulas, without register_autograd's per-call cost ----------
-
-
-def _eager_function(name: str, setup, bwd) -> type[torch.autograd.Function]:
-    """An ``autograd.Function`` that runs ``torch.ops.mhc.<name>`` below autograd and records the
-    same backward as the op's ``register_autograd`` (``setup``/``bwd`` above). The public
-    wrappers (``mhc.pre`` ...) call it when a gradient can flow, nothing is being compiled and
-    their fast path (:data:`FAST_APPLY`) has refused the call:
-    ``register_autograd``'s kernel re-fills the schema's defaults on every call
-    (``torch._library.utils.fill_defaults``: ~30 of its ~70 µs a call on CPU with a kernel that
-    does nothing, ``python benchmarks/bench.py --overhead``); and where :func:`mhc.ops.direct_ok`
-    allows, it calls the op's kernel without the dispatcher. ``torch.ops.mhc.<name>`` itself keeps
-    ``register_autograd``, for ``torch.compile`` and direct callers.
-
-    ``apply(*args, backend)``: the op's positional arguments (its tensors and scalars), then the
-    ``backend`` keyword's value (None or a name), which gets no gradient."""
-    op = getattr(torch.ops.mhc, name).default
-    direct, tensors, scalars = DIRECT[name]
+def _function(name: str, setup, bwd) -> type[torch.autograd.Function]:
+    """The ``autograd.Function`` of forward op ``name``, for both ways in: ``apply(*args, backend,
+    keyset)`` with ``args`` every positional argument of the op. ``keyset`` None: the public
+    function's call, which :func:`mhc.ops.direct_ok` has cleared, so the forward calls the op's
+    kernel itself; a ``DispatchKeySet``: the call came through the dispatcher (the op's
+    autograd kernel, :func:`_register`), and the forward redispatches below autograd, as
+    ``torch.library.register_autograd`` does. ``backend`` and ``keyset`` get no gradient."""
+    spec = _ops.SPECS[name]
+    op, kernel = spec.op, spec.kernel
 
     def forward(ctx, *args):
-        *inputs, backend = args
-        if _ops.direct_ok(inputs, tensors, scalars):  # the op's kernel, as the dispatcher would call it
-            out = direct(*inputs, backend=backend)
+        *inputs, backend, keyset = args
+        if keyset is None:
+            out = kernel(*inputs, backend=backend)
         else:
-            with torch._C._AutoDispatchBelowAutograd():
-                out = op(*inputs, backend=backend)
-        setup(ctx, tuple(inputs), {"backend": backend}, out)
+            with _BELOW_AUTOGRAD():
+                out = op.redispatch(keyset & _AFTER_AUTOGRAD, *inputs, backend=backend)
+        setup(ctx, inputs, out)
         return out
 
     def backward(ctx, *grads):
-        needs = ctx.needs_input_grad
-        try:  # the formulas index the op's inputs: hide the backend argument, as register_autograd does
-            ctx.needs_input_grad = needs[:-1]
-            result = bwd(ctx, *grads)
-        finally:
-            ctx.needs_input_grad = needs
-        return (*result, None)
+        return (*bwd(ctx, *grads), None, None)
 
-    return type(f"Mhc_{name}_eager", (torch.autograd.Function,),
+    return type(f"Mhc_{name}", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
-#: The eager autograd of each forward op (see :func:`_eager_function`).
-EAGER_FUNCTIONS = {name: _eager_function(name, setup, bwd)
-                   for name, bwd, setup in (("pre", _pre_bwd, _pre_setup), ("post", _post_bwd, _post_setup),
-                                            ("head", _head_bwd, _head_setup),
-                                            ("fused_post_pre", _fused_bwd, _fused_setup))}
+#: The ``autograd.Function`` of each forward op (see :func:`_function`).
+FUNCTIONS = {name: _function(name, setup, bwd) for name, (setup, bwd) in FORMULAS.items()}
 
 
-# --- the public API's fast path: validated arguments, the backend already chosen ------------------
+def _register(name: str) -> None:
+    """The autograd kernel of ``torch.ops.mhc.<name>``: :data:`FUNCTIONS`'s where a gradient can
+    flow, else the op below autograd. The dispatcher strips trailing arguments equal to their
+    defaults; the formulas index every positional argument, so they are filled back in."""
+    spec = _ops.SPECS[name]
+    op, defaults, apply = spec.op, spec.defaults, FUNCTIONS[name].apply
 
-def _fast_function(name: str, forward, positions: tuple[int, ...], n_inputs: int, bwd) -> Callable:
-    """The C ``apply`` of an ``autograd.Function`` for the public wrappers' fast path (``mhc.pre``
-    ...), which have validated the call and chosen the backend. Its ``forward(ctx, <the op's
-    tensor arguments>, call)`` takes the op's tensors (optional ``norm_weight`` included, at
-    ``positions`` among the op's ``n_inputs`` positional arguments) and a tuple ``call`` (the
-    backend callable, T, n, H, the scalars) that gets no gradient; the backward is the op's
-    ``register_autograd`` formula ``bwd``.
+    def autograd_kernel(keyset, *args, backend=None):
+        if len(args) < len(defaults):
+            args = (*args, *defaults[len(args):])
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return apply(*args, backend, keyset)
+        with _BELOW_AUTOGRAD():
+            return op.redispatch(keyset & _AFTER_AUTOGRAD, *args, backend=backend)
 
-    ``Function.apply`` costs ~3 µs a call before its C ``apply`` on CPU: most of it unwrapping
-    functorch's dead wrappers (the callers do that, ``unwrap_if_dead``) and checking for a
-    functorch transform or a ``setup_context`` (the callers take this path with no transform
-    active; the class has no ``setup_context``)."""
-
-    def backward(ctx, *grads):
-        needs = ctx.needs_input_grad
-        full = [False] * n_inputs
-        for i, p in enumerate(positions):
-            full[p] = needs[i]
-        try:  # the formulas index the op's positional arguments
-            ctx.needs_input_grad = tuple(full)
-            result = bwd(ctx, *grads)
-        finally:
-            ctx.needs_input_grad = needs
-        return (*(result[p] for p in positions), None)
-
-    cls = type(f"Mhc_{name}_fast", (torch.autograd.Function,),
-               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-    return super(torch.autograd.Function, cls).apply  # torch._C._FunctionBase.apply, bound to cls
+    _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
-def _pre_forward(ctx, residual, fn, hc_scale, hc_base, norm_weight, call):
-    impl, T, n, H, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_eps = call
-    inputs = (residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
-              sinkhorn_repeat, norm_weight, norm_eps)
-    out = run_pre(impl, *inputs, T, n, H)
-    _pre_setup(ctx, inputs, None, out)
-    return out
-
-
-def _post_forward(ctx, x, residual, post_mix, comb_mix, call):
-    impl, T, n, H = call
-    out = run_post(impl, x, residual, post_mix, comb_mix, T, n, H)
-    _post_setup(ctx, (x, residual, post_mix, comb_mix), None, out)
-    return out
-
-
-def _head_forward(ctx, residual, fn, hc_scale, hc_base, call):
-    impl, T, n, H, rms_eps, hc_eps = call
-    inputs = (residual, fn, hc_scale, hc_base, rms_eps, hc_eps)
-    out = run_head(impl, *inputs, T, n, H)
-    _head_setup(ctx, inputs, None, out)
-    return out
-
-
-def _fused_forward(ctx, x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, norm_weight, call):
-    impl, T, n, H, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_eps = call
-    inputs = (x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-              hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps)
-    out = run_fused(impl, *inputs, T, n, H)
-    _fused_setup(ctx, inputs, None, out)
-    return out
-
-
-#: ``apply(<the op's tensors>, call)`` of each forward op for the public wrappers' fast path (see
-#: :func:`_fast_function`; ``call``: the backend callable, T, n, H, then the op's scalars in order).
-FAST_APPLY = {
-    "pre": _fast_function("pre", _pre_forward, (0, 1, 2, 3, 9), 11, _pre_bwd),
-    "post": _fast_function("post", _post_forward, (0, 1, 2, 3), 4, _post_bwd),
-    "head": _fast_function("head", _head_forward, (0, 1, 2, 3), 6, _head_bwd),
-    "fused_post_pre": _fast_function("fused_post_pre", _fused_forward, (0, 1, 2, 3, 4, 5, 6, 12), 14, _fused_bwd),
-}
+for _name in FORMULAS:
+    _register(_name)

@@ -1,13 +1,15 @@
-"""``torch.ops.mhc.*``: the op definitions, their fake (meta) impls, and the dispatch to backends.
+"""``torch.ops.mhc.*``: the op definitions, their kernels, fake (meta) impls, and the gate of the public functions.
 
 Registration uses ``torch.library.Library.define`` + ``impl`` rather than
 ``torch.library.custom_op``: the latter wraps every call in extra Python layers (about 19 µs a call
 for an empty body on CPU against about 2.6 µs of dispatch here; ``python benchmarks/bench.py --overhead``
 measures it). One
-``CompositeExplicitAutograd`` kernel serves every device: it validates (``mhc.validation``),
+``CompositeExplicitAutograd`` kernel per op serves every device: it validates (``mhc.validation``),
 picks the backend (``mhc.registry.select``: a dict lookup once warm; also for T == 0, so that a
 call is accepted or refused the same way whatever T is), returns empty outputs for T == 0
-without calling it, flattens the leading dims and restores them.
+without calling it, flattens the leading dims and restores them. The public functions
+(``mhc.pre`` ...) call that same kernel themselves where :func:`direct_ok` finds that the
+dispatcher would do nothing else; its autograd is ``mhc.autograd``'s.
 
 Autocast: every op (and every backward op, ``mhc.autograd``) also has a kernel at the autocast
 dispatch keys that runs the op with autocast switched off, so that ``torch.autocast`` changes
@@ -20,11 +22,14 @@ Each op takes a keyword-only ``backend`` (``None`` = the current selection, see
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
 from mhc import reference, registry, validation
 
-__all__ = ["SCHEMAS", "pre", "post", "head", "fused_post_pre", "run_pre", "run_post", "run_head", "run_fused"]
+__all__ = ["SCHEMAS", "SPECS", "Spec", "direct_ok", "pre", "post", "head", "fused_post_pre"]
 
 #: The scalars' defaults have one home, ``mhc.reference.DEFAULTS``: the schemas and the Python
 #: signatures below take them from there.
@@ -56,8 +61,11 @@ def _pre_outputs(residual: torch.Tensor, lead, n: int, H: int):
             residual.new_empty((*lead, H)))
 
 
-# --- real kernels (every device) -------------------------------------------------------------
-# reshape/view cost ~1.4 µs each on CPU, so the common 3-D (T, n, H) call skips them.
+# --- the ops' kernel (every device): validate, select, T == 0, flatten, call, restore ----------------
+# One kernel per op serves every caller: the dispatcher (CompositeExplicitAutograd), the public
+# functions where the dispatcher would do nothing else (:func:`direct_ok`), and ``mhc.autograd``'s
+# functions. Backends get (T, n, H) contiguous tensors (``mhc/backends/__init__.py``); reshape and
+# view cost ~1.4 µs each on CPU, so the common 3-D (T, n, H) call skips them.
 
 
 def _c(t: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -67,77 +75,23 @@ def _c(t: torch.Tensor, *shape: int) -> torch.Tensor:
     return t.contiguous()
 
 
-def run_pre(impl, residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
-            sinkhorn_repeat, norm_weight, norm_eps, T: int, n: int, H: int):
-    """``pre`` on arguments already validated, with T >= 1 tokens, by the backend callable ``impl``
-    (:func:`mhc.registry.select`'s): flatten to (T, n, H), make contiguous, call, restore the
-    leading dims. One home for the op's kernel below, the public wrappers' fast path and
-    ``mhc.autograd``'s recorded call."""
-    shape = residual.shape
-    res = residual.contiguous() if len(shape) == 3 else _c(residual, T, n, H)
-    if norm_weight is None:  # a backend without norm_weight parameters is called as before
-        p, c, li = impl(res, fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps, hc_pre_eps,
-                        hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
-    else:
-        p, c, li = impl(res, fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps, hc_pre_eps,
-                        hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_weight.contiguous(), norm_eps)
-    if len(shape) == 3:
-        return p, c, li
-    lead = shape[:-2]
-    return p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
-
-
-def run_post(impl, x, residual, post_mix, comb_mix, T: int, n: int, H: int):
-    """``post`` on validated arguments with T >= 1 (see :func:`run_pre`)."""
-    shape = residual.shape
-    if len(shape) == 3:
-        return impl(x.contiguous(), residual.contiguous(), post_mix.contiguous(), comb_mix.contiguous())
-    out = impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n))
-    return out.view(shape)
-
-
-def run_head(impl, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, T: int, n: int, H: int):
-    """``head`` on validated arguments with T >= 1 (see :func:`run_pre`)."""
-    shape = residual.shape
-    if len(shape) == 3:
-        return impl(residual.contiguous(), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps,
-                    hc_eps)
-    out = impl(_c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps,
-               hc_eps)
-    return out.view(*shape[:-2], H)
-
-
-def run_fused(impl, x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-              hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps, T: int, n: int, H: int):
-    """``fused_post_pre`` on validated arguments with T >= 1 (see :func:`run_pre`)."""
-    shape = residual.shape
-    if len(shape) == 3:
-        ins = (x.contiguous(), residual.contiguous(), post_mix.contiguous(), comb_mix.contiguous())
-    else:
-        ins = (_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n))
-    if norm_weight is None:
-        new, p, c, li = impl(*ins, fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps,
-                             hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
-    else:
-        new, p, c, li = impl(*ins, fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps,
-                             hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat,
-                             norm_weight.contiguous(), norm_eps)
-    if len(shape) == 3:
-        return new, p, c, li
-    lead = shape[:-2]
-    return new.view(shape), p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
-
-
 def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["hc_pre_eps"],
         hc_sinkhorn_eps=_D["hc_sinkhorn_eps"], hc_post_mult_value=_D["hc_post_mult_value"],
         sinkhorn_repeat=_D["sinkhorn_repeat"], norm_weight=None, norm_eps=_D["norm_eps"], *, backend=None):
     lead, T, n, H = validation.check_pre(residual, fn, hc_scale, hc_base, sinkhorn_repeat, rms_eps, hc_pre_eps,
                                          hc_sinkhorn_eps, hc_post_mult_value, norm_weight, norm_eps)
     impl = registry.select("pre", residual.device, residual.dtype, n, H, T, backend, norm=norm_weight is not None)
-    if T == 0:
+    if T == 0:  # selected first all the same: a call is accepted or refused whatever T is
         return _pre_outputs(residual, lead, n, H)
-    return run_pre(impl, residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
-                   sinkhorn_repeat, norm_weight, norm_eps, T, n, H)
+    flat = len(lead) == 1
+    res = residual.contiguous() if flat else _c(residual, T, n, H)
+    # The fused RMSNorm's arguments only when given: a backend without them is called as before.
+    norm = () if norm_weight is None else (norm_weight.contiguous(), norm_eps)
+    p, c, li = impl(res, fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps, hc_pre_eps,
+                    hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, *norm)
+    if flat:
+        return p, c, li
+    return p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
 
 
 def post(x, residual, post_mix, comb_mix, *, backend=None):
@@ -145,7 +99,9 @@ def post(x, residual, post_mix, comb_mix, *, backend=None):
     impl = registry.select("post", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return residual.new_empty(residual.shape)
-    return run_post(impl, x, residual, post_mix, comb_mix, T, n, H)
+    if len(lead) == 1:
+        return impl(x.contiguous(), residual.contiguous(), post_mix.contiguous(), comb_mix.contiguous())
+    return impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n)).view(residual.shape)
 
 
 def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_eps"], *, backend=None):
@@ -153,7 +109,10 @@ def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_e
     impl = registry.select("head", residual.device, residual.dtype, n, H, T, backend)
     if T == 0:
         return residual.new_empty((*lead, H))
-    return run_head(impl, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, T, n, H)
+    flat = len(lead) == 1
+    out = impl(residual.contiguous() if flat else _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(),
+               hc_base.contiguous(), rms_eps, hc_eps)
+    return out if flat else out.view(*lead, H)
 
 
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"],
@@ -167,13 +126,24 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
                            norm=norm_weight is not None)
     if T == 0:
         return (residual.new_empty(residual.shape), *_pre_outputs(residual, lead, n, H))
-    return run_fused(impl, x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
-                     hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_weight, norm_eps, T, n, H)
+    flat = len(lead) == 1
+    if flat:
+        ins = (x.contiguous(), residual.contiguous(), post_mix.contiguous(), comb_mix.contiguous())
+    else:
+        ins = (_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n))
+    norm = () if norm_weight is None else (norm_weight.contiguous(), norm_eps)
+    new, p, c, li = impl(*ins, fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), rms_eps, hc_pre_eps,
+                         hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, *norm)
+    if flat:
+        return new, p, c, li
+    return new.view(residual.shape), p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
 
 
-# --- the direct call: the op's kernel without the dispatcher, where that changes nothing -------------
+# --- the one way in: the public functions' gate ------------------------------------------------
 
 _TENSOR, _PARAMETER, _STRIDED = torch.Tensor, torch.nn.Parameter, torch.strided
+_is_compiling = torch.compiler.is_compiling
+_tracing = torch._C._get_tracing_state
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 _autocast = torch._C._is_any_autocast_enabled
@@ -181,49 +151,63 @@ _profiling = torch._C._autograd._profiler_enabled
 _functorch_level = torch._C._functorch.peek_interpreter_stack
 
 
-def _kinds(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Positions of ``mhc::<name>``'s tensor arguments (optional ones included) and of its
-    float/int arguments, from its schema (together: every positional argument)."""
-    args = [a for a in getattr(torch.ops.mhc, name).default._schema.arguments if not a.kwarg_only]
-    tensors = tuple(i for i, a in enumerate(args) if str(a.type) in ("Tensor", "Optional[Tensor]"))
-    scalars = tuple(i for i, a in enumerate(args) if str(a.type) in ("float", "int"))
-    return tensors, scalars
+class Spec(NamedTuple):
+    """One forward op as its callers need it: the ``OpOverload``, its kernel (the function the
+    dispatcher calls below autograd), and, from its schema, the positions of its tensor, float
+    and int arguments and the defaults of its positional arguments (all of them, in order; the
+    dispatcher strips trailing ones equal to their default before an autograd kernel sees them)."""
+
+    op: torch._ops.OpOverload
+    kernel: Callable
+    tensors: tuple[int, ...]
+    floats: tuple[int, ...]
+    ints: tuple[int, ...]
+    defaults: tuple
 
 
-def direct_ok(args: tuple, tensors: tuple[int, ...], scalars: tuple[int, ...]) -> bool:
-    """Whether calling the op's kernel (the functions above) directly gives what the dispatcher
-    would, for a call below autograd with the schema's positional arguments ``args`` (all of them
-    given; ``tensors``/``scalars``: the positions of :func:`_kinds`).
+def _spec(name: str, kernel: Callable) -> Spec:
+    op = getattr(torch.ops.mhc, name).default
+    args = [a for a in op._schema.arguments if not a.kwarg_only]
+    kinds = [str(a.type) for a in args]
+    return Spec(op, kernel, tuple(i for i, k in enumerate(kinds) if k in ("Tensor", "Optional[Tensor]")),
+                tuple(i for i, k in enumerate(kinds) if k == "float"), tuple(i for i, k in enumerate(kinds) if k == "int"),
+                tuple(a.default_value if a.has_default_value() else None for a in args))
 
-    The dispatcher then does nothing but box the arguments and call that kernel (about 10 µs of
-    a call's host time on the H200 machine's CPU, ``benchmarks/host_profile.py``): its other
-    kernels serve what this refuses: a dispatch or function mode (``FakeTensorMode``,
-    ``torch.device`` as a context, a ``TorchDispatchMode``), a functorch transform (``vmap``,
-    ``functionalize``), an autocast region (``register_no_autocast``), the profiler (which
-    records the op by name), a tensor subclass, a meta, sparse or nested tensor
-    (``register_dense_only``), and a scalar of a type the schema would convert or refuse."""
-    if len(args) != len(tensors) + len(scalars):  # a positional argument left to its default
+
+def direct_ok(args: tuple, spec: Spec) -> bool:
+    """Whether ``spec.kernel(*args)`` gives what the dispatcher would give for ``spec.op(*args)``
+    (``args``: every positional argument): the dispatcher would then only box the arguments,
+    step through autograd and call that kernel (about 10 µs of a call's host time on the H200
+    machine's CPU, ``benchmarks/host_profile.py``).
+
+    Its other kernels serve what this refuses, so those calls must go through it: nothing being
+    compiled or traced (``torch.jit.trace`` records the op, with sizes that are tensors), no
+    dispatch or function mode (``FakeTensorMode``, ``torch.device`` as a context), no functorch
+    transform (``vmap``), autocast region (``register_no_autocast``) or profiler (which records
+    the op by name); tensors that are plain dense ``Tensor``/``Parameter`` objects (not a
+    subclass, not meta, sparse or nested: ``register_dense_only``) without a negative bit (which
+    the dispatcher materialises before any kernel sees the tensor: a view such as
+    ``complex.conj().imag`` carries one; the conjugate bit needs no test, as only complex tensors
+    carry it and the kernel's validation refuses their dtype as the dispatcher's path would); and
+    scalars of exactly the schema's types (a Python ``float`` where it says float, an ``int``
+    where it says int: the dispatcher converts or refuses anything else)."""
+    if (_is_compiling() or _tracing() is not None or _dispatch_modes() or _function_modes() or _autocast()
+            or _profiling() or _functorch_level() is not None):
         return False
-    if _dispatch_modes() or _function_modes() or _autocast() or _profiling() or _functorch_level() is not None:
-        return False
-    for i in tensors:
+    for i in spec.tensors:
         t = args[i]
         if t is None:
             continue
         c = t.__class__
-        if (c is not _TENSOR and c is not _PARAMETER) or t.layout is not _STRIDED or t.is_nested or t.is_meta:
+        if (c is not _TENSOR and c is not _PARAMETER) or t.layout is not _STRIDED or t.is_nested or t.is_meta or t.is_neg():
             return False
-    for i in scalars:
-        c = args[i].__class__
-        if c is not float and c is not int:
+    for i in spec.floats:
+        if args[i].__class__ is not float:
+            return False
+    for i in spec.ints:
+        if args[i].__class__ is not int:
             return False
     return True
-
-
-#: Each op's kernel and its argument kinds, for :func:`direct_ok` callers (``mhc.pre`` and the
-#: other public wrappers, ``mhc.autograd``'s eager functions).
-DIRECT = {name: (fn, *_kinds(name)) for name, fn in (("pre", pre), ("post", post), ("head", head),
-                                                      ("fused_post_pre", fused_post_pre))}
 
 
 # --- fake impls: shapes and dtypes only, same validation ---------------------------------------
@@ -305,9 +289,13 @@ def register_dense_only(lib: torch.library.Library, name: str) -> None:
         lib.impl(name, refuse, key)
 
 
-for _name, _real, _fake in (("pre", pre, _pre_fake), ("post", post, _post_fake), ("head", head, _head_fake),
-                            ("fused_post_pre", fused_post_pre, _fused_fake)):
+_KERNELS = {"pre": (pre, _pre_fake), "post": (post, _post_fake), "head": (head, _head_fake),
+            "fused_post_pre": (fused_post_pre, _fused_fake)}
+for _name, (_real, _fake) in _KERNELS.items():
     _LIB.impl(_name, _real, "CompositeExplicitAutograd")
     torch.library.register_fake(f"mhc::{_name}", _fake, lib=_LIB)
     register_no_autocast(_LIB, _name)
     register_dense_only(_LIB, _name)
+
+#: Each forward op's :class:`Spec`, for the public functions (``mhc.pre`` ...) and ``mhc.autograd``.
+SPECS = {name: _spec(name, real) for name, (real, _) in _KERNELS.items()}

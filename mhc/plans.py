@@ -26,6 +26,8 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from mhc import state
+
 __all__ = ["PlanCache", "PLANS"]
 
 
@@ -72,4 +74,4 @@ class PlanCache:
 
 
 #: Every backend's plans, in one place.
-PLANS = PlanCache()
+PLANS = state.register("plans", PlanCache(), "backend, op, n, H, T bucket, dtype, device, ...")

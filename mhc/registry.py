@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from mhc import state
+
 __all__ = [
     "OPS",
     "BACKWARD_OPS",
@@ -221,10 +223,21 @@ class _State:
         self.loaded: dict[str, Any] = {}  # name -> load() result
         self.load_errors: dict[str, str] = {}
         self.decisions: dict[tuple, tuple[str, Callable] | BackendError] = {}
-        self.env_cache: tuple[str | bytes | None, Mapping[str, str]] = (None, {})  # MHC_BACKEND as read
+        self.env_cache: tuple[str | None, Mapping[str, str]] = (None, {})  # MHC_BACKEND as read
+
+    def clear_decisions(self) -> None:
+        """Forget every decision (they are remade on the next call)."""
+        with self.lock:
+            self.decisions.clear()
+
+    def clear_env(self) -> None:
+        self.env_cache = (None, {})
 
 
 _STATE = _State()
+state.register("registry.decisions", _STATE.decisions, "op, choice, device, dtype, n, H, T bucket, create_graph, norm",
+               _STATE.clear_decisions)
+state.register("registry.env", _STATE, "the raw value of MHC_BACKEND", _STATE.clear_env)
 _CONTEXT: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("mhc_backend", default={})
 
 
@@ -378,26 +391,12 @@ def parse_spec(spec: str | None, source: str = ENV_VAR) -> dict[str, str]:
     return out
 
 
-# os.environ.get encodes the key and goes through Mapping.get: ~0.7 µs a call, most of a warm
-# select() and of the backward choice each recorded call makes. The mapping's own dict of encoded
-# keys and values (CPython's os._Environ) answers in ~20 ns and stays in step with it; get() serves
-# where it is missing or os.environ has been replaced.
-_ENVIRON = os.environ
-_ENV_DATA = getattr(_ENVIRON, "_data", None)
-try:
-    _ENV_KEY = _ENVIRON.encodekey(ENV_VAR)
-except AttributeError:
-    _ENV_DATA = None
-
-
 def _env_choice(op: str) -> str:
-    if _ENV_DATA is not None and os.environ is _ENVIRON:
-        raw = _ENV_DATA.get(_ENV_KEY)  # encoded (bytes on POSIX): decoded only when it changes
-    else:
-        raw = os.environ.get(ENV_VAR)
+    # Parsed once per value of MHC_BACKEND (a change between calls is seen by the next call).
+    raw = os.environ.get(ENV_VAR)
     cached_raw, parsed = _STATE.env_cache
-    if raw.__class__ is not cached_raw.__class__ or raw != cached_raw:
-        parsed = parse_spec(_ENVIRON.decodevalue(raw) if isinstance(raw, bytes) else raw)
+    if raw != cached_raw:
+        parsed = parse_spec(raw)
         _STATE.env_cache = (raw, parsed)
     if op in _BACKWARD:
         return parsed.get(op) or _bare_backward(parsed.get("*"), op) or "auto"

@@ -21,7 +21,7 @@ from mhc.reference import acc_dtype as mix_dtype
 from mhc.reference import DEFAULTS as _D  # the scalars' defaults (one home)
 
 __all__ = ["ACT_DTYPES", "MIX_DTYPES", "MAX_N", "MAX_SINKHORN_REPEAT", "check_pre", "check_post", "check_head", "check_fused",
-           "check_sinkhorn_repeat", "check_norm", "check_backend", "non_dense", "mix_dtype"]
+           "check_sinkhorn_repeat", "check_norm", "check_tensor", "check_backend", "non_dense", "mix_dtype"]
 
 #: Residual / activation dtypes the op layer accepts; backends narrow this in their capabilities.
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -63,14 +63,20 @@ def _residual(residual) -> tuple[tuple[int, ...], int, int, int]:
     return tuple(lead), T, n, H
 
 
+def _device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but residual is on {device}; move them to one device")
+
+
 def _same_device(residual: torch.Tensor, **others: torch.Tensor) -> None:
-    dev = residual.device
     for name, t in others.items():
-        if t.device != dev:
-            raise ValueError(f"{name} is on {t.device} but residual is on {dev}; move them to one device")
+        _device(name, t, residual.device)
 
 
-def _exact(name: str, t, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> None:
+def check_tensor(name: str, t, shape: tuple[int, ...], dtype: torch.dtype, what: str,
+                 device: torch.device | None = None) -> None:
+    """``t`` is a tensor of exactly ``shape`` (described by ``what``) and ``dtype``, and on
+    ``device`` if one is given (the residual's); the error names ``name``."""
     # Hot path: one shape and one dtype comparison; messages are built only on failure.
     if not isinstance(t, torch.Tensor):
         _tensor(name, t)
@@ -78,17 +84,19 @@ def _exact(name: str, t, shape: tuple[int, ...], dtype: torch.dtype, what: str) 
         raise ValueError(f"{name} must have shape {shape} ({what}), got {tuple(t.shape)}")
     if t.dtype != dtype:
         raise TypeError(f"{name} must be {_name(dtype)}, got {_name(t.dtype)}")
+    if device is not None:
+        _device(name, t, device)
 
 
 def _weights(fn, hc_scale, hc_base, n: int, H: int, m: int, n_scale: int, mdt: torch.dtype) -> None:
-    _exact("fn", fn, (m, n * H), mdt, f"{m} mix rows x n*H")
-    _exact("hc_scale", hc_scale, (n_scale,), mdt, f"{n_scale} scales")
-    _exact("hc_base", hc_base, (m,), mdt, f"{m} biases")
+    check_tensor("fn", fn, (m, n * H), mdt, f"{m} mix rows x n*H")
+    check_tensor("hc_scale", hc_scale, (n_scale,), mdt, f"{n_scale} scales")
+    check_tensor("hc_base", hc_base, (m,), mdt, f"{m} biases")
 
 
 def _mixes(post_mix, comb_mix, lead: tuple[int, ...], n: int, mdt: torch.dtype) -> None:
-    _exact("post_mix", post_mix, (*lead, n, 1), mdt, "residual's leading dims, n, 1")
-    _exact("comb_mix", comb_mix, (*lead, n, n), mdt, "residual's leading dims, n, n")
+    check_tensor("post_mix", post_mix, (*lead, n, 1), mdt, "residual's leading dims, n, 1")
+    check_tensor("comb_mix", comb_mix, (*lead, n, n), mdt, "residual's leading dims, n, n")
 
 
 def check_sinkhorn_repeat(sinkhorn_repeat) -> None:
@@ -205,7 +213,7 @@ def check_post(x, residual, post_mix, comb_mix) -> tuple[tuple[int, ...], int, i
             and x.shape == (*lead, H) and post_mix.shape == (*lead, n, 1) and comb_mix.shape == (*lead, n, n)
             and x.dtype == residual.dtype and post_mix.dtype == mdt and comb_mix.dtype == mdt
             and x.device == dev and post_mix.device == dev and comb_mix.device == dev):
-        _exact("x", x, (*lead, H), residual.dtype, "residual's leading dims, H; residual's dtype")
+        check_tensor("x", x, (*lead, H), residual.dtype, "residual's leading dims, H; residual's dtype")
         _mixes(post_mix, comb_mix, lead, n, mdt)
         _same_device(residual, x=x, post_mix=post_mix, comb_mix=comb_mix)
     return lead, T, n, H

@@ -1,8 +1,8 @@
-"""The public wrappers' direct call: where the dispatcher would only box the arguments and call the
-op's kernel, ``mhc.pre`` and the others run it themselves: their fast path (the usual call, checked
-inline: ``mhc.ops.run_*`` or ``mhc.autograd.FAST_APPLY``), else the general path's
-``mhc.ops.direct_ok``. These tests check both halves of that promise on CPU: the plain call takes
-the fast path and gives what ``torch.ops.mhc.*`` gives (values, gradients, errors), and every case
+"""The public functions' direct call: where the dispatcher would only box the arguments and call the
+op's kernel (``mhc.ops.direct_ok``), ``mhc.pre`` and the others run that kernel themselves (or the
+op's ``autograd.Function``, where a gradient can flow). These tests check both halves of that
+promise on CPU: the plain call is direct and gives what ``torch.ops.mhc.*`` gives (values,
+gradients, errors), and every case
 the dispatcher treats differently (modes, transforms, autocast, the profiler, subclasses,
 meta/sparse tensors, scalars the schema would convert or refuse) goes through the dispatcher and
 keeps its behaviour.
@@ -20,30 +20,18 @@ from mhc import checking, ops
 OPS = ("pre", "post", "head", "fused_post_pre")
 
 
-_FAST = ("_run_pre", "_run_post", "_run_head", "_run_fused", "_PRE_APPLY", "_POST_APPLY", "_HEAD_APPLY",
-         "_FUSED_APPLY")
-
-
 @pytest.fixture
 def verdicts(monkeypatch):
-    """The path each public call takes, in order: ``"fast"`` (the wrapper's fast path), else every
-    ``direct_ok`` answer of the general path."""
-    seen: list[bool | str] = []
+    """The path each public call takes, in order: every ``direct_ok`` answer (True: the op's
+    kernel or ``autograd.Function`` without the dispatcher; False: ``torch.ops.mhc.<op>``)."""
+    seen: list[bool] = []
     real = ops.direct_ok
 
     def spy(*a):
         seen.append(real(*a))
         return seen[-1]
 
-    def fast(f):
-        def spy_fast(*a):
-            seen.append("fast")
-            return f(*a)
-        return spy_fast
-
     monkeypatch.setattr(ops, "direct_ok", spy)
-    for name in _FAST:
-        monkeypatch.setattr(mhc, name, fast(getattr(mhc, name)))
     return seen
 
 
@@ -60,7 +48,7 @@ def _via_dispatcher(op, args, kw):
 def test_the_plain_call_is_direct_and_equals_the_dispatched_op(op, verdicts):
     args, kw = _inputs(op, seed=1)
     got = checking.call(op, args, kw, "torch")
-    assert verdicts == ["fast"]
+    assert verdicts == [True]
     for g, w in zip(got, _via_dispatcher(op, args, kw)):
         assert torch.equal(g, w)
 
@@ -69,7 +57,7 @@ def test_parameters_are_plain_tensors(verdicts):
     args, kw = _inputs("pre", seed=2)
     args = (args[0], torch.nn.Parameter(args[1], requires_grad=False), *args[2:])
     mhc.pre(*args, **kw, backend="torch")
-    assert verdicts == ["fast"]
+    assert verdicts == [True]
 
 
 def test_a_dispatch_mode_sees_the_op(verdicts):
@@ -171,12 +159,12 @@ def test_inputs_requiring_grad_use_the_direct_kernel_below_autograd(verdicts):
     args, kw = _inputs("pre", seed=13)
     args = tuple(a.detach().requires_grad_() for a in args)
     post_mix, comb_mix, li = mhc.pre(*args, **kw, backend="torch")
-    assert verdicts == ["fast"]  # mhc.autograd.FAST_APPLY
+    assert verdicts == [True]  # mhc.autograd.FUNCTIONS, applied without the dispatcher
     (li.float().sum() + post_mix.sum() + comb_mix.sum()).backward()
     assert all(a.grad is not None and torch.isfinite(a.grad).all() for a in args)
 
 
-# --- the fast path against the general path ------------------------------------------------------
+# --- the direct call against the dispatcher ---------------------------------------------------------
 
 
 def _outcome(op, args, kw):
@@ -188,9 +176,9 @@ def _outcome(op, args, kw):
     return "ok", out if isinstance(out, tuple) else (out,)
 
 
-def _general(monkeypatch):
-    """Send every public call to the general path (``_typed``), as under torch.compile."""
-    monkeypatch.setattr(mhc, "_is_compiling", lambda: True)
+def _dispatched(monkeypatch):
+    """Send every public call through the dispatcher (``torch.ops.mhc.<op>``), as under torch.compile."""
+    monkeypatch.setattr(ops, "direct_ok", lambda *a: False)
 
 
 def _same(got, want):
@@ -214,24 +202,24 @@ _WITH_NORM = [(op, norm) for op in OPS for norm in (False, True) if op in ("pre"
 
 @pytest.mark.parametrize("op,norm", _WITH_NORM)
 @pytest.mark.parametrize("lead", [(3,), (2, 3), (), (1,)])
-def test_the_fast_path_equals_the_general_path(op, lead, norm, verdicts, monkeypatch):
+def test_the_direct_call_equals_the_dispatched_call(op, lead, norm, verdicts, monkeypatch):
     args, kw = checking.make_inputs(op, lead, 4, 64, torch.bfloat16, seed=30)
     if norm:
         kw = dict(kw, norm_weight=_norm_weight(args), norm_eps=1e-5)
     kw = dict(kw, backend="torch")
-    fast = _outcome(op, args, kw)
-    assert verdicts == ["fast"]
-    _general(monkeypatch)
-    _same(fast, _outcome(op, args, kw))
+    direct = _outcome(op, args, kw)
+    assert verdicts == [True]
+    _dispatched(monkeypatch)
+    _same(direct, _outcome(op, args, kw))
 
 
 @pytest.mark.parametrize("op,norm", _WITH_NORM)
-def test_the_fast_path_records_the_ops_gradients(op, norm, verdicts):
+def test_the_direct_call_records_the_ops_gradients(op, norm, verdicts):
     args, kw = checking.make_inputs(op, (2, 3), 4, 64, torch.float32, seed=31)
     if norm:
         kw = dict(kw, norm_weight=_norm_weight(args, seed=32))
     grads = []
-    for f in (getattr(mhc, op), getattr(torch.ops.mhc, op)):  # the fast path; register_autograd's
+    for f in (getattr(mhc, op), getattr(torch.ops.mhc, op)):  # the direct call; the op's autograd kernel
         leaves = [a.detach().requires_grad_() for a in args]
         extra = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
         out = f(*leaves, **extra, backend="torch")
@@ -239,14 +227,14 @@ def test_the_fast_path_records_the_ops_gradients(op, norm, verdicts):
         g = torch.Generator().manual_seed(33)
         sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in out).backward()
         grads.append([t.grad for t in leaves] + [v.grad for v in extra.values() if isinstance(v, torch.Tensor)])
-    assert verdicts == ["fast"]
+    assert verdicts == [True]
     for g, w in zip(*grads):
         assert g is not None and torch.equal(g, w)
 
 
 def _bad_calls():
-    """Calls the fast path refuses (each with the op): it must raise or return what the general
-    path does."""
+    """Calls the direct path refuses or that fail its checks (each with the op): they must raise
+    or return what the dispatched call does."""
     cases = []
     for op in OPS:
         args, kw = checking.make_inputs(op, (2,), 4, 64, torch.bfloat16, seed=34)
@@ -300,9 +288,9 @@ def _bad_calls():
 
 
 @pytest.mark.parametrize("op,args,kw,what", _bad_calls(), ids=[c[3] + "-" + c[0] for c in _bad_calls()])
-def test_calls_the_fast_path_refuses_behave_as_on_the_general_path(op, args, kw, what, monkeypatch):
+def test_bad_calls_behave_as_through_the_dispatcher(op, args, kw, what, monkeypatch):
     kw = dict(kw)
     kw.setdefault("backend", "torch")
     got = _outcome(op, args, kw)
-    _general(monkeypatch)
+    _dispatched(monkeypatch)
     _same(got, _outcome(op, args, kw))

@@ -39,6 +39,8 @@ import contextlib
 # shadow ``import torch`` here (torch.empty -> AttributeError on mhc.backends.torch).
 import torch as _torch
 
+from mhc import state as _state
+
 __all__ = ["empty", "empty_like", "device_guard"]
 
 
@@ -57,6 +59,14 @@ def _plain_empty(shape, dtype: _torch.dtype, device: _torch.device) -> _torch.Te
 # Tests swap this for an allocator that fills outputs with NaN, so that an element a kernel
 # forgets to write shows up in the comparison. One indirection, no cost worth measuring.
 _ALLOCATOR = _plain_empty
+
+
+def _reset_allocator() -> None:
+    global _ALLOCATOR
+    _ALLOCATOR = _plain_empty
+
+
+_state.register("backends.allocator", _ALLOCATOR, "(a switch: mhc.backends._ALLOCATOR)", _reset_allocator)
 
 
 def empty(shape, dtype: _torch.dtype, device: _torch.device) -> _torch.Tensor:

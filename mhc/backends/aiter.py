@@ -63,6 +63,7 @@ from typing import Any
 
 import torch
 
+from mhc import state
 from mhc.backends import device_guard, empty
 from mhc.registry import CAUGHT, Backend, Capabilities, Problem
 
@@ -282,7 +283,7 @@ class PaddedHeadWeights:
 
 
 #: The one cache of padded head weights (used with AITER < 0.1.14 only).
-HEAD_PAD_CACHE = PaddedHeadWeights()
+HEAD_PAD_CACHE = state.register("aiter.head_pad", PaddedHeadWeights(), "ids of (fn, hc_scale, hc_base)")
 
 
 # --- the adapter --------------------------------------------------------------------------------

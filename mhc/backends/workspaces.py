@@ -36,6 +36,8 @@ import threading
 
 import torch
 
+from mhc import state
+
 __all__ = ["POOL_MAX_BYTES", "Workspaces", "WORKSPACES"]
 
 #: Largest layout (bytes, all its buffers together) that :class:`Workspaces` keeps in a pool.
@@ -100,6 +102,13 @@ class Workspaces:
         if sub is not None:
             self.put(sub)
 
+    def clear(self) -> None:
+        """Drop the pooled entries and spares (calls make new ones). Every counter buffer made
+        stays referenced (``_all``): a captured graph may still point at one."""
+        with self._lock:
+            self._pool.clear()
+            self._spares.clear()
+
     def counter_buffers(self) -> list[torch.Tensor]:
         """The pooled counter buffers (each must hold zeros between calls)."""
         return [entry[0] for entry in list(self._pool.values()) if entry[0] is not None]
@@ -110,4 +119,4 @@ def _allocate(layout: Layout, device: torch.device) -> list[torch.Tensor]:
 
 
 #: The one pool of every launcher.
-WORKSPACES = Workspaces()
+WORKSPACES = state.register("workspaces", Workspaces(), "device, stream, layout, counter count")
