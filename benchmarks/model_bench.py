@@ -11,11 +11,23 @@ in the same run:
   replayed from a CUDA graph (``torch.cuda.graph`` around one step on a copy of the prompt's
   cache; the replay recomputes that step, so its time is the step's at that context length);
 - a prefill of 4096 tokens (batch 1, eager);
-- the mHC share of the eager decode step and of the prefill, from the torch profiler: the device
-  time of the kernels under the ``mhc::*`` ops (patched) or under the modules they replace
-  (``attn_hc``, ``ffn_hc``, ``hc_head``, ``input_layernorm``, ``post_attention_layernorm``;
-  unpatched: a lower bound, the post step inline in ``DeepseekV4DecoderLayer.forward`` has no
-  module to time) over the device time of every kernel, copy and memset.
+- a training step (``--phases train``): one sequence of 4096 tokens (batch 1), forward with
+  ``labels`` (the model's causal-LM loss), ``loss.backward()`` and a ``torch.optim.AdamW`` step
+  (its defaults: foreach on a GPU; lr ``--train-lr``), eager, no activation checkpointing; the
+  median of ``--train-steps`` steps after two warm-up steps, the peak of
+  ``torch.cuda.max_memory_allocated`` over them (reset before each model's steps: the weights,
+  gradients, AdamW's state and the activations; the decode prompts' caches are freed first), the
+  losses, and how many parameters the steps changed (mHC's ``fn``/``base``/``scale`` too: the
+  gradients reach them through mhc's backward). Both models start from the same weights: the
+  parameters are copied to the host before the first model's steps and restored after each;
+- the mHC share of the eager decode step, of the prefill and of the training step, from the torch
+  profiler: the device time of the kernels under the ``mhc::*`` ops (patched) or under the modules
+  they replace (``attn_hc``, ``ffn_hc``, ``hc_head``, ``input_layernorm``,
+  ``post_attention_layernorm``; unpatched: a lower bound, the post step inline in
+  ``DeepseekV4DecoderLayer.forward`` has no module to time) over the device time of every kernel,
+  copy and memset. In the training step the backward counts too: the autograd nodes that those
+  forward ops created (matched by the profiler's sequence numbers), and the optimizer step counts
+  in the total only.
 
 How the step is captured, the same for both models: transformers 5.17's mask builder copies a
 host scalar to the GPU on every forward (``masking_utils.eager_mask``), which a capture refuses,
@@ -30,7 +42,8 @@ Writes ``model_bench.json`` and ``model_bench.md`` under ``--out`` (default ``$O
 ``benchmarks/results``) and prints the table last. ``--device cpu --tiny`` is a smoke run (a tiny
 config, a few steps, no CUDA graphs) that proves the script works where there is no GPU.
 
-    python benchmarks/model_bench.py                       # the H200 run, about 2-4 minutes
+    python benchmarks/model_bench.py                       # the H200 run (decode, prefill, train)
+    python benchmarks/model_bench.py --phases train        # the training step alone
     python benchmarks/model_bench.py --device cpu --tiny   # smoke run
 """
 
@@ -41,7 +54,9 @@ import contextlib
 import copy
 import json
 import os
+import math
 import platform
+import statistics
 import sys
 import time
 
@@ -54,6 +69,9 @@ _NEEDS = ("transformers==5.17.0 and its dependencies (huggingface_hub, tokenizer
 MHC_OPS = ("mhc::pre", "mhc::fused_post_pre", "mhc::post", "mhc::head")
 #: The unpatched model's modules whose work the mhc ops take over (record_function labels).
 SITE = "mhc_site"
+#: The profiler's name prefix of an autograd node's evaluation in the backward.
+EVAL = "autograd::engine::evaluate_function: "
+PHASES = ("decode", "prefill", "train")
 
 
 def _transformers():
@@ -138,6 +156,27 @@ class Timer:
         for _ in range(iters):
             fn()
         return (time.perf_counter() - t0) / iters
+
+    def median(self, fn, iters: int, warmup: int = 2) -> float:
+        """The median seconds of ``iters`` calls timed one by one (synchronised after each), after
+        ``warmup`` calls: for calls long enough that one sync per call costs nothing."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(iters):
+            if self.cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
 
 
 def prefill(model, ids):
@@ -237,19 +276,49 @@ def site_labels(model):
             h.remove()
 
 
-def mhc_share(model, fn, device, patched: bool, steps: int = 3):
+def _backward_nodes(events, labels) -> list:
+    """The backward's autograd-node evaluations (top-level ``autograd::engine::evaluate_function``
+    events) of the nodes that forward ops at mHC sites created: a node's event carries the
+    sequence number and thread of the forward op that created it. A forward op is at a site if it
+    is one of ``labels``, lies under one, or directly holds one (an ``autograd.Function`` whose
+    forward calls an ``mhc::*`` op is that op's parent)."""
+
+    def under(e, pred) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if pred(p):
+                return True
+            p = p.cpu_parent
+        return False
+
+    def in_backward(e) -> bool:
+        return under(e, lambda p: p.name.startswith(EVAL))
+
+    created = set()
+    for e in events:
+        if e.sequence_nr < 0 or e.name.startswith(EVAL) or in_backward(e):
+            continue
+        if e.name in labels or any(c.name in labels for c in e.cpu_children) or under(e, lambda p: p.name in labels):
+            created.add((e.thread, e.sequence_nr))
+    return [e for e in events if e.name.startswith(EVAL) and (e.fwd_thread, e.sequence_nr) in created
+            and not in_backward(e)]
+
+
+def mhc_share(model, fn, device, patched: bool, steps: int = 3, grad: bool = False):
     """(mHC time, total time, share) in µs per call of ``fn`` under the profiler. On a GPU: the
     device time of the kernels (and copies, memsets) launched under the outermost ``mhc::*`` ops
     (patched) or ``mhc_site`` ranges (unpatched), over the device time of every kernel, copy and
     memset (as torch's own table totals it: device events, not the ops that launched them, and no
-    user-annotation ranges). On CPU: their CPU time over the wall time."""
+    user-annotation ranges). On CPU: their CPU time over the wall time. ``grad``: ``fn`` runs with
+    autograd on (a training step) and the backward of those sites counts too
+    (:func:`_backward_nodes`); else under ``torch.no_grad()``."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     labels = MHC_OPS if patched else (SITE,)
     ctx = contextlib.nullcontext() if patched else site_labels(model)
-    with ctx, torch.no_grad():
+    with ctx, (torch.enable_grad() if grad else torch.no_grad()):
         fn()  # warm
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -271,6 +340,8 @@ def mhc_share(model, fn, device, patched: bool, steps: int = 3):
         return True
 
     sites = [e for e in events if e.device_type == DeviceType.CPU and e.name in labels and outermost(e)]
+    if grad:
+        sites += _backward_nodes(events, labels)
     if device.type == "cuda":
         ours = sum(e.device_time_total for e in sites)
         total = sum(e.self_device_time_total for e in events
@@ -279,6 +350,54 @@ def mhc_share(model, fn, device, patched: bool, steps: int = 3):
         ours = sum(e.cpu_time_total for e in sites)
         total = wall
     return ours / steps, total / steps, (ours / total if total else float("nan"))
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    """Every parameter, copied to the host (not to the device: the training step's peak memory is
+    measured without it)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+
+
+def _restore(model, snap: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(snap[name])
+
+
+def _is_hc(name: str) -> bool:
+    """A parameter of an mHC module (``attn_hc``, ``ffn_hc``, ``hc_head``): fn, base, scale."""
+    return any(part in ("attn_hc", "ffn_hc", "hc_head") for part in name.split("."))
+
+
+def train_step(model, ids, device, timer, steps: int, lr: float, before: dict[str, torch.Tensor],
+               warmup: int = 2):
+    """Time ``steps`` training steps on ``ids`` (1, T) after ``warmup``: forward with ``labels``,
+    ``loss.backward()``, ``AdamW.step()``, ``zero_grad``. ``before``: the parameters before the
+    first step (:func:`_snapshot`). Returns ``(row fields, the step as a callable for the
+    profiler)``; the fields: median seconds, peak allocated bytes (GPU; else None), every loss so
+    far, and how many parameters (and of them, mHC's) differ from ``before``."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+
+    def step():
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())  # no host sync inside the timed step
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timer.median(step, steps, warmup)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[name])]
+    fields = dict(seconds=seconds, peak_bytes=peak, losses=[float(v) for v in losses],
+                  params_changed=len(changed), params=len(before),
+                  hc_params_changed=sum(_is_hc(n) for n in changed), hc_params=sum(_is_hc(n) for n in before))
+    return fields, step
 
 
 def run(args) -> dict:
@@ -294,29 +413,35 @@ def run(args) -> dict:
     iters = 3 if args.tiny else args.iters
     prompt = 16 if args.tiny else 256
     pre_tokens = 64 if args.tiny else 4096
+    train_tokens = args.train_tokens or (64 if args.tiny else 4096)
+    train_steps = args.train_steps or (2 if args.tiny else 5)
     batches = (1, 4) if args.tiny else (1, 32)
     graphs = device.type == "cuda" and not args.no_graphs
+    phases = args.phases
     g = torch.Generator().manual_seed(0)
     rows, notes, checks = [], [], []
 
     def ids(b, t):
         return torch.randint(0, cfg.vocab_size, (b, t), generator=g).to(device)
 
-    def share(fn, variant, what, steps=3):
+    def share(fn, variant, what, steps=3, grad=False):
         try:
-            us, total, frac = mhc_share(model, fn, device, variant == "mhc", steps=steps)
+            us, total, frac = mhc_share(model, fn, device, variant == "mhc", steps=steps, grad=grad)
             return dict(mhc_us=us, profiled_us=total, mhc_share=frac)
         except Exception as e:  # reported, not hidden; the timing rows stand without it
             notes.append(f"{variant} {what}: profiler failed: {type(e).__name__}: {_first_line(e)}")
             return {}
 
-    with experts(model, "grouped_mm"):  # one prompt per batch, shared by both runs
-        caches = {b: prefill(model, ids(b, prompt)) for b in batches}
+    caches = {}
+    if "decode" in phases:
+        with experts(model, "grouped_mm"):  # one prompt per batch, shared by both runs
+            caches = {b: prefill(model, ids(b, prompt)) for b in batches}
     prefill_ids = ids(1, pre_tokens)
+    train_ids = ids(1, train_tokens)
     for variant in ("unpatched", "mhc"):
         handle = mt.apply(model) if variant == "mhc" else None
         try:
-            for b in batches:
+            for b in batches if "decode" in phases else ():
                 cache, tok = caches[b]
                 t = decode_eager(model, timer, cache, tok, iters)
                 rows.append(dict(variant=variant, phase="decode", batch=b, tokens=b, mode="eager", seconds=t,
@@ -333,13 +458,40 @@ def run(args) -> dict:
                                      f"{_first_line(e)}")
                         torch.cuda.synchronize()
                 checks.append(check)
-            fn = _prefill_fn(model, prefill_ids)
-            t = timer.run(fn, max(2, iters // 10), warmup=1)
-            rows.append(dict(variant=variant, phase="prefill", batch=1, tokens=pre_tokens, mode="eager", seconds=t,
-                             **share(fn, variant, "prefill", steps=1)))
+            if "prefill" in phases:
+                fn = _prefill_fn(model, prefill_ids)
+                t = timer.run(fn, max(2, iters // 10), warmup=1)
+                rows.append(dict(variant=variant, phase="prefill", batch=1, tokens=pre_tokens, mode="eager",
+                                 seconds=t, **share(fn, variant, "prefill", steps=1)))
         finally:
             if handle is not None:
                 handle.remove()
+    if "train" in phases:
+        caches.clear()  # the decode prompts' caches are no part of a training step's memory
+        before = _snapshot(model)
+        for variant in ("unpatched", "mhc"):
+            handle = mt.apply(model) if variant == "mhc" else None
+            step = None
+            try:
+                with experts(model, args.train_experts):
+                    fields, step = train_step(model, train_ids, device, timer, train_steps, args.train_lr, before)
+                    fields.update(share(step, variant, "train", steps=1, grad=True))
+                rows.append(dict(variant=variant, phase="train", batch=1, tokens=train_tokens, mode="eager", **fields))
+                if not all(math.isfinite(v) for v in fields["losses"]):
+                    notes.append(f"check failed: {variant} train: a loss is not finite: {fields['losses']}")
+            except Exception as e:  # reported, not hidden: the decode and prefill rows stand
+                what = "out of memory" if isinstance(e, torch.OutOfMemoryError) else "failed"
+                notes.append(f"{variant} train ({train_tokens} tokens, experts {args.train_experts}): {what}: "
+                             f"{type(e).__name__}: {_first_line(e)}")
+            finally:
+                del step  # the optimizer's state and the gradients go with the step's closure
+                model.zero_grad(set_to_none=True)
+                model.eval()
+                if handle is not None:
+                    handle.remove()
+                _restore(model, before)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     # the patched model's logits against the unpatched model's, on the prefill (a sanity line)
     check_ids = prefill_ids[:, :256]
     with torch.no_grad(), experts(model, "grouped_mm"):
@@ -349,6 +501,7 @@ def run(args) -> dict:
     rel = ((out - ref).norm() / ref.norm()).item()
     backends = {op: mhc.explain(op, *_explain_args(cfg, device, dtype, op)).chosen
                 for op in ("pre", "fused_post_pre", "post", "head")}
+    train_backends = _train_backends(cfg, device, dtype, train_tokens) if "train" in phases else None
     failed = [c for c in checks if not all(v for k, v in c.items() if k not in ("variant", "batch"))]
     notes += [f"check failed: {c}" for c in failed]
     return dict(
@@ -358,7 +511,10 @@ def run(args) -> dict:
                     n_routed_experts=cfg.n_routed_experts, experts_per_token=cfg.num_experts_per_tok,
                     moe_intermediate_size=cfg.moe_intermediate_size, vocab_size=cfg.vocab_size, dtype="bf16",
                     prompt_tokens=prompt, experts_implementation=args.experts),
-        backends_at_decode=backends, logits_rel_error_vs_unpatched=rel, logits_check_tokens=check_ids.shape[1],
+        phases=list(phases), backends_at_decode=backends, backends_at_train=train_backends,
+        train=dict(tokens=train_tokens, steps=train_steps, warmup=2, lr=args.train_lr, experts=args.train_experts,
+                   optimizer="torch.optim.AdamW (defaults)") if "train" in phases else None,
+        logits_rel_error_vs_unpatched=rel, logits_check_tokens=check_ids.shape[1],
         rows=rows, checks=checks, notes=notes)
 
 
@@ -400,15 +556,16 @@ def experts(model, impl: str):
         model.set_experts_implementation(old)
 
 
-def _explain_args(cfg, device, dtype, op):
-    """Tensors of the decode-step shapes (T = 1) for ``mhc.explain``: which backend serves."""
+def _explain_args(cfg, device, dtype, op, T: int = 1):
+    """Tensors of ``T`` tokens (the decode step's 1 by default) for ``mhc.explain``: which backend
+    serves."""
     n, H = cfg.hc_mult, cfg.hidden_size
-    r = torch.zeros(1, n, H, dtype=dtype, device=device)
+    r = torch.zeros(T, n, H, dtype=dtype, device=device)
     m = 2 * n + n * n
     f32 = dict(dtype=torch.float32, device=device)
     if op == "post":
-        return (torch.zeros(1, H, dtype=dtype, device=device), r, torch.zeros(1, n, 1, **f32),
-                torch.zeros(1, n, n, **f32))
+        return (torch.zeros(T, H, dtype=dtype, device=device), r, torch.zeros(T, n, 1, **f32),
+                torch.zeros(T, n, n, **f32))
     if op == "head":
         return (r, torch.zeros(n, n * H, **f32), torch.zeros(1, **f32), torch.zeros(n, **f32))
     w = (torch.zeros(m, n * H, **f32), torch.zeros(3, **f32), torch.zeros(m, **f32))
@@ -416,8 +573,24 @@ def _explain_args(cfg, device, dtype, op):
     scalars = (1e-6, 1e-6, 1e-6, 2.0, 20, nw)
     if op == "pre":
         return (r, *w, *scalars)
-    return (torch.zeros(1, H, dtype=dtype, device=device), r, torch.zeros(1, n, 1, **f32),
-            torch.zeros(1, n, n, **f32), *w, *scalars)
+    return (torch.zeros(T, H, dtype=dtype, device=device), r, torch.zeros(T, n, 1, **f32),
+            torch.zeros(T, n, n, **f32), *w, *scalars)
+
+
+def _train_backends(cfg, device, dtype, T: int) -> dict[str, str | None]:
+    """Which backend serves each forward op and each backward op at the training step's ``T``
+    (the patched model passes its sublayer norm's weight to pre and fused_post_pre, so
+    ``pre_backward`` is asked with the norm)."""
+    import mhc
+    from mhc import registry
+
+    n, H = cfg.hc_mult, cfg.hidden_size
+    out = {op: mhc.explain(op, *_explain_args(cfg, device, dtype, op, T)).chosen
+           for op in ("pre", "fused_post_pre", "post", "head")}
+    for op in registry.BACKWARD_OPS:
+        p = registry.Problem(op, device, dtype, n, H, T, norm=op == "pre_backward")
+        out[op] = registry.explain_problem(p).chosen
+    return out
 
 
 def _device_name(device):
@@ -449,8 +622,27 @@ def table(res) -> str:
     return "\n".join(lines)
 
 
+def train_table(res) -> str:
+    """Markdown: the training step per model: median step time, peak allocated memory, the losses
+    of the first step (a warm-up) and of the last timed one, and the parameters the steps changed
+    (of them mHC's). Empty without a training row."""
+    rows = [r for r in res["rows"] if r["phase"] == "train"]
+    if not rows:
+        return ""
+    lines = ["| model | step (median) | peak memory | loss, first → last step | parameters changed (mHC's) |",
+             "|---|---:|---:|---|---:|"]
+    for r in rows:
+        peak = f"{r['peak_bytes'] / 2**30:.1f} GiB" if r.get("peak_bytes") is not None else "–"
+        lines.append(f"| {r['variant']} | {r['seconds'] * 1e3:.1f} ms | {peak} | {r['losses'][0]:.4f} → "
+                     f"{r['losses'][-1]:.4f} | {r['params_changed']} of {r['params']} ({r['hc_params_changed']} of "
+                     f"{r['hc_params']}) |")
+    return "\n".join(lines)
+
+
 def _checks_line(checks) -> str:
     """One sentence on the decode steps' checks (the failures are also in the notes)."""
+    if not checks:
+        return ""
     masks = [c["prebuilt_mask_equals_own"] for c in checks]
     replays = [c["replay_equals_eager"] for c in checks if "replay_equals_eager" in c]
     line = (f"The step with the mask built outside the graph equals the model's own step bit for bit in "
@@ -471,14 +663,29 @@ def main(argv=None):
                     help="the experts implementation for decode (prefills take grouped_mm): transformers' default "
                          "grouped_mm, or batched_mm (gathers each token's expert weights); both capture in a graph, "
                          "the 'eager' loop over the experts hit does not")
+    ap.add_argument("--phases", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=list(PHASES),
+                    help=f"comma list of {', '.join(PHASES)} (default: all)")
+    ap.add_argument("--train-tokens", type=int, default=None,
+                    help="tokens of the training sequence (default 4096; tiny 64)")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="training steps timed, after 2 warm-up (default 5; tiny 2)")
+    ap.add_argument("--train-lr", type=float, default=1e-4, help="AdamW's learning rate (default 1e-4)")
+    ap.add_argument("--train-experts", default="grouped_mm", choices=("grouped_mm", "eager"),
+                    help="the experts implementation of the training step (default grouped_mm; eager loops over the "
+                         "experts hit; batched_mm is not offered: it would gather every token's expert weights)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     if args.device.startswith("cpu") and not args.tiny:
         ap.error("the full-size model is for a GPU; on CPU pass --tiny")
+    unknown = [ph for ph in args.phases if ph not in PHASES]
+    if unknown or not args.phases:
+        ap.error(f"--phases: {', '.join(unknown) or 'none given'}; choose from {', '.join(PHASES)}")
     t0 = time.time()
     res = run(args)
     res["wall_seconds"] = time.time() - t0
     md = table(res)
+    if train_table(res):
+        md += "\n\nTraining step:\n\n" + train_table(res)
     os.makedirs(args.out, exist_ok=True)
     stem = "model_bench_tiny" if args.tiny else "model_bench"
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
@@ -488,8 +695,14 @@ def main(argv=None):
             f"{res['config']['n_routed_experts']} experts ({res['config']['experts_per_token']} per token, "
             f"{res['config']['moe_intermediate_size']} wide, {res['config']['experts_implementation']}), vocab "
             f"{res['config']['vocab_size']}, bf16, random weights; {res['device']}, torch {res['torch']}, "
-            f"{res['when']}. Decode after a {res['config']['prompt_tokens']}-token prompt. mhc backends at decode: "
-            f"{res['backends_at_decode']}. Patched logits vs unpatched ({res['logits_check_tokens']}-token prefill): "
+            f"{res['when']}. "
+            + (f"Decode after a {res['config']['prompt_tokens']}-token prompt. " if "decode" in res["phases"] else "")
+            + f"mhc backends at decode: {res['backends_at_decode']}. "
+            + (f"Training: one {res['train']['tokens']}-token sequence, forward + loss.backward() + AdamW step "
+               f"(lr {res['train']['lr']:g}), experts {res['train']['experts']}, median of {res['train']['steps']} "
+               f"steps after {res['train']['warmup']} warm-up; mhc backends at the training step: "
+               f"{res['backends_at_train']}. " if res["train"] else "")
+            + f"Patched logits vs unpatched ({res['logits_check_tokens']}-token prefill): "
             f"relative error {res['logits_rel_error_vs_unpatched']:.2e}. {_checks_line(res['checks'])}")
     notes = "".join(f"\n- {n}" for n in res["notes"])
     with open(os.path.join(args.out, stem + ".md"), "w") as f:

@@ -23,9 +23,9 @@ import torch
 
 from mhc import reference
 
-__all__ = ["TOLERANCES", "GRAD_TOLERANCES", "OUTPUTS", "make_inputs", "oracle", "rel_error", "compare", "call",
-           "token_args", "device_inputs", "sample_rows", "reference_rows", "Check", "check_outputs", "nan_empty",
-           "poisoned_outputs"]
+__all__ = ["TOLERANCES", "GRAD_TOLERANCES", "OUTPUTS", "GRAD_INPUTS", "make_inputs", "oracle", "reference_f64",
+           "grad_oracle", "rel_error", "compare", "compare_grads", "call", "token_args", "device_inputs",
+           "sample_rows", "reference_rows", "Check", "check_outputs", "nan_empty", "poisoned_outputs"]
 
 #: Relative Frobenius error bounds vs the fp64 oracle, by output kind and residual dtype.
 #: "act": outputs in the residual's dtype (layer_input, new residual, head, post);
@@ -54,6 +54,17 @@ OUTPUTS = {
     "post": (("out", "act"),),
     "head": (("out", "act"),),
     "fused_post_pre": (("new_residual", "act"), ("post_mix", "mix"), ("comb_mix", "mix"), ("layer_input", "act")),
+}
+
+#: Names and gradient kinds (keys of :data:`GRAD_TOLERANCES`) of each op's differentiable inputs,
+#: in argument order. fused's post_mix/comb_mix gradients come from the new residual's gradient,
+#: which is in the residual's dtype (bf16), as it is for the unfused pair: they carry its rounding.
+GRAD_INPUTS = {
+    "pre": (("residual", "act"), ("fn", "mix"), ("hc_scale", "mix"), ("hc_base", "mix")),
+    "head": (("residual", "act"), ("fn", "mix"), ("hc_scale", "mix"), ("hc_base", "mix")),
+    "post": (("x", "act"), ("residual", "act"), ("post_mix", "mix"), ("comb_mix", "mix")),
+    "fused_post_pre": (("x", "act"), ("residual", "act"), ("post_mix", "act"), ("comb_mix", "act"),
+                       ("fn", "mix"), ("hc_scale", "mix"), ("hc_base", "mix")),
 }
 
 
@@ -112,12 +123,41 @@ def oracle(op: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
+def reference_f64(op: str, args: Sequence, kwargs: dict, res_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The reference of ``op`` on fp64 ``args`` (any device), differentiable: what :func:`oracle`
+    computes, without its detach. For ``fused_post_pre`` the new residual is rounded to
+    ``res_dtype`` (the residual's dtype in the call being checked) before ``pre`` reads it, as the
+    op's contract says. Always a tuple."""
+    if op == "fused_post_pre":
+        new = reference.post(*args[:4])
+        return (new, *reference.pre(new.to(res_dtype).to(torch.float64), *args[4:], **kwargs))
+    out = getattr(reference, op)(*args, **kwargs)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def grad_oracle(op: str, args: Sequence[torch.Tensor], kwargs: dict,
+                grads_out: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """fp64 outputs and input gradients of ``op``: autograd of :func:`reference_f64` at the values of
+    ``args`` (every one upcast exactly to fp64, on its own device: on a GPU the fp64 reference is
+    affordable at T = 16384) with the upstream gradients ``grads_out`` (one per output, upcast).
+    Returns ``(outputs, gradients of every arg in order)``, both fp64 and detached."""
+    leaves = [a.detach().to(torch.float64).requires_grad_(True) for a in args]
+    with torch.enable_grad():
+        outs = reference_f64(op, leaves, kwargs, args[1].dtype if op == "fused_post_pre" else args[0].dtype)
+        grads = torch.autograd.grad(outs, leaves, [g.to(torch.float64) for g in grads_out])
+    return tuple(o.detach() for o in outs), grads
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref||_F / ||ref||_F`` in fp64 (``inf`` for NaN/inf or a shape mismatch; the
-    absolute error when ``ref`` is all zero)."""
+    absolute error when ``ref`` is all zero). On ``ref``'s device when ``out`` is there too (a
+    GPU's gradients at T = 16384 are GBs), else on the CPU."""
     if tuple(out.shape) != tuple(ref.shape):
         return math.inf
-    o, ref = _f64(out), _f64(ref)  # both on CPU in fp64, wherever each was computed
+    if out.device == ref.device:
+        o, ref = out.detach().to(torch.float64), ref.detach().to(torch.float64)
+    else:
+        o, ref = _f64(out), _f64(ref)  # both on CPU in fp64, wherever each was computed
     if not torch.isfinite(o).all():
         return math.inf
     if ref.numel() == 0:
@@ -139,6 +179,22 @@ def compare(op: str, outs: tuple, refs: tuple, dtype: torch.dtype) -> list[tuple
     """``[(output name, rel error, tolerance)]`` for every output of ``op``."""
     tol = TOLERANCES[dtype]
     return [(name, rel_error(o, r), tol[kind]) for (name, kind), o, r in zip(OUTPUTS[op], outs, refs)]
+
+
+def compare_grads(op: str, grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
+                  dtype: torch.dtype) -> list[tuple[str, float, float]]:
+    """``[(input name, rel error, tolerance)]`` for the gradient of every input of ``op`` against
+    the fp64 ``refs`` (:func:`grad_oracle`), the tolerance from :data:`GRAD_TOLERANCES` for the
+    residual's ``dtype`` and the input's kind in :data:`GRAD_INPUTS`. A gradient held in a 16-bit
+    dtype (a peer that keeps ``fn`` in bf16 returns its gradient in bf16) is judged by the "act"
+    bound: it carries that dtype's rounding."""
+    tol = GRAD_TOLERANCES[dtype]
+    out = []
+    for (name, kind), g, r in zip(GRAD_INPUTS[op], grads, refs):
+        if g is not None and g.dtype in (torch.bfloat16, torch.float16):
+            kind = "act"
+        out.append((name, math.inf if g is None else rel_error(g, r), tol[kind]))
+    return out
 
 
 def token_args(op: str) -> int:

@@ -2,7 +2,8 @@
 benchmark harness (``benchmarks/bench.py``) and the dev scripts in ``benchmarks/`` share.
 
 - :func:`floor_bytes`: the fewest bytes an op must move (each input read once, each output
-  written once); over a copy bandwidth it is the op's floor in µs.
+  written once); over a copy bandwidth it is the op's floor in µs. :func:`backward_floor_bytes`:
+  the same for an op's backward (``benchmarks/train_bench.py``).
 - :func:`time_warm` (CUDA-graph replays: the device's time), :func:`time_cold` (L2 flushed
   before every call), :func:`median_us` (event-timed calls), :func:`eager_us` (wall time per
   call of back-to-back eager calls: host overhead included), :func:`host_us` (the host's µs per
@@ -53,33 +54,48 @@ def floor_bytes(op: str, T: int, n: int, H: int, act_bytes: int = 2, mix_bytes: 
 
 
 def backward_floor_bytes(op: str, T: int, n: int, H: int, act_bytes: int = 2, mix_bytes: int = 4) -> int:
-    """The fewest bytes ``op``'s backward must move, every float input's gradient asked for: each
-    tensor it needs read once, each gradient written once (sizes as :func:`floor_bytes`).
+    """The fewest bytes the backward of ``op`` must move when every input requires grad: each
+    tensor it needs read once, each gradient written once.
 
-    - ``pre``: read residual, grad_layer_input ``T*H*a``, grad_post_mix ``T*n*f``, grad_comb_mix
-      ``T*n*n*f``, fn, hc_scale, hc_base; write grad_residual and the parameters' gradients.
-    - ``head``: read residual, grad_out ``T*H*a``, fn ``n*n*H*f``, hc_scale, hc_base; write
-      grad_residual and the parameters' gradients.
-    - ``post``: read grad_out ``T*n*H*a``, x, residual, post_mix, comb_mix; write grad_x,
-      grad_residual, grad_post_mix, grad_comb_mix.
-    - ``fused_post_pre``: read the new residual's gradient and the new residual (saved by the
-      forward) ``T*n*H*a`` each, pre's upstream gradients, post's inputs and pre's parameters;
-      write post's input gradients and pre's parameter gradients. The gradient of the new
-      residual as pre's backward sees it is never written: fusing the two backwards saves it.
+    ``act_bytes`` is the activation element size (residual, x, their gradients and the upstream
+    gradients of activation outputs: 2 for bf16), ``mix_bytes`` that of fn, hc_scale, hc_base,
+    post_mix, comb_mix and their gradients (4, fp32). With ``m = 2n + n*n``:
+
+    - ``pre``: read the residual ``T*n*H*a`` once (the mixes are recomputed from it or saved: a
+      kernel that reads it twice is above the floor), the upstream gradients grad_layer_input
+      ``T*H*a``, grad_post_mix ``T*n*f`` and grad_comb_mix ``T*n*n*f``, fn ``m*n*H*f``, hc_scale
+      ``3*f`` and hc_base ``m*f``; write grad_residual ``T*n*H*a``, grad_fn ``m*n*H*f``,
+      grad_hc_scale ``3*f`` and grad_hc_base ``m*f``.
+    - ``head``: read the residual ``T*n*H*a``, grad_out ``T*H*a``, fn ``n*n*H*f``, hc_scale ``f``,
+      hc_base ``n*f``; write grad_residual ``T*n*H*a``, grad_fn ``n*n*H*f``, grad_hc_scale ``f``,
+      grad_hc_base ``n*f``.
+    - ``post``: read grad_out ``T*n*H*a``, x ``T*H*a``, the residual ``T*n*H*a`` (the mixes'
+      gradients need x and the residual), post_mix ``T*n*f``, comb_mix ``T*n*n*f``; write grad_x
+      ``T*H*a``, grad_residual ``T*n*H*a``, grad_post_mix ``T*n*f``, grad_comb_mix ``T*n*n*f``.
+    - ``fused_post_pre``: read the upstream gradients grad_new_residual ``T*n*H*a``,
+      grad_layer_input ``T*H*a``, grad_post_mix ``T*n*f``, grad_comb_mix ``T*n*n*f``; the saved
+      new residual ``T*n*H*a`` (pre's backward needs it; recomputing it from x and the old
+      residual, which post's backward reads anyway, would save this term), x ``T*H*a``, the old
+      residual ``T*n*H*a``, the input post_mix ``T*n*f`` and comb_mix ``T*n*n*f``, fn
+      ``m*n*H*f``, hc_scale ``3*f``, hc_base ``m*f``; write grad_x ``T*H*a``, grad_residual
+      ``T*n*H*a``, the input mixes' gradients ``T*n*f + T*n*n*f``, grad_fn ``m*n*H*f``,
+      grad_hc_scale ``3*f`` and grad_hc_base ``m*f``.
+
+    The parameters' terms (hc_scale, hc_base) are a few bytes; they are counted to keep the
+    sum exact, not because they matter.
     """
     a, f, m = act_bytes, mix_bytes, 2 * n + n * n
-    res = T * n * H * a
-    params = 2 * (m * n * H * f + 3 * f + m * f)  # read, and the gradient written
-    pre_grads_in = T * H * a + T * n * f + T * n * n * f
-    post_io = 2 * (T * H * a + res + T * n * f + T * n * n * f)  # x, residual, mixes: read, gradient written
+    mixes = T * n * f + T * n * n * f  # a (post_mix, comb_mix) pair, or their gradients
     if op == "pre":
-        return 2 * res + pre_grads_in + params
+        return 2 * T * n * H * a + T * H * a + mixes + 2 * (m * n * H * f + 3 * f + m * f)
     if op == "head":
-        return 2 * res + T * H * a + 2 * (n * n * H * f + f + n * f)
+        return 2 * T * n * H * a + T * H * a + 2 * (n * n * H * f + f + n * f)
     if op == "post":
-        return res + post_io
+        return 3 * T * n * H * a + 2 * T * H * a + 2 * mixes
     if op == "fused_post_pre":
-        return 2 * res + pre_grads_in + params + post_io
+        reads = 3 * T * n * H * a + 2 * T * H * a + 2 * mixes + m * n * H * f + 3 * f + m * f
+        writes = T * H * a + T * n * H * a + mixes + m * n * H * f + 3 * f + m * f
+        return reads + writes
     raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
 
 

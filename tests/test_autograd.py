@@ -13,17 +13,7 @@ from mhc import backward, checking, reference, registry
 from mhc.registry import Backend, BackendError, Capabilities
 
 GRAD_TOL = checking.GRAD_TOLERANCES  # one table, beside the forward one
-
-#: Names and kinds of each op's differentiable inputs, in argument order.
-GRAD_INPUTS = {
-    "pre": (("residual", "act"), ("fn", "mix"), ("hc_scale", "mix"), ("hc_base", "mix")),
-    "head": (("residual", "act"), ("fn", "mix"), ("hc_scale", "mix"), ("hc_base", "mix")),
-    "post": (("x", "act"), ("residual", "act"), ("post_mix", "mix"), ("comb_mix", "mix")),
-    # fused's post_mix/comb_mix gradients come from the new residual's gradient, which is in the
-    # residual's dtype (bf16), as it is for the unfused pair: they carry its rounding.
-    "fused_post_pre": (("x", "act"), ("residual", "act"), ("post_mix", "act"), ("comb_mix", "act"),
-                       ("fn", "mix"), ("hc_scale", "mix"), ("hc_base", "mix")),
-}
+GRAD_INPUTS = checking.GRAD_INPUTS  # names and kinds of each op's differentiable inputs
 
 
 def _leaves(args):
@@ -32,15 +22,6 @@ def _leaves(args):
 
 def _tuple(out):
     return out if isinstance(out, tuple) else (out,)
-
-
-def _reference_f64(op, args, kwargs, res_dtype):
-    """Differentiable fp64 reference of ``op`` (fused rounds the new residual as the op's contract
-    says, like ``checking.oracle``, which detaches and so cannot be differentiated)."""
-    if op == "fused_post_pre":
-        new = reference.post(*args[:4])
-        return (new, *reference.pre(new.to(res_dtype).to(torch.float64), *args[4:], **kwargs))
-    return _tuple(getattr(reference, op)(*args, **kwargs))
 
 
 # --- gradcheck (fp64, CPU) ------------------------------------------------------------------------
@@ -88,7 +69,7 @@ def test_matches_reference_autograd(op, dtype):
     plain_in = _leaves(args)
     plain = torch.autograd.grad(_tuple(getattr(reference, op)(*plain_in, **kwargs)), plain_in, grads_out)
     f64_in = [a.detach().double().requires_grad_() for a in args]
-    f64 = torch.autograd.grad(_reference_f64(op, f64_in, kwargs, dtype), f64_in,
+    f64 = torch.autograd.grad(checking.reference_f64(op, f64_in, kwargs, dtype), f64_in,
                               [go.double() for go in grads_out])
 
     for (name, kind), o, p, r, a in zip(GRAD_INPUTS[op], ours, plain, f64, args):
