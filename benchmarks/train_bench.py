@@ -16,9 +16,8 @@ Implementations (``--impls``, comma list; default ``mhc/triton,eager,compile,lig
 
 ``mhc/<backend>`` (``mhc/triton``, ``mhc/torch``, ...)
     mhc's public API (``mhc.<op>``) inside ``mhc.use_backend`` naming the backend for the forward
-    op and for every backward op (a bare backend name covers forward ops only; the backward
-    backend is chosen when the forward runs). ``fused_post_pre``'s backward chains
-    ``pre_backward`` and ``post_backward``.
+    op and for every backward op (as a bare backend name does; named op by op here so that a row
+    says exactly what ran). ``fused_post_pre`` has a backward op of its own.
 ``eager``
     ``mhc.reference.<op>`` (the math in plain PyTorch) with autograd.
 ``compile``

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mhc
 from mhc import checking, registry
 
 pytestmark = [pytest.mark.gpu,
@@ -72,3 +73,154 @@ def test_backward_matches_fp64(op, name, H, T):
         assert err <= tol, f"{name} {op} grad of input {i}: rel. error {err:.2e} > {tol}"
         compared += 1
     assert compared == len(args)
+
+
+# --- the training issue's GPU checks: every op's Triton backward at training sizes -------------------
+
+_TRAIN_OPS = ("pre", "head", "post", "fused_post_pre")
+
+
+def _triton_backward_or_skip(op: str, H: int, T: int) -> None:
+    """Skip (with the registry's reasons) where Triton cannot serve ``op``'s forward and backward."""
+    why = []
+    for o in (op, f"{op}_backward"):
+        try:
+            why += registry.reasons_for("triton", registry.Problem(o, torch.device("cuda"), torch.bfloat16, 4, H, T))
+        except registry.BackendError as e:
+            why.append(str(e))
+    if why:
+        pytest.skip("; ".join(why))
+
+
+def _training_inputs(op: str, H: int, T: int, norm: bool, seed: int):
+    """``(leaves, kwargs)``: :func:`mhc.checking.device_inputs` with every float tensor a leaf that
+    requires grad; with ``norm`` a random bf16 ``norm_weight`` (a leaf too, the last one)."""
+    args, kwargs = checking.device_inputs(op, T, 4, H, "cuda", seed=seed)
+    leaves = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+    if norm:
+        g = torch.Generator(device="cuda").manual_seed(seed + 7)
+        w = (1 + 0.1 * torch.randn(H, generator=g, device="cuda")).to(torch.bfloat16).requires_grad_(True)
+        kwargs = {**kwargs, "norm_weight": w}
+        leaves.append(w)
+    return leaves, kwargs
+
+
+def _run(op: str, leaves, kwargs, norm: bool, ups=None):
+    """Outputs and the gradients of every leaf under Triton (forward and backward ops)."""
+    args = leaves[:-1] if norm else leaves
+    with mhc.use_backend("triton"):
+        outs = checking.call(op, tuple(args), kwargs)
+    if ups is None:
+        g = torch.Generator(device="cuda").manual_seed(11)
+        ups = [torch.randn(o.shape, generator=g, device="cuda", dtype=torch.float32).to(o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, [x for x in leaves if x.requires_grad], ups)
+    return outs, grads, ups
+
+
+@pytest.mark.parametrize("T", [4096, 16384])
+@pytest.mark.parametrize("H", [4096, 7168])
+@pytest.mark.parametrize("op,norm", [(o, False) for o in _TRAIN_OPS] + [("pre", True), ("fused_post_pre", True)])
+def test_triton_gradients_at_training_sizes_match_fp64(op, norm, H, T):
+    """Every gradient of the Triton backward (the fused RMSNorm's weight included) within
+    GRAD_TOLERANCES of fp64 autograd of the reference, at the values the kernels received."""
+    _triton_backward_or_skip(op, H, T)
+    leaves, kwargs = _training_inputs(op, H, T, norm, seed=H + T)
+    _, grads, ups = _run(op, leaves, kwargs, norm)
+    f64 = [x.detach().double().requires_grad_(x.requires_grad) for x in leaves]
+    kw64 = {**kwargs, "norm_weight": f64[-1]} if norm else kwargs
+    with torch.enable_grad():
+        want_outs = checking.reference_f64(op, f64[:-1] if norm else f64, kw64,
+                                           leaves[1].dtype if op == "fused_post_pre" else leaves[0].dtype)
+        want = torch.autograd.grad(want_outs, [x for x in f64 if x.requires_grad], [u.double() for u in ups])
+    names = [name for name, _ in checking.GRAD_INPUTS[op]] + (["norm_weight"] if norm else [])
+    kinds = [kind for _, kind in checking.GRAD_INPUTS[op]] + (["act"] if norm else [])
+    bad = []
+    for name, kind, g, w in zip(names, kinds, grads, want):
+        err, tol = checking.rel_error(g, w), TOL[kind]
+        if not err <= tol:
+            bad.append(f"{name}: {err:.2e} > {tol}")
+    assert len(grads) == len(names) and not bad, f"triton {op} norm={norm} H={H} T={T}: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("op", _TRAIN_OPS)
+def test_triton_gradients_are_bitwise_identical_over_100_runs_at_16384_tokens(op):
+    """grad_fn, grad_hc_scale and grad_hc_base sum over every token: a fixed reduction order (no
+    float atomics) makes every gradient bitwise repeatable."""
+    H, T = 7168, 16384
+    _triton_backward_or_skip(op, H, T)
+    leaves, kwargs = _training_inputs(op, H, T, False, seed=3)
+    outs, first, ups = _run(op, leaves, kwargs, False)
+    del outs
+    differing = []
+    for run in range(1, 100):
+        _, grads, _ = _run(op, leaves, kwargs, False, ups)
+        differing += [f"run {run}: grad {i}" for i, (a, b) in enumerate(zip(first, grads)) if not torch.equal(a, b)]
+    assert not differing, f"triton {op} backward is not deterministic: " + ", ".join(differing[:10])
+
+
+@pytest.mark.parametrize("op", _TRAIN_OPS)
+def test_forward_and_backward_replay_from_a_cuda_graph(op):
+    """Forward + torch.autograd.grad captured in one CUDA graph: a replay on new input values gives
+    the eager gradients of those values bitwise."""
+    H, T = 4096, 512
+    _triton_backward_or_skip(op, H, T)
+    leaves, kwargs = _training_inputs(op, H, T, False, seed=21)
+    _, _, ups = _run(op, leaves, kwargs, False)  # warm-up: compiles, fills the plan and workspace caches
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, static_grads, _ = _run(op, leaves, kwargs, False, ups)
+    fresh, _ = _training_inputs(op, H, T, False, seed=22)
+    with torch.no_grad():
+        for x, y in zip(leaves, fresh):
+            x.copy_(y)
+    graph.replay()
+    torch.cuda.synchronize()
+    _, eager, _ = _run(op, leaves, kwargs, False, ups)
+    for i, (g, e) in enumerate(zip(static_grads, eager)):
+        assert torch.equal(g, e), f"{op}: grad {i} of the replay differs from eager"
+
+
+def test_torch_compile_of_a_training_step():
+    """A block of pre -> Linear -> post twice, its mHC parameters trainable, compiled fullgraph:
+    loss.backward() through the Triton backward ops gives eager's gradients."""
+    H, T = 4096, 256
+    _triton_backward_or_skip("pre", H, T)
+    _triton_backward_or_skip("post", H, T)
+    torch._dynamo.reset()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.ModuleList(torch.nn.Linear(H, H, bias=False, device="cuda", dtype=torch.bfloat16)
+                                           for _ in range(2))
+            self.fn, self.scale, self.base = torch.nn.ParameterList(), torch.nn.ParameterList(), torch.nn.ParameterList()
+            for i in range(2):
+                (_, fn, scale, base), _ = checking.make_inputs("pre", (1,), 4, H, torch.bfloat16, "cuda", seed=80 + i)
+                self.fn.append(fn)
+                self.scale.append(scale)
+                self.base.append(base)
+
+        def forward(self, residual):
+            for i in range(2):
+                post_mix, comb_mix, layer_input = mhc.pre(residual, self.fn[i], self.scale[i], self.base[i])
+                residual = mhc.post(self.lin[i](layer_input), residual, post_mix, comb_mix)
+            return residual.float().square().mean()
+
+    block = Block()
+    residual = checking.device_inputs("pre", T, 4, H, "cuda", seed=81)[0][0]
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        with mhc.use_backend("triton"):
+            loss = model(residual)
+            loss.backward()
+        return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+    want_loss, want = step(block)
+    compiled = torch.compile(block, fullgraph=True)
+    got_loss, got = step(compiled)
+    assert torch.allclose(got_loss, want_loss, rtol=1e-3)
+    for (name, _), g, w in zip(block.named_parameters(), got, want):
+        err = checking.rel_error(g, w)
+        assert err <= TOL["act"], f"compiled training step: grad of {name} differs from eager by {err:.2e}"
