@@ -36,6 +36,10 @@ release changes any point above, the test fails; where :func:`compiled_function`
 
 from __future__ import annotations
 
+import sys
+
+from mhc import state
+
 __all__ = ["ENABLED", "TESTED", "compiled_function", "is_tilelang_kernel"]
 
 #: The versions the points of the module docstring were read from.
@@ -44,6 +48,14 @@ TESTED = {"tilelang": "0.1.15", "tvm_ffi": "0.1.12"}
 #: False: plans built from then on call the kernel through TileLang (``kernel(*args)``); the GPU
 #: test compares the two paths bitwise (clear the plans after changing it).
 ENABLED = True
+
+
+def _reset() -> None:
+    global ENABLED
+    ENABLED = True
+
+
+state.register("tilelang.direct", sys.modules[__name__], "(a switch: direct.ENABLED)", _reset)
 
 
 def is_tilelang_kernel(kernel) -> bool:

@@ -53,6 +53,7 @@ Shapes and dtypes (T = tokens, m = 2n + n*n for pre/fused, n for head):
 # No `from __future__ import annotations`: TileLang evaluates the signatures, which use closure variables.
 
 import dataclasses
+import os
 
 import tilelang
 import tilelang.language as T
@@ -472,7 +473,14 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
 def compile_kernel(func, target: dict):
     """Compile a PrimFunc for ``target`` (e.g. ``{"kind": "cuda", "arch": "sm_90a"}``).
 
-    TileLang caches the result on disk under ``TILELANG_CACHE_DIR`` keyed by the function's
-    source and the target, so a kernel compiled ahead of time (``aot.py``) is loaded, not rebuilt.
+    TileLang caches the result on disk under its cache directory keyed by the function's source
+    and the target, so a kernel compiled ahead of time (``aot.py``) is loaded, not rebuilt. That
+    directory is ``TILELANG_CACHE_DIR`` if the user set it, else ``cache_dir()``'s default, set
+    through TileLang's own setting (it reads ``tilelang.env`` when it compiles or loads; the
+    environment is left alone).
     """
+    if not os.environ.get("TILELANG_CACHE_DIR"):
+        from mhc.backends.tilelang import cache_dir
+
+        tilelang.env.TILELANG_CACHE_DIR = cache_dir()
     return tilelang.compile(func, target=target, execution_backend="tvm_ffi")
