@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from mhc import reference, registry, validation
+from mhc import reference, registry, torch_private, validation
 
 __all__ = ["SCHEMAS", "SPECS", "Spec", "direct_ok", "pre", "post", "head", "fused_post_pre"]
 
@@ -143,12 +143,12 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
 
 _TENSOR, _PARAMETER, _STRIDED = torch.Tensor, torch.nn.Parameter, torch.strided
 _is_compiling = torch.compiler.is_compiling
-_tracing = torch._C._get_tracing_state
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_function_modes = torch._C._is_torch_function_mode_enabled
-_autocast = torch._C._is_any_autocast_enabled
-_profiling = torch._C._autograd._profiler_enabled
-_functorch_level = torch._C._functorch.peek_interpreter_stack
+_tracing = torch_private.tracing_state
+_dispatch_modes = torch_private.dispatch_mode_depth
+_function_modes = torch_private.function_mode_enabled
+_autocast = torch_private.any_autocast_enabled
+_profiling = torch_private.profiler_enabled
+_functorch_level = torch_private.functorch_interpreter
 
 
 class Spec(NamedTuple):
@@ -245,10 +245,10 @@ def _fused_fake(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=
 # --- autocast: run the op as if no autocast region were active ------------------------------------
 
 #: Every autocast dispatch key this torch build has (one per device type).
-_AUTOCAST_KEYS = tuple(k for k in dir(torch._C.DispatchKey) if k.startswith("Autocast"))
-_NO_AUTOCAST = torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)
+_AUTOCAST_KEYS = tuple(k for k in dir(torch_private.DispatchKey) if k.startswith("Autocast"))
+_NO_AUTOCAST = torch_private.DispatchKeySet(torch_private.DispatchKey.Undefined)
 for _key in _AUTOCAST_KEYS:
-    _NO_AUTOCAST = _NO_AUTOCAST | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _key))
+    _NO_AUTOCAST = _NO_AUTOCAST | torch_private.DispatchKeySet(getattr(torch_private.DispatchKey, _key))
 
 
 def register_no_autocast(lib: torch.library.Library, name: str) -> None:
@@ -261,7 +261,7 @@ def register_no_autocast(lib: torch.library.Library, name: str) -> None:
     op = getattr(getattr(torch.ops.mhc, name), "default")
 
     def run_without_autocast(*args, **kwargs):
-        with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
+        with torch_private.ExcludeDispatchKeyGuard(_NO_AUTOCAST):
             return op(*args, **kwargs)
 
     for key in _AUTOCAST_KEYS:
@@ -274,7 +274,7 @@ def register_no_autocast(lib: torch.library.Library, name: str) -> None:
 #: would meet them as an unexplained "unsupported memory format" (sparse) or not at all (nested).
 _NON_DENSE_KEYS = tuple(k for kind in ("Sparse", "SparseCsr", "NestedTensor")
                         for k in (kind + dev for dev in ("CPU", "CUDA", "Meta", "XPU"))
-                        if hasattr(torch._C.DispatchKey, k)) + ("AutogradNestedTensor",)
+                        if hasattr(torch_private.DispatchKey, k)) + ("AutogradNestedTensor",)
 
 
 def register_dense_only(lib: torch.library.Library, name: str) -> None:

@@ -40,6 +40,7 @@ import contextlib
 import torch as _torch
 
 from mhc import state as _state
+from mhc import torch_private as _torch_private
 
 __all__ = ["empty", "empty_like", "device_guard"]
 
@@ -84,6 +85,7 @@ def empty_like(t: _torch.Tensor) -> _torch.Tensor:
 
 
 _NO_SWITCH = contextlib.nullcontext()
+_cuda_current_device = _torch_private.cuda_current_device
 
 
 def device_guard(device: _torch.device):
@@ -98,6 +100,6 @@ def device_guard(device: _torch.device):
     # (a new string per read) costs more than the rest together; _cuda_getDevice is
     # torch.cuda.current_device() less its lazy init, which a CUDA tensor has done.
     index = device.index
-    if index is None or index == _torch._C._cuda_getDevice() or device.type != "cuda":
+    if index is None or index == _cuda_current_device() or device.type != "cuda":
         return _NO_SWITCH
     return _torch.cuda.device(device)

@@ -61,7 +61,12 @@ from mhc import state
 
 _RUNTIME = knobs.runtime
 
-__all__ = ["DirectKernel", "ENABLED", "CHECK_KEYS", "int_spec"]
+__all__ = ["DirectKernel", "ENABLED", "CHECK_KEYS", "KNOWN_RELEASES", "int_spec"]
+
+#: The Triton releases (major.minor) the points of the module docstring were checked against:
+#: the range that pyproject.toml declares, whose ends CI runs. tests/test_private_apis.py fails
+#: on any other, so that a new release is checked before it is listed.
+KNOWN_RELEASES = ("3.6", "3.7", "3.8", "3.9")
 
 #: False turns the direct path off (every launch through ``JITFunction.run``): the GPU tests
 #: compare the two paths bitwise. The interpreter never takes it (see ``DirectKernel``).
