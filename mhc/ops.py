@@ -1,9 +1,9 @@
 """``torch.ops.mhc.*``: the op definitions, their kernels, fake (meta) impls, and the gate of the public functions.
 
 Registration uses ``torch.library.Library.define`` + ``impl`` rather than
-``torch.library.custom_op``: the latter wraps every call in extra Python layers (about 19 µs a call
-for an empty body on CPU against about 2.6 µs of dispatch here; ``python benchmarks/bench.py --overhead``
-measures it). One
+``torch.library.custom_op``: the latter wraps every call in extra Python layers, several times the
+cost of the dispatch here (``python benchmarks/bench.py --overhead`` measures both; figures in
+docs/tuning/host.md). One
 ``CompositeExplicitAutograd`` kernel per op serves every device: it validates (``mhc.validation``),
 picks the backend (``mhc.registry.select``: a dict lookup once warm; also for T == 0, so that a
 call is accepted or refused the same way whatever T is), returns empty outputs for T == 0
@@ -65,7 +65,8 @@ def _pre_outputs(residual: torch.Tensor, lead, n: int, H: int):
 # One kernel per op serves every caller: the dispatcher (CompositeExplicitAutograd), the public
 # functions where the dispatcher would do nothing else (:func:`direct_ok`), and ``mhc.autograd``'s
 # functions. Backends get (T, n, H) contiguous tensors (``mhc/backends/__init__.py``); reshape and
-# view cost ~1.4 µs each on CPU, so the common 3-D (T, n, H) call skips them.
+# view each cost about as much as a validation check on CPU, so the common 3-D (T, n, H) call
+# skips them.
 
 
 def _c(t: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -177,8 +178,8 @@ def _spec(name: str, kernel: Callable) -> Spec:
 def direct_ok(args: tuple, spec: Spec) -> bool:
     """Whether ``spec.kernel(*args)`` gives what the dispatcher would give for ``spec.op(*args)``
     (``args``: every positional argument): the dispatcher would then only box the arguments,
-    step through autograd and call that kernel (about 10 µs of a call's host time on the H200
-    machine's CPU, ``benchmarks/host_profile.py``).
+    step through autograd and call that kernel, a large share of a decode call's host time
+    (``benchmarks/host_profile.py``; figures in docs/tuning/host.md).
 
     Its other kernels serve what this refuses, so those calls must go through it: nothing being
     compiled or traced (``torch.jit.trace`` records the op, with sizes that are tensors), no

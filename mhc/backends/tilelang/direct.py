@@ -28,7 +28,7 @@ checks each point against the installed versions, with no GPU):
    tensor and checks every argument's count, dtype, shape, strides and device, raising
    ``RuntimeError``/``ValueError`` as before: those checks stay.
 
-What the direct path skips per call: the adapter's Python (a few µs on a fast CPU). If a TileLang
+What the direct path skips per call: the adapter's Python. If a TileLang
 release changes any point above, the test fails; where :func:`compiled_function` notices (points
 1 and 2 are checked on every kernel: it raises ``TypeError``), the launcher's plan falls back to
 ``kernel(*args)``, TileLang's own path: slower, never wrong.

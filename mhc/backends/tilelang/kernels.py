@@ -30,7 +30,7 @@ once, in the helpers that the kernels call: :func:`_rms_factor`, :func:`_logit`,
     5. RMS scale and sigmoid weights per token; slice 0 also writes ``post_mix`` and runs
        Sinkhorn (one thread per token, n x n in registers, runtime ``sinkhorn_repeat``; one
        reciprocal per row/column sum then multiplies: a chain of IEEE divides made this step
-       ~24 us per CTA on the H100);
+       the kernel's slowest);
     6. collapse ``layer_input[t, slice] = sum_i w_i * tile[i]`` from shared memory.
 
     Waiting in step 4 is safe because the S CTAs of one token block are adjacent in launch order
@@ -92,7 +92,7 @@ def _sinkhorn(n: int):
     place, in one thread, as ``mhc.reference.sinkhorn``: softmax over j plus eps, divide by column
     sums + eps, then ``repeat - 1`` times row then column normalisation; ``rsum`` is a local
     buffer of n fp32. One reciprocal per row or column sum, then multiplies: a chain of IEEE
-    divides made this step ~24 us per CTA on the H100."""
+    divides made this step the kernel's slowest (docs/tuning/tilelang.md)."""
 
     @T.macro
     def normalise(cm, rsum, sk_eps, line, step):

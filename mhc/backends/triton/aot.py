@@ -309,10 +309,10 @@ def main(archs: list[str]) -> int:
 #: Register spills that ``main`` lets pass, by (arch, kernel) with the reason; any other spill in a
 #: build of the model shapes fails it (on CDNA a VGPR spill goes to scratch memory, and over 256
 #: VGPRs means one wave per SIMD: the AOT build is our only window on AMD speed). All are sm90's
-#: (the small-T chunked kernel, which issue 13 has yet to rebuild, and the backward kernels); the
-#: two-pass kernels spill nothing on sm90, gfx942 or gfx950 (Triton 3.6 and 3.9), and on gfx942
-#: and gfx950 the small-T kernels take 136-224 VGPRs and spill none with ``launch._AMD``
-#: (benchmarks/results/aot-amd-vgpr.md; SGPR spills to VGPR lanes remain in ``chunk_kernel``).
+#: (the small-T chunked kernel, still to be rebuilt); the two-pass kernels spill nothing on any
+#: arch, and on gfx942 and gfx950 the small-T kernels stay within 256 VGPRs and spill none with the
+#: AMD rows of ``configs.SMALL_ROWS`` (the counts: docs/tuning/triton.md; SGPR spills to VGPR
+#: lanes remain in ``chunk_kernel``).
 SPILL_WAIVERS = {
     ("sm90", "chunk_kernel"): "T <= 128 chunked kernel at H = 7168: 255 registers, 8-224 B of stack: to rebuild",
 }

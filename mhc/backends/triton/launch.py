@@ -93,14 +93,14 @@ def device_config(op: str, n: int, H: int, T: int, dtype: torch.dtype, device: t
 def _flat(numel: int, dtype: torch.dtype) -> tuple:
     """A workspace layout of one flat buffer of at least ``numel`` elements, rounded up to a power
     of two so that calls of nearby T share a pooled buffer (``mhc.backends.workspaces``)."""
-    return ((1 << max(0, numel - 1).bit_length(),), dtype),  # not triton.next_power_of_2: ~3 µs a call
+    return ((1 << max(0, numel - 1).bit_length(),), dtype),  # not triton.next_power_of_2: slow from Python
 
 
 # --- launch plans (mhc.plans.PLANS, keyed ("triton", op, n, H, t_bucket(T), dtype, device)) -------
 
 
 def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv is a constexpr function: ~3 µs a call from Python
+    return -(-a // b)  # triton.cdiv is a constexpr function: slow to call from Python
 
 
 def _kernel(fn, constexprs: dict, **options) -> DirectKernel:
