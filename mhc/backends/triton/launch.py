@@ -351,12 +351,13 @@ def _norm(norm_weight, norm_eps):
 
 
 def pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-        hc_post_mult_value, sinkhorn_repeat, norm_weight=None, norm_eps=1e-6):
+        hc_post_mult_value, sinkhorn_repeat, norm_weight=None, norm_eps=None):
     """mHC ``pre`` (math: ``mhc.reference.pre``).
 
     ``residual`` (T, n, H) bf16/fp16 contiguous; ``fn`` (2n+n*n, n*H) fp32; ``hc_scale`` (3,)
     fp32; ``hc_base`` (2n+n*n,) fp32; ``sinkhorn_repeat`` int >= 1; ``norm_weight`` None or (H,)
-    in the residual's dtype or fp32, H <= ``NORM_MAX_H`` (the fused RMSNorm). Returns
+    in the residual's dtype or fp32, H <= ``NORM_MAX_H`` (the fused RMSNorm), with its ``norm_eps``
+    (the op layer passes both, or neither). Returns
     ``post_mix`` (T, n, 1) fp32, ``comb_mix`` (T, n, n) fp32, ``layer_input`` (T, H) in the
     residual's dtype.
     """
@@ -378,7 +379,7 @@ def head(residual, fn, hc_scale, hc_base, rms_eps, hc_eps):
 
 
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
-                   hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_weight=None, norm_eps=1e-6):
+                   hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, norm_weight=None, norm_eps=None):
     """``post`` then ``pre`` (math: ``mhc.reference.fused_post_pre``).
 
     ``x`` (T, H) and ``residual`` (T, n, H) bf16/fp16; ``post_mix`` (T, n, 1) and ``comb_mix``
