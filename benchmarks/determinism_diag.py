@@ -3,7 +3,7 @@
 On the H200 (Triton 3.6), prenorm_kernel at 128 x 64 tiles, N3P = 32 (pre, fused_post_pre), 8 warps
 and 2-4 pipeline stages gave partials that differed from run to run (up to 4e-4 absolute on some
 rows); 4 warps, 1 stage, 64 x 64 or 128 x 32 tiles did not. This script checks the configs that
-launch.plan() picks: 5 runs per op and shape, every output compared bitwise with the first.
+configs.plan() picks: 5 runs per op and shape, every output compared bitwise with the first.
 """
 import torch
 

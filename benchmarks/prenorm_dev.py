@@ -33,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import mhc  # noqa: E402
 from bench import copy_bandwidth  # noqa: E402  (benchmarks/bench.py, the one harness)
 from mhc import checking, timing  # noqa: E402
-from mhc.backends.triton import kernels, launch  # noqa: E402
+from mhc.backends.triton import configs, kernels, launch  # noqa: E402
 
 DEV = torch.device("cuda")
 T0 = time.time()
@@ -145,7 +145,7 @@ def stage_gemm(results, budget_end):
 
 def plan_from(c, bt=1, bc=1024, bmb=16, fin_warps=4):
     bm, bk, kps, warps, stages, prec, sf = c
-    return launch.TwoPass(block_m=bm, block_k=bk, steps=kps // bk, warps=warps, stages=stages,
+    return configs.TwoPass(block_m=bm, block_k=bk, steps=kps // bk, warps=warps, stages=stages,
                           prec=prec, split_fast=sf, bt=bt, bc=bc, bmb=bmb, fin_warps=fin_warps)
 
 

@@ -15,6 +15,7 @@ import torch
 from mhc import ops as _ops  # registers torch.ops.mhc.*
 from mhc import autograd as _autograd  # registers torch.ops.mhc.*_backward and the ops' autograd
 from mhc import reference, registry, validation
+from mhc import torch_private as _torch_private
 from mhc.reference import DEFAULTS as _D
 from mhc.registry import Backend, BackendError, Capabilities, Explanation, Problem, register, use_backend
 
@@ -60,8 +61,8 @@ def _type_error(op: str, msg: str) -> Exception | None:
 
 
 _grad_enabled = torch.is_grad_enabled
-_any_requires_grad = torch._C._any_requires_grad
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_any_requires_grad = _torch_private.any_requires_grad
+_unwrap_if_dead = _torch_private.unwrap_if_dead
 
 
 def _way_in(name: str):
@@ -78,12 +79,12 @@ def _way_in(name: str):
     argument, :func:`_type_error`) and ``sinkhorn_repeat=True``, which the dispatcher takes as 1
     and this refuses.
 
-    The function's class is applied through ``torch._C._FunctionBase.apply``:
-    ``Function.apply``'s Python layer costs ~3 µs a call on CPU, for functorch transforms (none
-    is active when ``direct_ok`` holds) and for unwrapping functorch's dead wrappers, done here."""
+    The function's class is applied through its C ``apply`` (:func:`mhc.torch_private.function_apply`):
+    ``Function.apply``'s Python layer serves functorch transforms (none is active when
+    ``direct_ok`` holds) and unwraps functorch's dead wrappers, done here."""
     spec = _ops.SPECS[name]
     op, kernel, tensors, ints = spec.op, spec.kernel, spec.tensors, spec.ints
-    apply = super(torch.autograd.Function, _autograd.FUNCTIONS[name]).apply  # the C apply, bound to the class
+    apply = _torch_private.function_apply(_autograd.FUNCTIONS[name])
     names = [a.name for a in op._schema.arguments]
 
     def call(args: tuple, backend):

@@ -279,7 +279,10 @@ def _arch_error(backend: str, archs: list[str]) -> str | None:
     """Why ``aot --backend backend --arch ...`` names an architecture it cannot build for, or None."""
     if not archs:
         return "--arch names no architecture"
-    mod = importlib.import_module(f"mhc.backends.{backend}.aot")
+    try:
+        mod = importlib.import_module(f"mhc.backends.{backend}.aot")
+    except registry.CAUGHT:  # the library itself missing or broken: the build reports it
+        return None
     if backend == "triton":
         unknown = [a for a in archs if a not in mod.ARCHS]
         if unknown:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from mhc import reference, registry, validation
+from mhc import reference, registry, torch_private, validation
 from mhc import ops as _ops
 from mhc.ops import _c, register_dense_only, register_no_autocast
 
@@ -416,8 +416,9 @@ def _fused_bwd(ctx, g_new, g_pm, g_cm, g_li):
 FORMULAS = {"pre": (_pre_setup, _pre_bwd), "post": (_post_setup, _post_bwd), "head": (_head_setup, _head_bwd),
             "fused_post_pre": (_fused_setup, _fused_bwd)}
 
-_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
-_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_BELOW_AUTOGRAD = torch_private.AutoDispatchBelowAutograd
+_AFTER_AUTOGRAD = torch_private.after_autograd_keyset
+_any_requires_grad = torch_private.any_requires_grad
 
 
 def _function(name: str, setup, bwd) -> type[torch.autograd.Function]:
@@ -461,7 +462,7 @@ def _register(name: str) -> None:
     def autograd_kernel(keyset, *args, backend=None):
         if len(args) < len(defaults):
             args = (*args, *defaults[len(args):])
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if torch.is_grad_enabled() and _any_requires_grad(*args):
             return apply(*args, backend, keyset)
         with _BELOW_AUTOGRAD():
             return op.redispatch(keyset & _AFTER_AUTOGRAD, *args, backend=backend)

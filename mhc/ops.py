@@ -1,9 +1,9 @@
 """``torch.ops.mhc.*``: the op definitions, their kernels, fake (meta) impls, and the gate of the public functions.
 
 Registration uses ``torch.library.Library.define`` + ``impl`` rather than
-``torch.library.custom_op``: the latter wraps every call in extra Python layers (about 19 µs a call
-for an empty body on CPU against about 2.6 µs of dispatch here; ``python benchmarks/bench.py --overhead``
-measures it). One
+``torch.library.custom_op``: the latter wraps every call in extra Python layers, several times the
+cost of the dispatch here (``python benchmarks/bench.py --overhead`` measures both; figures in
+docs/tuning/host.md). One
 ``CompositeExplicitAutograd`` kernel per op serves every device: it validates (``mhc.validation``),
 picks the backend (``mhc.registry.select``: a dict lookup once warm; also for T == 0, so that a
 call is accepted or refused the same way whatever T is), returns empty outputs for T == 0
@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from mhc import reference, registry, validation
+from mhc import reference, registry, torch_private, validation
 
 __all__ = ["SCHEMAS", "SPECS", "Spec", "direct_ok", "pre", "post", "head", "fused_post_pre"]
 
@@ -65,7 +65,8 @@ def _pre_outputs(residual: torch.Tensor, lead, n: int, H: int):
 # One kernel per op serves every caller: the dispatcher (CompositeExplicitAutograd), the public
 # functions where the dispatcher would do nothing else (:func:`direct_ok`), and ``mhc.autograd``'s
 # functions. Backends get (T, n, H) contiguous tensors (``mhc/backends/__init__.py``); reshape and
-# view cost ~1.4 µs each on CPU, so the common 3-D (T, n, H) call skips them.
+# view each cost about as much as a validation check on CPU, so the common 3-D (T, n, H) call
+# skips them.
 
 
 def _c(t: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -143,12 +144,12 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
 
 _TENSOR, _PARAMETER, _STRIDED = torch.Tensor, torch.nn.Parameter, torch.strided
 _is_compiling = torch.compiler.is_compiling
-_tracing = torch._C._get_tracing_state
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_function_modes = torch._C._is_torch_function_mode_enabled
-_autocast = torch._C._is_any_autocast_enabled
-_profiling = torch._C._autograd._profiler_enabled
-_functorch_level = torch._C._functorch.peek_interpreter_stack
+_tracing = torch_private.tracing_state
+_dispatch_modes = torch_private.dispatch_mode_depth
+_function_modes = torch_private.function_mode_enabled
+_autocast = torch_private.any_autocast_enabled
+_profiling = torch_private.profiler_enabled
+_functorch_level = torch_private.functorch_interpreter
 
 
 class Spec(NamedTuple):
@@ -177,8 +178,8 @@ def _spec(name: str, kernel: Callable) -> Spec:
 def direct_ok(args: tuple, spec: Spec) -> bool:
     """Whether ``spec.kernel(*args)`` gives what the dispatcher would give for ``spec.op(*args)``
     (``args``: every positional argument): the dispatcher would then only box the arguments,
-    step through autograd and call that kernel (about 10 µs of a call's host time on the H200
-    machine's CPU, ``benchmarks/host_profile.py``).
+    step through autograd and call that kernel, a large share of a decode call's host time
+    (``benchmarks/host_profile.py``; figures in docs/tuning/host.md).
 
     Its other kernels serve what this refuses, so those calls must go through it: nothing being
     compiled or traced (``torch.jit.trace`` records the op, with sizes that are tensors), no
@@ -245,10 +246,10 @@ def _fused_fake(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=
 # --- autocast: run the op as if no autocast region were active ------------------------------------
 
 #: Every autocast dispatch key this torch build has (one per device type).
-_AUTOCAST_KEYS = tuple(k for k in dir(torch._C.DispatchKey) if k.startswith("Autocast"))
-_NO_AUTOCAST = torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)
+_AUTOCAST_KEYS = tuple(k for k in dir(torch_private.DispatchKey) if k.startswith("Autocast"))
+_NO_AUTOCAST = torch_private.DispatchKeySet(torch_private.DispatchKey.Undefined)
 for _key in _AUTOCAST_KEYS:
-    _NO_AUTOCAST = _NO_AUTOCAST | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _key))
+    _NO_AUTOCAST = _NO_AUTOCAST | torch_private.DispatchKeySet(getattr(torch_private.DispatchKey, _key))
 
 
 def register_no_autocast(lib: torch.library.Library, name: str) -> None:
@@ -261,7 +262,7 @@ def register_no_autocast(lib: torch.library.Library, name: str) -> None:
     op = getattr(getattr(torch.ops.mhc, name), "default")
 
     def run_without_autocast(*args, **kwargs):
-        with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
+        with torch_private.ExcludeDispatchKeyGuard(_NO_AUTOCAST):
             return op(*args, **kwargs)
 
     for key in _AUTOCAST_KEYS:
@@ -274,7 +275,7 @@ def register_no_autocast(lib: torch.library.Library, name: str) -> None:
 #: would meet them as an unexplained "unsupported memory format" (sparse) or not at all (nested).
 _NON_DENSE_KEYS = tuple(k for kind in ("Sparse", "SparseCsr", "NestedTensor")
                         for k in (kind + dev for dev in ("CPU", "CUDA", "Meta", "XPU"))
-                        if hasattr(torch._C.DispatchKey, k)) + ("AutogradNestedTensor",)
+                        if hasattr(torch_private.DispatchKey, k)) + ("AutogradNestedTensor",)
 
 
 def register_dense_only(lib: torch.library.Library, name: str) -> None:

@@ -7,8 +7,10 @@ its workspaces. Backends build one on the first call of a kind and look it up on
 behind it.
 
 Keys are explicit tuples that start with the backend's name and hold everything the plan
-depends on: ``(backend, op, n, H, T bucket, dtype, device, ...)``, where the backend defines its
-T buckets (the token counts at which its heuristics change). A plan must never depend on what is
+depends on: ``(backend, op, n, H, T bucket, dtype, device, ...)``, with the T bucket of
+:func:`t_bucket`, the one bucketing of token counts in the package: every heuristic that depends
+on T (a backend's configuration table, ``auto``'s ranking in :mod:`mhc.registry`) changes only at
+the bounds of :data:`T_BOUNDS`, so a plan or a cached decision never spans two of its choices. A plan must never depend on what is
 *in* a tensor (``fn`` is read by the kernels on every call, so an in-place update is always
 seen), on a data pointer, or on the stream: a plan sizes workspaces but never holds one.
 Workspaces come from PyTorch's caching allocator per call (stream-ordered, so safe across
@@ -22,13 +24,27 @@ re-entrant lock, so two threads that miss at once build once. A plan is immutabl
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
 from mhc import state
 
-__all__ = ["PlanCache", "PLANS"]
+__all__ = ["PlanCache", "PLANS", "T_BOUNDS", "t_bucket"]
+
+#: The largest T of each token bucket but the last (which is unbounded): the union of the bounds
+#: at which some heuristic changes. 1: the single-token kernels; 64 and 2047: ``auto``'s ranking
+#: (``registry.auto_order``); 128: Triton's small-T kernels (``configs.SMALL_T``); 1024: Triton's
+#: two-pass K split. A heuristic that needs a new bound adds it here (the tests check that every
+#: table's bounds are listed).
+T_BOUNDS = (1, 64, 128, 1024, 2047)
+
+
+def t_bucket(T: int) -> int:
+    """The bucket of T tokens: 0 for T <= ``T_BOUNDS[0]``, i for ``T_BOUNDS[i-1] < T <=
+    T_BOUNDS[i]``, ``len(T_BOUNDS)`` above the last bound."""
+    return bisect.bisect_left(T_BOUNDS, T)
 
 
 class PlanCache:

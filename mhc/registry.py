@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from mhc import state
+from mhc.plans import t_bucket
 
 __all__ = [
     "OPS",
@@ -325,12 +326,6 @@ def platform_of(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else "other"
 
 
-def t_bucket(T: int) -> int:
-    """The token-count bucket that :func:`auto_order` may rank differently (kept coarse so the
-    decision cache stays small)."""
-    return 0 if T <= 64 else (1 if T < 2048 else 2)
-
-
 def auto_order(platform: str, op: str, T: int) -> tuple[str, ...]:
     """The order ``auto`` tries backends in; the first that can serve wins.
 
@@ -342,7 +337,7 @@ def auto_order(platform: str, op: str, T: int) -> tuple[str, ...]:
 
     - ``post``: TileLang, at or under Triton at every T (the two are within 1-2 % at T >= 4096,
       both at 0.99-1.02x the floor; TileLang ahead by 0.1-0.4 µs at T <= 64 and 6-11 % at T = 512).
-    - ``head`` with 64 < T < 2048 (bucket 1): TileLang (T = 512: 15.3 vs 20.3 µs at H = 4096,
+    - ``head`` with 64 < T < 2048: TileLang (T = 512: 15.3 vs 20.3 µs at H = 4096,
       28.8 vs 32.6 at H = 7168; Triton's figures with the two-pass GEMM's 16 columns,
       head-cols-h200.log and the H = 7168 grid).
     - everything else: Triton (e.g. pre 7.1 vs 20.0 µs at T = 1, 91.2 vs 144.3 at T = 4096,
@@ -356,7 +351,7 @@ def auto_order(platform: str, op: str, T: int) -> tuple[str, ...]:
     if platform == "rocm":
         return ("aiter", "triton", "torch")
     if platform == "cuda":
-        if op == "post" or (op == "head" and t_bucket(T) == 1):
+        if op == "post" or (op == "head" and 64 < T < 2048):  # bounds of mhc.plans.T_BOUNDS
             return ("tilelang", "triton", "torch")
         return ("triton", "tilelang", "torch")
     return ("torch",)

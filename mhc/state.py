@@ -18,18 +18,24 @@ name                            holds                                           
 ``backends.allocator``          the output allocator (tests fill outputs with NaN)   (a switch)
 ``aiter.head_pad``              head weights padded for AITER < 0.1.14               the three tensors' ids
 ``triton.device_shared``        shared memory per GPU (``launch._DEVICE_SHARED``)    device index
-``triton.fitted``               configs fitted to shared memory (``launch._FITTED``)  op, n, H, T bucket, device, ...
+``triton.fitted``               configs fitted to shared memory (``launch._FITTED``)  device, op, n, dtype, H % 16,
+                                                                                     estimated config
 ``triton.direct``               argument layouts (``direct._LAYOUTS``); the          argument types; (switches)
                                 switches ``ENABLED``, ``CHECK_KEYS``
 ``tilelang.kernels``            compiled kernels, SM counts, targets                 op, n, H, dtype, config,
                                 (``launch.KERNELS``)                                 target; device
+``tilelang.layouts``            workspace layouts (``launch._LAYOUTS``)              slices, row width, token
+                                                                                     blocks
 ``tilelang.direct``             the switch ``direct.ENABLED``                        (a switch)
 ==============================  ===================================================  ==============================
 
 Not listed, as a reset would not give a fresh process: the backend records and the loaded
 backend modules (``registry._STATE.records``/``loaded``: imports happen once) and compiled
-kernels kept by Triton and TileLang themselves. ``mhc.use_backend``'s selection is a context
-variable: it ends with its ``with`` block.
+kernels kept by Triton and TileLang themselves (and the cache directory that the TileLang backend
+hands to TileLang's own setting, ``tilelang.env``, when the user set none). Each launch plan's
+kernel handles (``DirectKernel.handles``) live in the plan: ``plans`` empties them. The Triton
+backend's configuration table (``mhc.backends.triton.configs``) is constant.
+``mhc.use_backend``'s selection is a context variable: it ends with its ``with`` block.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def test_matches_fp64_oracle_at_real_sizes(backend, op, H, T):
 @pytest.mark.parametrize("op", ("pre", "fused_post_pre"))
 def test_wide_n_at_large_t_within_shared_memory(backend, op, n):
     """n >= 5 at T > 1024 takes the widest fn tiles; fused_post_pre there once needed 280-308 KB
-    of shared memory, which the H100 refuses at load time (``launch.shared_estimate``)."""
+    of shared memory, which the H100 refuses at load time (``configs.shared_estimate``)."""
     T, H = 2048, 4096
     _gpu_backend(backend, op, H, T, n=n)
     args, kwargs = checking.device_inputs(op, T, n, H, DEVICE, seed=90 + n)

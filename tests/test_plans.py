@@ -49,12 +49,12 @@ def _served_by(backend: str) -> None:
 @_triton
 def test_a_plan_serves_its_bucket_and_another_bucket_gets_its_own():
     _served_by("triton")
-    from mhc.backends.triton import launch
+    from mhc.plans import t_bucket
 
-    for T in (3, 5, 128):  # one bucket: one plan
+    for T in (3, 5, 64):  # one bucket: one plan
         args, kw = checking.make_inputs("pre", (T,), 4, 48, torch.bfloat16, DEVICE, seed=T)
         _agrees("pre", args, kw, "triton")
-    assert PLANS.keys("triton") == [("triton", "pre", 4, 48, launch.t_bucket(3), torch.bfloat16, DEVICE, False)]
+    assert PLANS.keys("triton") == [("triton", "pre", 4, 48, t_bucket(3), torch.bfloat16, DEVICE, False)]
     built = PLANS.builds
     args, kw = checking.make_inputs("pre", (1,), 4, 48, torch.bfloat16, DEVICE, seed=1)
     _agrees("pre", args, kw, "triton")
@@ -67,23 +67,23 @@ def test_a_plan_serves_its_bucket_and_another_bucket_gets_its_own():
 def test_a_second_device_index_gets_its_own_plan(monkeypatch):
     """Plans are keyed by device: cuda:1 (64 KB of shared memory here) never gets cuda:0's
     (227 KB) tiles, and each lookup returns the plan built for that device."""
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import configs, launch
 
-    smem = {0: launch.SHARED_MEMORY["sm90"], 1: launch.SHARED_MEMORY["gfx942"]}
+    smem = {0: configs.SHARED_MEMORY["sm90"], 1: configs.SHARED_MEMORY["gfx942"]}
     monkeypatch.setattr(launch, "device_shared_memory", lambda dev: smem[dev.index])
     monkeypatch.setattr(launch, "device_config",
-                        lambda op, n, H, T, dtype, dev, norm=False: launch.configs(n, H, T, op, smem[dev.index],
+                        lambda op, n, H, T, dtype, dev, norm=False: configs.configs(n, H, T, op, smem[dev.index],
                                                                                    norm=norm))
     d0, d1 = torch.device("cuda", 0), torch.device("cuda", 1)
     for op, T in (("fused_post_pre", 2000), ("pre", 64)):
         p0 = launch.plan_for(op, 8, 4096, T, torch.bfloat16, d0)
         p1 = launch.plan_for(op, 8, 4096, T, torch.bfloat16, d1)
         assert p0 is not p1  # and so are their kernel handles: a CompiledKernel is loaded on one device
-        if T > launch.SMALL_T:
-            assert p0.tp == launch.plan(op, 8, 4096, T, smem[0]) and p1.tp == launch.plan(op, 8, 4096, T, smem[1])
+        if T > configs.SMALL_T:
+            assert p0.tp == configs.plan(op, 8, 4096, T, smem[0]) and p1.tp == configs.plan(op, 8, 4096, T, smem[1])
             assert p0.tp != p1.tp and p0.prenorm is not p1.prenorm
         else:
-            assert p0.cfg == launch.configs(8, 4096, T, op, smem[0]) and p1.cfg == launch.configs(8, 4096, T, op, smem[1])
+            assert p0.cfg == configs.configs(8, 4096, T, op, smem[0]) and p1.cfg == configs.configs(8, 4096, T, op, smem[1])
             assert p0.kernel is not p1.kernel
         assert launch.plan_for(op, 8, 4096, T, torch.bfloat16, d1) is p1
         assert launch.plan_for(op, 8, 4096, T, torch.bfloat16, d0) is p0
@@ -162,18 +162,19 @@ def test_two_threads_calling_the_ops_at_once_agree_with_serial_calls():
 
 @_triton
 def test_plans_hold_nothing_that_changes_within_a_bucket():
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import configs
+    from mhc.plans import t_bucket
 
     for H in (1, 64, 4096, 7168):
         for n in (1, 4, 8):
             for op in ("pre", "head", "fused_post_pre"):
                 by_bucket = {}
                 for T in (1, 2, 17, 64, 127, 128, 129, 500, 1024, 1025, 4096, 16384):
-                    what = launch.configs(n, H, T, op) if T <= launch.SMALL_T else launch.plan(op, n, H, T)
-                    assert by_bucket.setdefault(launch.t_bucket(T), what) == what, (op, n, H, T)
+                    what = configs.configs(n, H, T, op) if T <= configs.SMALL_T else configs.plan(op, n, H, T)
+                    assert by_bucket.setdefault(t_bucket(T), what) == what, (op, n, H, T)
             posts = {}
             for T in (1, 2, 128, 129, 4096):
-                assert posts.setdefault(launch.t_bucket(T), launch.post_config(H, T)) == launch.post_config(H, T)
+                assert posts.setdefault(t_bucket(T), configs.post_config(H, T)) == configs.post_config(H, T)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tilelang") is None, reason="tilelang not installed")
@@ -186,7 +187,7 @@ def test_tilelang_plans_and_workspaces(monkeypatch):
 
     def get_kernel(op, n, H, dtype, target, num_sms, cfg=None):
         builds.append(op)
-        cfg = cfg or (launch.post_config(n, H) if op == "post" else launch.mix_config(op, n, H, num_sms))
+        cfg = cfg or (configs.post_config(n, H) if op == "post" else launch.mix_config(op, n, H, num_sms))
         return (lambda *args: calls.append((op, args))), cfg
 
     monkeypatch.setattr(launch, "target_for", lambda dev: {"kind": "cuda", "arch": "sm_90a"})

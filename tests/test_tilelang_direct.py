@@ -39,9 +39,6 @@ def _nvcc():
 
 
 def _kernel(op: str):
-    from mhc.backends.tilelang import cache_dir
-
-    cache_dir()
     from mhc.backends.tilelang import launch
 
     return launch.get_kernel(op, N, H, "bfloat16", TARGET, 132)[0]

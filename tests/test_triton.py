@@ -108,7 +108,14 @@ def test_sinkhorn_repeat_is_runtime(L, repeat):
     _close(cm, rcm, torch.bfloat16, "mix")
 
 
-# A test-only chunked row (launch.Row's fields): chunk_mib 0.01 gives 32-token chunks at n=4, H=40
+def _use_rows(monkeypatch, *rows):
+    """Every op's small-T rows (``configs.SMALL_ROWS``, both arch families) replaced by ``rows``."""
+    from mhc.backends.triton import configs
+
+    monkeypatch.setattr(configs, "SMALL_ROWS", {key: rows for key in configs.SMALL_ROWS})
+
+
+# A test-only chunked row (configs.Row's fields): chunk_mib 0.01 gives 32-token chunks at n=4, H=40
 # (320 B a token), 3 GEMM splits of 16 hidden elements, phase B in blocks of 8 tokens and 2 hidden
 # chunks of 2x16.
 _SMALL_CHUNKS = dict(max_t=128, chunk_mib=0.01, block_m=16, block_h=16, splits=3, block_c=16, block_m_b=8, c_steps=2,
@@ -119,10 +126,10 @@ _SMALL_CHUNKS = dict(max_t=128, chunk_mib=0.01, block_m=16, block_h=16, splits=3
 def test_chunked_across_chunk_boundaries(L, monkeypatch, T):
     """Several chunks, T not a multiple of the chunk or of the blocks: phase A of chunk c beside
     phase B of chunk c-1 in one launch must not mix their tokens."""
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import configs
 
-    monkeypatch.setattr(launch, "_TABLE", (launch.Row(**_SMALL_CHUNKS),))
-    cfg = launch.configs(4, 40, T)
+    _use_rows(monkeypatch, configs.Row(**_SMALL_CHUNKS))
+    cfg = configs.configs(4, 40, T)
     assert cfg.chunk == 32 and cfg.splits == 3 and T > cfg.chunk
     check_all_ops(L, T, 4, 40, torch.bfloat16, seed=T)
     check_all_ops(L, T, 4, 40, torch.float16, seed=T + 1)
@@ -143,14 +150,14 @@ _SMALL_T_ROWS = {
 @pytest.mark.parametrize("kind", sorted(_SMALL_T_ROWS))
 @pytest.mark.parametrize("n,dtype", [(4, torch.bfloat16), (8, torch.float16), (3, torch.bfloat16), (1, torch.bfloat16)])
 def test_small_t_paths(L, monkeypatch, kind, n, dtype):
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import configs
 
     row = _SMALL_T_ROWS[kind]
-    monkeypatch.setattr(launch, "_TABLE", (launch.Row(**row), launch.Row(**_SMALL_CHUNKS)))
+    _use_rows(monkeypatch, configs.Row(**row), configs.Row(**_SMALL_CHUNKS))
     if not row["chunk_mib"]:
         # A budget of 2 chunks a row: part of H prefetched, the rest loaded after the mixes.
-        monkeypatch.setattr(launch, "TAIL_PF_BYTES", -(-2 * row["tail_rows"] * n * 16 * 2 // 128))
-        assert launch.configs(n, 40, 1).tail_pf == 2 or n == 1
+        monkeypatch.setattr(configs, "TAIL_PF_BYTES", -(-2 * row["tail_rows"] * n * 16 * 2 // 128))
+        assert configs.configs(n, 40, 1).tail_pf == 2 or n == 1
     for T in ((1, 2) if row["max_t"] == 2 else (1,) if row["max_t"] == 1 else (5, 33)):
         check_all_ops(L, T, n, 40, dtype, seed=T + n + len(kind))
 
@@ -190,15 +197,15 @@ def test_post_kernel_forms(h_fast, T, n, H, dtype):
 def test_post_program_order_by_bucket():
     """The measured choice (docs/tuning/triton.md, "Program order: post"): hidden blocks fastest wherever
     there is more than one token."""
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import configs
 
-    assert not launch.post_config(4096, 1).h_fast
-    assert all(launch.post_config(H, T).h_fast for H in (4096, 7168) for T in (2, 64, 512, 4096, 16384))
+    assert not configs.post_config(4096, 1).h_fast
+    assert all(configs.post_config(H, T).h_fast for H in (4096, 7168) for T in (2, 64, 512, 4096, 16384))
 
 
 def test_counters_left_zero_and_calls_repeat(L, monkeypatch):
     """The arrival counters must be zero after a launch (the next call relies on it)."""
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import launch  # noqa: F401 (loads the kernels)
 
     t = make(1, 4, 64, torch.bfloat16, seed=3)  # T = 1: mix_kernel, the kernel with counters
     first = L.pre(t["residual"], t["fn"], t["scale"], t["base"], *EPS, 2)
@@ -211,49 +218,57 @@ def test_counters_left_zero_and_calls_repeat(L, monkeypatch):
 
 def test_configs_depend_on_bucket_not_T():
     """What gets compiled (the constexprs) is fixed within a T bucket, so T does not recompile:
-    configs() up to SMALL_T, plan() above."""
-    from mhc.backends.triton import launch
+    every row's bucket bound is one of ``mhc.plans.T_BOUNDS``, and configs() up to SMALL_T, plan()
+    above, give one config per ``t_bucket``."""
+    from mhc.backends.triton import build, configs
+    from mhc.plans import T_BOUNDS, t_bucket
 
-    bounds = [row.max_t for row in launch._TABLE]
-    assert bounds[-1] == launch.SMALL_T
-    buckets = list(zip([1] + [b + 1 for b in bounds[:-1]], bounds))
+    for table in (configs.SMALL_ROWS, configs.TWO_PASS_ROWS, configs.POST_ROWS, configs.BACKWARD_ROWS):
+        for key, rows in table.items():
+            bounds = [r.max_t for r in rows]
+            assert all(b in T_BOUNDS for b in bounds[:-1]) and bounds == sorted(bounds, key=lambda b: b or 1 << 62)
+            assert bounds[-1] in (T_BOUNDS + (None,)), key
+    for (op, arch), rows in configs.SMALL_ROWS.items():
+        assert rows[-1].max_t == configs.SMALL_T, (op, arch)
+    for rows in (*configs.TWO_PASS_ROWS.values(), *configs.POST_ROWS.values(), *configs.BACKWARD_ROWS.values()):
+        assert rows[-1].max_t is None  # every T served
+    edges = sorted({1, 2} | {b + d for b in T_BOUNDS for d in (0, 1)} | {70000})
     for op in ("pre", "head", "fused_post_pre"):
         for H in (4096, 7168, 1000):
-            for lo, hi in buckets:
-                specs = {tuple(sorted(launch.mix_specialization(op, 4, torch.bfloat16,
-                                                                launch.configs(4, H, T, op)).items()))
-                         for T in (lo, hi)}
-                assert len(specs) == 1, (op, H, lo, hi)
-                cfg = launch.configs(4, H, lo, op)
-                assert cfg.splits * cfg.h_per_split >= H > (cfg.splits - 1) * cfg.h_per_split
-                if cfg.chunk:
-                    assert cfg.chunk % cfg.block_m == 0 and cfg.chunk % cfg.block_m_b == 0
-            for lo, hi in ((launch.SMALL_T + 1, 1024), (1025, 70000)):
-                plans = {launch.plan(op, 4, H, T) for T in (lo, hi)}
-                assert len(plans) == 1, (op, H, lo, hi)
+            seen = {}
+            for T in edges:
+                if T <= configs.SMALL_T:
+                    cfg = configs.configs(4, H, T, op)
+                    what = tuple(sorted(build.mix_specialization(op, 4, torch.bfloat16, cfg).items()))
+                    assert cfg.splits * cfg.h_per_split >= H > (cfg.splits - 1) * cfg.h_per_split
+                    if cfg.chunk:
+                        assert cfg.chunk % cfg.block_m == 0 and cfg.chunk % cfg.block_m_b == 0
+                else:
+                    what = configs.plan(op, 4, H, T)
+                assert seen.setdefault(t_bucket(T), what) == what, (op, H, T)
     with pytest.raises(ValueError, match="plan"):
-        launch.configs(4, 4096, launch.SMALL_T + 1)
+        configs.configs(4, 4096, configs.SMALL_T + 1)
 
 
 def test_plan_fits_each_arch_shared_memory():
     """Every plan's GEMM pipeline fits the shared memory of the arch it is made for (n <= 8, any
     H), keeps tl.dot's minimum tile (16), and n = 4 at the models' H keeps the tuned tiles on the
     H100/H200; MI300X's 64 KB of LDS gets 2 stages."""
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import configs
 
-    for arch, smem in launch.SHARED_MEMORY.items():
+    for arch, smem in configs.SHARED_MEMORY.items():
         for n in range(1, 9):
             for H in (1, 7, 40, 4096, 7168):
                 for T in (200, 2000):
                     for op in ("pre", "head", "fused_post_pre"):
-                        p = launch.plan(op, n, H, T, smem)
-                        n3p = launch._mix_columns(op, n)[1]
-                        assert launch.gemm_shared(n3p, p.block_m, p.block_k, p.stages, smem.amd) <= smem.limit
+                        p = configs.plan(op, n, H, T, smem)
+                        n3p = configs.mix_columns(op, n)[1]
+                        assert configs.gemm_shared(n3p, p.block_m, p.block_k, p.stages, smem.amd) <= smem.limit
                         assert p.block_m >= 16 and p.block_k >= 16
                         assert p.steps * p.block_k * (16 if T <= 1024 else 8) >= n * H
-    p = launch.plan("pre", 4, 4096, 4096)
+    p = configs.plan("pre", 4, 4096, 4096)
     assert (p.block_m, p.block_k, p.stages, p.warps, p.steps) == (128, 64, 4, 4, 32)
-    assert launch.plan("pre", 4, 4096, 4096, launch.SHARED_MEMORY["gfx942"]).stages == 2
+    assert configs.plan("pre", 4, 4096, 4096, configs.SHARED_MEMORY["gfx942"]).stages == 2
 
 
 def test_probe_reasons_on_cpu(monkeypatch):
@@ -293,33 +308,37 @@ def test_aot_rejects_unknown_arch():
 
 def test_configs_fit_each_arch_shared_memory_and_keep_the_h100_rows():
     """Every (n <= 8, H, small-T bucket, op) config fits the shared memory of the arch it is made
-    for by launch.shared_estimate (the first guess; on a GPU and in AOT the compiled size decides,
+    for by configs.shared_estimate (the first guess; on a GPU and in AOT the compiled size decides,
     as tests/test_triton_compile.py checks); the H100's configs are the default ones, and n = 4
     (the models' n) gets them on AMD too (MI300X's 64 KB fits them as tuned) but for the
-    fields that ``launch._AMD`` changes there (the VGPR budget)."""
+    fields that the AMD rows of ``configs.SMALL_ROWS`` change there (the VGPR budget)."""
     from triton import next_power_of_2
 
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import configs
 
-    for arch, smem in launch.SHARED_MEMORY.items():
+    for arch, smem in configs.SHARED_MEMORY.items():
         for n in range(1, 9):
             for H in (1, 7, 40, 4096, 7168):
                 for T in (1, 5, 100):
                     for op in ("pre", "head", "fused_post_pre"):
-                        cfg = launch.configs(n, H, T, op, smem)
+                        cfg = configs.configs(n, H, T, op, smem)
                         assert cfg.block_h * next_power_of_2(n) >= 16, (arch, n, H, T, op)  # tl.dot's minimum K
-                        est = launch.shared_estimate(op, n, cfg.block_m, cfg.block_h, cfg.num_stages, smem.amd)
+                        est = configs.shared_estimate(op, n, cfg.block_m, cfg.block_h, cfg.num_stages, smem.amd)
                         assert est <= smem.limit, (arch, n, H, T, op, est)
                         if arch == "sm90":
-                            assert cfg == launch.configs(n, H, T, op)
+                            assert cfg == configs.configs(n, H, T, op)
                         if n == 4 and arch != "sm90":
-                            # AMD: the H100's rows but for launch._AMD's fields (and what block_h derives)
-                            ref = launch.configs(n, H, T, op)
+                            # AMD: the H100's rows but for the AMD rows' fields (and what block_h derives)
+                            ref = configs.configs(n, H, T, op)
+                            amd_row, nv_row = configs.table_row(op, T, True), configs.table_row(op, T, False)
+                            amd = {f.name: getattr(amd_row, f.name) for f in dataclasses.fields(amd_row)
+                                   if getattr(amd_row, f.name) != getattr(nv_row, f.name)}
+                            assert amd, (op, T)  # every op has its AMD change
                             changed = {f.name for f in dataclasses.fields(cfg)
                                        if getattr(cfg, f.name) != getattr(ref, f.name)}
-                            assert changed <= set(launch._AMD[op]) | {"splits", "h_per_split"}, (arch, H, T, op)
+                            assert changed <= set(amd) | {"splits", "h_per_split"}, (arch, H, T, op)
                             if H >= 4096:
-                                assert all(getattr(cfg, k) == v for k, v in launch._AMD[op].items()), (arch, H, T, op)
+                                assert all(getattr(cfg, k) == v for k, v in amd.items()), (arch, H, T, op)
 
 
 def test_configs_fit_the_measured_shared_memory():
@@ -328,42 +347,42 @@ def test_configs_fit_the_measured_shared_memory():
     measured size fits, the estimate's config is kept."""
     from triton import next_power_of_2
 
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import configs, launch
 
-    smem = launch.SHARED_MEMORY["gfx942"]
+    smem = configs.SHARED_MEMORY["gfx942"]
     for n, op in ((8, "pre"), (6, "fused_post_pre"), (4, "head")):
-        est = launch.configs(n, 4096, 100, op, smem)
-        assert launch.configs(n, 4096, 100, op, smem, measure=lambda c: 0) == est
+        est = configs.configs(n, 4096, 100, op, smem)
+        assert configs.configs(n, 4096, 100, op, smem, measure=lambda c: 0) == est
         asked = []
 
         def measure(c, n=n):  # a compiler that needs 4 KB per K-tile element: only K <= 16 fits
             asked.append(c.block_h)
             return c.block_h * next_power_of_2(n) * 4096
 
-        cfg = launch.configs(n, 4096, 100, op, smem, measure=measure)
+        cfg = configs.configs(n, 4096, 100, op, smem, measure=measure)
         assert cfg.block_h * next_power_of_2(n) == 16 and asked[0] == est.block_h
         assert cfg.splits * cfg.h_per_split >= 4096 > (cfg.splits - 1) * cfg.h_per_split
-        assert cfg == launch._config(launch.table_row(op, 100, smem.amd), n, 4096, cfg.block_h)
+        assert cfg == configs._config(configs.table_row(op, 100, smem.amd), n, 4096, cfg.block_h)
     # On CPU tensors (the interpreter) nothing is compiled: the estimate's config runs.
-    assert launch.device_config("pre", 8, 4096, 100, torch.bfloat16, torch.device("cpu")) == launch.configs(8, 4096, 100)
+    assert launch.device_config("pre", 8, 4096, 100, torch.bfloat16, torch.device("cpu")) == configs.configs(8, 4096, 100)
 
 
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("op,norm", [("pre", False), ("pre", True), ("head", False), ("fused_post_pre", False),
                                      ("fused_post_pre", True)])
 def test_amd_configs_match_fp64_oracle(L, monkeypatch, op, norm, T):
-    """The small-T configs that an AMD GPU gets (``launch._AMD``: head's 16 GEMM columns, pre's and
+    """The small-T configs that an AMD GPU gets (the AMD rows: head's 16 GEMM columns, pre's and
     fused_post_pre's narrower K tiles), run by the interpreter, against the fp64 oracle, with and
     without the fused RMSNorm: T = 1 (mix_kernel) and T = 5 (chunk_kernel), H = 200 (masked tiles).
     gfx942 and gfx950 get the same rows (only their LDS limits differ, and n = 4 fits both)."""
     from mhc import checking
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import configs, launch
 
-    monkeypatch.setattr(launch, "device_shared_memory", lambda device: launch.SHARED_MEMORY["gfx942"])
+    monkeypatch.setattr(launch, "device_shared_memory", lambda device: configs.SHARED_MEMORY["gfx942"])
     H = 200
     p = launch.plan_for(op, 4, H, T, torch.bfloat16, DEV, norm)  # the plan that the call below runs
-    assert p.cfg == launch.configs(4, H, T, op, launch.SHARED_MEMORY["gfx942"], norm=norm)
-    assert p.cfg != launch.configs(4, H, T, op, norm=norm)  # not the H100's
+    assert p.cfg == configs.configs(4, H, T, op, configs.SHARED_MEMORY["gfx942"], norm=norm)
+    assert p.cfg != configs.configs(4, H, T, op, norm=norm)  # not the H100's
     assert p.n3p == (16 if op == "head" else 32)
     args, kw = checking.make_inputs(op, (T,), 4, H, torch.bfloat16, device=DEV, seed=T * 10 + len(op))
     if norm:
@@ -379,25 +398,25 @@ def test_launch_uses_the_device_shared_memory(L, monkeypatch):
     """The launchers size their tiles for the input's device (``device_shared_memory``), and the
     smaller tiles that a 64 KB GPU gets compute the same ops (n = 6 and 8 above SMALL_T; under
     the interpreter, H kept small)."""
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import configs, launch
 
     if DEV.type == "cpu":
-        assert launch.device_shared_memory(torch.device("cpu")) == launch.SHARED_MEMORY["sm90"]
+        assert launch.device_shared_memory(torch.device("cpu")) == configs.SHARED_MEMORY["sm90"]
     seen = []
-    real_plan = launch.plan
-    monkeypatch.setattr(launch, "device_shared_memory", lambda dev: launch.SHARED_MEMORY["gfx942"])
+    real_plan = configs.plan
+    monkeypatch.setattr(launch, "device_shared_memory", lambda dev: configs.SHARED_MEMORY["gfx942"])
     monkeypatch.setattr(launch, "plan", lambda *a, **k: seen.append(a + tuple(k.values())) or real_plan(*a, **k))
     for n in (6, 8):
         check_all_ops(L, 200, n, 64, torch.bfloat16, seed=n, repeat=3)
-    assert seen and all(s[-1] == launch.SHARED_MEMORY["gfx942"] for s in seen)
+    assert seen and all(s[-1] == configs.SHARED_MEMORY["gfx942"] for s in seen)
 
 
 def test_two_pass_small_tiles(L, monkeypatch):
     """prenorm_kernel + finalize_kernel with several K splits, uneven K and multi-token collapse
     programs (bt 4, bc narrower than H), bf16 and fp16."""
-    from mhc.backends.triton import launch
+    from mhc.backends.triton import configs, launch
 
-    monkeypatch.setattr(launch, "plan", lambda op, n, H, T, smem=None: launch.TwoPass(
+    monkeypatch.setattr(launch, "plan", lambda op, n, H, T, smem=None: configs.TwoPass(
         16, 16, 3, 4, 2, bt=4, bc=32, bmb=16))
     check_all_ops(L, 150, 3, 40, torch.bfloat16, seed=5, repeat=3)
     check_all_ops(L, 150, 4, 72, torch.float16, seed=6, repeat=3)
@@ -407,3 +426,32 @@ def test_two_pass_at_the_smallest_widths(L):
     """The planned tiles at H = 1 and 7 (K below one GEMM step; collapse tiles wider than H)."""
     check_all_ops(L, 140, 2, 1, torch.bfloat16, seed=7, repeat=2)
     check_all_ops(L, 140, 1, 7, torch.float16, seed=8, repeat=2)
+
+
+def test_triton_modules_import_no_circle():
+    """The Triton backend's modules, with every import counted (function-local ones too), form no
+    circle: configs <- build <- launch <- backward <- aot, the AOT tool above the launchers."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "mhc" / "backends" / "triton"
+    names = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name in names:
+        deps = set()
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "mhc.backends.triton":
+                    deps |= {a.name for a in node.names} & names
+                elif node.module.startswith("mhc.backends.triton."):
+                    deps.add(node.module.rpartition(".")[2])
+        graph[name] = deps - {name}
+    assert "aot" not in set().union(*(graph[n] for n in names - {"aot"})), graph
+
+    def visit(n, path):
+        assert n not in path, f"import circle: {' -> '.join(path + [n])}"
+        for d in graph.get(n, ()):
+            visit(d, path + [n])
+
+    for n in names:
+        visit(n, [])

@@ -45,9 +45,9 @@ def test_the_launch_key_separates_what_triton_specialises(arch):
 
     from triton.compiler.compiler import make_backend
 
-    from mhc.backends.triton import aot, direct
+    from mhc.backends.triton import build, direct
 
-    backend = make_backend(aot._target(arch))
+    backend = make_backend(build.target(arch))
     ints = [0, 1, 2, 3, 15, 16, 17, 31, 32, 48, 1000, 4096, 4097, 2**31 - 16, 2**31 - 1, 2**31, 2**32, 2**40,
             2**63 - 16, -1, -16, -17, -(2**31), -(2**31) - 16]
     base = {dt: torch.empty(64, dtype=dt) for dt in (torch.bfloat16, torch.float16, torch.float32, torch.int32)}
@@ -112,7 +112,7 @@ class StandInDriver:
 
 
 driver.set_active(StandInDriver())
-from mhc.backends.triton import direct, launch  # noqa: E402
+from mhc.backends.triton import configs, direct, launch  # noqa: E402
 
 assert not launch.INTERPRETED
 
@@ -218,7 +218,7 @@ direct.ENABLED = True
 # Every plan's launches pass each kernel its runtime parameters, tensors where pointers go.
 calls = []
 direct.DirectKernel.__call__ = lambda self, grid, *args: calls.append((self, grid, args))
-launch.device_config = lambda op, n, H, T, dtype, dev, norm=False: launch.configs(n, H, T, op, norm=norm)
+launch.device_config = lambda op, n, H, T, dtype, dev, norm=False: configs.configs(n, H, T, op, norm=norm)
 for T in (1, 64, 500, 2000):
     for op in ("pre", "head", "fused_post_pre", "post"):
         from mhc.checking import device_inputs

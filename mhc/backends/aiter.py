@@ -292,7 +292,7 @@ HEAD_PAD_CACHE = state.register("aiter.head_pad", PaddedHeadWeights(), "ids of (
 @contextlib.contextmanager
 def _old_release_scope(device: torch.device):
     # <= 0.1.13 calls torch.empty(...) without device=: make the input's device the default for
-    # the duration of the call (a TorchFunctionMode; it costs ~µs, so newer releases skip it).
+    # the duration of the call (a TorchFunctionMode; it costs host time, so newer releases skip it).
     with device_guard(device), device:
         yield
 

@@ -36,7 +36,7 @@ import threading
 
 import torch
 
-from mhc import state
+from mhc import state, torch_private
 
 __all__ = ["POOL_MAX_BYTES", "Workspaces", "WORKSPACES"]
 
@@ -44,6 +44,9 @@ __all__ = ["POOL_MAX_BYTES", "Workspaces", "WORKSPACES"]
 POOL_MAX_BYTES = 4 << 20
 
 Layout = tuple  # of (shape: tuple[int, ...], dtype: torch.dtype)
+
+_stream_capturing = torch_private.cuda_stream_capturing
+_current_raw_stream = torch_private.cuda_current_raw_stream
 
 
 class Workspaces:
@@ -69,14 +72,14 @@ class Workspaces:
         (a CUDA device or the CPU) current."""
         index = device.index  # None: the CPU (device.type costs more: a new string per read)
         if index is not None:
-            if torch._C._cuda_isCurrentStreamCapturing():  # the graph's own buffers: never pooled
+            if _stream_capturing():  # the graph's own buffers: never pooled
                 cnt = None
                 if counters:
                     cnt = self._spares.pop(device, None)
                     if cnt is None or cnt.numel() < counters:
                         cnt = self._counters(device, counters)
                 return (None, None, None), [cnt, *_allocate(layout, device)]
-            key = (index, torch._C._cuda_getCurrentRawStream(index), layout, counters)
+            key = (index, _current_raw_stream(index), layout, counters)
         else:
             key = (None, 0, layout, counters)
         entry = self._pool.pop(key, None)  # atomic under the GIL: two callers never get one entry

@@ -10,10 +10,12 @@ Importing this module imports only torch: ``import tilelang`` rewrites ``os.envi
 
 Kernel cache: compiled kernels live in one process-wide table
 (``mhc.backends.tilelang.launch.KERNELS``, keyed by op, n, H, dtype, launch config and target)
-and in TileLang's disk cache, ``TILELANG_CACHE_DIR``. If the user has not set that variable,
-:func:`cache_dir` sets it before tilelang is imported to ``$XDG_CACHE_HOME/mhc/tilelang`` when
-``XDG_CACHE_HOME`` is set, else ``<tempdir>/mhc-tilelang-<uid>`` — never silently under $HOME
-(TileLang's own default is ``~/.tilelang/cache``).
+and in TileLang's disk cache: ``TILELANG_CACHE_DIR`` if the user set it, else
+:func:`cache_dir`'s default, ``$XDG_CACHE_HOME/mhc/tilelang`` when ``XDG_CACHE_HOME`` is set,
+else ``<tempdir>/mhc-tilelang-<uid>`` — never silently under $HOME (TileLang's own default is
+``~/.tilelang/cache``). The default is handed to TileLang through its own setting
+(``tilelang.env.TILELANG_CACHE_DIR``) when a kernel is compiled (``kernels.compile_kernel``);
+``os.environ`` is never written, so child processes see the user's environment unchanged.
 
 Layout of this package: ``kernels.py`` (the TileLang programs), ``launch.py`` (configs, cache,
 launchers), ``aot.py`` (ahead-of-time compilation for CI), ``DESIGN.md`` (the design in short; the
@@ -47,12 +49,9 @@ def _default_cache_dir() -> str:
 
 
 def cache_dir() -> str:
-    """TileLang's disk cache directory; sets ``TILELANG_CACHE_DIR`` if the user did not."""
-    d = os.environ.get("TILELANG_CACHE_DIR")
-    if not d:
-        d = _default_cache_dir()
-        os.environ["TILELANG_CACHE_DIR"] = d
-    return d
+    """TileLang's disk cache directory: ``TILELANG_CACHE_DIR`` if set, else the default of the
+    module docstring (which ``kernels.compile_kernel`` hands to TileLang). Writes nothing."""
+    return os.environ.get("TILELANG_CACHE_DIR") or _default_cache_dir()
 
 
 def find_compiler() -> str | None:
@@ -106,7 +105,6 @@ def _notes() -> list[str]:
 
 
 def _load():
-    cache_dir()  # before tilelang's import reads TILELANG_CACHE_DIR
     from mhc.backends.tilelang import launch
 
     return launch

@@ -28,13 +28,17 @@ checks each point against the installed versions, with no GPU):
    tensor and checks every argument's count, dtype, shape, strides and device, raising
    ``RuntimeError``/``ValueError`` as before: those checks stay.
 
-What the direct path skips per call: the adapter's Python (a few µs on a fast CPU). If a TileLang
+What the direct path skips per call: the adapter's Python. If a TileLang
 release changes any point above, the test fails; where :func:`compiled_function` notices (points
 1 and 2 are checked on every kernel: it raises ``TypeError``), the launcher's plan falls back to
 ``kernel(*args)``, TileLang's own path: slower, never wrong.
 """
 
 from __future__ import annotations
+
+import sys
+
+from mhc import state
 
 __all__ = ["ENABLED", "TESTED", "compiled_function", "is_tilelang_kernel"]
 
@@ -44,6 +48,14 @@ TESTED = {"tilelang": "0.1.15", "tvm_ffi": "0.1.12"}
 #: False: plans built from then on call the kernel through TileLang (``kernel(*args)``); the GPU
 #: test compares the two paths bitwise (clear the plans after changing it).
 ENABLED = True
+
+
+def _reset() -> None:
+    global ENABLED
+    ENABLED = True
+
+
+state.register("tilelang.direct", sys.modules[__name__], "(a switch: direct.ENABLED)", _reset)
 
 
 def is_tilelang_kernel(kernel) -> bool:

@@ -30,7 +30,7 @@ once, in the helpers that the kernels call: :func:`_rms_factor`, :func:`_logit`,
     5. RMS scale and sigmoid weights per token; slice 0 also writes ``post_mix`` and runs
        Sinkhorn (one thread per token, n x n in registers, runtime ``sinkhorn_repeat``; one
        reciprocal per row/column sum then multiplies: a chain of IEEE divides made this step
-       ~24 us per CTA on the H100);
+       the kernel's slowest);
     6. collapse ``layer_input[t, slice] = sum_i w_i * tile[i]`` from shared memory.
 
     Waiting in step 4 is safe because the S CTAs of one token block are adjacent in launch order
@@ -53,6 +53,7 @@ Shapes and dtypes (T = tokens, m = 2n + n*n for pre/fused, n for head):
 # No `from __future__ import annotations`: TileLang evaluates the signatures, which use closure variables.
 
 import dataclasses
+import os
 
 import tilelang
 import tilelang.language as T
@@ -91,7 +92,7 @@ def _sinkhorn(n: int):
     place, in one thread, as ``mhc.reference.sinkhorn``: softmax over j plus eps, divide by column
     sums + eps, then ``repeat - 1`` times row then column normalisation; ``rsum`` is a local
     buffer of n fp32. One reciprocal per row or column sum, then multiplies: a chain of IEEE
-    divides made this step ~24 us per CTA on the H100."""
+    divides made this step the kernel's slowest (docs/tuning/tilelang.md)."""
 
     @T.macro
     def normalise(cm, rsum, sk_eps, line, step):
@@ -472,7 +473,14 @@ def build_mix(mode: str, n: int, H: int, cfg: MixConfig, dtype: str = "bfloat16"
 def compile_kernel(func, target: dict):
     """Compile a PrimFunc for ``target`` (e.g. ``{"kind": "cuda", "arch": "sm_90a"}``).
 
-    TileLang caches the result on disk under ``TILELANG_CACHE_DIR`` keyed by the function's
-    source and the target, so a kernel compiled ahead of time (``aot.py``) is loaded, not rebuilt.
+    TileLang caches the result on disk under its cache directory keyed by the function's source
+    and the target, so a kernel compiled ahead of time (``aot.py``) is loaded, not rebuilt. That
+    directory is ``TILELANG_CACHE_DIR`` if the user set it, else ``cache_dir()``'s default, set
+    through TileLang's own setting (it reads ``tilelang.env`` when it compiles or loads; the
+    environment is left alone).
     """
+    if not os.environ.get("TILELANG_CACHE_DIR"):
+        from mhc.backends.tilelang import cache_dir
+
+        tilelang.env.TILELANG_CACHE_DIR = cache_dir()
     return tilelang.compile(func, target=target, execution_backend="tvm_ffi")

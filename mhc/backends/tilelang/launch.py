@@ -20,10 +20,11 @@ import threading
 
 import torch
 
+from mhc import state
 from mhc.backends import device_guard, empty, empty_like
-from mhc.backends.workspaces import WORKSPACES
 from mhc.backends.tilelang import direct as D
 from mhc.backends.tilelang import kernels as K
+from mhc.backends.workspaces import WORKSPACES
 from mhc.plans import PLANS
 
 __all__ = ["KERNELS", "Plan", "cuda_arch", "post_config", "mix_config", "get_kernel", "plan_for", "target_for", "pre",
@@ -77,8 +78,18 @@ class _KernelCache:
                     self.kernels[key] = k
         return k
 
+    def clear(self) -> None:
+        """Forget the compiled kernels (TileLang's disk cache keeps them), SM counts and targets."""
+        with self.lock:
+            self.kernels.clear()
+            self.num_sms.clear()
+            self.targets.clear()
 
-KERNELS = _KernelCache()
+
+KERNELS = state.register("tilelang.kernels", _KernelCache(), "op, n, H, dtype, config, target; device")
+
+#: Workspace layouts (:meth:`Plan.layout`), so that a call builds no tuples for them.
+_LAYOUTS: dict[tuple, tuple] = state.register("tilelang.layouts", {}, "slices, row width, token blocks")
 
 
 def cuda_arch(major: int, minor: int) -> str:
@@ -121,8 +132,7 @@ class Plan:
     the compiled kernel, what a launch calls (``call``: the kernel's compiled function, see
     :mod:`.direct`), its config, and for the mix kernels the workspace's row width ``e`` (floats
     per token block and slice), the column slices ``splits`` and the tokens per block ``bm``.
-    Nothing in it depends on T or on tensor values; ``layouts`` memoises the workspace layout
-    per number of token blocks (:meth:`layout`), so that a call builds no tuples for it."""
+    Nothing in it depends on T or on tensor values."""
 
     kernel: object
     cfg: object
@@ -130,15 +140,15 @@ class Plan:
     e: int = 0
     splits: int = 0
     bm: int = 0
-    layouts: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def layout(self, nb: int) -> tuple:
         """The workspace layout for ``nb`` token blocks: partials (nb, S, e) and reduced partials
-        (nb, e) fp32 (every element written before it is read). The arrival counters are not in
-        it: they come from the pool's counters (:func:`_workspace`)."""
-        lay = self.layouts.get(nb)
+        (nb, e) fp32 (every element written before it is read), kept in :data:`_LAYOUTS`. The
+        arrival counters are not in it: they come from the pool's counters (:func:`_workspace`)."""
+        key = (self.splits, self.e, nb)
+        lay = _LAYOUTS.get(key)
         if lay is None:
-            lay = self.layouts.setdefault(nb, (((nb, self.splits, self.e), torch.float32), ((nb, self.e), torch.float32)))
+            lay = _LAYOUTS.setdefault(key, (((nb, self.splits, self.e), torch.float32), ((nb, self.e), torch.float32)))
         return lay
 
 

@@ -1,14 +1,17 @@
 """Ahead-of-time builds of every kernel configuration that n=4, H in {4096, 7168} uses, with no GPU.
 
+A tool above the launchers: it reads the configuration table (:mod:`.configs`) and the
+specialisations (:mod:`.build`) that the launchers read, and nothing at run time imports it.
 ``main(["sm90", "gfx942", "gfx950"])`` compiles, for pre, head and fused_post_pre, ``mix_kernel``
-or ``chunk_kernel`` (whichever :func:`mhc.backends.triton.launch.configs` picks, T <= SMALL_T) and
-``prep_kernel``, ``prenorm_kernel`` and ``finalize_kernel`` (:func:`mhc.backends.triton.launch.plan`,
-above), ``post_kernel`` for every T bucket, and the backward kernels of ``backward.py`` (which the interpreter cannot vouch for: it accepted a
-shape mismatch between the arms of a runtime ``if`` that the compiler rejects), bf16, for each arch; prints registers and spills per kernel (CUDA: from ``cuobjdump
+or ``chunk_kernel`` (whichever ``configs.configs`` picks, T <= SMALL_T) and ``prep_kernel``,
+``prenorm_kernel`` and ``finalize_kernel`` (``configs.plan``, above), ``post_kernel`` for every
+T bucket of the table, and the backward kernels of ``backward.py`` (which the interpreter cannot
+vouch for: it accepted a shape mismatch between the arms of a runtime ``if`` that the compiler
+rejects), bf16, for each arch; prints registers and spills per kernel (CUDA: from ``cuobjdump
 --dump-resource-usage`` on the cubin, as Triton's metadata fills them only when loading on a GPU;
 AMD: the VGPR/SGPR and spill counts that the AMDGCN assembly carries, and the LDS bytes) and
 returns non-zero if any build fails or needs more shared memory than the arch has
-(``launch.SHARED_MEMORY``; Triton itself checks that only when a GPU loads the kernel) or spills
+(``configs.SHARED_MEMORY``; Triton itself checks that only when a GPU loads the kernel) or spills
 registers without a waiver in ``SPILL_WAIVERS``.
 ``python -m mhc aot --backend triton --arch sm90,gfx942,gfx950`` calls it.
 """
@@ -25,49 +28,23 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-ARCHS = ("sm90", "gfx942", "gfx950")
+from mhc.backends.triton import build as B
+from mhc.backends.triton import configs as C
+
+ARCHS = tuple(C.SHARED_MEMORY)  # sm90, gfx942, gfx950
 H_VALUES = (4096, 7168)
-T_BUCKETS = (1, 64, 512, 4096)  # launch._TABLE's rows, then plan()'s (T <= 1024 and above)
 DTYPES = (torch.bfloat16,)  # the models' dtype; fp16 builds the same code paths but doubles the time
 MIX_OPS = ("pre", "head", "fused_post_pre")
 
 _TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _target(arch: str):
-    from triton.backends.compiler import GPUTarget
-
-    if arch == "sm90":
-        return GPUTarget("cuda", 90, 32)
-    if arch in ("gfx942", "gfx950"):
-        return GPUTarget("hip", arch, 64)
-    raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
-
-
-def _mix_signature(op: str, dtype: torch.dtype) -> dict[str, str]:
-    """Argument types of ``mix_kernel`` as ``launch._mix`` passes them (unused pointers are the
-    residual or the output, hence the residual dtype)."""
-    act = "*" + _TYPE[dtype]
-    fused = op == "fused_post_pre"
-    types = {
-        "res_ptr": act, "x_ptr": act, "new_ptr": act, "out_ptr": act,
-        "pm_in_ptr": "*fp32" if fused else act, "cm_in_ptr": "*fp32" if fused else act,
-        "post_ptr": act if op == "head" else "*fp32", "comb_ptr": act if op == "head" else "*fp32",
-        "fn_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
-        "part_ptr": "*fp32", "cnt_ptr": "*i32",
-        "T": "i32", "H": "i32", "n_splits": "i32", "sk_repeat": "i32",
-        "c_a": "i32", "c_b": "i32", "n_b": "i32",
-        "rms_eps": "fp32", "pre_eps": "fp32", "sk_eps": "fp32", "post_mult": "fp32",
-        # the fused RMSNorm's (read only with NORM; the model's norm weight is in its dtype)
-        "nw_ptr": act, "norm_eps": "fp32",
-    }
-    return types
-
-
-def _post_signature(dtype: torch.dtype) -> dict[str, str]:
-    act = "*" + _TYPE[dtype]
-    return {"x_ptr": act, "res_ptr": act, "pm_ptr": "*fp32", "cm_ptr": "*fp32", "out_ptr": act,
-            "T": "i32", "H": "i32"}
+def t_values() -> tuple[int, ...]:
+    """One T per bucket of the forward rows (``configs.SMALL_ROWS``, ``TWO_PASS_ROWS``,
+    ``POST_ROWS``): each row's ``max_t``, and for the unbounded rows 4096 (a prefill)."""
+    bounds = {row.max_t for table in (C.SMALL_ROWS, C.TWO_PASS_ROWS, C.POST_ROWS)
+              for rows in table.values() for row in rows}
+    return tuple(sorted(b for b in bounds if b is not None)) + (4096,)
 
 
 def _backward_jobs(arch: str):
@@ -118,26 +95,14 @@ def _backward_jobs(arch: str):
             yield f"post_backward H=any T={T:<5} bf16 _post_bwd_kernel", "backward._post_bwd_kernel", psig, pspec, warps, 1
 
 
-def mix_build(op: str, n: int, dtype: torch.dtype, cfg, h_aligned: bool) -> tuple:
-    """(kernel name, signature, constexprs, num_warps, num_stages, h_aligned) of the kernel that
-    serves ``op`` with launch config ``cfg``: what :func:`compile_kernel` takes."""
-    from mhc.backends.triton import launch
-
-    spec = launch.mix_specialization(op, n, dtype, cfg)
-    kname = "chunk_kernel" if cfg.chunk else "mix_kernel"
-    return kname, _mix_signature(op, dtype), spec, cfg.num_warps, cfg.num_stages, h_aligned
-
-
 def mix_job(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str) -> tuple[tuple, tuple]:
     """(dedup key, build job) of the kernel that serves ``op`` at (n, H, T) on ``arch``; the job is
     what :func:`_build` takes after the arch. The key and the label come from the config that
-    ``launch.configs`` picks by its estimate; :func:`_build` then fits the K tile to the compiled
+    ``configs.configs`` picks by its estimate; :func:`_build` then fits the K tile to the compiled
     kernel's real shared memory as the launcher does on a GPU (``launch.device_config``), so what
     is built is what runs."""
-    from mhc.backends.triton import launch
-
-    cfg = launch.configs(n, H, T, op, launch.SHARED_MEMORY[arch])
-    kname, sig, spec, warps, stages, aligned = mix_build(op, n, dtype, cfg, H % 16 == 0)
+    cfg = C.configs(n, H, T, op, C.SHARED_MEMORY[arch])
+    kname, sig, spec, warps, stages, aligned = B.mix_build(op, n, dtype, cfg, H % 16 == 0)
     key = (kname, op, _TYPE[dtype], tuple(sorted(spec.items())), warps, stages, aligned)
     label = f"{op:<14} n={n} H={H:<5} T<={T:<5} {_TYPE[dtype]} {kname}"
     return key, (label, kname, sig, spec, warps, stages, aligned, (op, n, H, T, dtype))
@@ -145,21 +110,19 @@ def mix_job(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str) -> t
 
 def two_pass_jobs(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str):
     """(dedup key, build job) pairs of the kernels that serve ``op`` at (n, H, T > SMALL_T) on
-    ``arch``, with the plan the launcher picks there (``launch.plan``): fn's split,
+    ``arch``, with the plan the launcher picks there (``configs.plan``): fn's split,
     ``prenorm_kernel`` and ``finalize_kernel``."""
-    from mhc.backends.triton import launch
-
-    p = launch.plan(op, n, H, T, launch.SHARED_MEMORY[arch])
+    p = C.plan(op, n, H, T, C.SHARED_MEMORY[arch])
     act, t = "*" + _TYPE[dtype], _TYPE[dtype]
     head = op == "head"
-    n3, n3p = launch._mix_columns(op, n, p.min_cols)
+    n3, n3p = C.mix_columns(op, n, p.min_cols)
     K = n * H
     splits = -(-K // (p.steps * p.block_k))
     sp = 1 << (splits - 1).bit_length()
     mix_ty = act if head else "*fp32"
     common = dict(N3=n3, N3P=n3p, BM=p.block_m, BK=p.block_k, STEPS=p.steps, PREC=p.prec,
                   EXACT_BF16=dtype == torch.bfloat16, EVEN_K=K % (p.steps * p.block_k) == 0)
-    pspec = dict(N3=n3, N3P=n3p, BK=launch.prep_block(n3p), INTERPRET=False)
+    pspec = dict(N3=n3, N3P=n3p, BK=C.prep_block(n3p), INTERPRET=False)
     yield ("prep", tuple(sorted(pspec.items()))), (f"{'prep':<14} N3={n3:<3}", "prep_kernel",
                                                   {"fn_ptr": "*fp32", "out_ptr": "*bf16", "K": "i32"}, pspec, 4, 1)
     label = f"{op:<14} n={n} H={H:<5} T<={T:<5} {t}"
@@ -176,7 +139,7 @@ def two_pass_jobs(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str
     yield (("finalize", t, tuple(sorted(fspec.items())), p.fin_warps),
            (f"{label} finalize_kernel", "finalize_kernel", fsig, fspec, p.fin_warps, 1))
     if op != "head":  # the fused RMSNorm's variant (norm_weight)
-        nspec = dict(fspec, NORM=True, NCH=launch.norm_chunks(H, p.bc))
+        nspec = dict(fspec, NORM=True, NCH=C.norm_chunks(H, p.bc))
         yield (("finalize", t, tuple(sorted(nspec.items())), p.fin_warps),
                (f"{label} finalize_kernel {NORM_LABEL}", "finalize_kernel", fsig, nspec, p.fin_warps, 1))
 
@@ -189,29 +152,25 @@ NORM_LABEL = "[norm]"
 
 def norm_mix_job(op: str, n: int, H: int, T: int, dtype: torch.dtype, arch: str) -> tuple[tuple, tuple]:
     """(dedup key, build job) of the small-T kernel with the fused RMSNorm (``norm_weight``) that
-    serves ``op`` at (n, H, T <= SMALL_T) on ``arch``: ``launch.configs(..., norm=True)``."""
-    from mhc.backends.triton import launch
-
-    cfg = launch.configs(n, H, T, op, launch.SHARED_MEMORY[arch], norm=True)
-    spec = launch.mix_specialization(op, n, dtype, cfg, launch.norm_chunks(H, cfg.block_c))
+    serves ``op`` at (n, H, T <= SMALL_T) on ``arch``: ``configs.configs(..., norm=True)``."""
+    cfg = C.configs(n, H, T, op, C.SHARED_MEMORY[arch], norm=True)
+    spec = B.mix_specialization(op, n, dtype, cfg, C.norm_chunks(H, cfg.block_c))
     kname = "chunk_kernel" if cfg.chunk else "mix_kernel"
     key = (kname, op, _TYPE[dtype], tuple(sorted(spec.items())), cfg.num_warps, cfg.num_stages, H % 16 == 0)
     label = f"{op:<14} n={n} H={H:<5} T<={T:<5} {_TYPE[dtype]} {kname} {NORM_LABEL}"
-    return key, (label, kname, _mix_signature(op, dtype), spec, cfg.num_warps, cfg.num_stages, H % 16 == 0)
+    return key, (label, kname, B.mix_signature(op, dtype), spec, cfg.num_warps, cfg.num_stages, H % 16 == 0)
 
 
 def _jobs(arch: str = "sm90"):
     """(label, kernel name, signature, constexprs, num_warps, num_stages[, H % 16 == 0]) for every
     distinct build on ``arch`` (whose shared memory the configs fit); a kernel name without a
     module prefix is in ``kernels.py``."""
-    from mhc.backends.triton import launch
-
     seen = set()
     for H in H_VALUES:
-        for T in T_BUCKETS:
+        for T in t_values():
             for dtype in DTYPES:
                 for op in MIX_OPS:
-                    if T <= launch.SMALL_T:
+                    if T <= C.SMALL_T:
                         pairs = [mix_job(op, 4, H, T, dtype, arch)]
                         if op != "head":
                             pairs.append(norm_mix_job(op, 4, H, T, dtype, arch))
@@ -221,13 +180,13 @@ def _jobs(arch: str = "sm90"):
                         if key not in seen:
                             seen.add(key)
                             yield job
-                pc = launch.post_config(H, T)
-                spec = launch.post_specialization(4, pc)
+                pc = C.post_config(H, T, C.SHARED_MEMORY[arch])
+                spec = B.post_specialization(4, pc)
                 key = ("post", _TYPE[dtype], tuple(sorted(spec.items())), pc.warps)
                 if key not in seen:
                     seen.add(key)
                     yield (f"{'post':<14} H=any   T<={T:<5} {_TYPE[dtype]}", "post_kernel",
-                           _post_signature(dtype), spec, pc.warps, 1)
+                           B.post_signature(dtype), spec, pc.warps, 1)
     yield from _backward_jobs(arch)
 
 
@@ -258,62 +217,18 @@ def _amd_resources(asm: str) -> str:
             f"scratch {scratch.group(1) if scratch else '?'}B")
 
 
-def compile_kernel(kname: str, signature: dict[str, str], constexprs: dict, num_warps: int, num_stages: int,
-                   h_aligned: bool, target):
-    """``triton.compile`` of kernel ``kname`` (``module.name``, or a name in ``kernels.py``) for
-    ``target`` (a ``GPUTarget``) with no GPU; returns Triton's compiled kernel, whose
-    ``metadata.shared`` is the shared memory (LDS) it needs."""
-    import importlib
-    import inspect
-
-    import triton
-
-    from mhc.backends.triton.launch import COMPILE_OPTIONS
-
-    mod, _, name = kname.rpartition(".")
-    fn = getattr(importlib.import_module(f"mhc.backends.triton.{mod or 'kernels'}"), name)
-    sig = {a: t for a, t in signature.items() if a in fn.arg_names}
-    constexprs = dict(constexprs)
-    # Constexprs left out take their defaults, as at a launch (NORM, NCH: the fused RMSNorm's).
-    for p in inspect.signature(fn.fn).parameters.values():
-        if p.name not in sig and p.name not in constexprs and p.default is not inspect.Parameter.empty \
-                and isinstance(p.annotation, str) and p.annotation.endswith("constexpr"):
-            constexprs[p.name] = p.default
-    for name in constexprs:
-        sig[name] = "constexpr"
-    missing = [a for a in fn.arg_names if a not in sig]
-    if missing:
-        raise KeyError(f"no AOT type for argument(s) {missing} of {kname}")
-    # The divisibility facts the JIT sees at run time for these shapes: 16-byte aligned
-    # pointers, H a multiple of 16. Without them the builds would not vectorize as the
-    # launched kernels do.
-    attrs = {(k,): [["tt.divisibility", 16]] for k, a in enumerate(fn.arg_names)
-             if sig[a].startswith("*") or (h_aligned and a in ("H", "K"))}
-    src = triton.compiler.ASTSource(fn=fn, signature={a: sig[a] for a in fn.arg_names},
-                                    constexprs=dict(constexprs), attrs=attrs)
-    return triton.compile(src, target=target,
-                          options=dict(num_warps=num_warps, num_stages=num_stages, **COMPILE_OPTIONS))
-
-
-def compile_mix(op: str, n: int, dtype: torch.dtype, cfg, target, h_aligned: bool):
-    """The compiled kernel that serves ``op`` with launch config ``cfg`` on ``target``."""
-    return compile_kernel(*mix_build(op, n, dtype, cfg, h_aligned), target=target)
-
-
 def _fit_and_compile(arch: str, fit: tuple):
     """The config that the launcher runs for ``fit`` = (op, n, H, T, dtype) on ``arch`` (K tile
     fitted to the measured shared memory) and its compiled kernel."""
-    from mhc.backends.triton import launch
-
     op, n, H, T, dtype = fit
     built: dict = {}
 
     def measure(cfg) -> int:
         if cfg not in built:
-            built[cfg] = compile_mix(op, n, dtype, cfg, _target(arch), H % 16 == 0)
+            built[cfg] = B.compile_mix(op, n, dtype, cfg, B.target(arch), H % 16 == 0)
         return built[cfg].metadata.shared
 
-    cfg = launch.configs(n, H, T, op, launch.SHARED_MEMORY[arch], measure=measure)
+    cfg = C.configs(n, H, T, op, C.SHARED_MEMORY[arch], measure=measure)
     measure(cfg)
     return cfg, built[cfg]
 
@@ -323,14 +238,13 @@ def _build(job) -> tuple[str, bool, str]:
     h_aligned = rest[0] if rest else True
     fit = rest[1] if len(rest) > 1 else None
     try:
-        from mhc.backends.triton import launch
-
         t0 = time.time()
         note = ""
         if fit is None:
-            compiled = compile_kernel(kname, signature, constexprs, num_warps, num_stages, h_aligned, _target(arch))
+            compiled = B.compile_kernel(kname, signature, constexprs, num_warps, num_stages, h_aligned,
+                                        B.target(arch))
         else:
-            first = launch.configs(*fit[1:4], fit[0], launch.SHARED_MEMORY[arch])
+            first = C.configs(*fit[1:4], fit[0], C.SHARED_MEMORY[arch])
             cfg, compiled = _fit_and_compile(arch, fit)
             if cfg != first:
                 note = f"  K tile {first.block_h}->{cfg.block_h} (fitted to the measured shared memory)"
@@ -340,7 +254,7 @@ def _build(job) -> tuple[str, bool, str]:
         line = f"{arch:<7} {label}  warps {num_warps} stages {num_stages}  {res}{note}  ({dt:.1f}s)"
         # Triton checks this only when it loads the kernel on a GPU ("out of resource: shared
         # memory"): a build that does not fit is a failure here, not on the user's machine.
-        limit = launch.SHARED_MEMORY[arch].limit
+        limit = C.SHARED_MEMORY[arch].limit
         if compiled.metadata.shared > limit:
             return f"{line}  FAILED: needs {compiled.metadata.shared} B of shared memory, {arch} has {limit}", False, ""
         return line, True, ""
@@ -352,7 +266,7 @@ def main(archs: list[str]) -> int:
     """Build every configuration for ``archs`` (from ``ARCHS``); print one line per build;
     return the number of failed builds (0: all built). Unknown archs raise ``ValueError``."""
     for a in archs:
-        _target(a)
+        B.target(a)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("TRITON_INTERPRET=1 is set: AOT needs compiled kernels; unset it", file=sys.stderr)
         return 1
@@ -395,10 +309,10 @@ def main(archs: list[str]) -> int:
 #: Register spills that ``main`` lets pass, by (arch, kernel) with the reason; any other spill in a
 #: build of the model shapes fails it (on CDNA a VGPR spill goes to scratch memory, and over 256
 #: VGPRs means one wave per SIMD: the AOT build is our only window on AMD speed). All are sm90's
-#: (the small-T chunked kernel, which issue 13 has yet to rebuild, and the backward kernels); the
-#: two-pass kernels spill nothing on sm90, gfx942 or gfx950 (Triton 3.6 and 3.9), and on gfx942
-#: and gfx950 the small-T kernels take 136-224 VGPRs and spill none with ``launch._AMD``
-#: (benchmarks/results/aot-amd-vgpr.md; SGPR spills to VGPR lanes remain in ``chunk_kernel``).
+#: (the small-T chunked kernel, still to be rebuilt); the two-pass kernels spill nothing on any
+#: arch, and on gfx942 and gfx950 the small-T kernels stay within 256 VGPRs and spill none with the
+#: AMD rows of ``configs.SMALL_ROWS`` (the counts: docs/tuning/triton.md; SGPR spills to VGPR
+#: lanes remain in ``chunk_kernel``).
 SPILL_WAIVERS = {
     ("sm90", "chunk_kernel"): "T <= 128 chunked kernel at H = 7168: 255 registers, 8-224 B of stack: to rebuild",
     # Keyed by a label fragment as well: pre's and head's builds of the same kernel keep no waiver.

@@ -54,6 +54,7 @@ import triton.language as tl
 from mhc.backends import device_guard, empty
 from mhc.backends.triton.kernels import (_elems, _logit, _rms_factor, _sk_norm, _sk_scale, _sk_softmax, _sk_sums,
                                          _to_act, prep_kernel)
+from mhc.backends.triton import configs as _configs
 from mhc.backends.triton.launch import COMPILE_OPTIONS, INTERPRETED, device_shared_memory, prep_block
 # --- Sinkhorn backward ------------------------------------------------------------------------------
 
@@ -513,46 +514,10 @@ def _post_bwd_kernel(g_ptr, x_ptr, res_ptr, pm_ptr, cm_ptr, gx_ptr, gres_ptr, gp
 # --- launchers -----------------------------------------------------------------------------------------
 # --- launchers -----------------------------------------------------------------------------------------
 
-#: Target programs per launch of the streaming stages: two per SM of the H200 (132 SMs), so that
-#: the split of the hidden axis (stage 2) and the token chunks (stage 4) keep every SM busy.
-_PROGRAMS = 264
-
-
-def _pow2_ceil(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def configs(n: int, H: int, T: int, head: bool, norm: bool = False, fused: bool = False, amd: bool = False) -> dict:
-    """Launch parameters of the pre/head backward (the one heuristic of this module).
-
-    ``sp``: stage 2's partial width (the mix columns, then the per-token sums of the module doc),
-    ``stw`` the sums' tile width in stage 3;
-    ``n3p``: ``gz``'s width (>= 16, tl.dot's minimum); ``tw``: ``tok``'s width. Stage 2: BM tokens
-    x BH hidden columns per step, ``stats_steps`` steps per program; stage 3: ``bt`` tokens a
-    program; stage 4: BM tokens x BH columns per step, ``res_steps`` steps (its chunk of tokens).
-    Step counts are powers of two chosen from T, so a model compiles a few variants at most.
-    Stage 4's tile is the one of the AOT builds' register sweep that spills nothing at 8 warps
-    (its grad_fn accumulators, n x N3P x BH fp32, dominate); ``amd`` (gfx942, gfx950: 64 KB of
-    shared memory; <= 256 VGPRs and no spill wanted): a narrower hidden tile there and two pipeline
-    stages in stage 2, chosen by VGPR counts alone (nothing timed on AMD).
-    """
-    m = n if head else 2 * n + n * n
-    np_ = max(2, triton.next_power_of_2(n))
-    stats = m + n + n * (n + 1) // 2 if norm else m + 1 + n
-    cfg = dict(m=m, np=np_, sp=max(16, triton.next_power_of_2(stats)), n3p=max(16, triton.next_power_of_2(m)),
-               tw=max(2, triton.next_power_of_2(n + 3)), gp=max(2, triton.next_power_of_2(n * (n + 1) // 2)),
-               pp=max(2, triton.next_power_of_2(n + n * n)),
-               stw=max(2, triton.next_power_of_2(stats - m)),
-               bm=64, bh=32, stats_warps=4, stats_stages=2 if amd else 3, bt=32, tail_warps=2,
-               res_bm=32 if amd else 16, res_bh=16 if amd else 64, res_warps=8, res_stages=2)
-    n_hb = triton.cdiv(H, cfg["bh"])
-    n_tb = triton.cdiv(T, cfg["bm"])
-    splits = max(1, min(n_hb, triton.cdiv(_PROGRAMS, n_tb)))
-    cfg["stats_steps"] = _pow2_ceil(triton.cdiv(n_hb, splits))
-    n_rb = triton.cdiv(H, cfg["res_bh"])
-    chunks = max(1, min(triton.cdiv(T, cfg["res_bm"]), triton.cdiv(_PROGRAMS, n_rb)))
-    cfg["res_steps"] = _pow2_ceil(triton.cdiv(triton.cdiv(T, cfg["res_bm"]), chunks))
-    return cfg
+    """Launch parameters of the pre/head backward: the Triton configuration table's row, fitted
+    (:func:`mhc.backends.triton.configs.backward_config`, whose docstring names every key)."""
+    return _configs.backward_config(n, H, T, head, norm, fused, amd)
 
 
 def specializations(n: int, H: int, T: int, dtype: torch.dtype, head: bool, norm: bool = False,
@@ -710,5 +675,6 @@ def post_specialization(n: int, H: int, T: int, output_mask=(True, True, True, T
     """Compile-time constants of ``_post_bwd_kernel`` for n streams, hidden size H, T tokens and
     the gradients asked for (``output_mask``: x, residual, post_mix, comb_mix), and its ``num_warps``."""
     need_x, need_res, need_pm, need_cm = (bool(b) for b in output_mask)
+    block_h, warps = _configs.post_backward_config(H, T)
     return dict(N=n, NP=max(2, triton.next_power_of_2(n)), NEED_X=need_x, NEED_RES=need_res, NEED_PM=need_pm,
-                NEED_CM=need_cm, BH=256 if H >= 256 else 64), 4
+                NEED_CM=need_cm, BH=block_h), warps

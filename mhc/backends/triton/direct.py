@@ -57,9 +57,16 @@ from triton import knobs
 from triton.knobs import HookChain
 from triton.runtime import driver
 
+from mhc import state
+
 _RUNTIME = knobs.runtime
 
-__all__ = ["DirectKernel", "ENABLED", "CHECK_KEYS", "int_spec"]
+__all__ = ["DirectKernel", "ENABLED", "CHECK_KEYS", "KNOWN_RELEASES", "int_spec"]
+
+#: The Triton releases (major.minor) the points of the module docstring were checked against:
+#: the range that pyproject.toml declares, whose ends CI runs. tests/test_private_apis.py fails
+#: on any other, so that a new release is checked before it is listed.
+KNOWN_RELEASES = ("3.6", "3.7", "3.8", "3.9")
 
 #: False turns the direct path off (every launch through ``JITFunction.run``): the GPU tests
 #: compare the two paths bitwise. The interpreter never takes it (see ``DirectKernel``).
@@ -67,6 +74,7 @@ ENABLED = True
 
 #: True: every :meth:`DirectKernel.launch` also checks its caller's key against the generic one.
 CHECK_KEYS = os.environ.get("MHC_CHECK_LAUNCH_KEYS", "") == "1"
+_CHECK_KEYS_DEFAULT = CHECK_KEYS
 
 _I32 = (-(2**31), 2**31)
 
@@ -219,6 +227,17 @@ def _hooked(hook) -> bool:
 #: Per tuple of argument types: the positions of the tensors, the ints and the other values
 #: (None, bool) among a launch's arguments.
 _LAYOUTS: dict[tuple, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
+
+
+def _reset() -> None:
+    """Forget the argument layouts and restore the switches to their values at import."""
+    global ENABLED, CHECK_KEYS
+    _LAYOUTS.clear()
+    ENABLED, CHECK_KEYS = True, _CHECK_KEYS_DEFAULT
+
+
+state.register("triton.direct", _LAYOUTS, "argument types (direct._LAYOUTS); the switches ENABLED, CHECK_KEYS",
+               _reset)
 
 
 def _layout(kinds: tuple) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

@@ -30,8 +30,8 @@ hidden blocks of a token on consecutive programs (above T = 1; see its docstring
 Every load is cast to fp32 right after ``tl.load`` (the interpreter mishandles bf16 in reductions).
 GEMM precision: the residual values are exact in bf16 (fp16 residuals are split into two bf16
 terms, exactly) and ``fn`` is split into bf16 hi + lo, so the bf16 tensor-core products carry
-about 16 mantissa bits of ``fn`` with fp32 accumulation: the GEMM's partials are within 4-6e-8
-(relative) of fp64 at H = 4096 and 7168 on the H200 (benchmarks/prenorm_dev.py), no TF32 anywhere.
+about 16 mantissa bits of ``fn`` with fp32 accumulation: the GEMM's partials are within about
+1e-7 (relative) of fp64 (benchmarks/prenorm_dev.py measures it), no TF32 anywhere.
 
 ``INTERPRET`` (a constexpr of every kernel; ``launch.INTERPRETED``): the kernel runs under Triton's
 interpreter, which mishandles bf16: the GEMM then runs one fp32 dot, bf16 rounding is done in
@@ -877,7 +877,7 @@ def finalize_kernel(src_ptr, out_ptr, part_ptr, scale_ptr, base_ptr, post_ptr, c
     ``post_kernel``): the residual tile ``src_ptr`` (T, N, H) is loaded first, then the collapse
     weights from the partials (:func:`_pre_weights`, every program reducing its own tokens'
     partials), then ``out_ptr`` (T, H) in the residual's dtype. The residual is read a second time
-    here, from memory (L2-sized token chunks did not pay: benchmarks/results/two-pass-h200.md).
+    here, from memory (L2-sized token chunks did not pay: docs/tuning/triton.md).
     ``NORM`` (not HEAD): the fused RMSNorm (``nw_ptr`` (H,), ``norm_eps``); a collapse program
     then owns BT whole rows (NCH chunks of BC in registers, :func:`_collapse_norm`): the norm needs
     the row's sum of squares before its first store, and this keeps the residual read once.
