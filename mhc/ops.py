@@ -75,6 +75,15 @@ def _c(t: torch.Tensor, *shape: int) -> torch.Tensor:
     return t.contiguous()
 
 
+def _own(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A backend's output ``t`` restored to ``shape``, as a tensor of its own rather than a view.
+    An op's output that is a view (even of a tensor nobody else holds) is refused an in-place
+    update by autograd (a view made inside a custom Function); ``detach()`` drops the view
+    relation and shares the storage, so it costs no copy. Autograd is below this layer, so
+    there is no history to lose."""
+    return t.view(shape).detach()
+
+
 def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["hc_pre_eps"],
         hc_sinkhorn_eps=_D["hc_sinkhorn_eps"], hc_post_mult_value=_D["hc_post_mult_value"],
         sinkhorn_repeat=_D["sinkhorn_repeat"], norm_weight=None, norm_eps=_D["norm_eps"], *, backend=None):
@@ -91,7 +100,7 @@ def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["h
                     hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, *norm)
     if flat:
         return p, c, li
-    return p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
+    return _own(p, *lead, n, 1), _own(c, *lead, n, n), _own(li, *lead, H)
 
 
 def post(x, residual, post_mix, comb_mix, *, backend=None):
@@ -101,7 +110,8 @@ def post(x, residual, post_mix, comb_mix, *, backend=None):
         return residual.new_empty(residual.shape)
     if len(lead) == 1:
         return impl(x.contiguous(), residual.contiguous(), post_mix.contiguous(), comb_mix.contiguous())
-    return impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n)).view(residual.shape)
+    return _own(impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n)),
+                *residual.shape)
 
 
 def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_eps"], *, backend=None):
@@ -112,7 +122,7 @@ def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_e
     flat = len(lead) == 1
     out = impl(residual.contiguous() if flat else _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(),
                hc_base.contiguous(), rms_eps, hc_eps)
-    return out if flat else out.view(*lead, H)
+    return out if flat else _own(out, *lead, H)
 
 
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"],
@@ -136,7 +146,7 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
                          hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, *norm)
     if flat:
         return new, p, c, li
-    return new.view(residual.shape), p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
+    return _own(new, *residual.shape), _own(p, *lead, n, 1), _own(c, *lead, n, n), _own(li, *lead, H)
 
 
 # --- the one way in: the public functions' gate ------------------------------------------------
