@@ -159,6 +159,7 @@ _function_modes = torch._C._is_torch_function_mode_enabled
 _autocast = torch._C._is_any_autocast_enabled
 _profiling = torch._C._autograd._profiler_enabled
 _functorch_level = torch._C._functorch.peek_interpreter_stack
+_forward_ad = torch.autograd.forward_ad
 
 
 class Spec(NamedTuple):
@@ -193,8 +194,9 @@ def direct_ok(args: tuple, spec: Spec) -> bool:
     Its other kernels serve what this refuses, so those calls must go through it: nothing being
     compiled or traced (``torch.jit.trace`` records the op, with sizes that are tensors), no
     dispatch or function mode (``FakeTensorMode``, ``torch.device`` as a context), no functorch
-    transform (``vmap``), autocast region (``register_no_autocast``) or profiler (which records
-    the op by name); tensors that are plain dense ``Tensor``/``Parameter`` objects (not a
+    transform (``vmap``), autocast region (``register_no_autocast``), profiler (which records
+    the op by name) or forward-mode AD level (``mhc.autograd.forward_ad_active``: the op's
+    autograd kernel gives the tangents); tensors that are plain dense ``Tensor``/``Parameter`` objects (not a
     subclass, not meta, sparse or nested: ``register_dense_only``) without a negative bit (which
     the dispatcher materialises before any kernel sees the tensor: a view such as
     ``complex.conj().imag`` carries one; the conjugate bit needs no test, as only complex tensors
@@ -202,7 +204,7 @@ def direct_ok(args: tuple, spec: Spec) -> bool:
     scalars of exactly the schema's types (a Python ``float`` where it says float, an ``int``
     where it says int: the dispatcher converts or refuses anything else)."""
     if (_is_compiling() or _tracing() is not None or _dispatch_modes() or _function_modes() or _autocast()
-            or _profiling() or _functorch_level() is not None):
+            or _profiling() or _functorch_level() is not None or _forward_ad._current_level >= 0):
         return False
     for i in spec.tensors:
         t = args[i]
