@@ -34,7 +34,7 @@ a reason (an explicit choice raises ``BackendError``, auto moves on to torch), i
 a second-order gradient of None.
 
 Forward-mode AD: each Function has a ``jvp`` (:func:`_jvp`, the reference differentiated at the
-inputs' values), and while a dual level is open (:func:`forward_ad_active`) every call goes
+inputs' values), and while a dual level is open (``mhc.ops.forward_ad_active``) every call goes
 through the Function, so no output loses its tangent. ``torch.func.jvp`` is refused
 (:data:`_FUNC_JVP`).
 """
@@ -42,13 +42,12 @@ through the Function, so no output loses its tangent. ``torch.func.jvp`` is refu
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 from mhc import reference, registry, validation
 from mhc import ops as _ops
-from mhc.ops import _c, register_dense_only, register_no_autocast
+from mhc.ops import _c, forward_ad_active, register_dense_only, register_no_autocast
 
-__all__ = ["SCHEMAS", "FORMULAS", "FUNCTIONS", "forward_ad_active"]
+__all__ = ["SCHEMAS", "FORMULAS", "FUNCTIONS"]
 
 _MASK_OUT = ("Tensor? grad_residual, Tensor? grad_fn, Tensor? grad_hc_scale, Tensor? grad_hc_base")
 SCHEMAS = {
@@ -424,14 +423,6 @@ FORMULAS = {"pre": (_pre_setup, _pre_bwd), "post": (_post_setup, _post_bwd), "he
 
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 _AFTER_AUTOGRAD = torch._C._after_autograd_keyset
-
-
-def forward_ad_active() -> bool:
-    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``, which
-    ``torch.func.jvp`` opens too): then a call must go through the op's ``autograd.Function``,
-    whose ``jvp`` gives the outputs' tangents; the kernels themselves would drop them. Read from
-    ``forward_ad``'s level counter, as PyTorch exposes no other test for it."""
-    return _forward_ad._current_level >= 0
 
 
 def _jvp(name: str, inputs, tangents) -> tuple:

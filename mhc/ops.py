@@ -29,7 +29,7 @@ import torch
 
 from mhc import reference, registry, validation
 
-__all__ = ["SCHEMAS", "SPECS", "Spec", "direct_ok", "pre", "post", "head", "fused_post_pre"]
+__all__ = ["SCHEMAS", "SPECS", "Spec", "direct_ok", "forward_ad_active", "pre", "post", "head", "fused_post_pre"]
 
 #: The scalars' defaults have one home, ``mhc.reference.DEFAULTS``: the schemas and the Python
 #: signatures below take them from there.
@@ -162,6 +162,14 @@ _functorch_level = torch._C._functorch.peek_interpreter_stack
 _forward_ad = torch.autograd.forward_ad
 
 
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``, which
+    ``torch.func.jvp`` opens too): then a call must go through the op's ``autograd.Function``
+    (``mhc.autograd``), whose ``jvp`` gives the outputs' tangents; the kernels would drop them.
+    Read from ``forward_ad``'s level counter, as PyTorch exposes no other test for it."""
+    return _forward_ad._current_level >= 0
+
+
 class Spec(NamedTuple):
     """One forward op as its callers need it: the ``OpOverload``, its kernel (the function the
     dispatcher calls below autograd), and, from its schema, the positions of its tensor, float
@@ -195,8 +203,8 @@ def direct_ok(args: tuple, spec: Spec) -> bool:
     compiled or traced (``torch.jit.trace`` records the op, with sizes that are tensors), no
     dispatch or function mode (``FakeTensorMode``, ``torch.device`` as a context), no functorch
     transform (``vmap``), autocast region (``register_no_autocast``), profiler (which records
-    the op by name) or forward-mode AD level (``mhc.autograd.forward_ad_active``: the op's
-    autograd kernel gives the tangents); tensors that are plain dense ``Tensor``/``Parameter`` objects (not a
+    the op by name) or forward-mode AD level (:func:`forward_ad_active`: the op's autograd
+    kernel gives the tangents); tensors that are plain dense ``Tensor``/``Parameter`` objects (not a
     subclass, not meta, sparse or nested: ``register_dense_only``) without a negative bit (which
     the dispatcher materialises before any kernel sees the tensor: a view such as
     ``complex.conj().imag`` carries one; the conjugate bit needs no test, as only complex tensors
@@ -204,7 +212,7 @@ def direct_ok(args: tuple, spec: Spec) -> bool:
     scalars of exactly the schema's types (a Python ``float`` where it says float, an ``int``
     where it says int: the dispatcher converts or refuses anything else)."""
     if (_is_compiling() or _tracing() is not None or _dispatch_modes() or _function_modes() or _autocast()
-            or _profiling() or _functorch_level() is not None or _forward_ad._current_level >= 0):
+            or _profiling() or _functorch_level() is not None or forward_ad_active()):
         return False
     for i in spec.tensors:
         t = args[i]
