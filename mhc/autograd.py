@@ -32,6 +32,11 @@ torch ops (the torch backend, ``Capabilities.double_backward``), through PyTorch
 fallback (which warns); a backend whose backward kernels are not is refused for such a call with
 a reason (an explicit choice raises ``BackendError``, auto moves on to torch), instead of giving
 a second-order gradient of None.
+
+Forward-mode AD: each Function has a ``jvp`` (:func:`_jvp`, the reference differentiated at the
+inputs' values), and while a dual level is open (``mhc.ops.forward_ad_active``) every call goes
+through the Function, so no output loses its tangent. ``torch.func.jvp`` is refused
+(:data:`_FUNC_JVP`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import torch
 
 from mhc import reference, registry, torch_private, validation
 from mhc import ops as _ops
-from mhc.ops import _c, register_dense_only, register_no_autocast
+from mhc.ops import _c, forward_ad_active, register_dense_only, register_no_autocast
 
 __all__ = ["SCHEMAS", "FORMULAS", "FUNCTIONS"]
 
@@ -421,6 +426,30 @@ _AFTER_AUTOGRAD = torch_private.after_autograd_keyset
 _any_requires_grad = torch_private.any_requires_grad
 
 
+def _jvp(name: str, inputs, tangents) -> tuple:
+    """Forward-mode rule of forward op ``name``: the tangents of its outputs, given every
+    positional argument ``inputs`` and their ``tangents`` (None where there is none), computed
+    by the reference (:mod:`mhc.reference`, accumulating in fp32, fp64 for fp64) at the
+    inputs' values, in the outputs' dtypes. The Function's jvp runs with forward AD switched
+    off and a dual level already open (nesting is not supported), so the reference is
+    differentiated with reverse mode twice (``torch.autograd.functional.jvp``), not with
+    ``torch.func.jvp``. It costs a few forward passes of the reference: forward AD is for
+    checking, not for speed."""
+    idx = [i for i in _ops.SPECS[name].tensors if inputs[i] is not None and tangents[i] is not None]
+    ref = getattr(reference, name)
+
+    def f(*xs):
+        args = list(inputs)
+        for i, x in zip(idx, xs):
+            args[i] = x
+        out = ref(*args)
+        return out if isinstance(out, tuple) else (out,)
+
+    _, out = torch.autograd.functional.jvp(f, tuple(inputs[i].detach() for i in idx),
+                                          tuple(tangents[i] for i in idx))
+    return out if len(out) > 1 else out[0]
+
+
 def _function(name: str, setup, bwd) -> type[torch.autograd.Function]:
     """The ``autograd.Function`` of forward op ``name``, for both ways in: ``apply(*args, backend,
     keyset)`` with ``args`` every positional argument of the op. ``keyset`` None: the public
@@ -439,17 +468,32 @@ def _function(name: str, setup, bwd) -> type[torch.autograd.Function]:
             with _BELOW_AUTOGRAD():
                 out = op.redispatch(keyset & _AFTER_AUTOGRAD, *inputs, backend=backend)
         setup(ctx, inputs, out)
+        if forward_ad_active():  # what jvp needs: every argument, the tensors saved for it
+            ctx.save_for_forward(*(inputs[i] for i in spec.tensors))
+            ctx.jvp_args = [None if i in spec.tensors else a for i, a in enumerate(inputs)]
         return out
 
     def backward(ctx, *grads):
         return (*bwd(ctx, *grads), None, None)
 
+    def jvp(ctx, *tangents):
+        args = list(ctx.jvp_args)
+        for i, t in zip(spec.tensors, ctx.saved_tensors):
+            args[i] = t
+        return _jvp(name, args, tangents)
+
     return type(f"Mhc_{name}", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                {"forward": staticmethod(forward), "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
 
 
 #: The ``autograd.Function`` of each forward op (see :func:`_function`).
 FUNCTIONS = {name: _function(name, setup, bwd) for name, (setup, bwd) in FORMULAS.items()}
+
+
+#: Why ``torch.func.jvp`` is refused: an ``autograd.Function`` applied from an op's autograd
+#: kernel cannot take part in functorch's transforms, and without it the tangents would be zeros.
+_FUNC_JVP = ("mhc.{name}: forward-mode AD through torch.func (jvp, jacfwd, hessian) is not supported: it would "
+             "give zero tangents; use torch.autograd.forward_ad (dual_level, make_dual), which mhc's ops support")
 
 
 def _register(name: str) -> None:
@@ -462,6 +506,10 @@ def _register(name: str) -> None:
     def autograd_kernel(keyset, *args, backend=None):
         if len(args) < len(defaults):
             args = (*args, *defaults[len(args):])
+        if forward_ad_active():
+            if torch_private.functorch_transforms_active():
+                raise NotImplementedError(_FUNC_JVP.format(name=name))
+            return apply(*args, backend, keyset)
         if torch.is_grad_enabled() and _any_requires_grad(*args):
             return apply(*args, backend, keyset)
         with _BELOW_AUTOGRAD():

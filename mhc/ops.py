@@ -29,7 +29,7 @@ import torch
 
 from mhc import reference, registry, torch_private, validation
 
-__all__ = ["SCHEMAS", "SPECS", "Spec", "direct_ok", "pre", "post", "head", "fused_post_pre"]
+__all__ = ["SCHEMAS", "SPECS", "Spec", "direct_ok", "forward_ad_active", "pre", "post", "head", "fused_post_pre"]
 
 #: The scalars' defaults have one home, ``mhc.reference.DEFAULTS``: the schemas and the Python
 #: signatures below take them from there.
@@ -76,6 +76,15 @@ def _c(t: torch.Tensor, *shape: int) -> torch.Tensor:
     return t.contiguous()
 
 
+def _own(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A backend's output ``t`` restored to ``shape``, as a tensor of its own rather than a view.
+    An op's output that is a view (even of a tensor nobody else holds) is refused an in-place
+    update by autograd (a view made inside a custom Function); ``detach()`` drops the view
+    relation and shares the storage, so it costs no copy. Autograd is below this layer, so
+    there is no history to lose."""
+    return t.view(shape).detach()
+
+
 def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["hc_pre_eps"],
         hc_sinkhorn_eps=_D["hc_sinkhorn_eps"], hc_post_mult_value=_D["hc_post_mult_value"],
         sinkhorn_repeat=_D["sinkhorn_repeat"], norm_weight=None, norm_eps=_D["norm_eps"], *, backend=None):
@@ -92,7 +101,7 @@ def pre(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_pre_eps=_D["h
                     hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, *norm)
     if flat:
         return p, c, li
-    return p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
+    return _own(p, *lead, n, 1), _own(c, *lead, n, n), _own(li, *lead, H)
 
 
 def post(x, residual, post_mix, comb_mix, *, backend=None):
@@ -102,7 +111,8 @@ def post(x, residual, post_mix, comb_mix, *, backend=None):
         return residual.new_empty(residual.shape)
     if len(lead) == 1:
         return impl(x.contiguous(), residual.contiguous(), post_mix.contiguous(), comb_mix.contiguous())
-    return impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n)).view(residual.shape)
+    return _own(impl(_c(x, T, H), _c(residual, T, n, H), _c(post_mix, T, n, 1), _c(comb_mix, T, n, n)),
+                *residual.shape)
 
 
 def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_eps"], *, backend=None):
@@ -113,7 +123,7 @@ def head(residual, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"], hc_eps=_D["hc_e
     flat = len(lead) == 1
     out = impl(residual.contiguous() if flat else _c(residual, T, n, H), fn.contiguous(), hc_scale.contiguous(),
                hc_base.contiguous(), rms_eps, hc_eps)
-    return out if flat else out.view(*lead, H)
+    return out if flat else _own(out, *lead, H)
 
 
 def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps=_D["rms_eps"],
@@ -137,7 +147,7 @@ def fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_e
                          hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, *norm)
     if flat:
         return new, p, c, li
-    return new.view(residual.shape), p.view(*lead, n, 1), c.view(*lead, n, n), li.view(*lead, H)
+    return _own(new, *residual.shape), _own(p, *lead, n, 1), _own(c, *lead, n, n), _own(li, *lead, H)
 
 
 # --- the one way in: the public functions' gate ------------------------------------------------
@@ -150,6 +160,13 @@ _function_modes = torch_private.function_mode_enabled
 _autocast = torch_private.any_autocast_enabled
 _profiling = torch_private.profiler_enabled
 _functorch_level = torch_private.functorch_interpreter
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``, which
+    ``torch.func.jvp`` opens too): then a call must go through the op's ``autograd.Function``
+    (``mhc.autograd``), whose ``jvp`` gives the outputs' tangents; the kernels would drop them."""
+    return torch_private.forward_ad_level() >= 0
 
 
 class Spec(NamedTuple):
@@ -184,8 +201,9 @@ def direct_ok(args: tuple, spec: Spec) -> bool:
     Its other kernels serve what this refuses, so those calls must go through it: nothing being
     compiled or traced (``torch.jit.trace`` records the op, with sizes that are tensors), no
     dispatch or function mode (``FakeTensorMode``, ``torch.device`` as a context), no functorch
-    transform (``vmap``), autocast region (``register_no_autocast``) or profiler (which records
-    the op by name); tensors that are plain dense ``Tensor``/``Parameter`` objects (not a
+    transform (``vmap``), autocast region (``register_no_autocast``), profiler (which records
+    the op by name) or forward-mode AD level (:func:`forward_ad_active`: the op's autograd
+    kernel gives the tangents); tensors that are plain dense ``Tensor``/``Parameter`` objects (not a
     subclass, not meta, sparse or nested: ``register_dense_only``) without a negative bit (which
     the dispatcher materialises before any kernel sees the tensor: a view such as
     ``complex.conj().imag`` carries one; the conjugate bit needs no test, as only complex tensors
@@ -193,7 +211,7 @@ def direct_ok(args: tuple, spec: Spec) -> bool:
     scalars of exactly the schema's types (a Python ``float`` where it says float, an ``int``
     where it says int: the dispatcher converts or refuses anything else)."""
     if (_is_compiling() or _tracing() is not None or _dispatch_modes() or _function_modes() or _autocast()
-            or _profiling() or _functorch_level() is not None):
+            or _profiling() or _functorch_level() is not None or forward_ad_active()):
         return False
     for i in spec.tensors:
         t = args[i]

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KNOWN_RELEASES", "release", "any_requires_grad", "unwrap_if_dead", "tracing_state",
+__all__ = ["KNOWN_RELEASES", "release", "any_requires_grad", "unwrap_if_dead", "tracing_state", "functorch_transforms_active",
+           "forward_ad_level",
            "dispatch_mode_depth", "function_mode_enabled", "any_autocast_enabled", "profiler_enabled",
            "functorch_interpreter", "DispatchKey", "DispatchKeySet", "ExcludeDispatchKeyGuard",
            "AutoDispatchBelowAutograd", "after_autograd_keyset", "cuda_current_device",
@@ -44,6 +45,7 @@ function_mode_enabled = _C._is_torch_function_mode_enabled
 any_autocast_enabled = _C._is_any_autocast_enabled
 profiler_enabled = _C._autograd._profiler_enabled
 functorch_interpreter = _C._functorch.peek_interpreter_stack
+functorch_transforms_active = _C._are_functorch_transforms_active
 
 
 def function_apply(cls: type[torch.autograd.Function]):
@@ -67,3 +69,9 @@ after_autograd_keyset = _C._after_autograd_keyset
 cuda_current_device = getattr(_C, "_cuda_getDevice", None)  # absent from CPU-only builds of some releases
 cuda_stream_capturing = getattr(_C, "_cuda_isCurrentStreamCapturing", None)
 cuda_current_raw_stream = getattr(_C, "_cuda_getCurrentRawStream", None)
+
+
+def forward_ad_level() -> int:
+    """The innermost open forward-mode AD level (-1: none), from ``torch.autograd.forward_ad``'s
+    private counter: PyTorch exposes no other test for an open dual level."""
+    return torch.autograd.forward_ad._current_level

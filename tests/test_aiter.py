@@ -2,8 +2,9 @@
 
 These tests check the adapter, not AMD's kernels: there is no AMD GPU here. ``tests/aiter_standin``
 implements the ``aiter.ops.mhc`` API with ``mhc.reference``'s math and reproduces AITER's quirks
-per release (0.1.13: device-less allocation, no compact head; 0.1.14: compact head; 0.1.16: also
-``mhc_fused_post_pre``; all: assertions for n != 4 and H % 256 != 0, ZeroDivisionError at T == 0).
+per release (0.1.13: device-less allocation, no compact head; 0.1.14: compact head; 0.1.15: the
+fused RMSNorm, computed with AITER's roundings; 0.1.16: also ``mhc_fused_post_pre``; all:
+assertions for n != 4 and H % 256 != 0, ZeroDivisionError at T == 0).
 The real kernels are checked by ``python -m mhc check`` on a ROCm machine.
 
 The test-only way to let the stand-in serve CPU tensors is the ``standin`` fixture: it registers a
@@ -17,6 +18,7 @@ own helpers, which are imported, not copied.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import importlib
@@ -74,10 +76,9 @@ def install(tmp_path, monkeypatch):
     aiter_backend.HEAD_PAD_CACHE.clear()
 
 
-@pytest.fixture(params=VERSIONS, ids=lambda v: f"aiter{v}")
-def standin(request, install):
-    """One AITER stand-in release, installed, and the adapter registered to serve it on CPU."""
-    version = request.param
+@contextlib.contextmanager
+def _serving(install, version: str):
+    """AITER stand-in release ``version``, installed, and the adapter registered to serve it on CPU."""
     install(version)
     name = _register_cpu_record(version)
     with warnings.catch_warnings():
@@ -85,8 +86,17 @@ def standin(request, install):
         assert registry.reasons_for(name, Problem("pre", CPU, torch.bfloat16, 4, 256, 8)) == []
     module = importlib.import_module("aiter.ops.mhc")
     module.CALLS.clear()
-    yield types.SimpleNamespace(name=name, version=version, module=module, adapter=registry._STATE.loaded[name])
-    registry.unregister(name)
+    try:
+        yield types.SimpleNamespace(name=name, version=version, module=module, adapter=registry._STATE.loaded[name])
+    finally:
+        registry.unregister(name)
+
+
+@pytest.fixture(params=VERSIONS, ids=lambda v: f"aiter{v}")
+def standin(request, install):
+    """One AITER stand-in release, installed, and the adapter registered to serve it on CPU."""
+    with _serving(install, request.param) as s:
+        yield s
 
 
 def _run_and_check(op, args, kwargs, name):
@@ -238,9 +248,9 @@ def test_aiter_head_path_per_release(standin):
     ((fn_name, facts),) = standin.module.CALLS
     assert fn_name == "mhc_pre"
     if standin.version == "0.1.13":
-        assert facts == {"rows": 24, "sinkhorn_repeat": 1} and len(aiter_backend.HEAD_PAD_CACHE) == 1
+        assert facts == {"rows": 24, "sinkhorn_repeat": 1, "norm": False} and len(aiter_backend.HEAD_PAD_CACHE) == 1
     else:
-        assert facts == {"rows": 4, "sinkhorn_repeat": 0} and len(aiter_backend.HEAD_PAD_CACHE) == 0
+        assert facts == {"rows": 4, "sinkhorn_repeat": 0, "norm": False} and len(aiter_backend.HEAD_PAD_CACHE) == 0
 
 
 def test_aiter_0113_standin_rejects_the_compact_head(install):
@@ -457,20 +467,55 @@ def test_aiter_shadowed_by_pypi_aiter_end_to_end(tmp_path):
     assert "PyPI's unrelated package 'aiter' 0.13.20191203 (async iterators)" in lines["ROCM"]
 
 
-# --- the fused RMSNorm: a reason, and auto moves on ---------------------------------------------
+@pytest.mark.parametrize("op", OPS)
+def test_aiter_outputs_are_their_own_tensors(standin, op):
+    contract.check_outputs_are_their_own(standin.name, op, CPU, H=256)
+
+
+# --- the fused RMSNorm: passed to AITER >= 0.1.15 at its hidden sizes, else a reason ------------------
+
+
+def _norm_inputs(op, H, weight_dtype=torch.bfloat16):
+    args, kwargs = checking.make_inputs(op, (4,), 4, H, torch.bfloat16, CPU, seed=12)
+    g = torch.Generator().manual_seed(13)
+    return args, dict(kwargs, norm_weight=(torch.randn(H, generator=g) * 0.5 + 1).to(weight_dtype), norm_eps=1e-5)
 
 
 @pytest.mark.parametrize("op", ["pre", "fused_post_pre"])
-def test_aiter_norm_weight_is_a_reason_and_auto_falls_back(standin, monkeypatch, op):
-    from mhc.backends.aiter import NORM_REASON
+@pytest.mark.parametrize("H", [256, 1280])
+def test_aiter_norm_weight_is_a_reason_where_aiter_cannot_take_it(standin, monkeypatch, op, H):
+    """Below 0.1.15 (no norm_weight) and at an H that AITER's fused-norm kernel is not built for,
+    the norm is a reason: an explicit choice raises, auto moves on and AITER is never called."""
+    from mhc.backends.aiter import NORM_H
 
-    assert registry.reasons_for(standin.name, Problem(op, CPU, torch.bfloat16, 4, 256, 4, norm=True)) == [NORM_REASON]
-    args, kwargs = checking.make_inputs(op, (4,), 4, 256, torch.bfloat16, CPU, seed=12)
-    g = torch.Generator().manual_seed(13)
-    kwargs = dict(kwargs, norm_weight=(torch.randn(256, generator=g) * 0.5 + 1).to(torch.bfloat16), norm_eps=1e-5)
-    with pytest.raises(BackendError, match="not passed to AITER"):
+    if H in NORM_H and standin.version >= "0.1.15":
+        pytest.skip("served (test_aiter_norm_weight_is_passed_through)")
+    why = registry.reasons_for(standin.name, Problem(op, CPU, torch.bfloat16, 4, H, 4, norm=True))
+    assert len(why) == 1 and ("needs amd-aiter >= 0.1.15" in why[0] if standin.version < "0.1.15"
+                              else f"H in {NORM_H} only, got H={H}" in why[0]), why
+    args, kwargs = _norm_inputs(op, H)
+    with pytest.raises(BackendError, match="fused RMSNorm"):
         checking.call(op, args, kwargs, standin.name)
     monkeypatch.setattr(registry, "auto_order", lambda platform, op, T: (standin.name, "torch"))
     registry._STATE.decisions.clear()
     contract._check_outputs(op, args, kwargs, checking.call(op, args, kwargs), "auto")
     assert standin.module.CALLS == []  # served by torch, AITER never called
+
+
+@pytest.mark.parametrize("version", ["0.1.15", "0.1.16"])
+@pytest.mark.parametrize("op", ["pre", "fused_post_pre"])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16_weight", "fp32_weight"])
+def test_aiter_norm_weight_is_passed_through(install, version, op, weight_dtype):
+    """From 0.1.15, at H = 1280 (AITER's smallest fused-norm size), AITER computes the norm: its
+    two roundings (the collapse, then the product) stay within the bf16 tolerance of the fp64
+    reference, and an fp32 weight reaches AITER as bf16 (which is how AITER reads it). 0.1.15
+    has no mhc_fused_post_pre: post, then mhc_pre with the norm. The stand-in computes what
+    AITER's kernel does (tests/aiter_standin); this checks the adapter, not AMD's kernel."""
+    with _serving(install, version) as s:
+        args, kwargs = _norm_inputs(op, 1280, weight_dtype)
+        outs = checking.call(op, args, kwargs, s.name)
+        contract._check_outputs(op, args, kwargs, outs, s.name)
+        entry = "mhc_fused_post_pre" if op == "fused_post_pre" and version >= "0.1.16" else "mhc_pre"
+        assert [(c, f["norm"]) for c, f in s.module.CALLS if c != "mhc_post"] == [(entry, True)]
+        ours = checking.call(op, args, kwargs, "torch")[-1]
+        assert not torch.equal(outs[-1], ours)  # AITER's own rounding, not a fallback to mhc's

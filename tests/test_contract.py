@@ -148,6 +148,54 @@ def test_leading_dims_are_restored(backend):
     assert p.shape == (2, 3, 4, 1) and c.shape == (2, 3, 4, 4) and li.shape == (2, 3, H)
 
 
+def check_outputs_are_their_own(backend, op, device=DEVICE, H=None):
+    """Through both ways in, with inputs that require grad and leading dims flat or not: no output
+    shares storage with an input or with another output, and in-place updates of the outputs
+    work and reach the gradients as the same updates made out of place do (an output that is a
+    view, even of a tensor nobody else holds, is refused an in-place update by autograd).
+    fused_post_pre's new residual is saved for its backward (what pre read), so updating it in
+    place makes backward raise autograd's version-counter error, as for ``torch.exp``'s output.
+    (test_aiter.py runs it for the AITER stand-in.)"""
+    H = H or _small_h(backend)
+    saved = 0 if op == "fused_post_pre" else None
+    for lead in ((3,), (2, 3)):
+        args, kwargs = checking.make_inputs(op, lead, 4, H, torch.bfloat16, device, seed=21)
+        weights = [torch.rand(o.shape, dtype=torch.float64, device=device) + 0.5
+                   for o in checking.oracle(op, args, kwargs)]
+        for way in (getattr(mhc, op), getattr(torch.ops.mhc, op)):
+            grads = []
+            for in_place in (False, True, "saved"):
+                leaves = [a.clone().requires_grad_(True) for a in args]
+                outs = way(*leaves, **kwargs, backend=backend)
+                outs = list(outs) if isinstance(outs, tuple) else [outs]
+                ins = {a.untyped_storage().data_ptr() for a in leaves}
+                ptrs = [o.untyped_storage().data_ptr() for o in outs]
+                assert not ins & set(ptrs) and len(set(ptrs)) == len(ptrs), f"{backend}.{op}: outputs alias"
+                if in_place == "saved":
+                    if saved is not None:
+                        outs[saved].mul_(2)
+                        loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+                        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                            torch.autograd.grad(loss, leaves)
+                    continue
+                for i in range(len(outs)):
+                    if i == saved:
+                        continue
+                    if in_place:
+                        outs[i].mul_(2)
+                    else:
+                        outs[i] = outs[i] * 2
+                loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+                grads.append(torch.autograd.grad(loss, leaves))
+            for w, g in zip(*grads):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_outputs_are_their_own_tensors(backend, op):
+    check_outputs_are_their_own(backend, op)
+
+
 def test_the_scalars_defaults_have_one_home():
     """Every schema (forward and backward ops) and every public signature takes its scalar
     defaults from ``mhc.reference.DEFAULTS``: a change there is the only change needed."""

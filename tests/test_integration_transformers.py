@@ -224,11 +224,11 @@ def test_refuses_instance_forward_hooks_and_double_apply():
         mt.apply(model)
     del model.model.layers[0].ffn_hc.forward
     h = model.model.layers[1].attn_hc.register_forward_hook(lambda *a: None)
-    with pytest.raises(mt.UnsupportedModelError, match=r"layers\.1\.attn_hc has forward hooks"):
+    with pytest.raises(mt.UnsupportedModelError, match=r"layers\.1\.attn_hc has forward or backward hooks"):
         mt.apply(model)
     h.remove()
     h = model.model.layers[0].post_attention_layernorm.register_forward_pre_hook(lambda *a: None)
-    with pytest.raises(mt.UnsupportedModelError, match=r"layers\.0\.post_attention_layernorm has forward hooks"):
+    with pytest.raises(mt.UnsupportedModelError, match=r"layers\.0\.post_attention_layernorm has forward or backward hooks"):
         mt.apply(model)  # the norm is fused into fused_post_pre: its hooks would stop running
     h.remove()
     assert _no_instance_forwards(model)
@@ -237,6 +237,59 @@ def test_refuses_instance_forward_hooks_and_double_apply():
         mt.apply(model)
     mt.undo(model)
     assert _no_instance_forwards(model)
+
+
+@pytest.mark.parametrize("path", ["layers.0.attn_hc", "layers.1.ffn_hc.input_norm", "layers.0.input_layernorm",
+                                  "layers.1.post_attention_layernorm", "hc_head.input_norm"])
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward"])
+def test_hooks_registered_after_apply_are_refused_not_skipped(path, kind):
+    """A hook on a module the patched code computes without calling would never run: the patched
+    forward raises instead, and runs again once the hook is removed. Hooks on the patched
+    modules themselves (the decoder layers, hc_head) run."""
+    model, ids = _model(), _ids(batch=1, seq=8)
+    mt.apply(model)
+    seen = []
+    model.model.layers[1].register_forward_hook(lambda *a: seen.append("layer"))
+    model.model.hc_head.register_forward_pre_hook(lambda *a: seen.append("head"))
+    h = getattr(model.model.get_submodule(path), f"register_{kind}_hook")(lambda *a: None)
+    with pytest.raises(mt.UnsupportedModelError, match=path.split(".")[-1] + " has forward or backward hooks"):
+        _logits(model, ids)
+    h.remove()
+    seen.clear()
+    _logits(model, ids)
+    assert seen == ["layer", "head"]
+    mt.undo(model)
+
+
+def _copies(model, tmp_path):
+    """The model through pickle, torch.save/torch.load (the whole object) and copy.deepcopy."""
+    import pickle
+
+    yield "pickle", pickle.loads(pickle.dumps(model))
+    torch.save(model, tmp_path / "model.pt")
+    yield "torch.save", torch.load(tmp_path / "model.pt", weights_only=False)
+    yield "deepcopy", copy.deepcopy(model)
+
+
+def test_patched_model_pickles_saves_and_deepcopies(tmp_path):
+    """... and save_pretrained writes weights and config that plain transformers loads."""
+    model, ids = _model(), _ids(batch=1, seq=8)
+    own = _logits(model, ids)
+    mt.apply(model)
+    want = _logits(model, ids)
+    for how, twin in _copies(model, tmp_path):
+        layer = twin.model.layers[0]
+        assert mt._patched(layer) and layer.forward.args[0] is layer, how  # bound to the copy, not the original
+        assert mt._patched(twin.model.hc_head), how
+        assert torch.equal(_logits(twin, ids), want), how
+        mt.undo(twin)
+        assert torch.equal(_logits(twin, ids), own), how
+    assert torch.equal(_logits(model, ids), want)  # the original is still patched
+    model.save_pretrained(tmp_path / "pretrained")
+    loaded = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "pretrained").eval()
+    assert _no_instance_forwards(loaded)
+    assert torch.equal(_logits(loaded, ids), own)
+    mt.undo(model)
 
 
 def test_without_transformers(monkeypatch):

@@ -21,7 +21,8 @@ contiguous and on one device:
 ``fused_post_pre(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)``
     Returns ``(new_residual (T, n, H), post_mix, comb_mix, layer_input)``.
 
-Every backend returns its outputs on the input's device, and GPU backends launch inside
+Every backend returns its outputs on the input's device, as tensors of their own (no view, no
+alias of an input or of another output: DESIGN.md), and GPU backends launch inside
 :func:`device_guard`. The Triton and TileLang launchers allocate their outputs with :func:`empty`
 or :func:`empty_like`, so that tests can poison them (an element a kernel never writes then shows
 as NaN). The others do not: the torch backend returns the tensors that its PyTorch math

@@ -26,6 +26,8 @@ The adapter (:class:`AiterAdapter`) maps this package's four ops onto AITER's AP
                           pre's (2n+n*n) layout, cached per weight in :data:`HEAD_PAD_CACHE`
 ``fused_post_pre``        ``mhc_fused_post_pre`` where the module has it (>= 0.1.16; its
                           outputs come back reordered), else ``post`` then ``pre``
+fused RMSNorm             >= 0.1.15: ``norm_weight`` (as bf16), ``norm_eps`` passed on to
+                          ``mhc_pre`` / ``mhc_fused_post_pre`` (``mhc_pre_big_fuse_rmsnorm``)
 ========================  ===============================================================
 
 Quirks handled here (each is covered by a test in ``tests/test_aiter.py``):
@@ -40,11 +42,15 @@ Quirks handled here (each is covered by a test in ``tests/test_aiter.py``):
 - releases < 0.1.14 have a sum-of-squares race at large T: :data:`BACKEND`'s ``notes()`` says
   so in ``python -m mhc info``, and loading such a release warns once.
 
-Not served: the fused RMSNorm (``norm_weight`` of ``pre`` and ``fused_post_pre``). The record's
-``Capabilities.norm_ops`` lists ``pre`` and ``fused_post_pre`` anyway, only so that such a call
-passes the capability check and reaches the probe, which refuses it with :data:`NORM_REASON`
-(why AITER's own ``norm_weight`` is not used) instead of the generic "does not fuse the RMSNorm".
-So, for this backend, ``norm_ops`` does not mean "served".
+The fused RMSNorm (``norm_weight`` of ``pre`` and ``fused_post_pre``) is served from 0.1.15 on,
+for H in :data:`NORM_H` (the sizes AITER's ``mhc_pre_big_fuse_rmsnorm`` is instantiated for; the
+probe gives the reason otherwise, and for older releases). AITER's kernel (the same from v0.1.15
+to v0.1.20.post1) rounds the collapse to bf16 before normalising it (the sum of squares is of
+the unrounded fp32 collapse) and rounds the product again: two roundings where mhc's contract has
+one: 2.3e-3 relative to the fp64 reference on the tests' stand-in (H = 1280 and 4096), within
+the bf16 tolerance (1e-2, ``mhc.checking``). It reads the weight as bf16 whatever the tensor's
+dtype (no check), so the adapter rounds an fp32 weight to bf16 (2.9e-3 then, still within it).
+Outside the numeric domain its norm factor is ``rsqrt(inf) = 0``, not NaN (as for its mixes).
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ from mhc.backends import device_guard, empty
 from mhc.registry import CAUGHT, Backend, Capabilities, Problem
 
 __all__ = ["BACKEND", "AiterAdapter", "PaddedHeadWeights", "HEAD_PAD_CACHE", "detect", "DISTRIBUTION",
-           "MIN_GOOD_VERSION"]
+           "MIN_GOOD_VERSION", "NORM_MIN_VERSION", "NORM_H"]
 
 #: The distribution AMD's AITER installs (module ``aiter``).
 DISTRIBUTION = "amd-aiter"
@@ -159,20 +165,28 @@ def detect() -> _Install:
     return _Install(version, _parse_version(version), mod, ())
 
 
-#: Why the adapter does not pass ``norm_weight`` on. Recent AITER sources take it
-#: (``mhc_pre(..., norm_weight=None, norm_eps=1e-6)`` and ``mhc_fused_post_pre(...)``, through
-#: ``mhc_pre_big_fuse_rmsnorm``), but the release that added it is not pinned here and its
-#: rounding (where the collapse is rounded before the norm, the weight's dtype) has not been
-#: checked against mhc's on an AMD GPU; until it is, a call with a norm weight goes elsewhere.
-NORM_REASON = ("the fused RMSNorm (norm_weight) is not passed to AITER: its mhc_pre/mhc_fused_post_pre "
-               "norm_weight argument is not yet checked against mhc's rounding on an AMD GPU")
+#: First release whose ``mhc_pre`` takes ``norm_weight``/``norm_eps`` (``mhc_fused_post_pre``
+#: takes them from its first release, 0.1.16).
+NORM_MIN_VERSION = (0, 1, 15)
+#: The hidden sizes ``mhc_pre_big_fuse_rmsnorm`` is compiled for (v0.1.15 to v0.1.20.post1); any
+#: other H raises inside AITER.
+NORM_H = (1280, 2560, 4096, 7168)
+
+
+def _norm_reasons(p: Problem, found: _Install) -> list[str]:
+    if _is_old(found.parsed) or found.parsed < NORM_MIN_VERSION:
+        return [f"the fused RMSNorm (norm_weight) needs {DISTRIBUTION} >= 0.1.15, found {found.version}"]
+    if p.H not in NORM_H:
+        return [f"AITER's fused RMSNorm (mhc_pre_big_fuse_rmsnorm) is built for H in {NORM_H} only, got H={p.H}"]
+    return []
 
 
 def _probe(p: Problem) -> Sequence[str]:
     # Reached only when the capabilities pass (a ROCm GPU, bf16, n == 4, H % 256 == 0).
-    if p.norm:
-        return [NORM_REASON]
-    return detect().reasons
+    found = detect()
+    if found.reasons or not p.norm:
+        return found.reasons
+    return _norm_reasons(p, found)
 
 
 def _is_old(parsed: tuple[int, int, int] | None) -> bool:
@@ -336,15 +350,24 @@ class AiterAdapter:
         return (empty((T, n, 1), torch.float32, dev), empty((T, n, n), torch.float32, dev),
                 empty((T, H), residual.dtype, dev))
 
+    @staticmethod
+    def _norm(residual, norm) -> dict:
+        """AITER's ``norm_weight``/``norm_eps`` keywords from the op layer's trailing ``(norm_weight
+        (H,) bf16 or fp32, norm_eps)``, or none: AITER reads the weight as bf16 whatever its dtype."""
+        if not norm:
+            return {}
+        return dict(norm_weight=norm[0].to(residual.dtype), norm_eps=norm[1])
+
     def pre(self, residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value,
-            sinkhorn_repeat):
-        """Returns ``post_mix`` (T, 4, 1) fp32, ``comb_mix`` (T, 4, 4) fp32, ``layer_input`` (T, H) bf16."""
+            sinkhorn_repeat, *norm):
+        """Returns ``post_mix`` (T, 4, 1) fp32, ``comb_mix`` (T, 4, 4) fp32, ``layer_input`` (T, H) bf16.
+        ``norm``: empty, or ``(norm_weight (H,), norm_eps)``, the fused RMSNorm."""
         _check_shape(residual)
         if residual.shape[0] == 0:
             return self._empty_pre(residual)
         with self._scope(residual.device):
             return self.module.mhc_pre(residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-                                       hc_post_mult_value, sinkhorn_repeat)
+                                       hc_post_mult_value, sinkhorn_repeat, **self._norm(residual, norm))
 
     def post(self, x, residual, post_mix, comb_mix):
         """Returns the new residual (T, 4, H) bf16 (a fresh tensor that AITER writes)."""
@@ -372,19 +395,21 @@ class AiterAdapter:
         return out
 
     def fused_post_pre(self, x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
-                       hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat):
-        """Returns ``(new_residual (T, 4, H) bf16, post_mix (T, 4, 1), comb_mix (T, 4, 4), layer_input (T, H))``."""
+                       hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, *norm):
+        """Returns ``(new_residual (T, 4, H) bf16, post_mix (T, 4, 1), comb_mix (T, 4, 4), layer_input (T, H))``.
+        ``norm`` as for :meth:`pre`."""
         _check_shape(residual)
         if residual.shape[0] == 0:
             return (empty(residual.shape, residual.dtype, residual.device), *self._empty_pre(residual))
         if self._fused is None:
             new = self.post(x, residual, post_mix, comb_mix)
             return (new, *self.pre(new, fn, hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-                                   hc_post_mult_value, sinkhorn_repeat))
+                                   hc_post_mult_value, sinkhorn_repeat, *norm))
         with self._scope(residual.device):
             # AITER returns (post_mix, comb_mix, layer_input, next_residual).
             p, c, li, new = self._fused(x, residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps,
-                                        hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat)
+                                        hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat,
+                                        **self._norm(residual, norm))
         return new, p, c, li
 
 
@@ -407,8 +432,7 @@ BACKEND = Backend(
         dtypes=frozenset({torch.bfloat16}),
         n_values=frozenset({N_STREAMS}),
         h_multiple=H_MULTIPLE,
-        # NOT served: listed only so that a call with norm_weight reaches the probe, which refuses
-        # it with NORM_REASON (why) instead of the generic reason (the module docstring says more)
+        # from 0.1.15 and for H in NORM_H: the probe gives the reason otherwise
         norm_ops=frozenset({"pre", "fused_post_pre"}),
     ),
     load=_load,

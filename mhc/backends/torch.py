@@ -11,6 +11,20 @@ import torch
 from mhc.registry import BACKWARD_OPS, OPS, Backend, Capabilities
 
 
+def _no_views(f):
+    """``f`` whose outputs are tensors of their own: the reference restores leading dims with
+    ``view``, and an op's output that is a view is refused an in-place update by autograd, as
+    no other backend's is (DESIGN.md: outputs are not views). ``detach()`` drops the view
+    relation without a copy; the op layer calls backends below autograd, so no history is lost."""
+    def run(*args):
+        out = f(*args)
+        if isinstance(out, tuple):
+            return tuple(t.detach() if t._is_view() else t for t in out)
+        return out.detach() if out._is_view() else out
+
+    return run
+
+
 def _load():
     import types
 
@@ -18,7 +32,7 @@ def _load():
 
     # The forward ops from the reference, the backward ops (mhc.autograd calls them) from the
     # hand-derived backward math.
-    return types.SimpleNamespace(**{op: getattr(reference, op) for op in OPS},
+    return types.SimpleNamespace(**{op: _no_views(getattr(reference, op)) for op in OPS},
                                  **{op: getattr(backward, op) for op in BACKWARD_OPS})
 
 

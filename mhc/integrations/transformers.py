@@ -51,18 +51,25 @@ model that is not a ``DeepseekV4ForCausalLM``/``DeepseekV4Model``; a transformer
 ``DeepseekV4DecoderLayer``, ``DeepseekV4HyperConnection``, ``DeepseekV4HyperHead``,
 ``DeepseekV4UnweightedRMSNorm`` or ``DeepseekV4RMSNorm`` ``forward`` differs in source from the one mapped above (whatever
 its version string); a module whose ``forward`` was replaced on the instance or whose class
-overrides it; forward hooks on the modules the patched code bypasses (``attn_hc``, ``ffn_hc`` and
-the ``input_norm`` modules and the sublayer norms, whose hooks would silently stop running); a model already patched.
+overrides it; forward or backward hooks on the modules the patched code bypasses (``attn_hc``,
+``ffn_hc`` and the ``input_norm`` modules and the sublayer norms, whose hooks would silently stop
+running), at :func:`apply` and, for hooks registered later, on every patched call; a model
+already patched. Hooks on the decoder layers and ``hc_head`` themselves run as before.
+
+A patched model pickles (``pickle``, ``torch.save`` of the whole model, ``copy.deepcopy``): the
+instance forwards are ``functools.partial`` objects of this module's functions, so loading it
+needs mhc installed. ``save_pretrained`` writes the weights and config only, which plain
+transformers loads.
 Backend selection is mhc's (``MHC_BACKEND``, :func:`mhc.use_backend`, the registry): an op
 that cannot be served raises :class:`mhc.BackendError` from inside the model's forward.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import textwrap
-import types
 
 import torch
 
@@ -128,10 +135,30 @@ def _check_module(module: torch.nn.Module, name: str, cls, version: str, hooks_b
             f"{where}.forward in transformers {version} is not the mHC code mhc maps onto its ops "
             f"(source sha256 {got and got[:12]}, expected {want[:12]} from transformers {TESTED_VERSION}); "
             f"refusing rather than changing the model's output")
-    if hooks_bypassed and (module._forward_hooks or module._forward_pre_hooks):
+    if hooks_bypassed:
+        _refuse_hooks(name, module)
+
+
+def _refuse_hooks(name: str, module: torch.nn.Module) -> None:
+    """Raise if ``module``, which the patched code computes without calling, has hooks: they would
+    silently not run. Checked by :func:`apply` and again on every patched call, as hooks
+    registered after :func:`apply` would be skipped just the same."""
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
         raise UnsupportedModelError(
-            f"{name} has forward hooks; the patched layer computes {name}'s result without calling it, "
-            f"so they would stop running: remove them first")
+            f"{name} has forward or backward hooks; the model patched by mhc.integrations.transformers.apply "
+            f"computes {name}'s result without calling it, so they would not run: remove them, or undo the "
+            f"patch (mhc.integrations.transformers.undo) to run the model's own code")
+
+
+#: The submodules that each patched forward computes without calling (its own attribute paths).
+_LAYER_BYPASSED = ("attn_hc", "attn_hc.input_norm", "ffn_hc", "ffn_hc.input_norm", "input_layernorm",
+                   "post_attention_layernorm")
+_HEAD_BYPASSED = ("input_norm",)
+
+
+def _refuse_bypassed_hooks(module: torch.nn.Module, paths) -> None:
+    for path in paths:
+        _refuse_hooks(f"{type(module).__name__}.{path}", module.get_submodule(path))
 
 
 def _check_hc(hc, name: str, m, version: str) -> None:
@@ -167,6 +194,7 @@ def _norm(norm, residual) -> tuple:
 def _layer_forward(self, hidden_states, input_ids=None, **kwargs):
     """``DeepseekV4DecoderLayer.forward`` on the mhc ops (bound to the layer by :func:`apply`):
     the sublayer norms are fused into ``pre``/``fused_post_pre`` (``norm_weight``)."""
+    _refuse_bypassed_hooks(self, _LAYER_BYPASSED)
     a, f = self.attn_hc, self.ffn_hc
     post_mix, comb_mix, normed = mhc.pre(hidden_states, *_mix_params(a, ("fn", "scale", "base"), hidden_states),
                                          *_pre_scalars(a), *_norm(self.input_layernorm, hidden_states))
@@ -181,6 +209,7 @@ def _layer_forward(self, hidden_states, input_ids=None, **kwargs):
 
 def _head_forward(self, x):
     """``DeepseekV4HyperHead.forward`` on :func:`mhc.head` (bound to the head by :func:`apply`)."""
+    _refuse_bypassed_hooks(self, _HEAD_BYPASSED)
     return mhc.head(x, *_mix_params(self, ("hc_fn", "hc_scale", "hc_base"), x), self.input_norm.eps, self.eps)
 
 
@@ -213,9 +242,17 @@ def _base_model(model, m):
         f"got {type(model).__qualname__}")
 
 
+def _bind(forward, module: torch.nn.Module) -> functools.partial:
+    """``forward`` bound to ``module`` as its instance ``forward``. A ``functools.partial`` of a
+    module-level function pickles by the function's name and the module object, so a patched
+    model survives ``pickle``, ``torch.save``/``torch.load`` and ``copy.deepcopy`` (a bound method
+    pickles as ``getattr(module, forward.__name__)``, which fails on load)."""
+    return functools.partial(forward, module)
+
+
 def _patched(module) -> bool:
     fwd = module.__dict__.get("forward")
-    return isinstance(fwd, types.MethodType) and fwd.__func__ in _OURS
+    return isinstance(fwd, functools.partial) and fwd.func in _OURS
 
 
 def apply(model: torch.nn.Module) -> Handle:
@@ -244,8 +281,8 @@ def apply(model: torch.nn.Module) -> Handle:
     _check_module(base.hc_head.input_norm, f"{p}hc_head.input_norm", m.DeepseekV4UnweightedRMSNorm, version,
                   hooks_bypassed=True)
     for layer in base.layers:
-        layer.forward = types.MethodType(_layer_forward, layer)
-    base.hc_head.forward = types.MethodType(_head_forward, base.hc_head)
+        layer.forward = _bind(_layer_forward, layer)
+    base.hc_head.forward = _bind(_head_forward, base.hc_head)
     return Handle(model)
 
 
