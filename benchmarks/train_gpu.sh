@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the training work: the backward kernels' checks and timings at the default
 # configs (bwd_dev.py, with and without the fused RMSNorm), the training benchmark for the given
-# H (train_bench.py: mhc, eager, torch.compile, Liger-Kernel), then the GPU autograd tests. Each
+# H (train_bench.py: mhc, eager, torch.compile, Liger-Kernel), the GPU autograd tests, then the
+# forward ops' eager table (bench.py --eager). Each
 # step has a time cap so that a slow one leaves the rest their turn; logs and the CSV under $OUT.
 #   benchmarks/train_gpu.sh [H]     (default 4096)
 # Liger-Kernel comes from .whl-liger/ (benchmarks/README.md, "Training").
@@ -13,12 +14,16 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 compgen -G ".whl-liger/*.whl" >/dev/null &&
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-liger/*.whl
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/device.txt"
-(cd benchmarks && timeout "${MHC_DEV_S:-150}" python bwd_dev.py --H "$H" &&
+(cd benchmarks && timeout "${MHC_DEV_S:-130}" python bwd_dev.py --H "$H" &&
    timeout 60 python bwd_dev.py --norm --ops pre fused_post_pre --H "$H") > "$OUT/bwd-dev-h$H.log" 2>&1
-timeout "${MHC_TRAIN_S:-260}" python benchmarks/train_bench.py --H "$H" --out "$OUT/train-h$H.csv" \
+timeout "${MHC_TRAIN_S:-230}" python benchmarks/train_bench.py --H "$H" --out "$OUT/train-h$H.csv" \
   > "$OUT/train-h$H.log" 2>&1
-timeout "${MHC_TESTS_S:-150}" python -m pytest -q -x -rs tests/test_gpu_autograd.py -k "${MHC_TESTS_K:-not 100_runs}" \
+timeout "${MHC_TESTS_S:-110}" python -m pytest -q --maxfail=3 -rs tests/test_gpu_autograd.py -k "${MHC_TESTS_K:-not 100_runs}" \
   > "$OUT/gpu-autograd-tests.log" 2>&1
+# The eager (host-bound) table of the forward ops, for the one-way-in change's cost on the device.
+timeout "${MHC_EAGER_S:-60}" python benchmarks/bench.py --quick --eager --no-cold --impls triton,eager --H "$H" \
+  --out "$OUT/eager-h$H.csv" > "$OUT/eager-h$H.log" 2>&1
 echo "== bwd_dev"; grep -v "^copy" "$OUT/bwd-dev-h$H.log" | tail -30
 echo "== train_bench"; tail -40 "$OUT/train-h$H.log"
 echo "== tests"; tail -15 "$OUT/gpu-autograd-tests.log"
+echo "== eager"; tail -25 "$OUT/eager-h$H.log"
