@@ -41,7 +41,7 @@ A failure is printed with ``!!`` in the row, listed at the end, and makes the ex
 Outputs (``--out``, default ``mhc-bench/`` in the current directory, which this repository's
 ``.gitignore`` lists; results to keep go to ``--out benchmarks/results``): ``<prefix>.csv`` (rewritten after every
 row, so a run cut short keeps what it measured), ``<prefix>-latency.png`` (µs vs T per op and
-H), ``<prefix>-floor.png`` (fraction of the floor vs T) and ``<prefix>.md`` (the README table).
+H), ``<prefix>-floor.png`` (fraction of the floor vs T) and ``<prefix>.md`` (the grid table, as under `benchmarks/results/grid-*.md`).
 ``--report CSV`` rebuilds the table and plots from a CSV without a device.
 
 ``--overhead``: host-side cost of one op call on CPU tensors, for the dispatch layers that sit
@@ -550,7 +550,7 @@ def _num(s) -> float:
 
 
 def markdown(rows: list[dict], skipped: Sequence[str] = ()) -> str:
-    """The README table: per op, one row per (H, T), one column per implementation, each cell
+    """The grid table (`benchmarks/results/grid-*.md`): per op, one row per (H, T), one column per implementation, each cell
     ``warm µs · achieved GB/s · ratio to floor`` (``!!`` marks a failed check)."""
     if not rows:
         return "(no rows)\n"

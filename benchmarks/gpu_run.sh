@@ -8,8 +8,8 @@
 #              result as it lands, so a cut run still names its failures);
 #              MHC_BENCH=1 (default) | 0; MHC_WARM_PEERS=0 (default) | 1 (see below);
 #              MHC_GPU_SITE=.gpu-site (default): where site.tar.xz and tlcache are. Packages
-#              under /tmp/site (installed by an earlier call from wheels, ../shared/gpu/README.md,
-#              or unpacked here from .gpu-site) are found through PYTHONPATH.
+#              under /tmp/site (installed by an earlier call from wheels downloaded on a machine with
+#              internet, or unpacked here from .gpu-site) are found through PYTHONPATH.
 # Writes at most 7 files (the device call returns 8): device.txt, gpu-tests.log, bench.log and
 # the benchmark's CSV, markdown table and two plots.
 set -uo pipefail

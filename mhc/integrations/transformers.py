@@ -298,7 +298,7 @@ def cache_tensors(cache) -> list[torch.Tensor]:
     layer's attributes, nested dicts) holds now. A CUDA graph captured on a cache reads them on
     every replay, and the capture itself swaps them out of the cache (the step appends to it), so
     whoever replays must keep this list alive: freed, their memory would go to other tensors
-    (README, "CUDA graphs")."""
+    (docs/transformers.md, "CUDA graphs")."""
     def walk(v):
         if isinstance(v, torch.Tensor):
             return [v]
