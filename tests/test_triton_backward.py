@@ -177,3 +177,18 @@ def test_triton_backward_through_autograd():
         err = checking.rel_error(g, _f64(e))
         bound = tol["act" if name == "residual" else "mix"]
         assert err < bound, f"{name}: {err:.2e} (tolerance {bound:.0e})"
+
+
+@pytest.mark.parametrize("op", ["pre", "head", "post", "fused_post_pre"])
+def test_triton_backward_of_an_empty_batch(op):
+    """T = 0 through the public API with Triton forward and backward: token gradients are empty,
+    the parameters' gradients (sums over no tokens) are zeros of their shapes."""
+    args, kwargs = checking.make_inputs(op, (0,), 4, 16, torch.bfloat16, DEVICE, seed=0)
+    ins = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+    with mhc.use_backend("triton"):
+        outs = getattr(mhc, op)(*ins, **kwargs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        sum(o.float().sum() for o in outs).backward()
+    for (name, _), a in zip(checking.GRAD_INPUTS[op], ins):
+        assert a.grad is not None and a.grad.shape == a.shape and a.grad.dtype == a.dtype, name
+        assert (a.grad == 0).all(), f"{name}: a sum over no tokens is zero"
