@@ -4,7 +4,7 @@
 # H (train_bench.py: mhc, eager, torch.compile, Liger-Kernel), the GPU autograd tests, then the
 # forward ops' eager table (bench.py --eager). Each
 # step has a time cap so that a slow one leaves the rest their turn; logs and the CSV under $OUT.
-#   benchmarks/train_gpu.sh [H]     (default 4096)
+#   benchmarks/train_gpu.sh [H]     (default 4096; MHC_MODEL_S=150 adds model_bench's training step)
 # Liger-Kernel comes from .whl-liger/ (benchmarks/README.md, "Training").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,10 +20,15 @@ timeout "${MHC_TRAIN_S:-230}" python benchmarks/train_bench.py --H "$H" --out "$
   > "$OUT/train-h$H.log" 2>&1
 timeout "${MHC_TESTS_S:-110}" python -m pytest -q --maxfail=3 -rs tests/test_gpu_autograd.py -k "${MHC_TESTS_K:-not 100_runs}" \
   > "$OUT/gpu-autograd-tests.log" 2>&1
+# The model benchmark's training step (unpatched and patched, one run), when MHC_MODEL_S is set.
+if [[ ${MHC_MODEL_S:-0} -gt 0 ]]; then
+  timeout "$MHC_MODEL_S" python benchmarks/model_bench.py --phases train --out "$OUT" > "$OUT/model-train.log" 2>&1
+fi
 # The eager (host-bound) table of the forward ops, for the one-way-in change's cost on the device.
 timeout "${MHC_EAGER_S:-60}" python benchmarks/bench.py --quick --eager --no-cold --impls triton,eager --H "$H" \
   --out "$OUT/eager-h$H.csv" > "$OUT/eager-h$H.log" 2>&1
 echo "== bwd_dev"; grep -v "^copy" "$OUT/bwd-dev-h$H.log" | tail -30
 echo "== train_bench"; tail -40 "$OUT/train-h$H.log"
 echo "== tests"; tail -15 "$OUT/gpu-autograd-tests.log"
+[[ -f $OUT/model-train.log ]] && { echo "== model (train)"; tail -25 "$OUT/model-train.log"; }
 echo "== eager"; tail -25 "$OUT/eager-h$H.log"
