@@ -12,6 +12,7 @@ the peers are ``benchmarks/train_bench.py``'s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -19,6 +20,7 @@ from bench import copy_bandwidth  # benchmarks/bench.py (this script's folder is
 from mhc import backward as ref
 from mhc import checking, timing
 from mhc.backends.triton import backward as tri
+from mhc.backends.triton import configs
 
 
 def _case(op: str, T: int, n: int, H: int, norm: bool, dev):
@@ -64,12 +66,17 @@ def main() -> None:
     ap.add_argument("--norm", action="store_true", help="pre and fused_post_pre with the fused RMSNorm")
     ap.add_argument("--once", action="store_true")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
-                    help="override entries of mhc.backends.triton.backward.configs (a sweep)")
+                    help="override fields of every mhc.backends.triton.configs.BACKWARD_ROWS row (a sweep; "
+                         "the step counts follow)")
     a = ap.parse_args()
     if a.set:
         over = {k: int(v) for k, v in (kv.split("=") for kv in a.set)}
-        plain = tri.configs
-        tri.configs = lambda *args, **kw: {**plain(*args, **kw), **over}
+        unknown = set(over) - {f.name for f in dataclasses.fields(configs.BackwardRow)}
+        if unknown:
+            ap.error(f"--set: {sorted(unknown)} are not fields of configs.BackwardRow")
+        for key, rows in configs.BACKWARD_ROWS.items():
+            configs.BACKWARD_ROWS[key] = tuple(dataclasses.replace(r, **{k: v for k, v in over.items()
+                                                                         if hasattr(r, k)}) for r in rows)
         print("configs overridden:", over)
     dev = torch.device("cuda")
     n = 4

@@ -512,13 +512,6 @@ def _post_bwd_kernel(g_ptr, x_ptr, res_ptr, pm_ptr, cm_ptr, gx_ptr, gres_ptr, gp
 
 
 # --- launchers -----------------------------------------------------------------------------------------
-# --- launchers -----------------------------------------------------------------------------------------
-
-def configs(n: int, H: int, T: int, head: bool, norm: bool = False, fused: bool = False, amd: bool = False) -> dict:
-    """Launch parameters of the pre/head backward: the Triton configuration table's row, fitted
-    (:func:`mhc.backends.triton.configs.backward_config`, whose docstring names every key)."""
-    return _configs.backward_config(n, H, T, head, norm, fused, amd)
-
 
 def specializations(n: int, H: int, T: int, dtype: torch.dtype, head: bool, norm: bool = False,
                     fused: bool = False, mask=(True,) * 4, need_nw: bool = False,
@@ -526,7 +519,7 @@ def specializations(n: int, H: int, T: int, dtype: torch.dtype, head: bool, norm
     """Compile-time constants, ``num_warps`` and ``num_stages`` of the three backward kernels (stats, tail, res)
     and the config (:func:`configs`): what the launcher passes and what ``aot.py`` builds.
     ``mask``: the four gradients of pre/head asked for; ``post_mask``: post's four (fused only)."""
-    cfg = configs(n, H, T, head, norm, fused, amd)
+    cfg = _configs.backward_config(n, H, T, head, norm, fused, amd)
     need_res, need_fn = bool(mask[0]), bool(mask[1])
     common = dict(N=n, NP=cfg["np"], N3=cfg["m"], SP=cfg["sp"])
     stats = dict(common, GP=cfg["gp"], NORM=norm, BM=cfg["bm"], BH=cfg["bh"], STEPS=cfg["stats_steps"],
