@@ -13,7 +13,7 @@ in the benchmarks (``python benchmarks/bench.py``).
 - determinism: 100 runs at T = 16384 are bitwise identical;
 - device scoping (2 GPUs): inputs on cuda:1 while cuda:0 is current give correct results on
   cuda:1 and leave ``torch.cuda.memory_allocated(0)`` unchanged;
-- compute-sanitizer memcheck and racecheck over one call of every Triton kernel;
+- compute-sanitizer memcheck and racecheck over one call of every Triton kernel, backward too;
 - the eager launch path (issue 14): Triton's direct launches equal the JIT path bitwise, and
   TileLang's direct calls its own path; TileLang's counters stay zero over repeated calls and
   graph replays (T = 1, 64, 4096); graphs
@@ -242,6 +242,7 @@ def test_inputs_on_cuda1_while_cuda0_is_current(backend, op):
 
 _SANITIZED = """
 import torch
+import mhc
 from mhc import checking, registry
 
 # One call of every Triton kernel: each op at DeepSeek-V4's widths; T=64 runs the small-T kernels,
@@ -252,6 +253,19 @@ for op, T, H in [(op, T, 4096) for op in registry.OPS for T in (64, 300)]:
     torch.cuda.synchronize()
     for name, err, tol in checking.compare(op, outs, checking.oracle(op, args, kw), torch.bfloat16):
         assert err <= tol, (op, T, H, name, err, tol)
+# And every backward kernel (prep, stats, tail, res), with and without the fused RMSNorm.
+for op, T, norm in [(op, T, norm) for op in ("pre", "head", "post", "fused_post_pre") for T in (64, 300)
+                    for norm in ((False, True) if op in ("pre", "fused_post_pre") else (False,))]:
+    args, kw = checking.device_inputs(op, T, 4, 4096, "cuda", seed=91)
+    leaves = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+    if norm:
+        kw = {**kw, "norm_weight": torch.rand(4096, device="cuda").add(0.5).bfloat16().requires_grad_(True)}
+    with mhc.use_backend("triton"):
+        outs = checking.call(op, tuple(leaves), kw)
+    wrt = [x for x in leaves if x.requires_grad] + ([kw["norm_weight"]] if norm else [])
+    grads = torch.autograd.grad(outs, wrt, [torch.randn_like(o) for o in outs])
+    torch.cuda.synchronize()
+    assert all(bool(g.isfinite().all()) for g in grads), (op, T, norm)
 print("SANITIZED-SCRIPT-OK")
 """
 
