@@ -4,7 +4,7 @@ runs are bitwise equal, and time the backend function alone (CUDA-graph replay),
 backward floor (``mhc.timing.backward_floor_bytes``) over the copy bandwidth of the same run.
 
 GPU only:  python benchmarks/bwd_dev.py [--ops pre head post fused_post_pre] [--H 4096 7168]
-           [--T 4096 16384] [--norm] [--once]
+           [--T 4096 16384] [--norm] [--once] [--profile]
 ``--once`` runs each case once, untimed and unchecked (for ``ncu``). The op layer, autograd and
 the peers are ``benchmarks/train_bench.py``'s.
 """
@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--T", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--norm", action="store_true", help="pre and fused_post_pre with the fused RMSNorm")
     ap.add_argument("--once", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also each kernel's µs (torch.profiler, 5 calls)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
                     help="override fields of every mhc.backends.triton.configs.BACKWARD_ROWS row (a sweep; "
                          "the step counts follow)")
@@ -107,6 +108,23 @@ def main() -> None:
                 print(f"{op:15s} H={H:5d} T={T:6d}{' norm' if a.norm else ''}: {us:9.1f} us {nbytes / us / 1e3:6.0f} GB/s "
                       f"floor {floor:7.1f} us  x{us / floor:5.2f}  bitwise-repeat={same}  err {' '.join(errs)}",
                       flush=True)
+                if a.profile:
+                    _profile(run)
+
+
+def _profile(run) -> None:
+    """Each GPU kernel's mean µs over 5 calls of ``run`` (after one warm call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            run()
+        torch.cuda.synchronize()
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+        if e.device_time_total > 0:
+            print(f"    {e.device_time_total / 5:9.1f} us/call  {e.count // 5:2d}x  {e.key[:70]}")
 
 
 if __name__ == "__main__":

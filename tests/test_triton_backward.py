@@ -53,7 +53,8 @@ def _args(op, T, n, H, repeat, mask, seed):
     ("pre", 2, 1, 8, 2),
     ("head", 37, 4, 48, None),
     ("head", 3, 1, 16, None),
-    ("post", 7, 4, 300, None),  # H over one post step, with a tail
+    ("post", 7, 4, 300, None),  # one hidden block, masked at its end
+    ("post", 5, 4, 2300, None),  # three hidden blocks, the last one partial: partials summed
     ("post", 2, 1, 8, None),
     ("post", 3, 3, 40, None),
 ])

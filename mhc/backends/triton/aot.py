@@ -71,7 +71,7 @@ def _backward_jobs(arch: str):
                                       "T": "i32", "H": "i32"},
                 "_bwd_tail_kernel": {"part_ptr": f32, "n_splits": "i32", "gpm_ptr": g, "gcm_ptr": g,
                                      "scale_ptr": f32, "base_ptr": f32, "gz_ptr": f32, "tok_ptr": f32,
-                                     "sums_ptr": f32, "T": "i32", "H": "i32", "rms_eps": "fp32", "w_eps": "fp32",
+                                     "sums_ptr": f32, "sk_ptr": f32, "T": "i32", "H": "i32", "rms_eps": "fp32", "w_eps": "fp32",
                                      "sk_eps": "fp32", "post_mult": "fp32", "repeat": "i32", "norm_eps": "fp32"},
                 "_bwd_res_kernel": {"res_ptr": act, "fnp_ptr": bf, "gout_ptr": act, "nw_ptr": act, "gz_ptr": f32,
                                     "tok_ptr": f32, "gres_ptr": act, "gfn_ptr": f32, "gnw_ptr": f32 if norm else act,
@@ -88,7 +88,7 @@ def _backward_jobs(arch: str):
                     yield f"{label} {kname}", f"backward.{kname}", sigs[kname], spec, warps, stages
         pspec, warps = backward.post_specialization(4, H, T)
         psig = {"g_ptr": act, "x_ptr": act, "res_ptr": act, "pm_ptr": f32, "cm_ptr": f32, "gx_ptr": act,
-                "gres_ptr": act, "gpm_ptr": f32, "gcm_ptr": f32, "H": "i32"}
+                "gres_ptr": act, "part_ptr": f32, "T": "i32", "H": "i32"}
         key = ("post_bwd", tuple(sorted(pspec.items())), warps)
         if key not in seen:
             seen.add(key)

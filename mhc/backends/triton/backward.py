@@ -30,12 +30,13 @@ Precision: the GEMMs run on bf16 tensor cores with fp32 accumulation, each fp32 
 bf16 hi + lo (about 16 mantissa bits; the residual is exact in bf16, an fp16 one is split too),
 as the forward's prenorm GEMM: no TF32. ``grad_fn`` sums T products of such operands in fp32.
 
-Sinkhorn's backward *recomputes* the iterations from the recomputed logits, in registers: to
-step back through normalisation k it replays the forward from the softmax up to step k
-(O(repeat^2) n x n steps a token: about 800 at repeat=20, nothing next to the GEMM), with the
-forward's own steps (``kernels._sk_softmax``, ``kernels._sk_norm``) on the same in-thread tuple
-form. Storing the iterates instead would need a (T, 2*repeat, n, n) scratch buffer or dynamic
-register indexing, which Triton lacks.
+Sinkhorn's backward recomputes the iterations from the recomputed logits with the forward's own
+steps (``kernels._sk_softmax``, ``kernels._sk_norm``, the in-thread tuple form), storing the
+input of every row step to a (repeat-1, n*n, T) fp32 scratch (1.2 KB a token at repeat=20, written
+and read back by the same thread, mostly from L2) and stepping back through it: O(repeat) steps
+a token. The first version replayed the forward from the softmax up to each step instead
+(O(repeat^2), ~500 normalisations a token): on an H100 that made the tail pass, one thread a
+token, the larger part of ``pre``'s backward (docs/tuning/triton.md, "Backward").
 
 ``post_backward``: one program per token, looping over H: ``grad_x`` and ``grad_residual`` are
 elementwise plus an n x n mix; ``grad_post_mix``/``grad_comb_mix`` are reductions over H kept in
@@ -52,8 +53,8 @@ import triton
 import triton.language as tl
 
 from mhc.backends import device_guard, empty
-from mhc.backends.triton.kernels import (_elems, _logit, _rms_factor, _sk_norm, _sk_scale, _sk_softmax, _sk_sums,
-                                         _to_act, prep_kernel)
+from mhc.backends.triton.kernels import (_elems, _grid_order, _logit, _rms_factor, _sk_norm, _sk_scale,
+                                         _sk_softmax, _sk_sums, _to_act, prep_kernel)
 from mhc.backends.triton import configs as _configs
 from mhc.backends.triton.launch import COMPILE_OPTIONS, INTERPRETED, device_shared_memory, prep_block
 # --- Sinkhorn backward ------------------------------------------------------------------------------
@@ -86,22 +87,34 @@ def _sk_norm_bwd(y, g, eps, ROWS: tl.constexpr, N: tl.constexpr, NP: tl.constexp
 
 
 @triton.jit
-def _sinkhorn_bwd(c, g, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
+def _sinkhorn_bwd(c, g, repeat, eps, sk_ptr, rows, r_ok, T, N: tl.constexpr, NP: tl.constexpr):
     """``dL/dc`` for ``comb = kernels._sinkhorn(c)`` given ``g = dL/dcomb``, both in the tuple form
-    (entries with i or j >= N pass through). The forward's steps are replayed with its own
-    helpers: normalisation k is a column step at even k, a row step at odd k; to step back
-    through normalisation k, its input is recomputed from ``softmax + eps``.
+    (entries with i or j >= N pass through), for the tokens ``rows`` (int64; ``r_ok`` those < T).
+    Normalisation k is a column step at even k, a row step at odd k (the forward's own helpers).
+    A forward sweep stores the input of each row step 2m-1 (m = 1 .. repeat-1) to ``sk_ptr``, a
+    (repeat-1, N*N, T) fp32 scratch (token-fastest: a warp's stores are contiguous); the backward
+    sweep reloads it and recomputes the column step 2m's input from it, one normalisation.
     """
+    plane = T.to(tl.int64)  # (repeat-1) * N*N * T passes 2**31 at millions of tokens
     p, a0 = _sk_softmax(c, eps, N, NP)
+    y, _ = _sk_norm(a0, eps, False, N, NP)  # the input of step 1
+    m = 1
+    while m < repeat:  # while, not range: the interpreter cannot take a run-time range bound
+        for e in tl.static_range(N * N):
+            tl.store(sk_ptr + ((m - 1) * (N * N) + e) * plane + rows, y[(e // N) * NP + e % N], mask=r_ok)
+        y, _ = _sk_norm(y, eps, True, N, NP)
+        y, _ = _sk_norm(y, eps, False, N, NP)
+        m += 1
     # Back through normalisations 2m (columns) and 2m-1 (rows), m = repeat-1 .. 1; then 0.
     m = repeat - 1
-    while m > 0:  # while, not range: the interpreter cannot take a run-time range bound
-        yr, _ = _sk_norm(a0, eps, False, N, NP)  # the input of step 1
-        t = 1
-        while t < m:  # -> the input of step 2m-1
-            yr, _ = _sk_norm(yr, eps, True, N, NP)
-            yr, _ = _sk_norm(yr, eps, False, N, NP)
-            t += 1
+    while m > 0:
+        yr = ()
+        for i in tl.static_range(NP):
+            for j in tl.static_range(NP):
+                if (i < N) & (j < N):
+                    yr = yr + (tl.load(sk_ptr + ((m - 1) * (N * N) + i * N + j) * plane + rows, mask=r_ok, other=1.0),)
+                else:  # padding: passes through
+                    yr = yr + (a0[i * NP + j],)
         yc, _ = _sk_norm(yr, eps, True, N, NP)  # the input of step 2m
         g = _sk_norm_bwd(yc, g, eps, False, N, NP)
         g = _sk_norm_bwd(yr, g, eps, True, N, NP)
@@ -235,7 +248,7 @@ def _bwd_stats_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, part_ptr, T, H,
 
 @triton.jit(do_not_specialize=["T", "n_splits"])
 def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, gz_ptr, tok_ptr, sums_ptr,
-                     T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps,
+                     sk_ptr, T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps,
                      N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr,
                      STW: tl.constexpr, TW: tl.constexpr, HEAD: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr):
     """Stage 3 (module doc) for tokens [pid*BT, pid*BT + BT): sums the ``n_splits`` partials of
@@ -248,7 +261,7 @@ def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, 
     ``(dL/dmixes . mixes) r^2 / K`` at N, and with NORM the norm's ``alpha = r_y`` at N+1 and
     ``beta = r_y^3 (g_u . y) / H`` at N+2 (``g_y = alpha * g * nw - beta * y``); ``sums`` (blocks,
     N3+3): this block's sums of ``dL/d(logit)`` per column, then of ``dL/d(logit) * mixes`` per
-    hc_scale group.
+    hc_scale group. ``sk``: Sinkhorn's scratch (:func:`_sinkhorn_bwd`; pre only).
     """
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -331,7 +344,7 @@ def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, 
                 else:  # padding: passes through
                     c = c + (a_col[0],)
                     gc = gc + (a_col[0],)
-        gl = _sinkhorn_bwd(c, gc, repeat, sk_eps, N, NP)
+        gl = _sinkhorn_bwd(c, gc, repeat, sk_eps, sk_ptr, rows, r_ok, T, N, NP)
         for i in tl.static_range(N):
             for j in tl.static_range(N):
                 g_a = _put(g_a, col, 2 * N + i * N + j, gl[i * NP + j])
@@ -472,43 +485,41 @@ def _bwd_res_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gres_pt
 
 
 @triton.jit
-def _post_bwd_kernel(g_ptr, x_ptr, res_ptr, pm_ptr, cm_ptr, gx_ptr, gres_ptr, gpm_ptr, gcm_ptr, H,
+def _post_bwd_kernel(g_ptr, x_ptr, res_ptr, pm_ptr, cm_ptr, gx_ptr, gres_ptr, part_ptr, T, H,
                      N: tl.constexpr, NP: tl.constexpr, NEED_X: tl.constexpr, NEED_RES: tl.constexpr,
-                     NEED_PM: tl.constexpr, NEED_CM: tl.constexpr, BH: tl.constexpr):
-    """Token ``t = program_id(0)``: ``grad_x = sum_j pm[j] g[j]``, ``grad_residual[i] = sum_j cm[i, j] g[j]``,
-    ``grad_post_mix[j] = g[j] . x``, ``grad_comb_mix[i, j] = residual[i] . g[j]``."""
-    t = tl.program_id(0).to(tl.int64)
-    st = tl.arange(0, NP)
-    smask = st < N
+                     NEED_PM: tl.constexpr, NEED_CM: tl.constexpr, BH: tl.constexpr, INTERPRET: tl.constexpr):
+    """Token ``t`` x hidden block ``hb`` (grid ``T * cdiv(H, BH)``, the blocks of a token on
+    consecutive programs): ``grad_x = sum_j pm[j] g[j]``, ``grad_residual[i] = sum_j cm[i, j] g[j]``
+    over the block's columns, and the block's partial ``grad_post_mix[j] = g[j] . x``,
+    ``grad_comb_mix[i, j] = residual[i] . g[j]`` at ``part[hb, t * N + j]`` and
+    ``part[hb, T * N + (t * N + i) * N + j]`` (summed over hb by the launcher).
+
+    One tile a program and no loop over H, as the forward ``kernels.post_kernel``: the bytes in
+    flight come from many small programs, not from a loop that Triton does not pipeline."""
+    tb, hb = _grid_order(tl.program_id(0), T, tl.cdiv(H, BH), True)
+    t = tb.to(tl.int64)
+    h = hb * BH + tl.arange(0, BH)
+    hm = h < H
+    j = tl.arange(0, NP)
+    jm = j < N
+    m2 = jm[:, None] & hm[None, :]
+    g = tl.load(g_ptr + (t * N + j[:, None]) * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
+    part = part_ptr + hb.to(tl.int64) * T * (N + N * N)
     if NEED_X:
-        pm = tl.load(pm_ptr + t * N + st, mask=smask, other=0.0).to(tl.float32)
-    if NEED_RES:
-        cm = tl.load(cm_ptr + t * N * N + st[:, None] * N + st[None, :], mask=smask[:, None] & smask[None, :],
-                     other=0.0).to(tl.float32)
-    acc_pm = tl.zeros((NP,), dtype=tl.float32)
-    acc_cm = tl.zeros((NP, NP), dtype=tl.float32)
-    h0 = 0
-    while h0 < H:
-        hs = h0 + tl.arange(0, BH)
-        hmask = hs < H
-        m2 = smask[:, None] & hmask[None, :]
-        g = tl.load(g_ptr + t * N * H + st[:, None] * H + hs[None, :], mask=m2, other=0.0).to(tl.float32)
-        if NEED_X:
-            tl.store(gx_ptr + t * H + hs, tl.sum(pm[:, None] * g, axis=0).to(gx_ptr.dtype.element_ty), mask=hmask)
-        if NEED_RES:
-            gr = tl.sum(cm[:, :, None] * g[None, :, :], axis=1)
-            tl.store(gres_ptr + t * N * H + st[:, None] * H + hs[None, :], gr.to(gres_ptr.dtype.element_ty), mask=m2)
-        if NEED_PM:
-            x = tl.load(x_ptr + t * H + hs, mask=hmask, other=0.0).to(tl.float32)
-            acc_pm += tl.sum(g * x[None, :], axis=1)
-        if NEED_CM:
-            r = tl.load(res_ptr + t * N * H + st[:, None] * H + hs[None, :], mask=m2, other=0.0).to(tl.float32)
-            acc_cm += tl.sum(r[:, None, :] * g[None, :, :], axis=2)
-        h0 += BH
+        pm = tl.load(pm_ptr + t * N + j, mask=jm, other=0.0).to(tl.float32)
+        tl.store(gx_ptr + t * H + h, _to_act(tl.sum(pm[:, None] * g, axis=0), gx_ptr.dtype.element_ty, INTERPRET),
+                 mask=hm)
     if NEED_PM:
-        tl.store(gpm_ptr + t * N + st, acc_pm, mask=smask)
-    if NEED_CM:
-        tl.store(gcm_ptr + t * N * N + st[:, None] * N + st[None, :], acc_cm, mask=smask[:, None] & smask[None, :])
+        x = tl.load(x_ptr + t * H + h, mask=hm, other=0.0).to(tl.float32)
+        tl.store(part + t * N + j, tl.sum(g * x[None, :], axis=1), mask=jm)
+    for i in tl.static_range(N):
+        if NEED_RES:
+            cw = tl.load(cm_ptr + (t * N + i) * N + j, mask=jm, other=0.0).to(tl.float32)
+            tl.store(gres_ptr + (t * N + i) * H + h,
+                     _to_act(tl.sum(cw[:, None] * g, axis=0), gres_ptr.dtype.element_ty, INTERPRET), mask=hm)
+        if NEED_CM:
+            r = tl.load(res_ptr + (t * N + i) * H + h, mask=hm, other=0.0).to(tl.float32)
+            tl.store(part + T * N + (t * N + i) * N + j, tl.sum(g * r[None, :], axis=1), mask=jm)
 
 
 # --- launchers -----------------------------------------------------------------------------------------
@@ -564,6 +575,8 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
     fnp = empty((2 * sp, K), torch.bfloat16, dev)
     part = empty((splits, T, sp), f32, dev)
     gz, tok, sums = empty((T, n3p), f32, dev), empty((T, tw), f32, dev), empty((tail_blocks, m + 3), f32, dev)
+    # Sinkhorn's iterates (pre only; none at repeat 1)
+    sk = empty((repeat - 1, n * n, T), f32, dev) if not head and repeat > 1 else sums
     gfn = empty((chunks, m, K), f32, dev) if need_fn else None
     gnw = empty((chunks, H), f32, dev) if need_nw else None
     run_res = need_res or need_fn or need_nw or (fused and any(post_mask))
@@ -586,7 +599,7 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
         _bwd_stats_kernel[(n_tb * splits,)](residual, fnp, g_out, ptr(nw), part, T, H, **stats, **COMPILE_OPTIONS)
         _bwd_tail_kernel[(tail_blocks,)](
             part, splits, g_out if head else g_pm, g_out if head else g_cm, hc_scale, hc_base, gz, tok, sums,
-            T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps, **tail, **COMPILE_OPTIONS)
+            sk, T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps, **tail, **COMPILE_OPTIONS)
         if run_res:
             _bwd_res_kernel[(chunks * n_rb,)](
                 residual, fnp, g_out, ptr(nw), gz, tok, ptr(g_res), ptr(gfn), ptr(gnw),
@@ -644,23 +657,30 @@ def fused_post_pre_backward(grad_new_residual, grad_post_mix, grad_comb_mix, gra
 
 def post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask):
     """As ``mhc.backward.post_backward`` (shapes, dtypes and which input each gradient needs
-    there), in one Triton kernel."""
+    there): one Triton kernel, and a ``torch.sum`` of its per-block partials of ``grad_post_mix``
+    and ``grad_comb_mix`` where H spans more than one block (a fixed order: deterministic)."""
     T, n, H = grad_out.shape
     dev = grad_out.device
     need_x, need_res, need_pm, need_cm = (bool(b) for b in output_mask)
+    spec, warps = post_specialization(n, H, T, output_mask)
+    blocks = triton.cdiv(H, spec["BH"])
     g_x = empty((T, H), grad_out.dtype, dev) if need_x else None
     g_res = empty((T, n, H), grad_out.dtype, dev) if need_res else None
-    g_pm = empty((T, n, 1), torch.float32, dev) if need_pm else None
-    g_cm = empty((T, n, n), torch.float32, dev) if need_cm else None
-    spec, warps = post_specialization(n, H, T, output_mask)
+    part = empty((blocks, T * (n + n * n)), torch.float32, dev) if need_pm or need_cm else None
 
     def ptr(t):  # absent tensors are never touched (their NEED_* is false): pass any pointer
         return grad_out if t is None else t
 
     with device_guard(dev):
-        _post_bwd_kernel[(T,)](
-            grad_out, ptr(x), ptr(residual), ptr(post_mix), ptr(comb_mix), ptr(g_x), ptr(g_res), ptr(g_pm),
-            ptr(g_cm), H, num_warps=warps, **spec, **COMPILE_OPTIONS)
+        _post_bwd_kernel[(T * blocks,)](
+            grad_out, ptr(x), ptr(residual), ptr(post_mix), ptr(comb_mix), ptr(g_x), ptr(g_res), ptr(part),
+            T, H, num_warps=warps, **spec, **COMPILE_OPTIONS)
+    g_pm = g_cm = None
+    if part is not None:
+        sums = part[0] if blocks == 1 else part.sum(0)
+        # Both views of one buffer, each contiguous: the unwanted one is dropped.
+        g_pm = sums[:T * n].view(T, n, 1) if need_pm else None
+        g_cm = sums[T * n:].view(T, n, n) if need_cm else None
     return g_x, g_res, g_pm, g_cm
 
 
@@ -670,4 +690,4 @@ def post_specialization(n: int, H: int, T: int, output_mask=(True, True, True, T
     need_x, need_res, need_pm, need_cm = (bool(b) for b in output_mask)
     block_h, warps = _configs.post_backward_config(H, T)
     return dict(N=n, NP=max(2, triton.next_power_of_2(n)), NEED_X=need_x, NEED_RES=need_res, NEED_PM=need_pm,
-                NEED_CM=need_cm, BH=block_h), warps
+                NEED_CM=need_cm, BH=block_h, INTERPRET=INTERPRETED), warps

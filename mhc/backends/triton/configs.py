@@ -210,8 +210,8 @@ class BackwardRow:
 
 @dataclasses.dataclass(frozen=True)
 class PostBackwardRow:
-    """The row of ``_post_bwd_kernel``: ``block_h`` columns per step (64 where H < ``block_h``),
-    ``warps``."""
+    """The row of ``_post_bwd_kernel``: ``block_h`` hidden columns of every stream per program
+    (capped by H), ``warps``."""
 
     max_t: int | None
     block_h: int
@@ -229,7 +229,9 @@ BACKWARD_ROWS: dict[tuple[str, str], tuple] = {
        for op in ("pre_backward", "head_backward", "fused_post_pre_backward")},
     **{(op, AMD): (BackwardRow(None, 64, 32, 4, 2, 32, 2, 32, 16, 8, 2, 264),)
        for op in ("pre_backward", "head_backward", "fused_post_pre_backward")},
-    **{("post_backward", arch): (PostBackwardRow(None, 256, 4),) for arch in (NVIDIA, AMD)},
+    # post's backward moves the bytes of the forward's post_kernel and then some (two reads and
+    # two writes of a stream's block): its largest tile, one program per token x block.
+    **{("post_backward", arch): (PostBackwardRow(None, 1024, 4),) for arch in (NVIDIA, AMD)},
 }
 
 _TABLES = (SMALL_ROWS, TWO_PASS_ROWS, POST_ROWS, BACKWARD_ROWS)
@@ -570,4 +572,4 @@ def backward_config(n: int, H: int, T: int, head: bool, norm: bool = False, fuse
 def post_backward_config(H: int, T: int, amd: bool = False) -> tuple[int, int]:
     """``_post_bwd_kernel``'s ``(block_h, num_warps)`` for hidden size H, T tokens, on AMD or NVIDIA."""
     row = _row(BACKWARD_ROWS, ("post_backward", AMD if amd else NVIDIA), T)
-    return (row.block_h if H >= row.block_h else 64), row.warps
+    return min(row.block_h, triton.next_power_of_2(H)), row.warps
