@@ -366,7 +366,8 @@ def _bwd_res_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gres_pt
                     TW: tl.constexpr, NORM: tl.constexpr, NEED_RES: tl.constexpr, NEED_FN: tl.constexpr,
                     NEED_NW: tl.constexpr, FUSED: tl.constexpr, NEED_X: tl.constexpr, NEED_PM: tl.constexpr,
                     NEED_CM: tl.constexpr, PP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
-                    STEPS: tl.constexpr, EXACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                    STEPS: tl.constexpr, EXACT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+                    EXT: tl.constexpr = False):
     """Stage 4 (module doc) for the chunk of tokens [c*STEPS*BM, (c+1)*STEPS*BM) and hidden columns
     [hb*BH, hb*BH + BH) of every stream (program ``c * cdiv(H, BH) + hb``).
 
@@ -429,9 +430,10 @@ def _bwd_res_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gres_pt
             f_hi = tl.load(fnp_ptr + f_off, mask=h_ok[None, :], other=0.0)
             f_lo = tl.load(fnp_ptr + SP * K + f_off, mask=h_ok[None, :], other=0.0)
             gx = _dot_hl(gz_hi, gz_lo, f_hi, f_lo, gx, True, True, INTERPRET)
+            if FUSED or EXT:
+                gx += tl.load(gext_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
             if FUSED:
-                gxs = gxs + (gx + tl.load(gext_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2,
-                                          other=0.0).to(tl.float32),)
+                gxs = gxs + (gx,)
             elif NEED_RES:
                 tl.store(gres_ptr + rows[:, None] * K + i * H + h[None, :],
                          _to_act(gx, gres_ptr.dtype.element_ty, INTERPRET), mask=m2)
@@ -526,7 +528,7 @@ def _post_bwd_kernel(g_ptr, x_ptr, res_ptr, pm_ptr, cm_ptr, gx_ptr, gres_ptr, pa
 
 def specializations(n: int, H: int, T: int, dtype: torch.dtype, head: bool, norm: bool = False,
                     fused: bool = False, mask=(True,) * 4, need_nw: bool = False,
-                    post_mask=(True,) * 4, amd: bool = False) -> tuple[dict, dict, dict, dict]:
+                    post_mask=(True,) * 4, amd: bool = False, ext: bool = False) -> tuple[dict, dict, dict, dict]:
     """Compile-time constants, ``num_warps`` and ``num_stages`` of the three backward kernels (stats, tail, res)
     and the config (:func:`configs`): what the launcher passes and what ``aot.py`` builds.
     ``mask``: the four gradients of pre/head asked for; ``post_mask``: post's four (fused only)."""
@@ -545,12 +547,13 @@ def specializations(n: int, H: int, T: int, dtype: torch.dtype, head: bool, norm
     res = dict(common, N3P=cfg["n3p"], TW=cfg["tw"], NORM=norm, NEED_RES=need_res, NEED_FN=need_fn,
                NEED_NW=need_nw, FUSED=fused, NEED_X=need_x, NEED_PM=need_pm, NEED_CM=need_cm, PP=cfg["pp"],
                BM=cfg["res_bm"], BH=cfg["res_bh"], STEPS=cfg["res_steps"], EXACT_BF16=dtype == torch.bfloat16,
-               INTERPRET=INTERPRETED, num_warps=cfg["res_warps"], num_stages=cfg["res_stages"])
+               INTERPRET=INTERPRETED, num_warps=cfg["res_warps"], num_stages=cfg["res_stages"],
+               **({"EXT": True} if ext else {}))
     return stats, tail, res, cfg
 
 
 def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w_eps, sk_eps, post_mult,
-                  repeat, mask, head, norm=(), post=None):
+                  repeat, mask, head, norm=(), post=None, ext=None):
     """pre's (``head`` False) or head's backward; ``norm``: () or (norm_weight, norm_eps,
     norm_weight_grad); ``post``: None, or fused_post_pre's (grad_new_residual, x, residual,
     post_mix, comb_mix, post_mask), whose post backward then runs in the last kernel."""
@@ -564,7 +567,7 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
     post_mask = post[5] if fused else (False,) * 4
     stats, tail, res, cfg = specializations(n, H, T, residual.dtype, head, bool(norm), fused,
                                             (need_res, need_fn, need_scale, need_base), bool(need_nw), post_mask,
-                                            device_shared_memory(dev).amd)
+                                            device_shared_memory(dev).amd, ext is not None)
     f32 = torch.float32
     sp, n3p, tw, pp = cfg["sp"], cfg["n3p"], cfg["tw"], cfg["pp"]
     n_tb = triton.cdiv(T, cfg["bm"])
@@ -587,7 +590,8 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
         g_res = empty((T, n, H), residual.dtype, dev) if post_res else None
         gpost = empty((n_rb, T, pp), f32, dev) if (post_pm or post_cm) else None
     else:
-        g_new = x = res0 = pm = cm = g_x = gpost = None
+        x = res0 = pm = cm = g_x = gpost = None
+        g_new = ext
         g_res = empty((T, n, H), residual.dtype, dev) if need_res else None
 
     def ptr(t):  # absent tensors are never touched (their flag is false): pass any pointer
@@ -652,6 +656,20 @@ def fused_post_pre_backward(grad_new_residual, grad_post_mix, grad_comb_mix, gra
         grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
         hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, pre_mask, False, norm,
         (grad_new_residual, x, residual, post_mix, comb_mix, post_mask))
+    return (*post_grads, *params) + ((g_nw,) if norm else ())
+
+
+def _fused_split(grad_new_residual, grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, x,
+                 residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
+                 hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *norm):
+    """EXPERIMENT (bwd_dev.py's fused_split): fused_post_pre's backward as pre's, its streaming pass
+    adding the new residual's own gradient and writing the sum, then post's backward."""
+    post_mask = tuple(bool(b) for b in output_mask[:4])
+    (g_new, *params), g_nw = _mix_backward(grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, fn,
+                                           hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
+                                           hc_post_mult_value, sinkhorn_repeat, (True, *output_mask[4:7]), False,
+                                           norm, ext=grad_new_residual)
+    post_grads = post_backward(g_new, x, residual, post_mix, comb_mix, post_mask)
     return (*post_grads, *params) + ((g_nw,) if norm else ())
 
 
