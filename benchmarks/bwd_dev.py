@@ -31,7 +31,7 @@ def _case(op: str, T: int, n: int, H: int, norm: bool, dev):
     def rn(*shape, dt=torch.float32):
         return torch.randn(*shape, device=dev, generator=g).to(dt)
 
-    base = "pre" if op in ("fused_post_pre", "fused_split") else op
+    base = "pre" if op == "fused_post_pre" else op
     args, kw = checking.device_inputs("head" if op == "head" else "pre", T, n, H, dev, seed=T)
     residual, fn, hc_scale, hc_base = (a.reshape(T, n, H) if i == 0 else a for i, a in enumerate(args[:4]))
     if op == "post":
@@ -87,8 +87,8 @@ def main() -> None:
     for op in a.ops:
         for H in a.H:
             for T in a.T:
-                call, kinds = _case(op, T, n, H, a.norm and op in ("pre", "fused_post_pre", "fused_split"), dev)
-                fn_tri = tri._fused_split if op == "fused_split" else getattr(tri, f"{op}_backward")
+                call, kinds = _case(op, T, n, H, a.norm and op in ("pre", "fused_post_pre"), dev)
+                fn_tri = getattr(tri, f"{op}_backward")
                 run = (lambda: call(fn_tri, lambda t: t))
                 if a.once:
                     run()
@@ -96,15 +96,14 @@ def main() -> None:
                     continue
                 got, again = run(), run()
                 same = all((x is None and y is None) or torch.equal(x, y) for x, y in zip(got, again))
-                want = call(getattr(ref, f"{'fused_post_pre' if op == 'fused_split' else op}_backward"),
-                            lambda t: t.double())
+                want = call(getattr(ref, f"{op}_backward"), lambda t: t.double())
                 errs = []
                 for gt, w, kind in zip(got, want, kinds):
                     e = ((gt.double() - w).norm() / w.norm()).item()
                     errs.append(f"{e:.1e}{'' if e <= checking.GRAD_TOLERANCES[torch.bfloat16][kind] else '!'}")
                 del want
                 us, how = timing.time_warm(run, dev, 200)
-                nbytes = timing.backward_floor_bytes("fused_post_pre" if op == "fused_split" else op, T, n, H)
+                nbytes = timing.backward_floor_bytes(op, T, n, H)
                 floor = nbytes / (gbps * 1e3)
                 print(f"{op:15s} H={H:5d} T={T:6d}{' norm' if a.norm else ''}: {us:9.1f} us {nbytes / us / 1e3:6.0f} GB/s "
                       f"floor {floor:7.1f} us  x{us / floor:5.2f}  bitwise-repeat={same}  err {' '.join(errs)}",

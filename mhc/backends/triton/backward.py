@@ -4,7 +4,8 @@ functions (flattened, contiguous, T >= 1; see ``mhc/autograd.py``).
 
 ``pre_backward`` / ``head_backward`` (and ``fused_post_pre_backward``) read the residual twice:
 the weight gradients of the collapse need a full pass over it before ``grad_residual`` can be
-written. Four launches:
+written. Four launches (fused_post_pre five: its streaming pass adds the new residual's own
+upstream gradient to the new residual's, then ``post_backward`` runs on that sum):
 
 1. ``kernels.prep_kernel`` splits ``fn`` into bf16 hi and lo rows, as the forward does.
 2. :func:`_bwd_stats_kernel`, per (block of BM tokens, split of the hidden axis), every stream:
@@ -19,9 +20,12 @@ written. Four launches:
    and the norm's two factors; and per-block sums for ``grad_hc_base`` / ``grad_hc_scale``.
 4. :func:`_bwd_res_kernel`, per (chunk of tokens, BH hidden columns of every stream):
    ``grad_residual_i = w_i g_y + gz @ fn_i - coef x_i`` and the partial ``grad_fn`` of its chunk
-   (``gz^T x_i``), plus ``grad_norm_weight``'s. In ``fused_post_pre``'s backward the same
-   program adds the new residual's own upstream gradient and runs ``post``'s backward on it in
-   registers, so that gradient never goes through memory.
+   (``gz^T x_i``), plus ``grad_norm_weight``'s.
+
+fused_post_pre's post backward once ran in the streaming pass's registers, so that the new
+residual's gradient never went through memory; on an H100 that pass took 5.9 ms where the
+round trip through memory and ``post_backward`` take 3.1 ms (T = 16384, H = 4096;
+docs/tuning/triton.md, "Backward").
 
 Every reduction over tokens is deterministic: partials per split, block or chunk, summed in a
 fixed order (by the tail kernel, or ``torch.sum`` over the partials' first axis), no atomics.
@@ -30,13 +34,12 @@ Precision: the GEMMs run on bf16 tensor cores with fp32 accumulation, each fp32 
 bf16 hi + lo (about 16 mantissa bits; the residual is exact in bf16, an fp16 one is split too),
 as the forward's prenorm GEMM: no TF32. ``grad_fn`` sums T products of such operands in fp32.
 
-Sinkhorn's backward recomputes the iterations from the recomputed logits with the forward's own
-steps (``kernels._sk_softmax``, ``kernels._sk_norm``, the in-thread tuple form), storing the
-input of every row step to a (repeat-1, n*n, T) fp32 scratch (1.2 KB a token at repeat=20, written
-and read back by the same thread, mostly from L2) and stepping back through it: O(repeat) steps
-a token. The first version replayed the forward from the softmax up to each step instead
-(O(repeat^2), ~500 normalisations a token): on an H100 that made the tail pass, one thread a
-token, the larger part of ``pre``'s backward (docs/tuning/triton.md, "Backward").
+Sinkhorn's backward *recomputes* the iterations from the recomputed logits, in registers: to
+step back through normalisation k it replays the forward from the softmax up to step k
+(O(repeat^2) n x n steps a token: about 800 at repeat=20, nothing next to the GEMM), with the
+forward's own steps (``kernels._sk_softmax``, ``kernels._sk_norm``) on the same in-thread tuple
+form. Storing the iterates instead would need a (T, 2*repeat, n, n) scratch buffer or dynamic
+register indexing, which Triton lacks.
 
 ``post_backward``: one program per token, looping over H: ``grad_x`` and ``grad_residual`` are
 elementwise plus an n x n mix; ``grad_post_mix``/``grad_comb_mix`` are reductions over H kept in
@@ -87,34 +90,22 @@ def _sk_norm_bwd(y, g, eps, ROWS: tl.constexpr, N: tl.constexpr, NP: tl.constexp
 
 
 @triton.jit
-def _sinkhorn_bwd(c, g, repeat, eps, sk_ptr, rows, r_ok, T, N: tl.constexpr, NP: tl.constexpr):
+def _sinkhorn_bwd(c, g, repeat, eps, N: tl.constexpr, NP: tl.constexpr):
     """``dL/dc`` for ``comb = kernels._sinkhorn(c)`` given ``g = dL/dcomb``, both in the tuple form
-    (entries with i or j >= N pass through), for the tokens ``rows`` (int64; ``r_ok`` those < T).
-    Normalisation k is a column step at even k, a row step at odd k (the forward's own helpers).
-    A forward sweep stores the input of each row step 2m-1 (m = 1 .. repeat-1) to ``sk_ptr``, a
-    (repeat-1, N*N, T) fp32 scratch (token-fastest: a warp's stores are contiguous); the backward
-    sweep reloads it and recomputes the column step 2m's input from it, one normalisation.
+    (entries with i or j >= N pass through). The forward's steps are replayed with its own
+    helpers: normalisation k is a column step at even k, a row step at odd k; to step back
+    through normalisation k, its input is recomputed from ``softmax + eps``.
     """
-    plane = T.to(tl.int64)  # (repeat-1) * N*N * T passes 2**31 at millions of tokens
     p, a0 = _sk_softmax(c, eps, N, NP)
-    y, _ = _sk_norm(a0, eps, False, N, NP)  # the input of step 1
-    m = 1
-    while m < repeat:  # while, not range: the interpreter cannot take a run-time range bound
-        for e in tl.static_range(N * N):
-            tl.store(sk_ptr + ((m - 1) * (N * N) + e) * plane + rows, y[(e // N) * NP + e % N], mask=r_ok)
-        y, _ = _sk_norm(y, eps, True, N, NP)
-        y, _ = _sk_norm(y, eps, False, N, NP)
-        m += 1
     # Back through normalisations 2m (columns) and 2m-1 (rows), m = repeat-1 .. 1; then 0.
     m = repeat - 1
-    while m > 0:
-        yr = ()
-        for i in tl.static_range(NP):
-            for j in tl.static_range(NP):
-                if (i < N) & (j < N):
-                    yr = yr + (tl.load(sk_ptr + ((m - 1) * (N * N) + i * N + j) * plane + rows, mask=r_ok, other=1.0),)
-                else:  # padding: passes through
-                    yr = yr + (a0[i * NP + j],)
+    while m > 0:  # while, not range: the interpreter cannot take a run-time range bound
+        yr, _ = _sk_norm(a0, eps, False, N, NP)  # the input of step 1
+        t = 1
+        while t < m:  # -> the input of step 2m-1
+            yr, _ = _sk_norm(yr, eps, True, N, NP)
+            yr, _ = _sk_norm(yr, eps, False, N, NP)
+            t += 1
         yc, _ = _sk_norm(yr, eps, True, N, NP)  # the input of step 2m
         g = _sk_norm_bwd(yc, g, eps, False, N, NP)
         g = _sk_norm_bwd(yr, g, eps, True, N, NP)
@@ -248,7 +239,7 @@ def _bwd_stats_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, part_ptr, T, H,
 
 @triton.jit(do_not_specialize=["T", "n_splits"])
 def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, gz_ptr, tok_ptr, sums_ptr,
-                     sk_ptr, T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps,
+                     T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps,
                      N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr,
                      STW: tl.constexpr, TW: tl.constexpr, HEAD: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr):
     """Stage 3 (module doc) for tokens [pid*BT, pid*BT + BT): sums the ``n_splits`` partials of
@@ -261,7 +252,7 @@ def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, 
     ``(dL/dmixes . mixes) r^2 / K`` at N, and with NORM the norm's ``alpha = r_y`` at N+1 and
     ``beta = r_y^3 (g_u . y) / H`` at N+2 (``g_y = alpha * g * nw - beta * y``); ``sums`` (blocks,
     N3+3): this block's sums of ``dL/d(logit)`` per column, then of ``dL/d(logit) * mixes`` per
-    hc_scale group. ``sk``: Sinkhorn's scratch (:func:`_sinkhorn_bwd`; pre only).
+    hc_scale group.
     """
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -344,7 +335,7 @@ def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, 
                 else:  # padding: passes through
                     c = c + (a_col[0],)
                     gc = gc + (a_col[0],)
-        gl = _sinkhorn_bwd(c, gc, repeat, sk_eps, sk_ptr, rows, r_ok, T, N, NP)
+        gl = _sinkhorn_bwd(c, gc, repeat, sk_eps, N, NP)
         for i in tl.static_range(N):
             for j in tl.static_range(N):
                 g_a = _put(g_a, col, 2 * N + i * N + j, gl[i * NP + j])
@@ -360,25 +351,19 @@ def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, 
 
 
 @triton.jit(do_not_specialize=["T"])
-def _bwd_res_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gres_ptr, gfn_ptr, gnw_ptr,
-                    gext_ptr, x_ptr, res0_ptr, pm_ptr, cm_ptr, gx_ptr, gpost_ptr, T, H,
+def _bwd_res_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_ptr, gres_ptr, gfn_ptr, gnw_ptr, T, H,
                     N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr,
                     TW: tl.constexpr, NORM: tl.constexpr, NEED_RES: tl.constexpr, NEED_FN: tl.constexpr,
-                    NEED_NW: tl.constexpr, FUSED: tl.constexpr, NEED_X: tl.constexpr, NEED_PM: tl.constexpr,
-                    NEED_CM: tl.constexpr, PP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
-                    STEPS: tl.constexpr, EXACT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
-                    EXT: tl.constexpr = False):
+                    NEED_NW: tl.constexpr, EXT: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
+                    STEPS: tl.constexpr, EXACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """Stage 4 (module doc) for the chunk of tokens [c*STEPS*BM, (c+1)*STEPS*BM) and hidden columns
     [hb*BH, hb*BH + BH) of every stream (program ``c * cdiv(H, BH) + hb``).
 
     Reads ``res`` (T, N, H), ``fnp`` (as :func:`_bwd_stats_kernel`), ``gout`` (T, H), ``nw`` (H,)
     (NORM), ``gz`` (T, N3P) and ``tok`` (T, TW) (:func:`_bwd_tail_kernel`). Writes ``gres`` (T, N,
-    H) (NEED_RES), the chunk's ``gfn[c]`` (N3, N*H) fp32 (NEED_FN) and ``gnw[c]`` (H,) fp32
-    (NEED_NW). ``FUSED`` (fused_post_pre: ``res`` is the new residual): adds ``gext`` (T, N, H),
-    the new residual's own upstream gradient, then post's backward with ``x`` (T, H), ``res0``
-    (T, N, H) post's residual, ``pm`` (T, N), ``cm`` (T, N, N): writes ``gx`` (T, H) (NEED_X),
-    ``gres`` as post's grad_residual (NEED_RES), and per hidden block ``gpost[hb]`` (T, PP):
-    ``g_new_j . x`` at [0, N) (NEED_PM), ``res0_i . g_new_j`` at N + i*N + j (NEED_CM).
+    H) (NEED_RES), plus ``gext`` (T, N, H) with ``EXT`` (fused_post_pre: ``res`` is the new
+    residual and ``gext`` its own upstream gradient), the chunk's ``gfn[c]`` (N3, N*H) fp32
+    (NEED_FN) and ``gnw[c]`` (H,) fp32 (NEED_NW).
     """
     n_hb = tl.cdiv(H, BH)
     pid = tl.program_id(0)
@@ -420,21 +405,19 @@ def _bwd_res_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gres_pt
         gz_hi, gz_lo = _split(gz, INTERPRET)
         gzt_hi = tl.trans(gz_hi)
         gzt_lo = tl.trans(gz_lo)
-        gxs = ()
         new_gfn = ()
         for i in tl.static_range(N):
-            gx = _col(tok, tcol, i)[:, None] * gy - coef * xs[i]
-            # fn's tiles are re-read every step (from L2): held across the loop they cost more
-            # registers than the streams' tiles
-            f_off = zc[:, None] * K + i * H + h[None, :]
-            f_hi = tl.load(fnp_ptr + f_off, mask=h_ok[None, :], other=0.0)
-            f_lo = tl.load(fnp_ptr + SP * K + f_off, mask=h_ok[None, :], other=0.0)
-            gx = _dot_hl(gz_hi, gz_lo, f_hi, f_lo, gx, True, True, INTERPRET)
-            if FUSED or EXT:
-                gx += tl.load(gext_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-            if FUSED:
-                gxs = gxs + (gx,)
-            elif NEED_RES:
+            if NEED_RES:
+                gx = _col(tok, tcol, i)[:, None] * gy - coef * xs[i]
+                # fn's tiles are re-read every step (from L2): held across the loop they cost more
+                # registers than the streams' tiles
+                f_off = zc[:, None] * K + i * H + h[None, :]
+                f_hi = tl.load(fnp_ptr + f_off, mask=h_ok[None, :], other=0.0)
+                f_lo = tl.load(fnp_ptr + SP * K + f_off, mask=h_ok[None, :], other=0.0)
+                gx = _dot_hl(gz_hi, gz_lo, f_hi, f_lo, gx, True, True, INTERPRET)
+                if EXT:
+                    gx += tl.load(gext_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2,
+                                  other=0.0).to(tl.float32)
                 tl.store(gres_ptr + rows[:, None] * K + i * H + h[None, :],
                          _to_act(gx, gres_ptr.dtype.element_ty, INTERPRET), mask=m2)
             if NEED_FN:
@@ -442,48 +425,12 @@ def _bwd_res_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gres_pt
                 new_gfn = new_gfn + (_dot_hl(gzt_hi, gzt_lo, x_hi, x_lo, gfn[i], True, not EXACT_BF16, INTERPRET),)
         if NEED_FN:
             gfn = new_gfn
-        if FUSED:  # post's backward on g_new = gxs (T, N, H), in registers
-            sc = tl.arange(0, NP)
-            smask = r_ok[:, None] & (sc < N)[None, :]
-            if NEED_X:
-                pm = tl.load(pm_ptr + rows[:, None] * N + sc[None, :], mask=smask, other=0.0)
-                gxo = _col(pm, sc, 0)[:, None] * gxs[0]
-                for j in tl.static_range(1, N):
-                    gxo += _col(pm, sc, j)[:, None] * gxs[j]
-                tl.store(gx_ptr + rows[:, None] * H + h[None, :], _to_act(gxo, gx_ptr.dtype.element_ty, INTERPRET),
-                         mask=m2)
-            if NEED_RES:
-                for i in tl.static_range(N):
-                    cmi = tl.load(cm_ptr + rows[:, None] * (N * N) + i * N + sc[None, :], mask=smask, other=0.0)
-                    gr = _col(cmi, sc, 0)[:, None] * gxs[0]
-                    for j in tl.static_range(1, N):
-                        gr += _col(cmi, sc, j)[:, None] * gxs[j]
-                    tl.store(gres_ptr + rows[:, None] * K + i * H + h[None, :],
-                             _to_act(gr, gres_ptr.dtype.element_ty, INTERPRET), mask=m2)
-            if NEED_PM or NEED_CM:
-                pc = tl.arange(0, PP)
-                pp = tl.zeros([BM, PP], dtype=tl.float32)
-                if NEED_PM:
-                    x0 = tl.load(x_ptr + rows[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-                    for j in tl.static_range(N):
-                        pp = _put(pp, pc, j, tl.sum(gxs[j] * x0, axis=1))
-                if NEED_CM:
-                    for i in tl.static_range(N):
-                        r0 = tl.load(res0_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2,
-                                     other=0.0).to(tl.float32)
-                        for j in tl.static_range(N):
-                            pp = _put(pp, pc, N + i * N + j, tl.sum(r0 * gxs[j], axis=1))
-                tl.store(gpost_ptr + hb.to(tl.int64) * T * PP + rows[:, None] * PP + pc[None, :], pp,
-                         mask=r_ok[:, None])
     if NEED_FN:
         for i in tl.static_range(N):
             tl.store(gfn_ptr + c.to(tl.int64) * (N3 * K) + zc[:, None] * K + i * H + h[None, :], gfn[i],
                      mask=(zc < N3)[:, None] & h_ok[None, :])
     if NEED_NW:
         tl.store(gnw_ptr + c.to(tl.int64) * H + h, gnw, mask=h_ok)
-
-
-# --- post backward -------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -528,10 +475,11 @@ def _post_bwd_kernel(g_ptr, x_ptr, res_ptr, pm_ptr, cm_ptr, gx_ptr, gres_ptr, pa
 
 def specializations(n: int, H: int, T: int, dtype: torch.dtype, head: bool, norm: bool = False,
                     fused: bool = False, mask=(True,) * 4, need_nw: bool = False,
-                    post_mask=(True,) * 4, amd: bool = False, ext: bool = False) -> tuple[dict, dict, dict, dict]:
+                    amd: bool = False) -> tuple[dict, dict, dict, dict]:
     """Compile-time constants, ``num_warps`` and ``num_stages`` of the three backward kernels (stats, tail, res)
     and the config (:func:`configs`): what the launcher passes and what ``aot.py`` builds.
-    ``mask``: the four gradients of pre/head asked for; ``post_mask``: post's four (fused only)."""
+    ``mask``: the four gradients of pre/head asked for; ``fused``: fused_post_pre's (the streaming
+    pass adds the new residual's own gradient)."""
     cfg = _configs.backward_config(n, H, T, head, norm, fused, amd)
     need_res, need_fn = bool(mask[0]), bool(mask[1])
     common = dict(N=n, NP=cfg["np"], N3=cfg["m"], SP=cfg["sp"])
@@ -540,36 +488,29 @@ def specializations(n: int, H: int, T: int, dtype: torch.dtype, head: bool, norm
                  num_stages=cfg["stats_stages"])
     tail = dict(common, N3P=cfg["n3p"], STW=cfg["stw"], TW=cfg["tw"], HEAD=head, NORM=norm, BT=cfg["bt"],
                 num_warps=cfg["tail_warps"], num_stages=1)
-    if fused:
-        need_x, need_res, need_pm, need_cm = (bool(b) for b in post_mask)
-    else:
-        need_x = need_pm = need_cm = False
     res = dict(common, N3P=cfg["n3p"], TW=cfg["tw"], NORM=norm, NEED_RES=need_res, NEED_FN=need_fn,
-               NEED_NW=need_nw, FUSED=fused, NEED_X=need_x, NEED_PM=need_pm, NEED_CM=need_cm, PP=cfg["pp"],
-               BM=cfg["res_bm"], BH=cfg["res_bh"], STEPS=cfg["res_steps"], EXACT_BF16=dtype == torch.bfloat16,
-               INTERPRET=INTERPRETED, num_warps=cfg["res_warps"], num_stages=cfg["res_stages"],
-               **({"EXT": True} if ext else {}))
+               NEED_NW=need_nw, EXT=fused, BM=cfg["res_bm"], BH=cfg["res_bh"], STEPS=cfg["res_steps"],
+               EXACT_BF16=dtype == torch.bfloat16, INTERPRET=INTERPRETED, num_warps=cfg["res_warps"],
+               num_stages=cfg["res_stages"])
     return stats, tail, res, cfg
 
 
 def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w_eps, sk_eps, post_mult,
-                  repeat, mask, head, norm=(), post=None, ext=None):
+                  repeat, mask, head, norm=(), ext=None):
     """pre's (``head`` False) or head's backward; ``norm``: () or (norm_weight, norm_eps,
-    norm_weight_grad); ``post``: None, or fused_post_pre's (grad_new_residual, x, residual,
-    post_mix, comb_mix, post_mask), whose post backward then runs in the last kernel."""
+    norm_weight_grad); ``ext``: None, or fused_post_pre's upstream gradient of the new residual,
+    which the streaming pass adds to the residual's gradient."""
     T, n, H = residual.shape
     K = n * H
     m = fn.shape[0]
     dev = residual.device
     need_res, need_fn, need_scale, need_base = (bool(b) for b in mask)
     nw, norm_eps, need_nw = norm if norm else (None, 0.0, False)
-    fused = post is not None
-    post_mask = post[5] if fused else (False,) * 4
-    stats, tail, res, cfg = specializations(n, H, T, residual.dtype, head, bool(norm), fused,
-                                            (need_res, need_fn, need_scale, need_base), bool(need_nw), post_mask,
-                                            device_shared_memory(dev).amd, ext is not None)
+    stats, tail, res, cfg = specializations(n, H, T, residual.dtype, head, bool(norm), ext is not None,
+                                            (need_res, need_fn, need_scale, need_base), bool(need_nw),
+                                            device_shared_memory(dev).amd)
     f32 = torch.float32
-    sp, n3p, tw, pp = cfg["sp"], cfg["n3p"], cfg["tw"], cfg["pp"]
+    sp, n3p, tw = cfg["sp"], cfg["n3p"], cfg["tw"]
     n_tb = triton.cdiv(T, cfg["bm"])
     splits = triton.cdiv(H, cfg["bh"] * cfg["stats_steps"])
     tail_blocks = triton.cdiv(T, cfg["bt"])
@@ -578,21 +519,9 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
     fnp = empty((2 * sp, K), torch.bfloat16, dev)
     part = empty((splits, T, sp), f32, dev)
     gz, tok, sums = empty((T, n3p), f32, dev), empty((T, tw), f32, dev), empty((tail_blocks, m + 3), f32, dev)
-    # Sinkhorn's iterates (pre only; none at repeat 1)
-    sk = empty((repeat - 1, n * n, T), f32, dev) if not head and repeat > 1 else sums
     gfn = empty((chunks, m, K), f32, dev) if need_fn else None
     gnw = empty((chunks, H), f32, dev) if need_nw else None
-    run_res = need_res or need_fn or need_nw or (fused and any(post_mask))
-    if fused:
-        g_new, x, res0, pm, cm, _ = post
-        post_x, post_res, post_pm, post_cm = (bool(b) for b in post_mask)
-        g_x = empty((T, H), residual.dtype, dev) if post_x else None
-        g_res = empty((T, n, H), residual.dtype, dev) if post_res else None
-        gpost = empty((n_rb, T, pp), f32, dev) if (post_pm or post_cm) else None
-    else:
-        x = res0 = pm = cm = g_x = gpost = None
-        g_new = ext
-        g_res = empty((T, n, H), residual.dtype, dev) if need_res else None
+    g_res = empty((T, n, H), residual.dtype, dev) if need_res else None
 
     def ptr(t):  # absent tensors are never touched (their flag is false): pass any pointer
         return residual if t is None else t
@@ -603,23 +532,16 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
         _bwd_stats_kernel[(n_tb * splits,)](residual, fnp, g_out, ptr(nw), part, T, H, **stats, **COMPILE_OPTIONS)
         _bwd_tail_kernel[(tail_blocks,)](
             part, splits, g_out if head else g_pm, g_out if head else g_cm, hc_scale, hc_base, gz, tok, sums,
-            sk, T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps, **tail, **COMPILE_OPTIONS)
-        if run_res:
-            _bwd_res_kernel[(chunks * n_rb,)](
-                residual, fnp, g_out, ptr(nw), gz, tok, ptr(g_res), ptr(gfn), ptr(gnw),
-                ptr(g_new), ptr(x), ptr(res0), ptr(pm), ptr(cm), ptr(g_x), ptr(gpost), T, H, **res,
-                **COMPILE_OPTIONS)
+            T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps, **tail, **COMPILE_OPTIONS)
+        if need_res or need_fn or need_nw:
+            _bwd_res_kernel[(chunks * n_rb,)](residual, fnp, g_out, ptr(nw), gz, tok, ptr(ext), ptr(g_res),
+                                              ptr(gfn), ptr(gnw), T, H, **res, **COMPILE_OPTIONS)
         # the reductions over token blocks and chunks: torch.sum over the first axis, a fixed order
         totals = sums.sum(0)
         g_fn = None if gfn is None else (gfn[0] if chunks == 1 else gfn.sum(0))
         g_nw = None if gnw is None else (gnw[0] if chunks == 1 else gnw.sum(0)).to(nw.dtype)
-        g_post = None if gpost is None else gpost.sum(0)
     g_base = totals[:m] if need_base else None
     g_scale = totals[m:m + hc_scale.shape[0]] if need_scale else None
-    if fused:
-        g_pm_in = g_post[:, :n].reshape(T, n, 1) if post_mask[2] else None
-        g_cm_in = g_post[:, n:n + n * n].reshape(T, n, n) if post_mask[3] else None
-        return (g_x, g_res, g_pm_in, g_cm_in), (g_fn, g_scale, g_base), g_nw
     return (g_res, g_fn, g_scale, g_base), g_nw
 
 
@@ -643,33 +565,15 @@ def fused_post_pre_backward(grad_new_residual, grad_post_mix, grad_comb_mix, gra
                             residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
                             hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *norm):
     """As ``mhc.backward.fused_post_pre_backward`` (shapes, dtypes and the mask there): pre's
-    backward on the new residual with post's backward fused into its last kernel, so that the new
-    residual's gradient never goes through memory."""
-    post_mask = tuple(bool(b) for b in output_mask[:4])
-    pre_mask = (any(post_mask), *output_mask[4:7])
-    if not any(post_mask):
-        (_, *params), g_nw = _mix_backward(grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, fn,
-                                           hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-                                           hc_post_mult_value, sinkhorn_repeat, pre_mask, False, norm)
-        return (None,) * 4 + tuple(params) + ((g_nw,) if norm else ())
-    post_grads, params, g_nw = _mix_backward(
-        grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
-        hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, pre_mask, False, norm,
-        (grad_new_residual, x, residual, post_mix, comb_mix, post_mask))
-    return (*post_grads, *params) + ((g_nw,) if norm else ())
-
-
-def _fused_split(grad_new_residual, grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, x,
-                 residual, post_mix, comb_mix, fn, hc_scale, hc_base, rms_eps, hc_pre_eps,
-                 hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *norm):
-    """EXPERIMENT (bwd_dev.py's fused_split): fused_post_pre's backward as pre's, its streaming pass
-    adding the new residual's own gradient and writing the sum, then post's backward."""
+    backward on the new residual, whose streaming pass adds the new residual's own upstream
+    gradient and writes the sum (in the residual's dtype, as autograd of the unfused pair holds
+    it), then post's backward on that sum (five launches)."""
     post_mask = tuple(bool(b) for b in output_mask[:4])
     (g_new, *params), g_nw = _mix_backward(grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, fn,
                                            hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,
-                                           hc_post_mult_value, sinkhorn_repeat, (True, *output_mask[4:7]), False,
-                                           norm, ext=grad_new_residual)
-    post_grads = post_backward(g_new, x, residual, post_mix, comb_mix, post_mask)
+                                           hc_post_mult_value, sinkhorn_repeat, (any(post_mask), *output_mask[4:7]),
+                                           False, norm, ext=grad_new_residual)
+    post_grads = post_backward(g_new, x, residual, post_mix, comb_mix, post_mask) if any(post_mask) else (None,) * 4
     return (*post_grads, *params) + ((g_nw,) if norm else ())
 
 

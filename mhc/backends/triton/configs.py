@@ -554,7 +554,6 @@ def backward_config(n: int, H: int, T: int, head: bool, norm: bool = False, fuse
     stats = m + n + n * (n + 1) // 2 if norm else m + 1 + n
     cfg = dict(m=m, np=np_, sp=max(16, triton.next_power_of_2(stats)), n3p=max(16, triton.next_power_of_2(m)),
                tw=max(2, triton.next_power_of_2(n + 3)), gp=max(2, triton.next_power_of_2(n * (n + 1) // 2)),
-               pp=max(2, triton.next_power_of_2(n + n * n)),
                stw=max(2, triton.next_power_of_2(stats - m)),
                bm=row.bm, bh=row.bh, stats_warps=row.stats_warps, stats_stages=row.stats_stages, bt=row.bt,
                tail_warps=row.tail_warps, res_bm=row.res_bm, res_bh=row.res_bh, res_warps=row.res_warps,
