@@ -69,20 +69,16 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
                     help="override fields of every mhc.backends.triton.configs.BACKWARD_ROWS row (a sweep; "
                          "the step counts follow)")
-    ap.add_argument("--split", action="store_true", help="EXPERIMENT: the split streaming pass")
     a = ap.parse_args()
-    tri.SPLIT = a.split
     if a.set:
         over = {k: int(v) for k, v in (kv.split("=") for kv in a.set)}
-        tri._SPLIT_TILES.update({k: v for k, v in over.items() if k in tri._SPLIT_TILES})  # EXPERIMENT
-        over = {k: v for k, v in over.items() if k not in tri._SPLIT_TILES}
         unknown = set(over) - {f.name for f in dataclasses.fields(configs.BackwardRow)}
         if unknown:
             ap.error(f"--set: {sorted(unknown)} are not fields of configs.BackwardRow")
         for key, rows in configs.BACKWARD_ROWS.items():
             configs.BACKWARD_ROWS[key] = tuple(dataclasses.replace(r, **{k: v for k, v in over.items()
                                                                          if hasattr(r, k)}) for r in rows)
-        print("configs overridden:", over, "split tiles:", tri._SPLIT_TILES)
+        print("configs overridden:", over)
     dev = torch.device("cuda")
     n = 4
     gbps = None if a.once else copy_bandwidth(dev, 1 << 30, 100)[0]
@@ -109,7 +105,7 @@ def main() -> None:
                 us, how = timing.time_warm(run, dev, 200)
                 nbytes = timing.backward_floor_bytes(op, T, n, H)
                 floor = nbytes / (gbps * 1e3)
-                print(f"{op:15s} H={H:5d} T={T:6d}{' norm' if a.norm else ''}{' split' if a.split else ''}: {us:9.1f} us {nbytes / us / 1e3:6.0f} GB/s "
+                print(f"{op:15s} H={H:5d} T={T:6d}{' norm' if a.norm else ''}: {us:9.1f} us {nbytes / us / 1e3:6.0f} GB/s "
                       f"floor {floor:7.1f} us  x{us / floor:5.2f}  bitwise-repeat={same}  err {' '.join(errs)}",
                       flush=True)
                 if a.profile:

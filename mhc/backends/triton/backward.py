@@ -433,104 +433,6 @@ def _bwd_res_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_pt
         tl.store(gnw_ptr + c.to(tl.int64) * H + h, gnw, mask=h_ok)
 
 
-@triton.jit(do_not_specialize=["T"])
-def _bwd_gres_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_ptr, gres_ptr, gnw_ptr, T, H,
-                     N: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr, TW: tl.constexpr, NORM: tl.constexpr,
-                     NEED_NW: tl.constexpr, EXT: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
-                     INTERPRET: tl.constexpr, UNROLL: tl.constexpr = 1):
-    """EXPERIMENT (split streaming pass, 1 of 2): ``grad_residual`` alone for tokens
-    [tb*BM, tb*BM + BM) x hidden columns [hb*BH, hb*BH + BH) of every stream, one tile a program
-    (program ``tb * cdiv(H, BH) + hb``), and with NEED_NW the block's partial ``gnw[tb]``."""
-    n_hb = tl.cdiv(H, BH)
-    pid = tl.program_id(0)
-    tb = pid // n_hb
-    hb = pid % n_hb
-    # 64-bit scalar bases, 32-bit offsets inside the tile: [BM, BH] tiles of 64-bit pointers
-    # cost two registers an element
-    rows = tl.arange(0, BM)
-    r_ok = tb * BM + rows < T
-    row0 = (tb * BM).to(tl.int64)
-    res_ptr += row0 * (N * H)
-    gext_ptr += row0 * (N * H)
-    gres_ptr += row0 * (N * H)
-    gout_ptr += row0 * H
-    gz_ptr += row0 * N3P
-    tok_ptr += row0 * TW
-    h = hb * BH + tl.arange(0, BH)
-    h_ok = h < H
-    m2 = r_ok[:, None] & h_ok[None, :]
-    K = N * H
-    zc = tl.arange(0, N3P)
-    tcol = tl.arange(0, TW)
-    gz = tl.load(gz_ptr + rows[:, None] * N3P + zc[None, :], mask=r_ok[:, None], other=0.0)
-    tok = tl.load(tok_ptr + rows[:, None] * TW + tcol[None, :], mask=r_ok[:, None], other=0.0)
-    g = tl.load(gout_ptr + rows[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-    if NORM:
-        nw = tl.load(nw_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
-        y = tl.zeros([BM, BH], dtype=tl.float32)
-        for i in tl.range(0, N, loop_unroll_factor=UNROLL):
-            w = tl.sum(tl.where(tcol[None, :] == i, tok, 0.0), axis=1)
-            y += w[:, None] * tl.load(res_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-        ry = _col(tok, tcol, N + 1)[:, None]
-        if NEED_NW:
-            tl.store(gnw_ptr + tb.to(tl.int64) * H + h, tl.sum(g * ry * y, axis=0), mask=h_ok)
-        gy = ry * g * nw[None, :] - _col(tok, tcol, N + 2)[:, None] * y
-    else:
-        gy = g
-    coef = _col(tok, tcol, N)[:, None]
-    gz_hi, gz_lo = _split(gz, INTERPRET)
-    # a loop, not unrolled (UNROLL 1): the streams' fn tiles are then not all loaded up front
-    for i in tl.range(0, N, loop_unroll_factor=UNROLL):
-        x = tl.load(res_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-        w = tl.sum(tl.where(tcol[None, :] == i, tok, 0.0), axis=1)
-        gx = w[:, None] * gy - coef * x
-        f_off = zc[:, None] * K + i * H + h[None, :]
-        f_hi = tl.load(fnp_ptr + f_off, mask=h_ok[None, :], other=0.0)
-        f_lo = tl.load(fnp_ptr + SP * K + f_off, mask=h_ok[None, :], other=0.0)
-        gx = _dot_hl(gz_hi, gz_lo, f_hi, f_lo, gx, True, True, INTERPRET)
-        if EXT:
-            gx += tl.load(gext_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-        tl.store(gres_ptr + rows[:, None] * K + i * H + h[None, :], _to_act(gx, gres_ptr.dtype.element_ty, INTERPRET),
-                 mask=m2)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _bwd_gfn_kernel(res_ptr, gz_ptr, gfn_ptr, T, K, N3: tl.constexpr, N3P: tl.constexpr, BT: tl.constexpr,
-                    BK: tl.constexpr, STEPS: tl.constexpr, EXACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """EXPERIMENT (split streaming pass, 2 of 2): ``gfn[c] = gz^T x`` (N3, K) fp32 over the chunk of
-    tokens [c*STEPS*BT, (c+1)*STEPS*BT), columns [kb*BK, kb*BK + BK) of the residual viewed as
-    (T, K) (program ``c * cdiv(K, BK) + kb``): a GEMM whose residual tile feeds the dot straight
-    from its load, so that Triton's pipeliner keeps STEPS' loads in flight."""
-    n_kb = tl.cdiv(K, BK)
-    pid = tl.program_id(0)
-    c = pid // n_kb
-    kb = pid % n_kb
-    k = kb * BK + tl.arange(0, BK)
-    k_ok = k < K
-    zc = tl.arange(0, N3P)
-    acc = tl.zeros([N3P, BK], dtype=tl.float32)
-    for step in range(0, STEPS):
-        rows = (c * STEPS + step) * BT + tl.arange(0, BT)
-        r_ok = rows < T
-        rows = rows.to(tl.int64)
-        gzt = tl.trans(tl.load(gz_ptr + rows[:, None] * N3P + zc[None, :], mask=r_ok[:, None], other=0.0))
-        gzt_hi, gzt_lo = _split(gzt, INTERPRET)
-        x = tl.load(res_ptr + rows[:, None] * K + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        if EXACT_BF16:
-            acc = _dot_hl(gzt_hi, gzt_lo, x, x, acc, True, False, INTERPRET)
-        else:
-            x_hi, x_lo = _split(x.to(tl.float32), INTERPRET)
-            acc = _dot_hl(gzt_hi, gzt_lo, x_hi, x_lo, acc, True, True, INTERPRET)
-    tl.store(gfn_ptr + c.to(tl.int64) * (N3 * K) + zc[:, None] * K + k[None, :], acc,
-             mask=(zc < N3)[:, None] & k_ok[None, :])
-
-
-#: EXPERIMENT: the split streaming pass (bwd_dev.py --split) and its tiles.
-SPLIT = False
-_SPLIT_TILES = dict(gres_bm=32, gres_bh=128, gres_warps=8, gres_stages=1, gfn_bt=64, gfn_bk=128, gfn_warps=4,
-                    gfn_stages=3)
-
-
 @triton.jit
 def _post_bwd_kernel(g_ptr, x_ptr, res_ptr, pm_ptr, cm_ptr, gx_ptr, gres_ptr, part_ptr, T, H,
                      N: tl.constexpr, NP: tl.constexpr, NEED_X: tl.constexpr, NEED_RES: tl.constexpr,
@@ -631,34 +533,13 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
         _bwd_tail_kernel[(tail_blocks,)](
             part, splits, g_out if head else g_pm, g_out if head else g_cm, hc_scale, hc_base, gz, tok, sums,
             T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps, **tail, **COMPILE_OPTIONS)
-        if SPLIT:
-            st = _SPLIT_TILES
-            n_gb = triton.cdiv(T, st["gres_bm"])
-            if need_nw:
-                gnw = empty((n_gb, H), f32, dev)
-            if need_res or need_nw:
-                _bwd_gres_kernel[(n_gb * triton.cdiv(H, st["gres_bh"]),)](
-                    residual, fnp, g_out, ptr(nw), gz, tok, ptr(ext), ptr(g_res), ptr(gnw), T, H, N=n, N3P=n3p,
-                    SP=sp, TW=tw, NORM=bool(norm), NEED_NW=bool(need_nw), EXT=ext is not None, BM=st["gres_bm"],
-                    BH=st["gres_bh"], INTERPRET=INTERPRETED, num_warps=st["gres_warps"],
-                    num_stages=st["gres_stages"], **COMPILE_OPTIONS)
-            if need_fn:
-                n_kb = triton.cdiv(K, st["gfn_bk"])
-                t_blocks = triton.cdiv(T, st["gfn_bt"])
-                steps = _configs._pow2_ceil(triton.cdiv(t_blocks, max(1, min(t_blocks, triton.cdiv(264, n_kb)))))
-                chunks = triton.cdiv(t_blocks, steps)
-                gfn = empty((chunks, m, K), f32, dev)
-                _bwd_gfn_kernel[(chunks * n_kb,)](
-                    residual, gz, gfn, T, K, N3=m, N3P=n3p, BT=st["gfn_bt"], BK=st["gfn_bk"], STEPS=steps,
-                    EXACT_BF16=residual.dtype == torch.bfloat16, INTERPRET=INTERPRETED, num_warps=st["gfn_warps"],
-                    num_stages=st["gfn_stages"], **COMPILE_OPTIONS)
-        elif need_res or need_fn or need_nw:
+        if need_res or need_fn or need_nw:
             _bwd_res_kernel[(chunks * n_rb,)](residual, fnp, g_out, ptr(nw), gz, tok, ptr(ext), ptr(g_res),
                                               ptr(gfn), ptr(gnw), T, H, **res, **COMPILE_OPTIONS)
         # the reductions over token blocks and chunks: torch.sum over the first axis, a fixed order
         totals = sums.sum(0)
-        g_fn = None if gfn is None else (gfn[0] if gfn.shape[0] == 1 else gfn.sum(0))
-        g_nw = None if gnw is None else (gnw[0] if gnw.shape[0] == 1 else gnw.sum(0)).to(nw.dtype)
+        g_fn = None if gfn is None else (gfn[0] if chunks == 1 else gfn.sum(0))
+        g_nw = None if gnw is None else (gnw[0] if chunks == 1 else gnw.sum(0)).to(nw.dtype)
     g_base = totals[:m] if need_base else None
     g_scale = totals[m:m + hc_scale.shape[0]] if need_scale else None
     return (g_res, g_fn, g_scale, g_base), g_nw
