@@ -24,8 +24,9 @@ import torch
 from mhc import reference
 
 __all__ = ["TOLERANCES", "GRAD_TOLERANCES", "OUTPUTS", "GRAD_INPUTS", "make_inputs", "oracle", "reference_f64",
-           "grad_oracle", "per_token", "sum_error", "grad_error", "rel_error", "compare", "compare_grads", "call", "token_args", "device_inputs",
-           "sample_rows", "reference_rows", "Check", "check_outputs", "nan_empty", "poisoned_outputs"]
+           "grad_oracle", "per_token", "sum_error", "grad_error", "rel_error", "compare", "compare_grads", "call",
+           "token_args", "device_inputs", "sample_rows", "reference_rows", "Check", "check_outputs", "nan_empty",
+           "poisoned_outputs"]
 
 #: Relative Frobenius error bounds vs the fp64 oracle, by output kind and residual dtype.
 #: "act": outputs in the residual's dtype (layer_input, new residual, head, post);

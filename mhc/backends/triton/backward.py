@@ -5,7 +5,7 @@ functions (flattened, contiguous, T >= 1; see ``mhc/autograd.py``).
 ``pre_backward`` / ``head_backward`` (and ``fused_post_pre_backward``) read the residual twice:
 the weight gradients of the collapse need a full pass over it before ``grad_residual`` can be
 written. Four launches (fused_post_pre five: its streaming pass adds the new residual's own
-upstream gradient to the new residual's, then ``post_backward`` runs on that sum):
+upstream gradient to the gradient it computes, then ``post_backward`` runs on that sum):
 
 1. ``kernels.prep_kernel`` splits ``fn`` into bf16 hi and lo rows, as the forward does.
 2. :func:`_bwd_stats_kernel`, per (block of BM tokens, split of the hidden axis), every stream:
@@ -431,6 +431,9 @@ def _bwd_res_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_pt
                      mask=(zc < N3)[:, None] & h_ok[None, :])
     if NEED_NW:
         tl.store(gnw_ptr + c.to(tl.int64) * H + h, gnw, mask=h_ok)
+
+
+# --- post backward -------------------------------------------------------------------------------------
 
 
 @triton.jit
