@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of the backward development loop (benchmarks/bwd_dev.py): checks and timings of
-# every op at the default configs, the fused RMSNorm, a sweep of the streaming pass's tile, and
+# every op at the default configs, the fused RMSNorm, a sweep of the tiles, and
 # ncu's per-kernel time and bytes. Logs under $OUT.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/mhc-out}"; mkdir -p "$OUT"
@@ -8,9 +8,9 @@ cd benchmarks
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/dev.log"
 python bwd_dev.py "$@" 2>&1 | tee -a "$OUT/dev.log"
 python bwd_dev.py --norm --ops pre fused_post_pre "$@" 2>&1 | tee -a "$OUT/dev.log"
-# The streaming pass runs one CTA per SM (207-255 registers at 8 warps): more pipeline stages are
-# its way to more bytes in flight, wider tiles the other (docs/tuning/triton.md, "Backward").
-for s in "res_stages=3" "res_stages=4" "res_bm=32 res_bh=64" "res_bm=16 res_bh=128" "res_bm=32 res_bh=32" \
+# The backward's tiles (configs.BackwardRow): the grad_residual tile and the grad_fn GEMM's
+# pipeline depth first (docs/tuning/triton.md, "Backward").
+for s in "gres_bm=64 gres_bh=64" "gres_bm=16 gres_bh=256" "gres_warps=4" "gfn_stages=4" "gfn_bt=128" \
          "bh=64" "bm=128 stats_warps=8" "stats_stages=4"; do
   timeout 120 python bwd_dev.py --ops pre fused_post_pre --H 4096 --T 16384 --set $s 2>&1 | grep -v "^copy" | tee -a "$OUT/dev.log"
 done

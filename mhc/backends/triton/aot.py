@@ -62,8 +62,8 @@ def _backward_jobs(arch: str):
         for op, norm in (("pre", False), ("pre", True), ("head", False), ("fused_post_pre", False),
                          ("fused_post_pre", True)):
             head, fused = op == "head", op == "fused_post_pre"
-            stats, tail, res, _ = backward.specializations(4, H, T, torch.bfloat16, head, norm, fused,
-                                                            need_nw=norm, amd=arch != "sm90")
+            stats, tail, gres, gfn, _ = backward.specializations(4, H, T, torch.bfloat16, head, norm, fused,
+                                                                  need_nw=norm, amd=arch != "sm90")
             label = f"{op}_backward{'+norm' if norm else ''} H={H:<5} T={T:<5} bf16"
             g = act if head else f32
             sigs = {
@@ -73,11 +73,13 @@ def _backward_jobs(arch: str):
                                      "scale_ptr": f32, "base_ptr": f32, "gz_ptr": f32, "tok_ptr": f32,
                                      "sums_ptr": f32, "T": "i32", "H": "i32", "rms_eps": "fp32", "w_eps": "fp32",
                                      "sk_eps": "fp32", "post_mult": "fp32", "repeat": "i32", "norm_eps": "fp32"},
-                "_bwd_res_kernel": {"res_ptr": act, "fnp_ptr": bf, "gout_ptr": act, "nw_ptr": act, "gz_ptr": f32,
-                                    "tok_ptr": f32, "gext_ptr": act, "gres_ptr": act, "gfn_ptr": f32,
-                                    "gnw_ptr": f32 if norm else act, "T": "i32", "H": "i32"},
+                "_bwd_gres_kernel": {"res_ptr": act, "fnp_ptr": bf, "gout_ptr": act, "nw_ptr": act, "gz_ptr": f32,
+                                     "tok_ptr": f32, "gext_ptr": act, "gres_ptr": act, "gnw_ptr": f32 if norm else act,
+                                     "T": "i32", "H": "i32"},
+                "_bwd_gfn_kernel": {"res_ptr": act, "gz_ptr": f32, "gfn_ptr": f32, "T": "i32", "K": "i32"},
             }
-            for kname, spec in (("_bwd_stats_kernel", stats), ("_bwd_tail_kernel", tail), ("_bwd_res_kernel", res)):
+            for kname, spec in (("_bwd_stats_kernel", stats), ("_bwd_tail_kernel", tail),
+                                ("_bwd_gres_kernel", gres), ("_bwd_gfn_kernel", gfn)):
                 spec = dict(spec)
                 warps, stages = spec.pop("num_warps"), spec.pop("num_stages")
                 key = (kname, tuple(sorted(spec.items())), warps, stages)
@@ -313,10 +315,6 @@ def main(archs: list[str]) -> int:
 #: lanes remain in ``chunk_kernel``).
 SPILL_WAIVERS = {
     ("sm90", "chunk_kernel"): "T <= 128 chunked kernel at H = 7168: 255 registers, 8-224 B of stack: to rebuild",
-    # Keyed by a label fragment as well: pre's and head's builds of the same kernel keep no waiver.
-    ("sm90", "_bwd_res_kernel", "fused_post_pre_backward+norm"):
-        "fused_post_pre's streaming pass with the fused RMSNorm at 255 registers: 8 B of stack with Triton 3.9, "
-        "none with 3.6; every other tile and warp count of the AOT sweep spills more (docs/tuning/triton.md)",
 }
 
 

@@ -2,10 +2,11 @@
 ``mhc/backward.py``), and their launchers, with the signatures of the torch backend's backward
 functions (flattened, contiguous, T >= 1; see ``mhc/autograd.py``).
 
-``pre_backward`` / ``head_backward`` (and ``fused_post_pre_backward``) read the residual twice:
-the weight gradients of the collapse need a full pass over it before ``grad_residual`` can be
-written. Four launches (fused_post_pre five: its streaming pass adds the new residual's own
-upstream gradient to the gradient it computes, then ``post_backward`` runs on that sum):
+``pre_backward`` / ``head_backward`` (and ``fused_post_pre_backward``) read the residual three
+times: the weight gradients of the collapse need a full pass over it before ``grad_residual`` can
+be written, and ``grad_fn`` has a pass of its own. Five launches (fused_post_pre six: its
+grad_residual pass adds the new residual's own upstream gradient, then ``post_backward`` runs on
+that sum):
 
 1. ``kernels.prep_kernel`` splits ``fn`` into bf16 hi and lo rows, as the forward does.
 2. :func:`_bwd_stats_kernel`, per (block of BM tokens, split of the hidden axis), every stream:
@@ -18,14 +19,16 @@ upstream gradient to the gradient it computes, then ``post_backward`` runs on th
    activations' backward (sigmoid derivatives; for pre also Sinkhorn's backward) and writes per
    token ``gz = dL/dmixes * r`` (the rsqrt factor r), the collapse weights, the RMS coefficient
    and the norm's two factors; and per-block sums for ``grad_hc_base`` / ``grad_hc_scale``.
-4. :func:`_bwd_res_kernel`, per (chunk of tokens, BH hidden columns of every stream):
-   ``grad_residual_i = w_i g_y + gz @ fn_i - coef x_i`` and the partial ``grad_fn`` of its chunk
-   (``gz^T x_i``), plus ``grad_norm_weight``'s.
+4. :func:`_bwd_gres_kernel`, one tile of tokens x hidden columns a program:
+   ``grad_residual_i = w_i g_y + gz @ fn_i - coef x_i``, and ``grad_norm_weight``'s partial.
+5. :func:`_bwd_gfn_kernel`: ``grad_fn = gz^T x`` per chunk of tokens, a pipelined GEMM.
 
-fused_post_pre's post backward once ran in the streaming pass's registers, so that the new
-residual's gradient never went through memory; on an H100 that pass took 5.9 ms where the
-round trip through memory and ``post_backward`` take 3.1 ms (T = 16384, H = 4096;
-docs/tuning/triton.md, "Backward").
+Why a pass of its own for grad_fn: one looping pass did both (4) and (5) once, its grad_fn
+accumulators holding it at 207-255 registers and one CTA an SM, which left too few bytes in
+flight (850 GB/s on an H100, 80 % of pre's backward). fused_post_pre's post backward once ran in
+that pass's registers too, so that the new residual's gradient never went through memory: 5.9 ms
+where the round trip and ``post_backward`` took 3.1 ms (T = 16384, H = 4096; docs/tuning/triton.md,
+"Backward").
 
 Every reduction over tokens is deterministic: partials per split, block or chunk, summed in a
 fixed order (by the tail kernel, or ``torch.sum`` over the partials' first axis), no atomics.
@@ -41,9 +44,9 @@ forward's own steps (``kernels._sk_softmax``, ``kernels._sk_norm``) on the same 
 form. Storing the iterates instead would need a (T, 2*repeat, n, n) scratch buffer or dynamic
 register indexing, which Triton lacks.
 
-``post_backward``: one program per token, looping over H: ``grad_x`` and ``grad_residual`` are
-elementwise plus an n x n mix; ``grad_post_mix``/``grad_comb_mix`` are reductions over H kept in
-registers (no atomics).
+``post_backward``: one tile of a token's hidden block a program: ``grad_x`` and ``grad_residual``
+are elementwise plus an n x n mix; ``grad_post_mix``/``grad_comb_mix`` are written as per-block
+partials and summed by torch in a fixed order (no atomics).
 
 Every load is cast to fp32 before arithmetic; ``INTERPRET`` (Triton's interpreter, which
 mishandles bf16 dots) runs each split GEMM as one fp32 dot of the re-assembled operands.
@@ -351,91 +354,106 @@ def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, 
 
 
 @triton.jit(do_not_specialize=["T"])
-def _bwd_res_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_ptr, gres_ptr, gfn_ptr, gnw_ptr, T, H,
-                    N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr,
-                    TW: tl.constexpr, NORM: tl.constexpr, NEED_RES: tl.constexpr, NEED_FN: tl.constexpr,
-                    NEED_NW: tl.constexpr, EXT: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
-                    STEPS: tl.constexpr, EXACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """Stage 4 (module doc) for the chunk of tokens [c*STEPS*BM, (c+1)*STEPS*BM) and hidden columns
-    [hb*BH, hb*BH + BH) of every stream (program ``c * cdiv(H, BH) + hb``).
+def _bwd_gres_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_ptr, gres_ptr, gnw_ptr, T, H,
+                     N: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr, TW: tl.constexpr, NORM: tl.constexpr,
+                     NEED_RES: tl.constexpr, NEED_NW: tl.constexpr, EXT: tl.constexpr, BM: tl.constexpr,
+                     BH: tl.constexpr, INTERPRET: tl.constexpr):
+    """Stage 4 (module doc): ``grad_residual`` for tokens [tb*BM, tb*BM + BM) x hidden columns
+    [hb*BH, hb*BH + BH) of every stream, one tile a program (program ``tb * cdiv(H, BH) + hb``).
 
     Reads ``res`` (T, N, H), ``fnp`` (as :func:`_bwd_stats_kernel`), ``gout`` (T, H), ``nw`` (H,)
-    (NORM), ``gz`` (T, N3P) and ``tok`` (T, TW) (:func:`_bwd_tail_kernel`). Writes ``gres`` (T, N,
-    H) (NEED_RES), plus ``gext`` (T, N, H) with ``EXT`` (fused_post_pre: ``res`` is the new
-    residual and ``gext`` its own upstream gradient), the chunk's ``gfn[c]`` (N3, N*H) fp32
-    (NEED_FN) and ``gnw[c]`` (H,) fp32 (NEED_NW).
-    """
+    (NORM), ``gz`` (T, N3P) and ``tok`` (T, TW) (:func:`_bwd_tail_kernel`); with ``EXT``
+    (fused_post_pre: ``res`` is the new residual) adds ``gext`` (T, N, H), the new residual's own
+    upstream gradient. Writes ``gres`` (T, N, H) (NEED_RES) and the block's ``gnw[tb]`` (H,) fp32
+    (NEED_NW: ``grad_norm_weight``'s partial)."""
     n_hb = tl.cdiv(H, BH)
     pid = tl.program_id(0)
-    c = pid // n_hb
+    tb = pid // n_hb
     hb = pid % n_hb
+    # 64-bit scalar bases, 32-bit offsets inside the tile: [BM, BH] tiles of 64-bit pointers
+    # cost two registers an element
+    rows = tl.arange(0, BM)
+    r_ok = tb * BM + rows < T
+    row0 = (tb * BM).to(tl.int64)
+    res_ptr += row0 * (N * H)
+    gext_ptr += row0 * (N * H)
+    gres_ptr += row0 * (N * H)
+    gout_ptr += row0 * H
+    gz_ptr += row0 * N3P
+    tok_ptr += row0 * TW
     h = hb * BH + tl.arange(0, BH)
     h_ok = h < H
+    m2 = r_ok[:, None] & h_ok[None, :]
     K = N * H
     zc = tl.arange(0, N3P)
     tcol = tl.arange(0, TW)
-    gfn = ()
-    for i in tl.static_range(N):
-        gfn = gfn + (tl.zeros([N3P, BH], dtype=tl.float32),)
-    gnw = tl.zeros([BH], dtype=tl.float32)
+    gz = tl.load(gz_ptr + rows[:, None] * N3P + zc[None, :], mask=r_ok[:, None], other=0.0)
+    tok = tl.load(tok_ptr + rows[:, None] * TW + tcol[None, :], mask=r_ok[:, None], other=0.0)
+    g = tl.load(gout_ptr + rows[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
     if NORM:
         nw = tl.load(nw_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
-    for step in range(0, STEPS):
-        rows = (c * STEPS + step) * BM + tl.arange(0, BM)
-        r_ok = rows < T
-        rows = rows.to(tl.int64)
-        m2 = r_ok[:, None] & h_ok[None, :]
-        gz = tl.load(gz_ptr + rows[:, None] * N3P + zc[None, :], mask=r_ok[:, None], other=0.0)
-        tok = tl.load(tok_ptr + rows[:, None] * TW + tcol[None, :], mask=r_ok[:, None], other=0.0)
-        g = tl.load(gout_ptr + rows[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-        xs = ()
-        for i in tl.static_range(N):
-            xs = xs + (tl.load(res_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32),)
-        if NORM:
-            y = _col(tok, tcol, 0)[:, None] * xs[0]
-            for i in tl.static_range(1, N):
-                y += _col(tok, tcol, i)[:, None] * xs[i]
-            ry = _col(tok, tcol, N + 1)[:, None]
-            if NEED_NW:
-                gnw += tl.sum(g * ry * y, axis=0)
-            gy = ry * g * nw[None, :] - _col(tok, tcol, N + 2)[:, None] * y
-        else:
-            gy = g
+        y = tl.zeros([BM, BH], dtype=tl.float32)
+        for i in tl.range(0, N, loop_unroll_factor=1):
+            w = tl.sum(tl.where(tcol[None, :] == i, tok, 0.0), axis=1)
+            x = tl.load(res_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
+            y += w[:, None] * x
+        ry = _col(tok, tcol, N + 1)[:, None]
+        if NEED_NW:
+            tl.store(gnw_ptr + tb.to(tl.int64) * H + h, tl.sum(g * ry * y, axis=0), mask=h_ok)
+        gy = ry * g * nw[None, :] - _col(tok, tcol, N + 2)[:, None] * y
+    else:
+        gy = g
+    if NEED_RES:
         coef = _col(tok, tcol, N)[:, None]
         gz_hi, gz_lo = _split(gz, INTERPRET)
-        gzt_hi = tl.trans(gz_hi)
-        gzt_lo = tl.trans(gz_lo)
-        new_gfn = ()
-        for i in tl.static_range(N):
-            if NEED_RES:
-                gx = _col(tok, tcol, i)[:, None] * gy - coef * xs[i]
-                # fn's tiles are re-read every step (from L2): held across the loop they cost more
-                # registers than the streams' tiles
-                f_off = zc[:, None] * K + i * H + h[None, :]
-                f_hi = tl.load(fnp_ptr + f_off, mask=h_ok[None, :], other=0.0)
-                f_lo = tl.load(fnp_ptr + SP * K + f_off, mask=h_ok[None, :], other=0.0)
-                gx = _dot_hl(gz_hi, gz_lo, f_hi, f_lo, gx, True, True, INTERPRET)
-                if EXT:
-                    gx += tl.load(gext_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2,
-                                  other=0.0).to(tl.float32)
-                tl.store(gres_ptr + rows[:, None] * K + i * H + h[None, :],
-                         _to_act(gx, gres_ptr.dtype.element_ty, INTERPRET), mask=m2)
-            if NEED_FN:
-                x_hi, x_lo = _split(xs[i], INTERPRET)
-                new_gfn = new_gfn + (_dot_hl(gzt_hi, gzt_lo, x_hi, x_lo, gfn[i], True, not EXACT_BF16, INTERPRET),)
-        if NEED_FN:
-            gfn = new_gfn
-    if NEED_FN:
-        for i in tl.static_range(N):
-            tl.store(gfn_ptr + c.to(tl.int64) * (N3 * K) + zc[:, None] * K + i * H + h[None, :], gfn[i],
-                     mask=(zc < N3)[:, None] & h_ok[None, :])
-    if NEED_NW:
-        tl.store(gnw_ptr + c.to(tl.int64) * H + h, gnw, mask=h_ok)
+        # A loop over the streams, not unrolled: unrolled, every stream's tiles were loaded up front
+        # (sm90: 137 registers at 8 warps where the loop takes 100, two CTAs an SM)
+        for i in tl.range(0, N, loop_unroll_factor=1):
+            x = tl.load(res_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
+            w = tl.sum(tl.where(tcol[None, :] == i, tok, 0.0), axis=1)
+            gx = w[:, None] * gy - coef * x
+            f_off = zc[:, None] * K + i * H + h[None, :]
+            f_hi = tl.load(fnp_ptr + f_off, mask=h_ok[None, :], other=0.0)
+            f_lo = tl.load(fnp_ptr + SP * K + f_off, mask=h_ok[None, :], other=0.0)
+            gx = _dot_hl(gz_hi, gz_lo, f_hi, f_lo, gx, True, True, INTERPRET)
+            if EXT:
+                gx += tl.load(gext_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
+            tl.store(gres_ptr + rows[:, None] * K + i * H + h[None, :],
+                     _to_act(gx, gres_ptr.dtype.element_ty, INTERPRET), mask=m2)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _bwd_gfn_kernel(res_ptr, gz_ptr, gfn_ptr, T, K, N3: tl.constexpr, N3P: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, STEPS: tl.constexpr, EXACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """Stage 5 (module doc): ``gfn[c] = gz^T x`` (N3, K) fp32 over the chunk of tokens
+    [c*STEPS*BT, (c+1)*STEPS*BT) and columns [kb*BK, kb*BK + BK) of the residual viewed as (T, K)
+    (program ``c * cdiv(K, BK) + kb``): a GEMM whose residual tile feeds the dot straight from
+    its load, so that Triton's pipeliner keeps ``num_stages`` steps of loads in flight."""
+    n_kb = tl.cdiv(K, BK)
+    pid = tl.program_id(0)
+    c = pid // n_kb
+    kb = pid % n_kb
+    k = kb * BK + tl.arange(0, BK)
+    k_ok = k < K
+    zc = tl.arange(0, N3P)
+    acc = tl.zeros([N3P, BK], dtype=tl.float32)
+    for step in range(0, STEPS):
+        rows = (c * STEPS + step) * BT + tl.arange(0, BT)
+        r_ok = rows < T
+        rows = rows.to(tl.int64)
+        gzt = tl.trans(tl.load(gz_ptr + rows[:, None] * N3P + zc[None, :], mask=r_ok[:, None], other=0.0))
+        gzt_hi, gzt_lo = _split(gzt, INTERPRET)
+        x = tl.load(res_ptr + rows[:, None] * K + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if EXACT_BF16:
+            acc = _dot_hl(gzt_hi, gzt_lo, x, x, acc, True, False, INTERPRET)
+        else:
+            x_hi, x_lo = _split(x.to(tl.float32), INTERPRET)
+            acc = _dot_hl(gzt_hi, gzt_lo, x_hi, x_lo, acc, True, True, INTERPRET)
+    tl.store(gfn_ptr + c.to(tl.int64) * (N3 * K) + zc[:, None] * K + k[None, :], acc,
+             mask=(zc < N3)[:, None] & k_ok[None, :])
 
 
 # --- post backward -------------------------------------------------------------------------------------
-
-
 @triton.jit
 def _post_bwd_kernel(g_ptr, x_ptr, res_ptr, pm_ptr, cm_ptr, gx_ptr, gres_ptr, part_ptr, T, H,
                      N: tl.constexpr, NP: tl.constexpr, NEED_X: tl.constexpr, NEED_RES: tl.constexpr,
@@ -477,53 +495,54 @@ def _post_bwd_kernel(g_ptr, x_ptr, res_ptr, pm_ptr, cm_ptr, gx_ptr, gres_ptr, pa
 # --- launchers -----------------------------------------------------------------------------------------
 
 def specializations(n: int, H: int, T: int, dtype: torch.dtype, head: bool, norm: bool = False,
-                    fused: bool = False, mask=(True,) * 4, need_nw: bool = False,
-                    amd: bool = False) -> tuple[dict, dict, dict, dict]:
-    """Compile-time constants, ``num_warps`` and ``num_stages`` of the three backward kernels (stats, tail, res)
-    and the config (:func:`configs`): what the launcher passes and what ``aot.py`` builds.
-    ``mask``: the four gradients of pre/head asked for; ``fused``: fused_post_pre's (the streaming
-    pass adds the new residual's own gradient)."""
+                    fused: bool = False, need_res: bool = True, need_nw: bool = False,
+                    amd: bool = False) -> tuple[dict, ...]:
+    """Compile-time constants, ``num_warps`` and ``num_stages`` of the four backward kernels (stats,
+    tail, gres, gfn) and the config (:func:`configs.backward_config`): what the launcher passes and
+    what ``aot.py`` builds. ``fused``: fused_post_pre's (the grad_residual pass adds the new
+    residual's own gradient)."""
     cfg = _configs.backward_config(n, H, T, head, norm, fused, amd)
-    need_res, need_fn = bool(mask[0]), bool(mask[1])
-    common = dict(N=n, NP=cfg["np"], N3=cfg["m"], SP=cfg["sp"])
-    stats = dict(common, GP=cfg["gp"], NORM=norm, BM=cfg["bm"], BH=cfg["bh"], STEPS=cfg["stats_steps"],
-                 EXACT_BF16=dtype == torch.bfloat16, INTERPRET=INTERPRETED, num_warps=cfg["stats_warps"],
-                 num_stages=cfg["stats_stages"])
-    tail = dict(common, N3P=cfg["n3p"], STW=cfg["stw"], TW=cfg["tw"], HEAD=head, NORM=norm, BT=cfg["bt"],
-                num_warps=cfg["tail_warps"], num_stages=1)
-    res = dict(common, N3P=cfg["n3p"], TW=cfg["tw"], NORM=norm, NEED_RES=need_res, NEED_FN=need_fn,
-               NEED_NW=need_nw, EXT=fused, BM=cfg["res_bm"], BH=cfg["res_bh"], STEPS=cfg["res_steps"],
-               EXACT_BF16=dtype == torch.bfloat16, INTERPRET=INTERPRETED, num_warps=cfg["res_warps"],
-               num_stages=cfg["res_stages"])
-    return stats, tail, res, cfg
+    common = dict(N=n, N3P=cfg["n3p"])
+    stats = dict(N=n, NP=cfg["np"], N3=cfg["m"], SP=cfg["sp"], GP=cfg["gp"], NORM=norm, BM=cfg["bm"],
+                 BH=cfg["bh"], STEPS=cfg["stats_steps"], EXACT_BF16=dtype == torch.bfloat16, INTERPRET=INTERPRETED,
+                 num_warps=cfg["stats_warps"], num_stages=cfg["stats_stages"])
+    tail = dict(common, NP=cfg["np"], N3=cfg["m"], SP=cfg["sp"], STW=cfg["stw"], TW=cfg["tw"], HEAD=head,
+                NORM=norm, BT=cfg["bt"], num_warps=cfg["tail_warps"], num_stages=1)
+    gres = dict(common, SP=cfg["sp"], TW=cfg["tw"], NORM=norm, NEED_RES=need_res, NEED_NW=need_nw, EXT=fused,
+                BM=cfg["gres_bm"], BH=cfg["gres_bh"], INTERPRET=INTERPRETED, num_warps=cfg["gres_warps"],
+                num_stages=1)
+    gfn = dict(N3=cfg["m"], N3P=cfg["n3p"], BT=cfg["gfn_bt"], BK=cfg["gfn_bk"], STEPS=cfg["gfn_steps"],
+               EXACT_BF16=dtype == torch.bfloat16, INTERPRET=INTERPRETED, num_warps=cfg["gfn_warps"],
+               num_stages=cfg["gfn_stages"])
+    return stats, tail, gres, gfn, cfg
 
 
 def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w_eps, sk_eps, post_mult,
                   repeat, mask, head, norm=(), ext=None):
     """pre's (``head`` False) or head's backward; ``norm``: () or (norm_weight, norm_eps,
     norm_weight_grad); ``ext``: None, or fused_post_pre's upstream gradient of the new residual,
-    which the streaming pass adds to the residual's gradient."""
+    which the grad_residual pass adds."""
     T, n, H = residual.shape
     K = n * H
     m = fn.shape[0]
     dev = residual.device
     need_res, need_fn, need_scale, need_base = (bool(b) for b in mask)
     nw, norm_eps, need_nw = norm if norm else (None, 0.0, False)
-    stats, tail, res, cfg = specializations(n, H, T, residual.dtype, head, bool(norm), ext is not None,
-                                            (need_res, need_fn, need_scale, need_base), bool(need_nw),
-                                            device_shared_memory(dev).amd)
+    stats, tail, gres, gfn_spec, cfg = specializations(n, H, T, residual.dtype, head, bool(norm), ext is not None,
+                                                       need_res, bool(need_nw), device_shared_memory(dev).amd)
     f32 = torch.float32
     sp, n3p, tw = cfg["sp"], cfg["n3p"], cfg["tw"]
     n_tb = triton.cdiv(T, cfg["bm"])
     splits = triton.cdiv(H, cfg["bh"] * cfg["stats_steps"])
     tail_blocks = triton.cdiv(T, cfg["bt"])
-    n_rb = triton.cdiv(H, cfg["res_bh"])
-    chunks = triton.cdiv(T, cfg["res_bm"] * cfg["res_steps"])
+    g_blocks = triton.cdiv(T, cfg["gres_bm"])
+    k_blocks = triton.cdiv(K, cfg["gfn_bk"])
+    chunks = triton.cdiv(T, cfg["gfn_bt"] * cfg["gfn_steps"])
     fnp = empty((2 * sp, K), torch.bfloat16, dev)
     part = empty((splits, T, sp), f32, dev)
     gz, tok, sums = empty((T, n3p), f32, dev), empty((T, tw), f32, dev), empty((tail_blocks, m + 3), f32, dev)
     gfn = empty((chunks, m, K), f32, dev) if need_fn else None
-    gnw = empty((chunks, H), f32, dev) if need_nw else None
+    gnw = empty((g_blocks, H), f32, dev) if need_nw else None
     g_res = empty((T, n, H), residual.dtype, dev) if need_res else None
 
     def ptr(t):  # absent tensors are never touched (their flag is false): pass any pointer
@@ -536,13 +555,16 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
         _bwd_tail_kernel[(tail_blocks,)](
             part, splits, g_out if head else g_pm, g_out if head else g_cm, hc_scale, hc_base, gz, tok, sums,
             T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps, **tail, **COMPILE_OPTIONS)
-        if need_res or need_fn or need_nw:
-            _bwd_res_kernel[(chunks * n_rb,)](residual, fnp, g_out, ptr(nw), gz, tok, ptr(ext), ptr(g_res),
-                                              ptr(gfn), ptr(gnw), T, H, **res, **COMPILE_OPTIONS)
+        if need_res or need_nw:
+            _bwd_gres_kernel[(g_blocks * triton.cdiv(H, cfg["gres_bh"]),)](
+                residual, fnp, g_out, ptr(nw), gz, tok, ptr(ext), ptr(g_res), ptr(gnw), T, H, **gres,
+                **COMPILE_OPTIONS)
+        if need_fn:
+            _bwd_gfn_kernel[(chunks * k_blocks,)](residual, gz, gfn, T, K, **gfn_spec, **COMPILE_OPTIONS)
         # the reductions over token blocks and chunks: torch.sum over the first axis, a fixed order
         totals = sums.sum(0)
         g_fn = None if gfn is None else (gfn[0] if chunks == 1 else gfn.sum(0))
-        g_nw = None if gnw is None else (gnw[0] if chunks == 1 else gnw.sum(0)).to(nw.dtype)
+        g_nw = None if gnw is None else (gnw[0] if g_blocks == 1 else gnw.sum(0)).to(nw.dtype)
     g_base = totals[:m] if need_base else None
     g_scale = totals[m:m + hc_scale.shape[0]] if need_scale else None
     return (g_res, g_fn, g_scale, g_base), g_nw
@@ -551,7 +573,7 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
 def pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base, rms_eps,
                  hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat, output_mask, *norm):
     """As ``mhc.backward.pre_backward`` (shapes and dtypes there, the fused RMSNorm's ``norm``
-    too), in four Triton launches."""
+    too), in five Triton launches."""
     grads, g_nw = _mix_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, hc_scale, hc_base,
                                 rms_eps, hc_pre_eps, hc_sinkhorn_eps, hc_post_mult_value, sinkhorn_repeat,
                                 output_mask, False, norm)
@@ -559,7 +581,7 @@ def pre_backward(grad_post_mix, grad_comb_mix, grad_layer_input, residual, fn, h
 
 
 def head_backward(grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, output_mask):
-    """As ``mhc.backward.head_backward`` (shapes and dtypes there), in four Triton launches."""
+    """As ``mhc.backward.head_backward`` (shapes and dtypes there), in five Triton launches."""
     return _mix_backward(None, None, grad_out, residual, fn, hc_scale, hc_base, rms_eps, hc_eps, 0.0, 0.0, 1,
                          output_mask, True)[0]
 
@@ -570,7 +592,7 @@ def fused_post_pre_backward(grad_new_residual, grad_post_mix, grad_comb_mix, gra
     """As ``mhc.backward.fused_post_pre_backward`` (shapes, dtypes and the mask there): pre's
     backward on the new residual, whose streaming pass adds the new residual's own upstream
     gradient and writes the sum (in the residual's dtype, as autograd of the unfused pair holds
-    it), then post's backward on that sum (five launches)."""
+    it), then post's backward on that sum (six launches)."""
     post_mask = tuple(bool(b) for b in output_mask[:4])
     (g_new, *params), g_nw = _mix_backward(grad_post_mix, grad_comb_mix, grad_layer_input, new_residual, fn,
                                            hc_scale, hc_base, rms_eps, hc_pre_eps, hc_sinkhorn_eps,

@@ -189,10 +189,12 @@ POST_ROWS: dict[tuple[str, str], tuple[PostRow, ...]] = {
 @dataclasses.dataclass(frozen=True)
 class BackwardRow:
     """A row of :data:`BACKWARD_ROWS` for the pre/head/fused_post_pre backward (``backward.py``'s
-    stages 2-4): stage 2 ``bm`` tokens x ``bh`` hidden columns per step, ``stats_warps``,
-    ``stats_stages``; stage 3 ``bt`` tokens per program, ``tail_warps``; stage 4 ``res_bm`` tokens
-    x ``res_bh`` columns per step, ``res_warps``, ``res_stages``; ``programs``: programs wanted
-    per launch of the streaming stages (:func:`backward_config` derives the splits and steps)."""
+    stages 2-5): stage 2 ``bm`` tokens x ``bh`` hidden columns per step, ``stats_warps``,
+    ``stats_stages``; stage 3 ``bt`` tokens per program, ``tail_warps``; stage 4 one tile of
+    ``gres_bm`` tokens x ``gres_bh`` columns a program, ``gres_warps``; stage 5 ``gfn_bt`` tokens x
+    ``gfn_bk`` residual columns per step, ``gfn_warps``, ``gfn_stages``; ``programs``: programs
+    wanted per launch of the looping stages 2 and 5 (:func:`backward_config` derives their
+    splits, chunks and steps)."""
 
     max_t: int | None
     bm: int
@@ -201,10 +203,13 @@ class BackwardRow:
     stats_stages: int
     bt: int
     tail_warps: int
-    res_bm: int
-    res_bh: int
-    res_warps: int
-    res_stages: int
+    gres_bm: int
+    gres_bh: int
+    gres_warps: int
+    gfn_bt: int
+    gfn_bk: int
+    gfn_warps: int
+    gfn_stages: int
     programs: int
 
 
@@ -219,15 +224,15 @@ class PostBackwardRow:
 
 
 #: The backward rows, per (op, arch family), one for every T. ``programs``: two per SM of the
-#: H200 (132 SMs), so that the split of the hidden axis (stage 2) and the token chunks (stage 4)
-#: keep every SM busy. Stage 4's tile is the one of the AOT builds' register sweep that spills
-#: nothing at 8 warps (its grad_fn accumulators, n x N3P x BH fp32, dominate). AMD (64 KB of
-#: shared memory on gfx942; <= 256 VGPRs and no spill wanted): a narrower hidden tile in stage 4
-#: and two pipeline stages in stage 2, chosen by VGPR counts alone (nothing timed on AMD).
+#: H200 (132 SMs), so that the split of the hidden axis (stage 2) and the token chunks (stage 5)
+#: keep every SM busy. Stage 4 (grad_residual) runs one tile a program at 8 warps: about 100
+#: registers on sm90, two CTAs an SM. Stage 5 is a GEMM whose residual tiles the pipeliner keeps
+#: in flight (3 stages of 16 KB). AMD (64 KB of LDS on gfx942; <= 256 VGPRs and no spill wanted):
+#: two pipeline stages in stages 2 and 5, chosen by VGPR counts alone (nothing timed on AMD).
 BACKWARD_ROWS: dict[tuple[str, str], tuple] = {
-    **{(op, NVIDIA): (BackwardRow(None, 64, 32, 4, 3, 32, 2, 16, 64, 8, 2, 264),)
+    **{(op, NVIDIA): (BackwardRow(None, 64, 32, 4, 3, 32, 2, 32, 128, 8, 64, 128, 4, 3, 264),)
        for op in ("pre_backward", "head_backward", "fused_post_pre_backward")},
-    **{(op, AMD): (BackwardRow(None, 64, 32, 4, 2, 32, 2, 32, 16, 8, 2, 264),)
+    **{(op, AMD): (BackwardRow(None, 64, 32, 4, 2, 32, 2, 32, 128, 8, 64, 128, 4, 2, 264),)
        for op in ("pre_backward", "head_backward", "fused_post_pre_backward")},
     # post's backward moves the bytes of the forward's post_kernel and then some (two reads and
     # two writes of a stream's block): its largest tile, one program per token x block.
@@ -543,10 +548,10 @@ def backward_config(n: int, H: int, T: int, head: bool, norm: bool = False, fuse
     ``sp``: stage 2's partial width (the mix columns, then the per-token sums of ``backward.py``'s
     module doc), ``stw`` the sums' tile width in stage 3; ``n3p``: ``gz``'s width (>= 16, tl.dot's
     minimum); ``tw``: ``tok``'s width. Stage 2: ``bm`` tokens x ``bh`` hidden columns per step,
-    ``stats_steps`` steps per program; stage 3: ``bt`` tokens a program; stage 4: ``res_bm``
-    tokens x ``res_bh`` columns per step, ``res_steps`` steps (its chunk of tokens). Step counts
-    are powers of two chosen from T, so a model compiles a few variants at most. ``fused`` takes
-    the same tiles."""
+    ``stats_steps`` steps per program; stage 3: ``bt`` tokens a program; stage 4: one
+    ``gres_bm`` x ``gres_bh`` tile a program; stage 5: ``gfn_bt`` tokens x ``gfn_bk`` columns per
+    step, ``gfn_steps`` steps (its chunk of tokens). Step counts are powers of two chosen from T,
+    so a model compiles a few variants at most. ``fused`` takes the same tiles."""
     op = "head_backward" if head else "fused_post_pre_backward" if fused else "pre_backward"
     row = _row(BACKWARD_ROWS, (op, AMD if amd else NVIDIA), T)
     m = n if head else 2 * n + n * n
@@ -555,16 +560,14 @@ def backward_config(n: int, H: int, T: int, head: bool, norm: bool = False, fuse
     cfg = dict(m=m, np=np_, sp=max(16, triton.next_power_of_2(stats)), n3p=max(16, triton.next_power_of_2(m)),
                tw=max(2, triton.next_power_of_2(n + 3)), gp=max(2, triton.next_power_of_2(n * (n + 1) // 2)),
                stw=max(2, triton.next_power_of_2(stats - m)),
-               bm=row.bm, bh=row.bh, stats_warps=row.stats_warps, stats_stages=row.stats_stages, bt=row.bt,
-               tail_warps=row.tail_warps, res_bm=row.res_bm, res_bh=row.res_bh, res_warps=row.res_warps,
-               res_stages=row.res_stages)
+               **{f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name not in ("max_t", "programs")})
     n_hb = triton.cdiv(H, cfg["bh"])
     n_tb = triton.cdiv(T, cfg["bm"])
     splits = max(1, min(n_hb, triton.cdiv(row.programs, n_tb)))
     cfg["stats_steps"] = _pow2_ceil(triton.cdiv(n_hb, splits))
-    n_rb = triton.cdiv(H, cfg["res_bh"])
-    chunks = max(1, min(triton.cdiv(T, cfg["res_bm"]), triton.cdiv(row.programs, n_rb)))
-    cfg["res_steps"] = _pow2_ceil(triton.cdiv(triton.cdiv(T, cfg["res_bm"]), chunks))
+    t_blocks = triton.cdiv(T, cfg["gfn_bt"])
+    chunks = max(1, min(t_blocks, triton.cdiv(row.programs, triton.cdiv(n * H, cfg["gfn_bk"]))))
+    cfg["gfn_steps"] = _pow2_ceil(triton.cdiv(t_blocks, chunks))
     return cfg
 
 
