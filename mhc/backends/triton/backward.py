@@ -24,11 +24,10 @@ that sum):
 5. :func:`_bwd_gfn_kernel`: ``grad_fn = gz^T x`` per chunk of tokens, a pipelined GEMM.
 
 Why a pass of its own for grad_fn: one looping pass did both (4) and (5) once, its grad_fn
-accumulators holding it at 207-255 registers and one CTA an SM, which left too few bytes in
-flight (850 GB/s on an H100, 80 % of pre's backward). fused_post_pre's post backward once ran in
-that pass's registers too, so that the new residual's gradient never went through memory: 5.9 ms
-where the round trip and ``post_backward`` took 3.1 ms (T = 16384, H = 4096; docs/tuning/triton.md,
-"Backward").
+accumulators holding it at one CTA an SM with too few bytes in flight; a looping pass per stream
+(accumulators of one stream) was slower still. fused_post_pre's post backward once ran in that
+pass's registers too, so that the new residual's gradient never went through memory; the round
+trip and ``post_backward`` cost less. Figures: docs/tuning/triton.md, "Backward".
 
 Every reduction over tokens is deterministic: partials per split, block or chunk, summed in a
 fixed order (by the tail kernel, or ``torch.sum`` over the partials' first axis), no atomics.
