@@ -286,7 +286,7 @@ def main(archs: list[str]) -> int:
             progress.step()
             spills[(arch, job[0])] = spill_amount(line)
             if ok and spilled(line):
-                why = waiver(arch, job[1].rpartition(".")[2], job[0])
+                why = waiver(arch, job[1].rpartition(".")[2])
                 if NORM_LABEL in job[0]:  # a [norm] build is built right after its plain twin
                     twin = spills.get((arch, job[0].replace(" " + NORM_LABEL, "")))
                     why = (f"no more than its plain twin, which spills {twin} (the norm adds none); {why}"
@@ -318,13 +318,9 @@ SPILL_WAIVERS = {
 }
 
 
-def waiver(arch: str, kernel: str, label: str) -> str | None:
-    """The reason :data:`SPILL_WAIVERS` gives for a spill of ``kernel`` built on ``arch`` under
-    the build label ``label`` (a key of three names a fragment the label must contain), or None."""
-    for key, why in SPILL_WAIVERS.items():
-        if key[:2] == (arch, kernel) and (len(key) == 2 or key[2] in label):
-            return why
-    return None
+def waiver(arch: str, kernel: str) -> str | None:
+    """The reason :data:`SPILL_WAIVERS` gives for a spill of ``kernel`` built on ``arch``, or None."""
+    return SPILL_WAIVERS.get((arch, kernel))
 
 
 def spill_amount(line: str) -> int:
