@@ -9,6 +9,8 @@ a Triton launch through the compiled handle.
 
     python benchmarks/host_profile.py                      # triton and tilelang, default cases
     python benchmarks/host_profile.py --backends triton --cases pre:1,fused_post_pre:64
+    python benchmarks/host_profile.py --no-blocks --backends triton --cases "" --grad-cases "" \
+        --backward-cases pre:512,pre:4096,post:512           # the backward's host time
 """
 
 from __future__ import annotations
@@ -150,12 +152,14 @@ def launches_per_call(f) -> list[str]:
     return names
 
 
-def profile_case(op: str, T: int, backend: str, dev: torch.device, H: int, calls: int, grad: bool) -> None:
+def profile_case(op: str, T: int, backend: str, dev: torch.device, H: int, calls: int, mode: str) -> None:
+    """``mode``: "forward", "grad" (the forward with autograd recording) or "backward"
+    (``torch.autograd.grad`` of one recorded forward, the backward ops under ``use_backend``)."""
     import mhc
     from mhc import checking, timing
 
     args, kw = checking.device_inputs(op, T, 4, H, dev)
-    if grad:
+    if mode != "forward":
         args = tuple(a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
                      for a in args)
     fn = getattr(mhc, op)
@@ -163,8 +167,18 @@ def profile_case(op: str, T: int, backend: str, dev: torch.device, H: int, calls
     def call():
         return fn(*args, **kw, backend=backend)
 
-    label = f"{backend} {op} T={T}{' grad' if grad else ''}"
+    label = f"{backend} {op} T={T}{'' if mode == 'forward' else ' ' + mode}"
     try:
+        if mode == "backward":
+            with mhc.use_backend(backend):
+                outs = call()
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            ups = [torch.randn_like(o) for o in outs]
+
+            def call():
+                with mhc.use_backend(backend):
+                    return torch.autograd.grad(outs, leaves, ups, retain_graph=True)
         call()
     except Exception as e:
         print(f"\n== {label}: cannot run ({type(e).__name__}: {e})")
@@ -173,7 +187,7 @@ def profile_case(op: str, T: int, backend: str, dev: torch.device, H: int, calls
     eager = timing.eager_us(call, dev)
     host = best_us(call, n=500, rounds=3)
     graph = float("nan")
-    if not grad:
+    if mode == "forward":
         try:
             graph, _ = timing.time_warm(call, dev, 20)
         except Exception as e:
@@ -207,6 +221,7 @@ def main() -> None:
     ap.add_argument("--cases", default="pre:1,post:1,head:1,fused_post_pre:1,pre:64,head:64,fused_post_pre:64,"
                                        "head:4096,pre:4096")
     ap.add_argument("--grad-cases", default="pre:1,post:1")
+    ap.add_argument("--backward-cases", default="", help="e.g. pre:512,post:512 (torch.autograd.grad of one forward)")
     ap.add_argument("--H", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--no-blocks", action="store_true")
@@ -217,12 +232,11 @@ def main() -> None:
         building_blocks(dev)
         layers(dev, a.H)
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.cases.split(",") if c]
-    grad_cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.grad_cases.split(",") if c]
+    modes = {"forward": a.cases, "grad": a.grad_cases, "backward": a.backward_cases}
     for backend in a.backends.split(","):
-        for op, T in cases:
-            profile_case(op, T, backend, dev, a.H, a.calls, False)
-        for op, T in grad_cases:
-            profile_case(op, T, backend, dev, a.H, a.calls, True)
+        for mode, spec in modes.items():
+            for c in (c for c in spec.split(",") if c):
+                profile_case(c.split(":")[0], int(c.split(":")[1]), backend, dev, a.H, a.calls, mode)
 
 
 if __name__ == "__main__":
