@@ -126,7 +126,7 @@ def test_triton_gradients_at_training_sizes_match_fp64(op, norm, H, T):
     (hc_scale's by checking.grad_error's "sum" measure)."""
     _triton_backward_or_skip(op, H, T)
     leaves, kwargs = _training_inputs(op, H, T, norm, seed=H + T)
-    _, grads, ups = _run(op, leaves, kwargs, norm)
+    outs, grads, ups = _run(op, leaves, kwargs, norm)
     names = [name for name, _ in checking.GRAD_INPUTS[op]] + (["norm_weight"] if norm else [])
     kinds = [kind for _, kind in checking.GRAD_INPUTS[op]] + (["act"] if norm else [])
     # hc_scale per token (checking.per_token): its gradient is judged against its terms' sizes
@@ -134,8 +134,10 @@ def test_triton_gradients_at_training_sizes_match_fp64(op, norm, H, T):
            for x, kind in zip(leaves, kinds)]
     kw64 = {**kwargs, "norm_weight": f64[-1]} if norm else kwargs
     with torch.enable_grad():
+        # fused_post_pre: pre's reference reads the new residual the op stored (checking.reference_f64)
         want_outs = checking.reference_f64(op, f64[:-1] if norm else f64, kw64,
-                                           leaves[1].dtype if op == "fused_post_pre" else leaves[0].dtype)
+                                           leaves[1].dtype if op == "fused_post_pre" else leaves[0].dtype,
+                                           outs[0] if op == "fused_post_pre" else None)
         want = torch.autograd.grad(want_outs, [x for x in f64 if x.requires_grad], [u.double() for u in ups])
     bad = []
     for name, kind, g, w in zip(names, kinds, grads, want):
