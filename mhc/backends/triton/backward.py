@@ -386,16 +386,14 @@ def _bwd_gres_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_p
     K = N * H
     zc = tl.arange(0, N3P)
     tcol = tl.arange(0, TW)
-    gz = tl.load(gz_ptr + rows[:, None] * N3P + zc[None, :], mask=r_ok[:, None], other=0.0)
     tok = tl.load(tok_ptr + rows[:, None] * TW + tcol[None, :], mask=r_ok[:, None], other=0.0)
     g = tl.load(gout_ptr + rows[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
     if NORM:
         nw = tl.load(nw_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
         y = tl.zeros([BM, BH], dtype=tl.float32)
         for i in tl.range(0, N, loop_unroll_factor=1):
-            w = tl.sum(tl.where(tcol[None, :] == i, tok, 0.0), axis=1)
             x = tl.load(res_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-            y += w[:, None] * x
+            y += _col(tok, tcol, i)[:, None] * x
         ry = _col(tok, tcol, N + 1)[:, None]
         if NEED_NW:
             tl.store(gnw_ptr + tb.to(tl.int64) * H + h, tl.sum(g * ry * y, axis=0), mask=h_ok)
@@ -404,13 +402,13 @@ def _bwd_gres_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_p
         gy = g
     if NEED_RES:
         coef = _col(tok, tcol, N)[:, None]
+        gz = tl.load(gz_ptr + rows[:, None] * N3P + zc[None, :], mask=r_ok[:, None], other=0.0)
         gz_hi, gz_lo = _split(gz, INTERPRET)
-        # A loop over the streams, not unrolled: unrolled, every stream's tiles were loaded up front
-        # (sm90: 137 registers at 8 warps where the loop takes 100, two CTAs an SM)
+        # A loop over the streams, not unrolled: unrolled, every stream's tiles were loaded up front,
+        # and the registers they held cost the second CTA an SM
         for i in tl.range(0, N, loop_unroll_factor=1):
             x = tl.load(res_ptr + rows[:, None] * K + i * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-            w = tl.sum(tl.where(tcol[None, :] == i, tok, 0.0), axis=1)
-            gx = w[:, None] * gy - coef * x
+            gx = _col(tok, tcol, i)[:, None] * gy - coef * x
             f_off = zc[:, None] * K + i * H + h[None, :]
             f_hi = tl.load(fnp_ptr + f_off, mask=h_ok[None, :], other=0.0)
             f_lo = tl.load(fnp_ptr + SP * K + f_off, mask=h_ok[None, :], other=0.0)
