@@ -227,6 +227,23 @@ for T in (1, 64, 500, 2000):
         getattr(launch, op)(*flat, *kw.values())
         if op in ("pre", "fused_post_pre"):  # the fused RMSNorm's variants: nw_ptr a tensor
             getattr(launch, op)(*flat, *kw.values(), norm_weight=torch.rand(H) + 0.5, norm_eps=1e-5)
+# ... and the backward launchers' (backward.py): pre (with and without the fused RMSNorm), head,
+# post, fused_post_pre, at T in one block and in many.
+from mhc import checking  # noqa: E402
+from mhc.backends.triton import backward as tb  # noqa: E402
+for T in (1, 500, 3000):
+    fwd, kw = checking.make_inputs("pre", (T,), n, H, torch.bfloat16, device="cpu", seed=T)
+    up = (torch.randn(T, n, 1), torch.randn(T, n, n), torch.randn(T, H).bfloat16())
+    tb.pre_backward(*up, *fwd, *kw.values(), [True] * 4)
+    tb.pre_backward(*up, *fwd, *kw.values(), [True] * 4, torch.rand(H).bfloat16() + 0.5, 1e-6, True)
+    hfwd, hkw = checking.make_inputs("head", (T,), n, H, torch.bfloat16, device="cpu", seed=T)
+    tb.head_backward(torch.randn(T, H).bfloat16(), *hfwd, *hkw.values(), [True] * 4)
+    post = (torch.randn(T, H).bfloat16(), fwd[0], torch.rand(T, n, 1), torch.rand(T, n, n))
+    tb.post_backward(torch.randn(T, n, H).bfloat16(), *post, [True] * 4)
+    tb.fused_post_pre_backward(torch.randn(T, n, H).bfloat16(), *up, fwd[0], *post, *fwd[1:], *kw.values(),
+                               [True] * 7)
+assert {"_bwd_stats_kernel", "_bwd_tail_kernel", "_bwd_gres_kernel", "_bwd_gfn_kernel", "_post_bwd_kernel",
+        "prep_kernel"} <= {k.fn.__name__ for k, _, _ in calls}
 for kernel, grid, args in calls:
     assert len(grid) == 3 and len(args) == len(kernel.runtime_names), (kernel.fn.__name__, len(args), kernel.runtime_names)
     for name, v in zip(kernel.runtime_names, args):

@@ -29,6 +29,10 @@ accumulators holding it at one CTA an SM with too few bytes in flight; a looping
 pass's registers too, so that the new residual's gradient never went through memory; the round
 trip and ``post_backward`` cost less. Figures: docs/tuning/triton.md, "Backward".
 
+The launchers take their config and kernels from a launch plan (:func:`backward_plan`, in
+:data:`mhc.plans.PLANS`) and launch through :class:`~mhc.backends.triton.direct.DirectKernel`, as
+the forward's do: a warm call derives no config and skips ``JITFunction.run``.
+
 Every reduction over tokens is deterministic: partials per split, block or chunk, summed in a
 fixed order (by the tail kernel, or ``torch.sum`` over the partials' first axis), no atomics.
 
@@ -53,6 +57,8 @@ mishandles bf16 dots) runs each split GEMM as one fp32 dot of the re-assembled o
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -61,7 +67,9 @@ from mhc.backends import device_guard, empty
 from mhc.backends.triton.kernels import (_elems, _grid_order, _logit, _rms_factor, _sk_norm, _sk_scale,
                                          _sk_softmax, _sk_sums, _to_act, prep_kernel)
 from mhc.backends.triton import configs as _configs
-from mhc.backends.triton.launch import COMPILE_OPTIONS, INTERPRETED, device_shared_memory, prep_block
+from mhc.backends.triton.direct import DirectKernel
+from mhc.backends.triton.launch import COMPILE_OPTIONS, INTERPRETED, _cdiv, device_shared_memory, prep_block
+from mhc.plans import PLANS, t_bucket
 # --- Sinkhorn backward ------------------------------------------------------------------------------
 
 
@@ -514,6 +522,50 @@ def specializations(n: int, H: int, T: int, dtype: torch.dtype, head: bool, norm
     return stats, tail, gres, gfn, cfg
 
 
+@dataclasses.dataclass(frozen=True)
+class BackwardPlan:
+    """The launch plan of pre's, head's or fused_post_pre's backward for one kind of call
+    (:func:`backward_plan`): the config (:func:`configs.backward_config`) and the five kernels
+    with their constants."""
+
+    cfg: dict
+    prep: DirectKernel
+    stats: DirectKernel
+    tail: DirectKernel
+    gres: DirectKernel
+    gfn: DirectKernel
+
+
+def _direct(fn, spec: dict) -> DirectKernel:
+    spec = dict(spec)
+    options = dict(num_warps=spec.pop("num_warps"), num_stages=spec.pop("num_stages"), **COMPILE_OPTIONS)
+    return DirectKernel(fn, spec, options, INTERPRETED)
+
+
+def backward_plan(n: int, H: int, T: int, dtype: torch.dtype, device: torch.device, head: bool, norm: bool,
+                  fused: bool, need_res: bool, need_nw: bool) -> BackwardPlan:
+    """The :class:`BackwardPlan` for these arguments (:func:`specializations`'), kept in
+    :data:`mhc.plans.PLANS` under the T bucket and the two step counts that T sets
+    (:func:`configs.backward_steps`): what the config depends on, so a warm call costs a dict
+    lookup and a few integer operations, and the plans stay few however T varies."""
+    amd = device_shared_memory(device).amd
+    steps = _configs.backward_steps(_configs.backward_row(head, fused, amd, T), n, H, T)
+    key = ("triton", "backward", n, H, t_bucket(T), steps, dtype, device, head, norm, fused, need_res, need_nw)
+    p = PLANS.find(key)  # the warm call: one dict lookup, no closure made
+    if p is None:
+        p = PLANS.get(key, lambda: _backward_plan(n, H, T, dtype, head, norm, fused, need_res, need_nw, amd))
+    return p
+
+
+def _backward_plan(n, H, T, dtype, head, norm, fused, need_res, need_nw, amd) -> BackwardPlan:
+    stats, tail, gres, gfn, cfg = specializations(n, H, T, dtype, head, norm, fused, need_res, need_nw, amd)
+    sp = cfg["sp"]
+    prep = DirectKernel(prep_kernel, dict(N3=cfg["m"], N3P=sp, BK=prep_block(sp), INTERPRET=INTERPRETED),
+                        dict(num_warps=4, **COMPILE_OPTIONS), INTERPRETED)
+    return BackwardPlan(cfg, prep, _direct(_bwd_stats_kernel, stats), _direct(_bwd_tail_kernel, tail),
+                        _direct(_bwd_gres_kernel, gres), _direct(_bwd_gfn_kernel, gfn))
+
+
 def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w_eps, sk_eps, post_mult,
                   repeat, mask, head, norm=(), ext=None):
     """pre's (``head`` False) or head's backward; ``norm``: () or (norm_weight, norm_eps,
@@ -525,16 +577,16 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
     dev = residual.device
     need_res, need_fn, need_scale, need_base = (bool(b) for b in mask)
     nw, norm_eps, need_nw = norm if norm else (None, 0.0, False)
-    stats, tail, gres, gfn_spec, cfg = specializations(n, H, T, residual.dtype, head, bool(norm), ext is not None,
-                                                       need_res, bool(need_nw), device_shared_memory(dev).amd)
+    p = backward_plan(n, H, T, residual.dtype, dev, head, bool(norm), ext is not None, need_res, bool(need_nw))
+    cfg = p.cfg
     f32 = torch.float32
     sp, n3p, tw = cfg["sp"], cfg["n3p"], cfg["tw"]
-    n_tb = triton.cdiv(T, cfg["bm"])
-    splits = triton.cdiv(H, cfg["bh"] * cfg["stats_steps"])
-    tail_blocks = triton.cdiv(T, cfg["bt"])
-    g_blocks = triton.cdiv(T, cfg["gres_bm"])
-    k_blocks = triton.cdiv(K, cfg["gfn_bk"])
-    chunks = triton.cdiv(T, cfg["gfn_bt"] * cfg["gfn_steps"])
+    n_tb = _cdiv(T, cfg["bm"])
+    splits = _cdiv(H, cfg["bh"] * cfg["stats_steps"])
+    tail_blocks = _cdiv(T, cfg["bt"])
+    g_blocks = _cdiv(T, cfg["gres_bm"])
+    k_blocks = _cdiv(K, cfg["gfn_bk"])
+    chunks = _cdiv(T, cfg["gfn_bt"] * cfg["gfn_steps"])
     fnp = empty((2 * sp, K), torch.bfloat16, dev)
     part = empty((splits, T, sp), f32, dev)
     gz, tok, sums = empty((T, n3p), f32, dev), empty((T, tw), f32, dev), empty((tail_blocks, m + 3), f32, dev)
@@ -546,18 +598,15 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
         return residual if t is None else t
 
     with device_guard(dev):
-        prep_kernel[(triton.cdiv(K, prep_block(sp)),)](fn, fnp, K, N3=m, N3P=sp, BK=prep_block(sp),
-                                                       INTERPRET=INTERPRETED, **COMPILE_OPTIONS)
-        _bwd_stats_kernel[(n_tb * splits,)](residual, fnp, g_out, ptr(nw), part, T, H, **stats, **COMPILE_OPTIONS)
-        _bwd_tail_kernel[(tail_blocks,)](
-            part, splits, g_out if head else g_pm, g_out if head else g_cm, hc_scale, hc_base, gz, tok, sums,
-            T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps, **tail, **COMPILE_OPTIONS)
+        p.prep((_cdiv(K, prep_block(sp)), 1, 1), fn, fnp, K)
+        p.stats((n_tb * splits, 1, 1), residual, fnp, g_out, ptr(nw), part, T, H)
+        p.tail((tail_blocks, 1, 1), part, splits, g_out if head else g_pm, g_out if head else g_cm, hc_scale,
+               hc_base, gz, tok, sums, T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps)
         if need_res or need_nw:
-            _bwd_gres_kernel[(g_blocks * triton.cdiv(H, cfg["gres_bh"]),)](
-                residual, fnp, g_out, ptr(nw), gz, tok, ptr(ext), ptr(g_res), ptr(gnw), T, H, **gres,
-                **COMPILE_OPTIONS)
+            p.gres((g_blocks * _cdiv(H, cfg["gres_bh"]), 1, 1), residual, fnp, g_out, ptr(nw), gz, tok, ptr(ext),
+                   ptr(g_res), ptr(gnw), T, H)
         if need_fn:
-            _bwd_gfn_kernel[(chunks * k_blocks,)](residual, gz, gfn, T, K, **gfn_spec, **COMPILE_OPTIONS)
+            p.gfn((chunks * k_blocks, 1, 1), residual, gz, gfn, T, K)
         # the reductions over token blocks and chunks: torch.sum over the first axis, a fixed order
         totals = sums.sum(0)
         g_fn = None if gfn is None else (gfn[0] if chunks == 1 else gfn.sum(0))
@@ -606,8 +655,12 @@ def post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask):
     T, n, H = grad_out.shape
     dev = grad_out.device
     need_x, need_res, need_pm, need_cm = (bool(b) for b in output_mask)
-    spec, warps = post_specialization(n, H, T, output_mask)
-    blocks = triton.cdiv(H, spec["BH"])
+    mask = (need_x, need_res, need_pm, need_cm)
+    key = ("triton", "post_backward", n, H, t_bucket(T), grad_out.dtype, dev, mask)
+    p = PLANS.find(key)  # the warm call: one dict lookup, no closure made
+    if p is None:
+        p = PLANS.get(key, lambda: _post_backward_plan(n, H, T, mask))
+    blocks = _cdiv(H, p.constexprs["BH"])
     g_x = empty((T, H), grad_out.dtype, dev) if need_x else None
     g_res = empty((T, n, H), grad_out.dtype, dev) if need_res else None
     part = empty((blocks, T * (n + n * n)), torch.float32, dev) if need_pm or need_cm else None
@@ -616,9 +669,8 @@ def post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask):
         return grad_out if t is None else t
 
     with device_guard(dev):
-        _post_bwd_kernel[(T * blocks,)](
-            grad_out, ptr(x), ptr(residual), ptr(post_mix), ptr(comb_mix), ptr(g_x), ptr(g_res), ptr(part),
-            T, H, num_warps=warps, **spec, **COMPILE_OPTIONS)
+        p((T * blocks, 1, 1), grad_out, ptr(x), ptr(residual), ptr(post_mix), ptr(comb_mix), ptr(g_x), ptr(g_res),
+          ptr(part), T, H)
     g_pm = g_cm = None
     if part is not None:
         sums = part[0] if blocks == 1 else part.sum(0)
@@ -626,6 +678,13 @@ def post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask):
         g_pm = sums[:T * n].view(T, n, 1) if need_pm else None
         g_cm = sums[T * n:].view(T, n, n) if need_cm else None
     return g_x, g_res, g_pm, g_cm
+
+
+def _post_backward_plan(n: int, H: int, T: int, mask: tuple) -> DirectKernel:
+    """post's backward plan (kept in :data:`mhc.plans.PLANS` by :func:`post_backward`): its
+    kernel, whose ``constexprs["BH"]`` is the hidden block."""
+    spec, warps = post_specialization(n, H, T, mask)
+    return DirectKernel(_post_bwd_kernel, spec, dict(num_warps=warps, **COMPILE_OPTIONS), INTERPRETED)
 
 
 def post_specialization(n: int, H: int, T: int, output_mask=(True, True, True, True)) -> tuple[dict, int]:

@@ -40,7 +40,7 @@ import triton
 __all__ = ["NVIDIA", "AMD", "SMALL_T", "Row", "TwoPassRow", "PostRow", "BackwardRow", "PostBackwardRow",
            "SMALL_ROWS", "TWO_PASS_ROWS", "POST_ROWS", "BACKWARD_ROWS", "SharedMemory", "SHARED_MEMORY",
            "Config", "TwoPass", "PostConfig", "family", "table_row", "configs", "fit_shared", "plan",
-           "post_config", "backward_config", "shared_estimate", "gemm_shared", "norm_chunks", "prep_block"]
+           "post_config", "backward_config", "backward_row", "backward_steps", "shared_estimate", "gemm_shared", "norm_chunks", "prep_block"]
 
 NVIDIA, AMD = "nvidia", "amd"
 
@@ -552,8 +552,7 @@ def backward_config(n: int, H: int, T: int, head: bool, norm: bool = False, fuse
     ``gres_bm`` x ``gres_bh`` tile a program; stage 5: ``gfn_bt`` tokens x ``gfn_bk`` columns per
     step, ``gfn_steps`` steps (its chunk of tokens). Step counts are powers of two chosen from T,
     so a model compiles a few variants at most. ``fused`` takes the same tiles."""
-    op = "head_backward" if head else "fused_post_pre_backward" if fused else "pre_backward"
-    row = _row(BACKWARD_ROWS, (op, AMD if amd else NVIDIA), T)
+    row = backward_row(head, fused, amd, T)
     m = n if head else 2 * n + n * n
     np_ = max(2, triton.next_power_of_2(n))
     stats = m + n + n * (n + 1) // 2 if norm else m + 1 + n
@@ -561,14 +560,26 @@ def backward_config(n: int, H: int, T: int, head: bool, norm: bool = False, fuse
                tw=max(2, triton.next_power_of_2(n + 3)), gp=max(2, triton.next_power_of_2(n * (n + 1) // 2)),
                stw=max(2, triton.next_power_of_2(stats - m)),
                **{f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name not in ("max_t", "programs")})
-    n_hb = triton.cdiv(H, cfg["bh"])
-    n_tb = triton.cdiv(T, cfg["bm"])
-    splits = max(1, min(n_hb, triton.cdiv(row.programs, n_tb)))
-    cfg["stats_steps"] = _pow2_ceil(triton.cdiv(n_hb, splits))
-    t_blocks = triton.cdiv(T, cfg["gfn_bt"])
-    chunks = max(1, min(t_blocks, triton.cdiv(row.programs, triton.cdiv(n * H, cfg["gfn_bk"]))))
-    cfg["gfn_steps"] = _pow2_ceil(triton.cdiv(t_blocks, chunks))
+    cfg["stats_steps"], cfg["gfn_steps"] = backward_steps(row, n, H, T)
     return cfg
+
+
+def backward_row(head: bool, fused: bool, amd: bool, T: int) -> BackwardRow:
+    """The :data:`BACKWARD_ROWS` row of pre's (neither flag), head's or fused_post_pre's backward at T."""
+    op = "head_backward" if head else "fused_post_pre_backward" if fused else "pre_backward"
+    return _row(BACKWARD_ROWS, (op, AMD if amd else NVIDIA), T)
+
+
+def backward_steps(row: BackwardRow, n: int, H: int, T: int) -> tuple[int, int]:
+    """``(stats_steps, gfn_steps)`` of :func:`backward_config`: the steps of the looping stages 2
+    and 5 for ``row`` at (n, H, T), in plain integer arithmetic (the launcher keys its plans by
+    them on every call)."""
+    n_hb = -(-H // row.bh)
+    n_tb = -(-T // row.bm)
+    splits = max(1, min(n_hb, -(-row.programs // n_tb)))
+    t_blocks = -(-T // row.gfn_bt)
+    chunks = max(1, min(t_blocks, -(-row.programs // -(-(n * H) // row.gfn_bk))))
+    return _pow2_ceil(-(-n_hb // splits)), _pow2_ceil(-(-t_blocks // chunks))
 
 
 def post_backward_config(H: int, T: int, amd: bool = False) -> tuple[int, int]:
