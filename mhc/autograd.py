@@ -322,9 +322,11 @@ for _name, (_real, _fake) in BACKWARD_KERNELS.items():
 # their one table, and :func:`_function` turns each entry into the op's ``autograd.Function``.
 
 
-def _or_zeros(g, like: torch.Tensor) -> torch.Tensor:
-    """An upstream gradient, or zeros where autograd passes None (an output that was not used)."""
-    return torch.zeros_like(like) if g is None else g
+def _or_zeros(g, like: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An upstream gradient, or zeros of ``shape`` (``like``'s device; its dtype unless ``dtype``)
+    where autograd passes None (an output that was not used): made only then, as this runs on
+    every backward call."""
+    return like.new_zeros(shape, dtype=dtype) if g is None else g
 
 
 def _pre_setup(ctx, inputs, output):
@@ -349,9 +351,9 @@ def _pre_bwd(ctx, g_pm, g_cm, g_li):
     lead, H = residual.shape[:-2], residual.shape[-1]
     n = residual.shape[-2]
     mdt = fn.dtype
-    g_pm = _or_zeros(g_pm, residual.new_empty((*lead, n, 1), dtype=mdt))
-    g_cm = _or_zeros(g_cm, residual.new_empty((*lead, n, n), dtype=mdt))
-    g_li = _or_zeros(g_li, residual.new_empty((*lead, H)))
+    g_pm = _or_zeros(g_pm, residual, (*lead, n, 1), mdt)
+    g_cm = _or_zeros(g_cm, residual, (*lead, n, n), mdt)
+    g_li = _or_zeros(g_li, residual, (*lead, H))
     *grads, g_nw = torch.ops.mhc.pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, *ctx.scalars,
                                               list(ctx.needs_input_grad[:4]), **_norm_kwargs(ctx, norm_weight, 9),
                                               backend=ctx.bwd_backend)
@@ -405,10 +407,10 @@ def _fused_bwd(ctx, g_new, g_pm, g_cm, g_li):
     new, fn, hc_scale, hc_base, norm_weight, *post_saved = ctx.saved_tensors
     need = ctx.needs_input_grad
     lead, n, H = new.shape[:-2], new.shape[-2], new.shape[-1]
-    g_new = _or_zeros(g_new, new)
-    g_pm = _or_zeros(g_pm, new.new_empty((*lead, n, 1), dtype=fn.dtype))
-    g_cm = _or_zeros(g_cm, new.new_empty((*lead, n, n), dtype=fn.dtype))
-    g_li = _or_zeros(g_li, new.new_empty((*lead, H)))
+    g_new = _or_zeros(g_new, new, new.shape)
+    g_pm = _or_zeros(g_pm, new, (*lead, n, 1), fn.dtype)
+    g_cm = _or_zeros(g_cm, new, (*lead, n, n), fn.dtype)
+    g_li = _or_zeros(g_li, new, (*lead, H))
     *grads, g_nw = torch.ops.mhc.fused_post_pre_backward(
         g_new, g_pm, g_cm, g_li, new, *post_saved, fn, hc_scale, hc_base, *ctx.scalars, list(need[:7]),
         **_norm_kwargs(ctx, norm_weight, 12), backend=ctx.bwd_backend)
