@@ -196,3 +196,29 @@ def test_triton_backward_of_an_empty_batch(op):
     for (name, _), a in zip(checking.GRAD_INPUTS[op], ins):
         assert a.grad is not None and a.grad.shape == a.shape and a.grad.dtype == a.dtype, name
         assert (a.grad == 0).all(), f"{name}: a sum over no tokens is zero"
+
+
+def test_backward_plans_are_reused_and_stay_few_as_T_varies():
+    """The backward launchers keep one launch plan per kind of call (``backward.backward_plan``,
+    in ``mhc.plans.PLANS``): a warm call builds none, another T with the same bucket and step
+    counts reuses it, and the step counts that key the plans take few values over any range of T
+    (a training run with sequences of every length compiles a handful of variants, not one per T)."""
+    from mhc.backends.triton import configs
+    from mhc.plans import PLANS, t_bucket
+
+    tb = _tb()
+    args = _args("pre", 40, 4, 48, 2, [True] * 4, seed=3)
+    tb.pre_backward(*args)
+    builds = PLANS.builds
+    tb.pre_backward(*args)
+    assert PLANS.builds == builds
+    other = _args("pre", 41, 4, 48, 2, [True] * 4, seed=4)  # one more token: the same bucket and steps
+    row = configs.backward_row(False, False, False, 41)
+    assert configs.backward_steps(row, 4, 48, 41) == configs.backward_steps(row, 4, 48, 40)
+    tb.pre_backward(*other)
+    assert PLANS.builds == builds
+    for head, fused in ((False, False), (True, False), (False, True)):
+        for H in (4096, 7168):
+            row = configs.backward_row(head, fused, False, 1 << 20)
+            kinds = {(t_bucket(T), configs.backward_steps(row, 4, H, T)) for T in range(1, 1 << 17, 3)}
+            assert len(kinds) <= 24, (head, fused, H, sorted(kinds))
