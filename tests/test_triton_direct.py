@@ -215,6 +215,33 @@ keyed.launch((4, 1, 1), key, x, res, pm, cm, out, 4, H)
 assert launched[-1][6][:5] == (x, res, pm, cm, out), "a keyed launch took its handle with the direct path off"
 direct.ENABLED = True
 
+# The backward launchers' keyed launches (real sm90 builds, checked against the generic key):
+# a key that put together two calls Triton specialises apart would raise here.
+from mhc import checking  # noqa: E402
+from mhc.backends.triton import backward as tb  # noqa: E402
+
+
+def backward_calls(T, n, H):
+    fwd, kw = checking.make_inputs("pre", (T,), n, H, torch.bfloat16, device="cpu", seed=T)
+    up = (torch.randn(T, n, 1), torch.randn(T, n, n), torch.randn(T, H).bfloat16())
+    tb.pre_backward(*up, *fwd, *kw.values(), [True] * 4)
+    tb.pre_backward(*up, *fwd, *kw.values(), [True] * 4, torch.rand(H).bfloat16() + 0.5, 1e-6, True)
+    hfwd, hkw = checking.make_inputs("head", (T,), n, H, torch.bfloat16, device="cpu", seed=T)
+    tb.head_backward(torch.randn(T, H).bfloat16(), *hfwd, *hkw.values(), [True] * 4)
+    post = (torch.randn(T, H).bfloat16(), fwd[0], torch.rand(T, n, 1), torch.rand(T, n, n))
+    tb.post_backward(torch.randn(T, n, H).bfloat16(), *post, [True] * 4)
+    tb.post_backward(torch.randn(T, n, H).bfloat16(), None, fwd[0], torch.rand(T, n, 1), None,
+                     [True, True, False, False])
+    tb.fused_post_pre_backward(torch.randn(T, n, H).bfloat16(), *up, fwd[0], *post, *fwd[1:], *kw.values(),
+                               [True] * 7)
+
+
+direct.CHECK_KEYS = True
+for T in (7, 7, 9):  # the second call of a key checks it; T = 9 has its own int spec, same plan
+    backward_calls(T, 2, 64)
+direct.CHECK_KEYS = False
+print("OK backward keys")
+
 # Every plan's launches pass each kernel its runtime parameters, tensors where pointers go.
 calls = []
 direct.DirectKernel.__call__ = lambda self, grid, *args: calls.append((self, grid, args))
@@ -229,19 +256,8 @@ for T in (1, 64, 500, 2000):
             getattr(launch, op)(*flat, *kw.values(), norm_weight=torch.rand(H) + 0.5, norm_eps=1e-5)
 # ... and the backward launchers' (backward.py): pre (with and without the fused RMSNorm), head,
 # post, fused_post_pre, at T in one block and in many.
-from mhc import checking  # noqa: E402
-from mhc.backends.triton import backward as tb  # noqa: E402
 for T in (1, 500, 3000):
-    fwd, kw = checking.make_inputs("pre", (T,), n, H, torch.bfloat16, device="cpu", seed=T)
-    up = (torch.randn(T, n, 1), torch.randn(T, n, n), torch.randn(T, H).bfloat16())
-    tb.pre_backward(*up, *fwd, *kw.values(), [True] * 4)
-    tb.pre_backward(*up, *fwd, *kw.values(), [True] * 4, torch.rand(H).bfloat16() + 0.5, 1e-6, True)
-    hfwd, hkw = checking.make_inputs("head", (T,), n, H, torch.bfloat16, device="cpu", seed=T)
-    tb.head_backward(torch.randn(T, H).bfloat16(), *hfwd, *hkw.values(), [True] * 4)
-    post = (torch.randn(T, H).bfloat16(), fwd[0], torch.rand(T, n, 1), torch.rand(T, n, n))
-    tb.post_backward(torch.randn(T, n, H).bfloat16(), *post, [True] * 4)
-    tb.fused_post_pre_backward(torch.randn(T, n, H).bfloat16(), *up, fwd[0], *post, *fwd[1:], *kw.values(),
-                               [True] * 7)
+    backward_calls(T, n, H)
 assert {"_bwd_stats_kernel", "_bwd_tail_kernel", "_bwd_gres_kernel", "_bwd_gfn_kernel", "_post_bwd_kernel",
         "prep_kernel"} <= {k.fn.__name__ for k, _, _ in calls}
 for kernel, grid, args in calls:
@@ -263,4 +279,4 @@ def test_direct_launch_hands_the_launcher_what_the_jit_does(tmp_path):
     script.write_text(_SCRIPT)
     rc, out = run_python([str(script)], env)
     assert rc == 0, failure_report(out, markers=("Error", "assert", "Traceback"))
-    assert out.count("OK") == 7, out
+    assert out.count("OK") == 8, out

@@ -30,8 +30,8 @@ pass's registers too, so that the new residual's gradient never went through mem
 trip and ``post_backward`` cost less. Figures: docs/tuning/triton.md, "Backward".
 
 The launchers take their config and kernels from a launch plan (:func:`backward_plan`, in
-:data:`mhc.plans.PLANS`) and launch through :class:`~mhc.backends.triton.direct.DirectKernel`, as
-the forward's do: a warm call derives no config and skips ``JITFunction.run``.
+:data:`mhc.plans.PLANS`) and launch through :class:`~mhc.backends.triton.direct.DirectKernel`'s
+keyed launch, as the forward's do: a warm call derives no config and skips ``JITFunction.run``.
 
 Every reduction over tokens is deterministic: partials per split, block or chunk, summed in a
 fixed order (by the tail kernel, or ``torch.sum`` over the partials' first axis), no atomics.
@@ -67,7 +67,7 @@ from mhc.backends import device_guard, empty
 from mhc.backends.triton.kernels import (_elems, _grid_order, _logit, _rms_factor, _sk_norm, _sk_scale,
                                          _sk_softmax, _sk_sums, _to_act, prep_kernel)
 from mhc.backends.triton import configs as _configs
-from mhc.backends.triton.direct import DirectKernel
+from mhc.backends.triton.direct import DirectKernel, int_spec
 from mhc.backends.triton.launch import COMPILE_OPTIONS, INTERPRETED, _cdiv, device_shared_memory, prep_block
 from mhc.plans import PLANS, t_bucket
 # --- Sinkhorn backward ------------------------------------------------------------------------------
@@ -597,16 +597,23 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
     def ptr(t):  # absent tensors are never touched (their flag is false): pass any pointer
         return residual if t is None else t
 
+    # The launch keys (DirectKernel.launch): the dtypes of the tensors the launcher was given and
+    # the ints that vary between calls of one plan (T, sinkhorn_repeat); the rest the plan fixes.
+    ik = (residual.dtype, fn.dtype, hc_scale.dtype, hc_base.dtype, g_out.dtype,
+          None if head else (g_pm.dtype, g_cm.dtype), None if nw is None else nw.dtype,
+          None if ext is None else ext.dtype)
+    key = (ik, int_spec(T))
     with device_guard(dev):
-        p.prep((_cdiv(K, prep_block(sp)), 1, 1), fn, fnp, K)
-        p.stats((n_tb * splits, 1, 1), residual, fnp, g_out, ptr(nw), part, T, H)
-        p.tail((tail_blocks, 1, 1), part, splits, g_out if head else g_pm, g_out if head else g_cm, hc_scale,
-               hc_base, gz, tok, sums, T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps)
+        p.prep.launch((_cdiv(K, prep_block(sp)), 1, 1), ik, fn, fnp, K)
+        p.stats.launch((n_tb * splits, 1, 1), key, residual, fnp, g_out, ptr(nw), part, T, H)
+        p.tail.launch((tail_blocks, 1, 1), (key, int_spec(repeat)), part, splits, g_out if head else g_pm,
+                      g_out if head else g_cm, hc_scale, hc_base, gz, tok, sums, T, H, rms_eps, w_eps, sk_eps,
+                      post_mult, repeat, norm_eps)
         if need_res or need_nw:
-            p.gres((g_blocks * _cdiv(H, cfg["gres_bh"]), 1, 1), residual, fnp, g_out, ptr(nw), gz, tok, ptr(ext),
-                   ptr(g_res), ptr(gnw), T, H)
+            p.gres.launch((g_blocks * _cdiv(H, cfg["gres_bh"]), 1, 1), key, residual, fnp, g_out, ptr(nw), gz, tok,
+                          ptr(ext), ptr(g_res), ptr(gnw), T, H)
         if need_fn:
-            p.gfn((chunks * k_blocks, 1, 1), residual, gz, gfn, T, K)
+            p.gfn.launch((chunks * k_blocks, 1, 1), key, residual, gz, gfn, T, K)
         # the reductions over token blocks and chunks: torch.sum over the first axis, a fixed order
         totals = sums.sum(0)
         g_fn = None if gfn is None else (gfn[0] if chunks == 1 else gfn.sum(0))
@@ -669,8 +676,10 @@ def post_backward(grad_out, x, residual, post_mix, comb_mix, output_mask):
         return grad_out if t is None else t
 
     with device_guard(dev):
-        p((T * blocks, 1, 1), grad_out, ptr(x), ptr(residual), ptr(post_mix), ptr(comb_mix), ptr(g_x), ptr(g_res),
-          ptr(part), T, H)
+        # the launch key: the given tensors' dtypes (x, residual, the mixes: None where absent) and T
+        ik = tuple(None if t is None else t.dtype for t in (grad_out, x, residual, post_mix, comb_mix))
+        p.launch((T * blocks, 1, 1), (ik, int_spec(T)), grad_out, ptr(x), ptr(residual), ptr(post_mix),
+                 ptr(comb_mix), ptr(g_x), ptr(g_res), ptr(part), T, H)
     g_pm = g_cm = None
     if part is not None:
         sums = part[0] if blocks == 1 else part.sum(0)
