@@ -10,8 +10,10 @@ Keys are explicit tuples that start with the backend's name and hold everything 
 depends on: ``(backend, op, n, H, T bucket, dtype, device, ...)``, with the T bucket of
 :func:`t_bucket`, the one bucketing of token counts in the package: every heuristic that depends
 on T (a backend's configuration table, ``auto``'s ranking in :mod:`mhc.registry`) changes only at
-the bounds of :data:`T_BOUNDS`, so a plan or a cached decision never spans two of its choices. A plan must never depend on what is
-*in* a tensor (``fn`` is read by the kernels on every call, so an in-place update is always
+the bounds of :data:`T_BOUNDS`, so a plan or a cached decision never spans two of its choices.
+The one heuristic that follows T inside a bucket, the step counts of the Triton backward's looping
+kernels (powers of two that keep every SM busy: ``configs.backward_steps``), is in its plans' keys.
+A plan must never depend on what is *in* a tensor (``fn`` is read by the kernels on every call, so an in-place update is always
 seen), on a data pointer, or on the stream: a plan sizes workspaces but never holds one.
 Workspaces come from PyTorch's caching allocator per call (stream-ordered, so safe across
 streams and under CUDA graphs), or from :mod:`mhc.backends.workspaces`, a pool with its own
