@@ -322,13 +322,6 @@ for _name, (_real, _fake) in BACKWARD_KERNELS.items():
 # their one table, and :func:`_function` turns each entry into the op's ``autograd.Function``.
 
 
-def _or_zeros(g, like: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An upstream gradient, or zeros of ``shape`` (``like``'s device; its dtype unless ``dtype``)
-    where autograd passes None (an output that was not used): made only then, as this runs on
-    every backward call."""
-    return like.new_zeros(shape, dtype=dtype) if g is None else g
-
-
 def _pre_setup(ctx, inputs, output):
     # every gradient needs the recomputed mixes; norm_weight (inputs[9], or None) the fused norm's
     ctx.save_for_backward(*inputs[:4], inputs[9])
@@ -347,13 +340,9 @@ def _norm_kwargs(ctx, norm_weight, grad_index: int) -> dict:
 
 
 def _pre_bwd(ctx, g_pm, g_cm, g_li):
+    # Every upstream gradient is a tensor: autograd.Function materializes an unused output's as
+    # zeros (its default, set_materialize_grads(True)), which the backward kernels read as such.
     residual, fn, hc_scale, hc_base, norm_weight = ctx.saved_tensors
-    lead, H = residual.shape[:-2], residual.shape[-1]
-    n = residual.shape[-2]
-    mdt = fn.dtype
-    g_pm = _or_zeros(g_pm, residual, (*lead, n, 1), mdt)
-    g_cm = _or_zeros(g_cm, residual, (*lead, n, n), mdt)
-    g_li = _or_zeros(g_li, residual, (*lead, H))
     *grads, g_nw = torch.ops.mhc.pre_backward(g_pm, g_cm, g_li, residual, fn, hc_scale, hc_base, *ctx.scalars,
                                               list(ctx.needs_input_grad[:4]), **_norm_kwargs(ctx, norm_weight, 9),
                                               backend=ctx.bwd_backend)
@@ -405,12 +394,7 @@ def _fused_setup(ctx, inputs, output):
 
 def _fused_bwd(ctx, g_new, g_pm, g_cm, g_li):
     new, fn, hc_scale, hc_base, norm_weight, *post_saved = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    lead, n, H = new.shape[:-2], new.shape[-2], new.shape[-1]
-    g_new = _or_zeros(g_new, new, new.shape)
-    g_pm = _or_zeros(g_pm, new, (*lead, n, 1), fn.dtype)
-    g_cm = _or_zeros(g_cm, new, (*lead, n, n), fn.dtype)
-    g_li = _or_zeros(g_li, new, (*lead, H))
+    need = ctx.needs_input_grad  # every upstream gradient a tensor, as in _pre_bwd
     *grads, g_nw = torch.ops.mhc.fused_post_pre_backward(
         g_new, g_pm, g_cm, g_li, new, *post_saved, fn, hc_scale, hc_base, *ctx.scalars, list(need[:7]),
         **_norm_kwargs(ctx, norm_weight, 12), backend=ctx.bwd_backend)

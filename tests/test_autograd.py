@@ -150,6 +150,25 @@ def test_pre_without_param_grads():
     assert fn.grad is None and s.grad is None and b.grad is None
 
 
+@pytest.mark.parametrize("op,unused", [("pre", (0,)), ("pre", (1, 2)), ("fused_post_pre", (0, 2)),
+                                       ("fused_post_pre", (1, 3))])
+def test_an_unused_output_counts_as_a_zero_gradient(op, unused):
+    """An output the loss does not use counts as one whose upstream gradient is zero (autograd
+    materializes it as zeros for the backward op): every gradient equals the fp64 oracle's with
+    that output's upstream gradient zero."""
+    args, kw = checking.make_inputs(op, (6,), 4, 16, torch.float32, seed=len(unused) + 7)
+    ins = _leaves(args)
+    outs = getattr(mhc, op)(*ins, **kw)
+    g = torch.Generator().manual_seed(5)
+    grads_out = [torch.zeros(o.shape) if k in unused else torch.randn(o.shape, generator=g)
+                 for k, o in enumerate(outs)]
+    sum((o * go).sum() for k, (o, go) in enumerate(zip(outs, grads_out)) if k not in unused).backward()
+    _, f64 = checking.grad_oracle(op, args, kw, grads_out, outs[0] if op == "fused_post_pre" else None)
+    for (name, kind), a, r in zip(GRAD_INPUTS[op], ins, f64):
+        err = checking.grad_error(kind, a.grad, r if kind == "sum" else r.view(a.shape))
+        assert err < GRAD_TOL[torch.float32][kind], f"{op} without outputs {unused}: {name} error {err:.2e}"
+
+
 @pytest.mark.parametrize("op", registry.OPS)
 def test_backward_empty(op):
     args, kwargs = checking.make_inputs(op, (0,), 4, 16, torch.float32, seed=0)
