@@ -393,8 +393,9 @@ def _fused_setup(ctx, inputs, output):
 
 
 def _fused_bwd(ctx, g_new, g_pm, g_cm, g_li):
+    # every upstream gradient a tensor, as in _pre_bwd
     new, fn, hc_scale, hc_base, norm_weight, *post_saved = ctx.saved_tensors
-    need = ctx.needs_input_grad  # every upstream gradient a tensor, as in _pre_bwd
+    need = ctx.needs_input_grad
     *grads, g_nw = torch.ops.mhc.fused_post_pre_backward(
         g_new, g_pm, g_cm, g_li, new, *post_saved, fn, hc_scale, hc_base, *ctx.scalars, list(need[:7]),
         **_norm_kwargs(ctx, norm_weight, 12), backend=ctx.bwd_backend)

@@ -68,7 +68,7 @@ from mhc.backends.triton.kernels import (_elems, _grid_order, _logit, _rms_facto
                                          _sk_softmax, _sk_sums, _to_act, prep_kernel)
 from mhc.backends.triton import configs as _configs
 from mhc.backends.triton.direct import DirectKernel, int_spec
-from mhc.backends.triton.launch import COMPILE_OPTIONS, INTERPRETED, _cdiv, device_shared_memory, prep_block
+from mhc.backends.triton.launch import INTERPRETED, _cdiv, _kernel, device_shared_memory, prep_block
 from mhc.plans import PLANS, t_bucket
 # --- Sinkhorn backward ------------------------------------------------------------------------------
 
@@ -537,9 +537,10 @@ class BackwardPlan:
 
 
 def _direct(fn, spec: dict) -> DirectKernel:
+    """``fn`` as :func:`launch._kernel` makes it, from a :func:`specializations` entry (its
+    constexprs with ``num_warps`` and ``num_stages``)."""
     spec = dict(spec)
-    options = dict(num_warps=spec.pop("num_warps"), num_stages=spec.pop("num_stages"), **COMPILE_OPTIONS)
-    return DirectKernel(fn, spec, options, INTERPRETED)
+    return _kernel(fn, spec, num_warps=spec.pop("num_warps"), num_stages=spec.pop("num_stages"))
 
 
 def backward_plan(n: int, H: int, T: int, dtype: torch.dtype, device: torch.device, head: bool, norm: bool,
@@ -560,8 +561,7 @@ def backward_plan(n: int, H: int, T: int, dtype: torch.dtype, device: torch.devi
 def _backward_plan(n, H, T, dtype, head, norm, fused, need_res, need_nw, amd) -> BackwardPlan:
     stats, tail, gres, gfn, cfg = specializations(n, H, T, dtype, head, norm, fused, need_res, need_nw, amd)
     sp = cfg["sp"]
-    prep = DirectKernel(prep_kernel, dict(N3=cfg["m"], N3P=sp, BK=prep_block(sp), INTERPRET=INTERPRETED),
-                        dict(num_warps=4, **COMPILE_OPTIONS), INTERPRETED)
+    prep = _kernel(prep_kernel, dict(N3=cfg["m"], N3P=sp, BK=prep_block(sp), INTERPRET=INTERPRETED), num_warps=4)
     return BackwardPlan(cfg, prep, _direct(_bwd_stats_kernel, stats), _direct(_bwd_tail_kernel, tail),
                         _direct(_bwd_gres_kernel, gres), _direct(_bwd_gfn_kernel, gfn))
 
@@ -693,7 +693,7 @@ def _post_backward_plan(n: int, H: int, T: int, mask: tuple) -> DirectKernel:
     """post's backward plan (kept in :data:`mhc.plans.PLANS` by :func:`post_backward`): its
     kernel, whose ``constexprs["BH"]`` is the hidden block."""
     spec, warps = post_specialization(n, H, T, mask)
-    return DirectKernel(_post_bwd_kernel, spec, dict(num_warps=warps, **COMPILE_OPTIONS), INTERPRETED)
+    return _kernel(_post_bwd_kernel, spec, num_warps=warps)
 
 
 def post_specialization(n: int, H: int, T: int, output_mask=(True, True, True, True)) -> tuple[dict, int]:

@@ -40,7 +40,8 @@ import triton
 __all__ = ["NVIDIA", "AMD", "SMALL_T", "Row", "TwoPassRow", "PostRow", "BackwardRow", "PostBackwardRow",
            "SMALL_ROWS", "TWO_PASS_ROWS", "POST_ROWS", "BACKWARD_ROWS", "SharedMemory", "SHARED_MEMORY",
            "Config", "TwoPass", "PostConfig", "family", "table_row", "configs", "fit_shared", "plan",
-           "post_config", "backward_config", "backward_row", "backward_steps", "shared_estimate", "gemm_shared", "norm_chunks", "prep_block"]
+           "post_config", "backward_config", "backward_row", "backward_steps", "shared_estimate", "gemm_shared",
+           "norm_chunks", "prep_block"]
 
 NVIDIA, AMD = "nvidia", "amd"
 
