@@ -17,11 +17,14 @@ that sum):
    ``|y|^2 = w^T G w``, ``y . x_i = (G w)_i``). Written as fp32 partials per split.
 3. :func:`_bwd_tail_kernel`, per BT tokens: reduces the partials in a fixed order, applies the
    activations' backward (sigmoid derivatives; for pre also Sinkhorn's backward) and writes per
-   token ``gz = dL/dmixes * r`` (the rsqrt factor r), the collapse weights, the RMS coefficient
+   token ``gz = dL/dmixes * r`` (the rsqrt factor r; in fp32 for stage 4, and split in bf16 hi and
+   lo parts side by side for stage 5), the collapse weights, the RMS coefficient
    and the norm's two factors; and per-block sums for ``grad_hc_base`` / ``grad_hc_scale``.
 4. :func:`_bwd_gres_kernel`, one tile of tokens x hidden columns a program:
    ``grad_residual_i = w_i g_y + gz @ fn_i - coef x_i``, and ``grad_norm_weight``'s partial.
-5. :func:`_bwd_gfn_kernel`: ``grad_fn = gz^T x`` per chunk of tokens, a pipelined GEMM.
+5. :func:`_bwd_gfn_kernel`: ``grad_fn = gz^T x`` per chunk of tokens, a pipelined GEMM whose
+   gz operand comes pre-split from stage 3 (one bf16 dot a step instead of splitting fp32 in the
+   loop; stage 4 reads the fp32 gz: it ran slower on the split one, docs/tuning/triton.md).
 
 Why a pass of its own for grad_fn: one looping pass did both (4) and (5) once, its grad_fn
 accumulators holding it at one CTA an SM with too few bytes in flight; a looping pass per stream
@@ -172,6 +175,14 @@ def _dot_hl(a_hi, a_lo, b_hi, b_lo, acc, A_LO: tl.constexpr, B_LO: tl.constexpr,
 
 
 @triton.jit
+def _dot_bf(a, b, acc, INTERPRET: tl.constexpr):
+    """``acc + a @ b`` for bf16 ``a`` and ``b`` on tensor cores (fp32 accumulation)."""
+    if INTERPRET:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _gram(i, j, N: tl.constexpr):
     """Index of the pair i <= j among the upper triangle of an N x N matrix, row by row."""
     return i * N - (i * (i - 1)) // 2 + (j - i)
@@ -248,21 +259,23 @@ def _bwd_stats_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, part_ptr, T, H,
 
 
 @triton.jit(do_not_specialize=["T", "n_splits"])
-def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, gz_ptr, tok_ptr, sums_ptr,
+def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, gz_ptr, gz2_ptr, tok_ptr, sums_ptr,
                      T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps,
                      N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr,
-                     STW: tl.constexpr, TW: tl.constexpr, HEAD: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr):
+                     STW: tl.constexpr, TW: tl.constexpr, HEAD: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr,
+                     INTERPRET: tl.constexpr):
     """Stage 3 (module doc) for tokens [pid*BT, pid*BT + BT): sums the ``n_splits`` partials of
     :func:`_bwd_stats_kernel` in order (the mix columns as a [BT, N3P] tile, the per-token sums
     after them as a [BT, STW] one), then the activations' backward.
 
     ``gpm`` (T, N), ``gcm`` (T, N, N) fp32: the upstream gradients of post_mix and comb_mix
     (pre only); ``scale`` (3,) or (1,), ``base`` (N3,). Writes ``gz`` (T, N3P): ``dL/dmixes * r``
-    (zero past N3); ``tok`` (T, TW): the collapse weights w_i at [0, N), the RMS coefficient
-    ``(dL/dmixes . mixes) r^2 / K`` at N, and with NORM the norm's ``alpha = r_y`` at N+1 and
-    ``beta = r_y^3 (g_u . y) / H`` at N+2 (``g_y = alpha * g * nw - beta * y``); ``sums`` (blocks,
-    N3+3): this block's sums of ``dL/d(logit)`` per column, then of ``dL/d(logit) * mixes`` per
-    hc_scale group.
+    (zero past N3), for stage 4; ``gz2`` (T, 2*N3P) bf16: the same split in hi (columns [0, N3P))
+    and lo (columns [N3P, 2*N3P)) parts, stage 5's dot operand as it loads it; ``tok`` (T, TW):
+    the collapse weights w_i at [0, N), the RMS coefficient ``(dL/dmixes . mixes) r^2 / K`` at N,
+    and with NORM the norm's ``alpha = r_y`` at N+1 and ``beta = r_y^3 (g_u . y) / H`` at N+2
+    (``g_y = alpha * g * nw - beta * y``); ``sums`` (blocks, N3+3): this block's sums of
+    ``dL/d(logit)`` per column, then of ``dL/d(logit) * mixes`` per hc_scale group.
     """
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -352,7 +365,11 @@ def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, 
     g_a = tl.where(r_ok[:, None] & cm[None, :], g_a, 0.0)
     g_mix = g_a * s_col[None, :]
     tok = _put(tok, tcol, N, tl.sum(g_mix * mixes, axis=1) * r * r / K)
-    tl.store(gz_ptr + rows[:, None] * N3P + col[None, :], g_mix * r[:, None], mask=r_ok[:, None])
+    gz = g_mix * r[:, None]
+    tl.store(gz_ptr + rows[:, None] * N3P + col[None, :], gz, mask=r_ok[:, None])
+    gz_hi, gz_lo = _split(gz, INTERPRET)
+    tl.store(gz2_ptr + rows[:, None] * (2 * N3P) + col[None, :], gz_hi, mask=r_ok[:, None])
+    tl.store(gz2_ptr + rows[:, None] * (2 * N3P) + N3P + col[None, :], gz_lo, mask=r_ok[:, None])
     tl.store(tok_ptr + rows[:, None] * TW + tcol[None, :], tok, mask=r_ok[:, None])
     tl.store(sums_ptr + pid * (N3 + 3) + col, tl.sum(g_a, axis=0), mask=cm)
     ga_m = tl.sum(g_a * mixes, axis=0)
@@ -428,12 +445,13 @@ def _bwd_gres_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_p
 
 
 @triton.jit(do_not_specialize=["T"])
-def _bwd_gfn_kernel(res_ptr, gz_ptr, gfn_ptr, T, K, N3: tl.constexpr, N3P: tl.constexpr, BT: tl.constexpr,
+def _bwd_gfn_kernel(res_ptr, gz2_ptr, gfn_ptr, T, K, N3: tl.constexpr, N3P: tl.constexpr, BT: tl.constexpr,
                     BK: tl.constexpr, STEPS: tl.constexpr, EXACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """Stage 5 (module doc): ``gfn[c] = gz^T x`` (N3, K) fp32 over the chunk of tokens
     [c*STEPS*BT, (c+1)*STEPS*BT) and columns [kb*BK, kb*BK + BK) of the residual viewed as (T, K)
-    (program ``c * cdiv(K, BK) + kb``): a GEMM whose residual tile feeds the dot straight from
-    its load, so that Triton's pipeliner keeps ``num_stages`` steps of loads in flight."""
+    (program ``c * cdiv(K, BK) + kb``): a GEMM whose operands feed the dot straight from their
+    loads (``gz2``, gz's bf16 hi and lo parts stacked, 2*N3P rows: one dot a step), so that
+    Triton's pipeliner keeps ``num_stages`` steps of loads in flight."""
     n_kb = tl.cdiv(K, BK)
     pid = tl.program_id(0)
     c = pid // n_kb
@@ -441,20 +459,26 @@ def _bwd_gfn_kernel(res_ptr, gz_ptr, gfn_ptr, T, K, N3: tl.constexpr, N3P: tl.co
     k = kb * BK + tl.arange(0, BK)
     k_ok = k < K
     zc = tl.arange(0, N3P)
-    acc = tl.zeros([N3P, BK], dtype=tl.float32)
+    z2 = tl.arange(0, 2 * N3P)
+    acc = tl.zeros([2 * N3P, BK], dtype=tl.float32)
+    acc_lo = tl.zeros([N3P, BK], dtype=tl.float32)  # hi x (the residual's lo part): not bf16 only
     for step in range(0, STEPS):
         rows = (c * STEPS + step) * BT + tl.arange(0, BT)
         r_ok = rows < T
         rows = rows.to(tl.int64)
-        gzt = tl.trans(tl.load(gz_ptr + rows[:, None] * N3P + zc[None, :], mask=r_ok[:, None], other=0.0))
-        gzt_hi, gzt_lo = _split(gzt, INTERPRET)
+        gzt = tl.trans(tl.load(gz2_ptr + rows[:, None] * (2 * N3P) + z2[None, :], mask=r_ok[:, None], other=0.0))
         x = tl.load(res_ptr + rows[:, None] * K + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         if EXACT_BF16:
-            acc = _dot_hl(gzt_hi, gzt_lo, x, x, acc, True, False, INTERPRET)
+            acc = _dot_bf(gzt, x, acc, INTERPRET)
         else:
             x_hi, x_lo = _split(x.to(tl.float32), INTERPRET)
-            acc = _dot_hl(gzt_hi, gzt_lo, x_hi, x_lo, acc, True, True, INTERPRET)
-    tl.store(gfn_ptr + c.to(tl.int64) * (N3 * K) + zc[:, None] * K + k[None, :], acc,
+            acc = _dot_bf(gzt, x_hi, acc, INTERPRET)
+            gzt_hi = tl.trans(tl.load(gz2_ptr + rows[:, None] * (2 * N3P) + zc[None, :], mask=r_ok[:, None],
+                                      other=0.0))
+            acc_lo = _dot_bf(gzt_hi, x_lo, acc_lo, INTERPRET)
+    # rows [0, N3P) hold hi's products, [N3P, 2*N3P) lo's: their sum is gz^T x
+    gfn = tl.sum(tl.reshape(acc, [2, N3P, BK]), axis=0) + acc_lo
+    tl.store(gfn_ptr + c.to(tl.int64) * (N3 * K) + zc[:, None] * K + k[None, :], gfn,
              mask=(zc < N3)[:, None] & k_ok[None, :])
 
 
@@ -512,7 +536,7 @@ def specializations(n: int, H: int, T: int, dtype: torch.dtype, head: bool, norm
                  BH=cfg["bh"], STEPS=cfg["stats_steps"], EXACT_BF16=dtype == torch.bfloat16, INTERPRET=INTERPRETED,
                  num_warps=cfg["stats_warps"], num_stages=cfg["stats_stages"])
     tail = dict(common, NP=cfg["np"], N3=cfg["m"], SP=cfg["sp"], STW=cfg["stw"], TW=cfg["tw"], HEAD=head,
-                NORM=norm, BT=cfg["bt"], num_warps=cfg["tail_warps"], num_stages=1)
+                NORM=norm, BT=cfg["bt"], INTERPRET=INTERPRETED, num_warps=cfg["tail_warps"], num_stages=1)
     gres = dict(common, SP=cfg["sp"], TW=cfg["tw"], NORM=norm, NEED_RES=need_res, NEED_NW=need_nw, EXT=fused,
                 BM=cfg["gres_bm"], BH=cfg["gres_bh"], INTERPRET=INTERPRETED, num_warps=cfg["gres_warps"],
                 num_stages=1)
@@ -589,7 +613,8 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
     chunks = _cdiv(T, cfg["gfn_bt"] * cfg["gfn_steps"])
     fnp = empty((2 * sp, K), torch.bfloat16, dev)
     part = empty((splits, T, sp), f32, dev)
-    gz, tok, sums = empty((T, n3p), f32, dev), empty((T, tw), f32, dev), empty((tail_blocks, m + 3), f32, dev)
+    gz, gz2 = empty((T, n3p), f32, dev), empty((T, 2 * n3p), torch.bfloat16, dev)
+    tok, sums = empty((T, tw), f32, dev), empty((tail_blocks, m + 3), f32, dev)
     gfn = empty((chunks, m, K), f32, dev) if need_fn else None
     gnw = empty((g_blocks, H), f32, dev) if need_nw else None
     g_res = empty((T, n, H), residual.dtype, dev) if need_res else None
@@ -607,13 +632,13 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
         p.prep.launch((_cdiv(K, prep_block(sp)), 1, 1), ik, fn, fnp, K)
         p.stats.launch((n_tb * splits, 1, 1), key, residual, fnp, g_out, ptr(nw), part, T, H)
         p.tail.launch((tail_blocks, 1, 1), (key, int_spec(repeat)), part, splits, g_out if head else g_pm,
-                      g_out if head else g_cm, hc_scale, hc_base, gz, tok, sums, T, H, rms_eps, w_eps, sk_eps,
+                      g_out if head else g_cm, hc_scale, hc_base, gz, gz2, tok, sums, T, H, rms_eps, w_eps, sk_eps,
                       post_mult, repeat, norm_eps)
         if need_res or need_nw:
             p.gres.launch((g_blocks * _cdiv(H, cfg["gres_bh"]), 1, 1), key, residual, fnp, g_out, ptr(nw), gz, tok,
                           ptr(ext), ptr(g_res), ptr(gnw), T, H)
         if need_fn:
-            p.gfn.launch((chunks * k_blocks, 1, 1), key, residual, gz, gfn, T, K)
+            p.gfn.launch((chunks * k_blocks, 1, 1), key, residual, gz2, gfn, T, K)
         # the reductions over token blocks and chunks: torch.sum over the first axis, a fixed order
         totals = sums.sum(0)
         g_fn = None if gfn is None else (gfn[0] if chunks == 1 else gfn.sum(0))

@@ -226,12 +226,14 @@ class PostBackwardRow:
 
 #: The backward rows, per (op, arch family), one for every T. ``programs``: two per SM of the
 #: H200 (132 SMs), so that the split of the hidden axis (stage 2) and the token chunks (stage 5)
-#: keep every SM busy. Stage 4 (grad_residual) runs one tile a program at 8 warps: about 100
-#: registers on sm90, two CTAs an SM. Stage 5 is a GEMM whose residual tiles the pipeliner keeps
-#: in flight (3 stages of 16 KB). AMD (64 KB of LDS on gfx942; <= 256 VGPRs and no spill wanted):
+#: keep every SM busy. Stage 2 at two pipeline stages: 48 KB of shared memory, four CTAs an SM
+#: (three stages took 80 KB and two CTAs, and streamed slower on the H200: docs/tuning/triton.md).
+#: Stage 4 (grad_residual) runs one tile a program at 8 warps: about 100 registers on sm90, two
+#: CTAs an SM. Stage 5 is a GEMM whose residual tiles the pipeliner keeps in flight (3 stages of
+#: 16 KB). AMD (64 KB of LDS on gfx942; <= 256 VGPRs and no spill wanted):
 #: two pipeline stages in stages 2 and 5, chosen by VGPR counts alone (nothing timed on AMD).
 BACKWARD_ROWS: dict[tuple[str, str], tuple] = {
-    **{(op, NVIDIA): (BackwardRow(None, 64, 32, 4, 3, 32, 2, 32, 128, 8, 64, 128, 4, 3, 264),)
+    **{(op, NVIDIA): (BackwardRow(None, 64, 32, 4, 2, 32, 2, 32, 128, 8, 64, 128, 4, 3, 264),)
        for op in ("pre_backward", "head_backward", "fused_post_pre_backward")},
     **{(op, AMD): (BackwardRow(None, 64, 32, 4, 2, 32, 2, 32, 128, 8, 64, 128, 4, 2, 264),)
        for op in ("pre_backward", "head_backward", "fused_post_pre_backward")},
