@@ -70,14 +70,15 @@ def main() -> None:
     ap.add_argument("--once", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also each kernel's µs (torch.profiler, 5 calls)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
-                    help="override fields of every mhc.backends.triton.configs.BACKWARD_ROWS row (a sweep; "
-                         "the step counts follow)")
+                    help="override fields of every mhc.backends.triton.configs.BACKWARD_ROWS row that has them "
+                         "(BackwardRow's, PostBackwardRow's: a sweep; the step counts follow)")
     a = ap.parse_args()
     if a.set:
         over = {k: int(v) for k, v in (kv.split("=") for kv in a.set)}
-        unknown = set(over) - {f.name for f in dataclasses.fields(configs.BackwardRow)}
+        fields = {f.name for row in (configs.BackwardRow, configs.PostBackwardRow) for f in dataclasses.fields(row)}
+        unknown = set(over) - fields
         if unknown:
-            ap.error(f"--set: {sorted(unknown)} are not fields of configs.BackwardRow")
+            ap.error(f"--set: {sorted(unknown)} are not fields of configs.BackwardRow or PostBackwardRow")
         for key, rows in configs.BACKWARD_ROWS.items():
             configs.BACKWARD_ROWS[key] = tuple(dataclasses.replace(r, **{k: v for k, v in over.items()
                                                                          if hasattr(r, k)}) for r in rows)
