@@ -30,9 +30,10 @@ def _f64(t):
     return None if t is None else t.detach().to("cpu", torch.float64)
 
 
-def _args(op, T, n, H, repeat, mask, seed):
-    """``(args of <op>_backward)`` for the Triton launcher, flattened as the op layer passes them."""
-    fwd, kw = checking.make_inputs(op, (T,), n, H, torch.bfloat16, device=DEVICE, seed=seed)
+def _args(op, T, n, H, repeat, mask, seed, act=torch.bfloat16):
+    """``(args of <op>_backward)`` for the Triton launcher, flattened as the op layer passes them;
+    ``act``: the residual's and the activation gradients' dtype."""
+    fwd, kw = checking.make_inputs(op, (T,), n, H, act, device=DEVICE, seed=seed)
     g = torch.Generator().manual_seed(seed + 100)
 
     def rnd(*shape, dt=torch.float32):
@@ -40,10 +41,10 @@ def _args(op, T, n, H, repeat, mask, seed):
 
     if op == "pre":
         kw["sinkhorn_repeat"] = repeat
-        return (rnd(T, n, 1), rnd(T, n, n), rnd(T, H, dt=torch.bfloat16), *fwd, *kw.values(), mask)
+        return (rnd(T, n, 1), rnd(T, n, n), rnd(T, H, dt=act), *fwd, *kw.values(), mask)
     if op == "head":
-        return (rnd(T, H, dt=torch.bfloat16), *fwd, *kw.values(), mask)
-    return (rnd(T, n, H, dt=torch.bfloat16), *fwd, mask)
+        return (rnd(T, H, dt=act), *fwd, *kw.values(), mask)
+    return (rnd(T, n, H, dt=act), *fwd, mask)
 
 
 @pytest.mark.parametrize("op,T,n,H,repeat", [
@@ -66,6 +67,21 @@ def test_triton_backward_matches_fp64_math(op, T, n, H, repeat):
         assert o.device == args[0].device
         err = checking.rel_error(o, r)
         assert err < TOL[kind], f"{op} gradient {k}: rel error {err:.2e} (tolerance {TOL[kind]:.0e})"
+
+
+@pytest.mark.parametrize("op", ["pre", "head", "post"])
+def test_triton_backward_fp16_matches_fp64_math(op):
+    """An fp16 residual, which the kernels split in bf16 hi + lo parts where a bf16 one enters the
+    GEMMs as loaded (the stats pass's and grad_fn's other branch), within fp16's bounds."""
+    T, n, H = 37, 4, 48
+    args = _args(op, T, n, H, 3 if op == "pre" else None, [True] * 4, seed=11, act=torch.float16)
+    ours = getattr(_tb(), f"{op}_backward")(*args)
+    refs = getattr(backward, f"{op}_backward")(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in args])
+    tol = checking.GRAD_TOLERANCES[torch.float16]
+    for k, (o, r, kind) in enumerate(zip(ours, refs, KINDS[op])):
+        assert o.dtype == (torch.float16 if kind == "act" else torch.float32), (k, o.dtype)
+        err = checking.rel_error(o, r)
+        assert err < tol[kind], f"{op} gradient {k}: rel error {err:.2e} (tolerance {tol[kind]:.0e})"
 
 
 @pytest.mark.parametrize("T,n,H,post_mask", [
