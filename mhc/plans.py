@@ -14,7 +14,8 @@ the bounds of :data:`T_BOUNDS`, so a plan or a cached decision never spans two o
 The one heuristic that follows T inside a bucket, the step counts of the Triton backward's looping
 kernels (powers of two that keep every SM busy: ``configs.backward_steps``), is in its plans' keys.
 A plan must never depend on what is *in* a tensor (``fn`` is read by the kernels on every call,
-so an in-place update is always seen), on a data pointer, or on the stream: a plan sizes workspaces but never holds one.
+so an in-place update is always seen), on a data pointer, or on the stream: a plan sizes
+workspaces but never holds one.
 Workspaces come from PyTorch's caching allocator per call (stream-ordered, so safe across
 streams and under CUDA graphs), or from :mod:`mhc.backends.workspaces`, a pool with its own
 rule: per (device, stream), and a captured graph's own; it also spares the arrival counters of

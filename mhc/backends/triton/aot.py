@@ -70,13 +70,13 @@ def _backward_jobs(arch: str):
                 "_bwd_stats_kernel": {"res_ptr": act, "fnp_ptr": bf, "gout_ptr": act, "nw_ptr": act, "part_ptr": f32,
                                       "T": "i32", "H": "i32"},
                 "_bwd_tail_kernel": {"part_ptr": f32, "n_splits": "i32", "gpm_ptr": g, "gcm_ptr": g,
-                                     "scale_ptr": f32, "base_ptr": f32, "gz_ptr": f32, "gz2_ptr": bf, "tok_ptr": f32,
+                                     "scale_ptr": f32, "base_ptr": f32, "gz_ptr": bf, "tok_ptr": f32,
                                      "sums_ptr": f32, "T": "i32", "H": "i32", "rms_eps": "fp32", "w_eps": "fp32",
                                      "sk_eps": "fp32", "post_mult": "fp32", "repeat": "i32", "norm_eps": "fp32"},
-                "_bwd_gres_kernel": {"res_ptr": act, "fnp_ptr": bf, "gout_ptr": act, "nw_ptr": act, "gz_ptr": f32,
+                "_bwd_gres_kernel": {"res_ptr": act, "fnp_ptr": bf, "gout_ptr": act, "nw_ptr": act, "gz_ptr": bf,
                                      "tok_ptr": f32, "gext_ptr": act, "gres_ptr": act, "gnw_ptr": f32 if norm else act,
                                      "T": "i32", "H": "i32"},
-                "_bwd_gfn_kernel": {"res_ptr": act, "gz2_ptr": bf, "gfn_ptr": f32, "T": "i32", "K": "i32"},
+                "_bwd_gfn_kernel": {"res_ptr": act, "gz_ptr": bf, "gfn_ptr": f32, "T": "i32", "K": "i32"},
             }
             for kname, spec in (("_bwd_stats_kernel", stats), ("_bwd_tail_kernel", tail),
                                 ("_bwd_gres_kernel", gres), ("_bwd_gfn_kernel", gfn)):

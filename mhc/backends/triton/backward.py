@@ -17,14 +17,13 @@ that sum):
    ``|y|^2 = w^T G w``, ``y . x_i = (G w)_i``). Written as fp32 partials per split.
 3. :func:`_bwd_tail_kernel`, per BT tokens: reduces the partials in a fixed order, applies the
    activations' backward (sigmoid derivatives; for pre also Sinkhorn's backward) and writes per
-   token ``gz = dL/dmixes * r`` (the rsqrt factor r; in fp32 for stage 4, and split in bf16 hi and
-   lo parts side by side for stage 5), the collapse weights, the RMS coefficient
+   token ``gz = dL/dmixes * r`` (the rsqrt factor r), split in bf16 hi and lo parts side by side
+   (the dot operands of stages 4 and 5 as they load them), the collapse weights, the RMS coefficient
    and the norm's two factors; and per-block sums for ``grad_hc_base`` / ``grad_hc_scale``.
 4. :func:`_bwd_gres_kernel`, one tile of tokens x hidden columns a program:
    ``grad_residual_i = w_i g_y + gz @ fn_i - coef x_i``, and ``grad_norm_weight``'s partial.
 5. :func:`_bwd_gfn_kernel`: ``grad_fn = gz^T x`` per chunk of tokens, a pipelined GEMM whose
-   gz operand comes pre-split from stage 3 (one bf16 dot a step instead of splitting fp32 in the
-   loop; stage 4 reads the fp32 gz: it ran slower on the split one, docs/tuning/triton.md).
+   gz operand comes pre-split from stage 3: one bf16 dot a step of the stacked [hi | lo] rows.
 
 Why a pass of its own for grad_fn: one looping pass did both (4) and (5) once, its grad_fn
 accumulators holding it at one CTA an SM with too few bytes in flight; a looping pass per stream
@@ -259,7 +258,7 @@ def _bwd_stats_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, part_ptr, T, H,
 
 
 @triton.jit(do_not_specialize=["T", "n_splits"])
-def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, gz_ptr, gz2_ptr, tok_ptr, sums_ptr,
+def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, gz_ptr, tok_ptr, sums_ptr,
                      T, H, rms_eps, w_eps, sk_eps, post_mult, repeat, norm_eps,
                      N: tl.constexpr, NP: tl.constexpr, N3: tl.constexpr, N3P: tl.constexpr, SP: tl.constexpr,
                      STW: tl.constexpr, TW: tl.constexpr, HEAD: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr,
@@ -269,9 +268,9 @@ def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, 
     after them as a [BT, STW] one), then the activations' backward.
 
     ``gpm`` (T, N), ``gcm`` (T, N, N) fp32: the upstream gradients of post_mix and comb_mix
-    (pre only); ``scale`` (3,) or (1,), ``base`` (N3,). Writes ``gz`` (T, N3P): ``dL/dmixes * r``
-    (zero past N3), for stage 4; ``gz2`` (T, 2*N3P) bf16: the same split in hi (columns [0, N3P))
-    and lo (columns [N3P, 2*N3P)) parts, stage 5's dot operand as it loads it; ``tok`` (T, TW):
+    (pre only); ``scale`` (3,) or (1,), ``base`` (N3,). Writes ``gz`` (T, 2*N3P) bf16:
+    ``dL/dmixes * r`` (zero past N3) split in hi (columns [0, N3P)) and lo (columns [N3P, 2*N3P))
+    parts, the dot operands of stages 4 and 5 as they load them; ``tok`` (T, TW):
     the collapse weights w_i at [0, N), the RMS coefficient ``(dL/dmixes . mixes) r^2 / K`` at N,
     and with NORM the norm's ``alpha = r_y`` at N+1 and ``beta = r_y^3 (g_u . y) / H`` at N+2
     (``g_y = alpha * g * nw - beta * y``); ``sums`` (blocks, N3+3): this block's sums of
@@ -365,11 +364,9 @@ def _bwd_tail_kernel(part_ptr, n_splits, gpm_ptr, gcm_ptr, scale_ptr, base_ptr, 
     g_a = tl.where(r_ok[:, None] & cm[None, :], g_a, 0.0)
     g_mix = g_a * s_col[None, :]
     tok = _put(tok, tcol, N, tl.sum(g_mix * mixes, axis=1) * r * r / K)
-    gz = g_mix * r[:, None]
-    tl.store(gz_ptr + rows[:, None] * N3P + col[None, :], gz, mask=r_ok[:, None])
-    gz_hi, gz_lo = _split(gz, INTERPRET)
-    tl.store(gz2_ptr + rows[:, None] * (2 * N3P) + col[None, :], gz_hi, mask=r_ok[:, None])
-    tl.store(gz2_ptr + rows[:, None] * (2 * N3P) + N3P + col[None, :], gz_lo, mask=r_ok[:, None])
+    gz_hi, gz_lo = _split(g_mix * r[:, None], INTERPRET)
+    tl.store(gz_ptr + rows[:, None] * (2 * N3P) + col[None, :], gz_hi, mask=r_ok[:, None])
+    tl.store(gz_ptr + rows[:, None] * (2 * N3P) + N3P + col[None, :], gz_lo, mask=r_ok[:, None])
     tl.store(tok_ptr + rows[:, None] * TW + tcol[None, :], tok, mask=r_ok[:, None])
     tl.store(sums_ptr + pid * (N3 + 3) + col, tl.sum(g_a, axis=0), mask=cm)
     ga_m = tl.sum(g_a * mixes, axis=0)
@@ -386,7 +383,7 @@ def _bwd_gres_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_p
     [hb*BH, hb*BH + BH) of every stream, one tile a program (program ``tb * cdiv(H, BH) + hb``).
 
     Reads ``res`` (T, N, H), ``fnp`` (as :func:`_bwd_stats_kernel`), ``gout`` (T, H), ``nw`` (H,)
-    (NORM), ``gz`` (T, N3P) and ``tok`` (T, TW) (:func:`_bwd_tail_kernel`); with ``EXT``
+    (NORM), ``gz`` (T, 2*N3P) bf16 and ``tok`` (T, TW) (:func:`_bwd_tail_kernel`); with ``EXT``
     (fused_post_pre: ``res`` is the new residual) adds ``gext`` (T, N, H), the new residual's own
     upstream gradient. Writes ``gres`` (T, N, H) (NEED_RES) and the block's ``gnw[tb]`` (H,) fp32
     (NEED_NW: ``grad_norm_weight``'s partial)."""
@@ -403,7 +400,7 @@ def _bwd_gres_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_p
     gext_ptr += row0 * (N * H)
     gres_ptr += row0 * (N * H)
     gout_ptr += row0 * H
-    gz_ptr += row0 * N3P
+    gz_ptr += row0 * (2 * N3P)
     tok_ptr += row0 * TW
     h = hb * BH + tl.arange(0, BH)
     h_ok = h < H
@@ -427,8 +424,8 @@ def _bwd_gres_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_p
         gy = g
     if NEED_RES:
         coef = _col(tok, tcol, N)[:, None]
-        gz = tl.load(gz_ptr + rows[:, None] * N3P + zc[None, :], mask=r_ok[:, None], other=0.0)
-        gz_hi, gz_lo = _split(gz, INTERPRET)
+        gz_hi = tl.load(gz_ptr + rows[:, None] * (2 * N3P) + zc[None, :], mask=r_ok[:, None], other=0.0)
+        gz_lo = tl.load(gz_ptr + rows[:, None] * (2 * N3P) + N3P + zc[None, :], mask=r_ok[:, None], other=0.0)
         # A loop over the streams, not unrolled: unrolled, every stream's tiles were loaded up front,
         # and the registers they held cost the second CTA an SM
         for i in tl.range(0, N, loop_unroll_factor=1):
@@ -445,12 +442,12 @@ def _bwd_gres_kernel(res_ptr, fnp_ptr, gout_ptr, nw_ptr, gz_ptr, tok_ptr, gext_p
 
 
 @triton.jit(do_not_specialize=["T"])
-def _bwd_gfn_kernel(res_ptr, gz2_ptr, gfn_ptr, T, K, N3: tl.constexpr, N3P: tl.constexpr, BT: tl.constexpr,
+def _bwd_gfn_kernel(res_ptr, gz_ptr, gfn_ptr, T, K, N3: tl.constexpr, N3P: tl.constexpr, BT: tl.constexpr,
                     BK: tl.constexpr, STEPS: tl.constexpr, EXACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """Stage 5 (module doc): ``gfn[c] = gz^T x`` (N3, K) fp32 over the chunk of tokens
     [c*STEPS*BT, (c+1)*STEPS*BT) and columns [kb*BK, kb*BK + BK) of the residual viewed as (T, K)
     (program ``c * cdiv(K, BK) + kb``): a GEMM whose operands feed the dot straight from their
-    loads (``gz2``, gz's bf16 hi and lo parts stacked, 2*N3P rows: one dot a step), so that
+    loads (``gz``'s bf16 hi and lo parts stacked, 2*N3P rows: one dot a step), so that
     Triton's pipeliner keeps ``num_stages`` steps of loads in flight."""
     n_kb = tl.cdiv(K, BK)
     pid = tl.program_id(0)
@@ -466,14 +463,14 @@ def _bwd_gfn_kernel(res_ptr, gz2_ptr, gfn_ptr, T, K, N3: tl.constexpr, N3P: tl.c
         rows = (c * STEPS + step) * BT + tl.arange(0, BT)
         r_ok = rows < T
         rows = rows.to(tl.int64)
-        gzt = tl.trans(tl.load(gz2_ptr + rows[:, None] * (2 * N3P) + z2[None, :], mask=r_ok[:, None], other=0.0))
+        gzt = tl.trans(tl.load(gz_ptr + rows[:, None] * (2 * N3P) + z2[None, :], mask=r_ok[:, None], other=0.0))
         x = tl.load(res_ptr + rows[:, None] * K + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         if EXACT_BF16:
             acc = _dot_bf(gzt, x, acc, INTERPRET)
         else:
             x_hi, x_lo = _split(x.to(tl.float32), INTERPRET)
             acc = _dot_bf(gzt, x_hi, acc, INTERPRET)
-            gzt_hi = tl.trans(tl.load(gz2_ptr + rows[:, None] * (2 * N3P) + zc[None, :], mask=r_ok[:, None],
+            gzt_hi = tl.trans(tl.load(gz_ptr + rows[:, None] * (2 * N3P) + zc[None, :], mask=r_ok[:, None],
                                       other=0.0))
             acc_lo = _dot_bf(gzt_hi, x_lo, acc_lo, INTERPRET)
     # rows [0, N3P) hold hi's products, [N3P, 2*N3P) lo's: their sum is gz^T x
@@ -613,7 +610,7 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
     chunks = _cdiv(T, cfg["gfn_bt"] * cfg["gfn_steps"])
     fnp = empty((2 * sp, K), torch.bfloat16, dev)
     part = empty((splits, T, sp), f32, dev)
-    gz, gz2 = empty((T, n3p), f32, dev), empty((T, 2 * n3p), torch.bfloat16, dev)
+    gz = empty((T, 2 * n3p), torch.bfloat16, dev)
     tok, sums = empty((T, tw), f32, dev), empty((tail_blocks, m + 3), f32, dev)
     gfn = empty((chunks, m, K), f32, dev) if need_fn else None
     gnw = empty((g_blocks, H), f32, dev) if need_nw else None
@@ -632,13 +629,13 @@ def _mix_backward(g_pm, g_cm, g_out, residual, fn, hc_scale, hc_base, rms_eps, w
         p.prep.launch((_cdiv(K, prep_block(sp)), 1, 1), ik, fn, fnp, K)
         p.stats.launch((n_tb * splits, 1, 1), key, residual, fnp, g_out, ptr(nw), part, T, H)
         p.tail.launch((tail_blocks, 1, 1), (key, int_spec(repeat)), part, splits, g_out if head else g_pm,
-                      g_out if head else g_cm, hc_scale, hc_base, gz, gz2, tok, sums, T, H, rms_eps, w_eps, sk_eps,
+                      g_out if head else g_cm, hc_scale, hc_base, gz, tok, sums, T, H, rms_eps, w_eps, sk_eps,
                       post_mult, repeat, norm_eps)
         if need_res or need_nw:
             p.gres.launch((g_blocks * _cdiv(H, cfg["gres_bh"]), 1, 1), key, residual, fnp, g_out, ptr(nw), gz, tok,
                           ptr(ext), ptr(g_res), ptr(gnw), T, H)
         if need_fn:
-            p.gfn.launch((chunks * k_blocks, 1, 1), key, residual, gz2, gfn, T, K)
+            p.gfn.launch((chunks * k_blocks, 1, 1), key, residual, gz, gfn, T, K)
         # the reductions over token blocks and chunks: torch.sum over the first axis, a fixed order
         totals = sums.sum(0)
         g_fn = None if gfn is None else (gfn[0] if chunks == 1 else gfn.sum(0))
